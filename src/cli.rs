@@ -1,0 +1,220 @@
+//! The command line: clap definitions (the source of `--help`) and their conversion into a
+//! validated [`Config`]. Parsing durations, signals and readiness modes lives here too. This
+//! module must not bind, spawn or log: a bad value is a usage error (exit 2) that names it.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+use nix::sys::signal::Signal;
+
+use crate::listen::{ListenSpec, fd_name_is_valid, sanitize_fd_name};
+use crate::supervisor::{NotifyAccess, Policy, ReadyMode, RestartPolicy};
+
+/// Hold a service's listening sockets and run its server as a child that inherits them, under
+/// the systemd socket-activation protocol (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES).
+///
+/// sockhold binds every --listen socket once and keeps it open for its whole life. It starts
+/// COMMAND with the sockets as fds 3, 4, ... On SIGHUP it starts a new generation of COMMAND on
+/// the same sockets, waits until it is ready, then asks the old one to stop: no connection is
+/// refused or reset during the change, and sockhold stays the parent of every child.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sockhold",
+    version,
+    override_usage = "sockhold [OPTIONS] -l SPEC [-l SPEC ...] [--] COMMAND [ARG ...]",
+    after_help = "Signals: HUP reloads; TERM and INT stop; USR1, WINCH, QUIT, ALRM, TTIN and TTOU are forwarded to the serving child.\nExit status: 0 clean stop, 1 runtime failure, 2 usage error, 126/127 command not executable/found, else the child's code or 128+N.\nSee sockhold(1) for listen specs and the full lifecycle."
+)]
+pub struct Cli {
+    /// A socket to bind and hand over: a port (8080), ADDR:PORT (127.0.0.1:8080, [::1]:8080),
+    /// tcp://HOST:PORT, tcp4://, tcp6://, or a Unix stream socket (/run/app.sock,
+    /// unix:///run/app.sock); options follow after commas: name=NAME, backlog=N. Repeatable:
+    /// the order is the fd order (3, 4, ...).
+    #[arg(short = 'l', long = "listen", value_name = "SPEC", required = true)]
+    pub listen: Vec<ListenSpec>,
+
+    /// How a new child proves it is ready: `notify` (it sends READY=1 to $NOTIFY_SOCKET) or
+    /// `delay:DUR` (it is still running after DUR).
+    #[arg(long, value_name = "MODE", default_value = "delay:1s", value_parser = parse_ready)]
+    pub ready: ReadyMode,
+
+    /// A new child that is not ready by then is killed; the old one keeps serving.
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
+    pub ready_timeout: Duration,
+
+    /// The signal that asks a child to stop (TERM, SIGTERM or 15).
+    #[arg(long, value_name = "SIG", default_value = "TERM", value_parser = parse_signal)]
+    pub stop_signal: Signal,
+
+    /// A child that has not exited this long after the stop signal gets SIGKILL, with its whole
+    /// process group.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
+    pub stop_timeout: Duration,
+
+    /// What to do when the serving child exits by itself: restart it (with backoff from 100ms
+    /// to 30s) unless it exited 0, always restart it, or never (sockhold ends with its status).
+    #[arg(long, value_name = "POLICY", value_enum, default_value_t = RestartPolicy::OnFailure)]
+    pub restart: RestartPolicy,
+
+    /// Whose notify messages count: the child's main process, any process in its process group,
+    /// or anyone who can reach the socket.
+    #[arg(long, value_name = "WHO", value_enum, default_value_t = NotifyAccess::Group)]
+    pub notify_access: NotifyAccess,
+
+    /// The instance name, used in logs, as the default LISTEN_FDNAMES entry and in runtime
+    /// paths [default: the basename of COMMAND].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Write sockhold's own pid to PATH; removed at exit.
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
+
+    /// Log more (repeat for even more); RUST_LOG also works.
+    #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+
+    /// Log less: warnings only, or errors only when repeated.
+    #[arg(short, long, action = ArgAction::Count)]
+    pub quiet: u8,
+
+    /// The server to run, and its arguments.
+    #[arg(value_name = "COMMAND", required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<OsString>,
+}
+
+/// Everything sockhold runs with, validated.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The sockets, in fd order.
+    pub listen: Vec<ListenSpec>,
+    /// The decisions' parameters.
+    pub policy: Policy,
+    /// The instance name.
+    pub name: String,
+    /// Where to write sockhold's pid.
+    pub pid_file: Option<PathBuf>,
+    /// argv of the child; never empty.
+    pub command: Vec<OsString>,
+}
+
+impl Cli {
+    /// Checks what clap cannot and builds the [`Config`]. The error is a usage error.
+    pub fn into_config(self) -> Result<Config, String> {
+        let name = match self.name {
+            Some(name) => {
+                if !fd_name_is_valid(&name) {
+                    return Err(format!(
+                        "invalid --name '{name}': use 1 to 255 printable ASCII characters without ':'"
+                    ));
+                }
+                name
+            }
+            None => {
+                let program = PathBuf::from(&self.command[0]);
+                let base = program.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
+                sanitize_fd_name(&base)
+            }
+        };
+        if self.ready_timeout.is_zero() {
+            return Err("invalid --ready-timeout: it must be longer than 0".into());
+        }
+        Ok(Config {
+            listen: self.listen,
+            policy: Policy {
+                ready: self.ready,
+                ready_timeout: self.ready_timeout,
+                stop_signal: self.stop_signal,
+                stop_timeout: self.stop_timeout,
+                restart: self.restart,
+                notify_access: self.notify_access,
+            },
+            name,
+            pid_file: self.pid_file,
+            command: self.command,
+        })
+    }
+}
+
+/// Parses `500ms`, `2s`, `1m30s`, `1h`; a bare number is seconds, as in systemd.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text).map_err(|e| format!("'{text}' is not a duration ({e}); use e.g. 500ms, 2s, 1m30s"))
+}
+
+/// Parses `TERM`, `SIGTERM`, `term` or `15`.
+pub fn parse_signal(text: &str) -> Result<Signal, String> {
+    let bad = || format!("'{text}' is not a signal; use a name like TERM or SIGTERM, or a number like 15");
+    if let Ok(number) = text.parse::<i32>() {
+        return Signal::try_from(number).map_err(|_| bad());
+    }
+    let upper = text.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    name.parse::<Signal>().map_err(|_| bad())
+}
+
+/// Parses `notify` or `delay:DUR`.
+pub fn parse_ready(text: &str) -> Result<ReadyMode, String> {
+    match text.split_once(':') {
+        None if text == "notify" => Ok(ReadyMode::Notify),
+        Some(("delay", dur)) => parse_duration(dur).map(ReadyMode::Delay),
+        Some((mode @ ("http" | "exec"), _)) => Err(format!("ready mode '{mode}:' is not supported yet; use notify or delay:DUR")),
+        _ => Err(format!("'{text}' is not a ready mode; use notify or delay:DUR")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        let ok = [
+            ("500ms", Duration::from_millis(500)),
+            ("2s", Duration::from_secs(2)),
+            ("1m30s", Duration::from_secs(90)),
+            ("1m 30s", Duration::from_secs(90)),
+            ("5", Duration::from_secs(5)),
+            ("0", Duration::ZERO),
+            ("1h", Duration::from_secs(3600)),
+        ];
+        for (text, want) in ok {
+            assert_eq!(parse_duration(text), Ok(want), "{text}");
+        }
+        for bad in ["", "abc", "5x", "-1s", "1.5.s"] {
+            let err = parse_duration(bad).unwrap_err();
+            assert!(err.contains(&format!("'{}'", bad.trim())), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn signals() {
+        for (text, want) in [
+            ("TERM", Signal::SIGTERM),
+            ("SIGTERM", Signal::SIGTERM),
+            ("term", Signal::SIGTERM),
+            ("15", Signal::SIGTERM),
+            ("QUIT", Signal::SIGQUIT),
+            ("9", Signal::SIGKILL),
+            ("sigusr2", Signal::SIGUSR2),
+        ] {
+            assert_eq!(parse_signal(text), Ok(want), "{text}");
+        }
+        for bad in ["", "NOPE", "0", "999", "SIG"] {
+            assert!(parse_signal(bad).unwrap_err().contains("is not a signal"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ready_modes() {
+        assert_eq!(parse_ready("notify"), Ok(ReadyMode::Notify));
+        assert_eq!(parse_ready("delay:250ms"), Ok(ReadyMode::Delay(Duration::from_millis(250))));
+        assert!(parse_ready("delay:x").unwrap_err().contains("'x' is not a duration"));
+        assert!(parse_ready("http:/health").unwrap_err().contains("not supported yet"));
+        assert!(parse_ready("sleep").unwrap_err().contains("'sleep' is not a ready mode"));
+    }
+}

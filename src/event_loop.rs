@@ -1,0 +1,343 @@
+//! The one event loop: turns syscalls into [`Event`]s for the supervisor and its [`Action`]s back
+//! into syscalls.
+//!
+//! It owns what lives as long as sockhold: the held listeners, the signal self-pipe, the notify
+//! socket of every live generation, the runtime directory, the pid file, and the link to
+//! sockhold's own service manager. One thread, one `poll` over the signal pipe and the notify
+//! sockets, with the supervisor's nearest deadline as the timeout: while nothing happens, sockhold
+//! sleeps without waking. The listeners are never polled: only children accept on them.
+//!
+//! It must not make lifecycle decisions: those belong to [`Supervisor::step`].
+
+use std::collections::{BTreeMap, VecDeque};
+use std::ffi::OsString;
+use std::os::fd::BorrowedFd;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use log::{debug, info, warn};
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
+use nix::unistd::{Pid, getpgid};
+
+use crate::cli::Config;
+use crate::exit::{ChildStatus, ExitCode};
+use crate::listen::Listener;
+use crate::notify::{Manager, NotifySocket};
+use crate::signals::{FORWARDED, Signals};
+use crate::spawn::{ChildSpec, spawn};
+use crate::supervisor::{Action, Event, Supervisor, signal_name};
+
+/// Environment variables of sockhold's own that must not reach a child: they describe sockhold's
+/// sockets and manager, not the child's (a stale `LISTEN_PIDFDID` makes libsystemd ignore every
+/// socket; a stale `NOTIFY_SOCKET` would let the child speak for sockhold).
+fn is_stripped(name: &str) -> bool {
+    name.starts_with("LISTEN_") || name == "NOTIFY_SOCKET" || name.starts_with("WATCHDOG_")
+}
+
+/// sockhold at work: the resources it holds and the supervisor that decides.
+pub struct EventLoop {
+    config: Config,
+    listeners: Vec<Listener>,
+    signals: Signals,
+    supervisor: Supervisor,
+    notify: BTreeMap<u64, NotifySocket>,
+    runtime_dir: PathBuf,
+    manager: Option<Manager>,
+    base_env: Vec<(OsString, OsString)>,
+    pid_file: Option<PathBuf>,
+}
+
+impl EventLoop {
+    /// Binds every socket, installs the signal handlers, creates the runtime directory and the
+    /// pid file. Nothing is spawned yet.
+    pub fn new(config: Config) -> Result<EventLoop> {
+        let manager = match std::env::var("NOTIFY_SOCKET") {
+            Ok(path) if !path.is_empty() => Some(Manager::new(&path)?),
+            _ => None,
+        };
+        let base_env: Vec<_> = std::env::vars_os()
+            .filter(|(k, _)| !is_stripped(&k.to_string_lossy()))
+            .collect();
+        let mut listeners = Vec::with_capacity(config.listen.len());
+        for spec in &config.listen {
+            let listener = match Listener::bind(spec, &config.name) {
+                Ok(l) => l,
+                Err(e) => {
+                    listeners.iter().for_each(Listener::remove_socket_file);
+                    return Err(e);
+                }
+            };
+            info!("listening on {} (fd {}, name {})", listener.local_description(), 3 + listeners.len(), listener.name());
+            listeners.push(listener);
+        }
+        let signals = Signals::install()?;
+        let runtime_dir = make_runtime_dir(&config.name)?;
+        let pid_file = match &config.pid_file {
+            Some(path) => {
+                write_pid_file(path)?;
+                Some(path.clone())
+            }
+            None => None,
+        };
+        let supervisor = Supervisor::new(config.policy.clone());
+        Ok(EventLoop {
+            config,
+            listeners,
+            signals,
+            supervisor,
+            notify: BTreeMap::new(),
+            runtime_dir,
+            manager,
+            base_env,
+            pid_file,
+        })
+    }
+
+    /// Runs until the supervisor says to exit; returns the exit code.
+    pub fn run(mut self) -> Result<ExitCode> {
+        let result = self.serve();
+        if result.is_err() {
+            // sockhold cannot go on: never leave children behind without their supervisor.
+            for (generation, pid) in self.supervisor.live_pids() {
+                warn!("killing generation {generation} (pid {pid}) because sockhold is failing");
+                let _ = killpg(pid, Signal::SIGKILL);
+                let _ = waitpid(pid, None);
+            }
+        }
+        self.clean_up();
+        result
+    }
+
+    fn serve(&mut self) -> Result<ExitCode> {
+        let mut pending: VecDeque<Event> = VecDeque::from([Event::Start]);
+        loop {
+            while let Some(event) = pending.pop_front() {
+                let actions = self.supervisor.step(event, Instant::now());
+                for action in actions {
+                    if let Some(code) = self.perform(action, &mut pending) {
+                        return Ok(code);
+                    }
+                }
+            }
+            self.wait(&mut pending)?;
+        }
+    }
+
+    /// Blocks in poll until a signal, a notify datagram or the next deadline, and queues what
+    /// happened.
+    fn wait(&mut self, pending: &mut VecDeque<Event>) -> Result<()> {
+        let timeout = match self.supervisor.next_deadline() {
+            None => PollTimeout::NONE,
+            Some(deadline) => {
+                // Round up: waking a hair early would only mean a second, useless wakeup.
+                let left = deadline.saturating_duration_since(Instant::now());
+                let ms = left.as_micros().div_ceil(1000);
+                PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let (signal_ready, notify_ready) = {
+            let ids: Vec<u64> = self.notify.keys().copied().collect();
+            let mut fds = Vec::with_capacity(1 + ids.len());
+            fds.push(PollFd::new(self.signals.fd(), PollFlags::POLLIN));
+            fds.extend(self.notify.values().map(|s| PollFd::new(s.fd(), PollFlags::POLLIN)));
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(e).context("poll failed"),
+            }
+            let readable = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+            let notify_ready: Vec<u64> =
+                ids.iter().zip(&fds[1..]).filter(|(_, fd)| readable(fd)).map(|(id, _)| *id).collect();
+            (readable(&fds[0]), notify_ready)
+        };
+        let before = pending.len();
+        if signal_ready {
+            for signal in self.signals.pending() {
+                match signal {
+                    Signal::SIGCHLD => self.reap(pending),
+                    Signal::SIGHUP => pending.push_back(Event::Reload),
+                    Signal::SIGTERM | Signal::SIGINT => pending.push_back(Event::Stop(signal)),
+                    Signal::SIGUSR2 => warn!("received SIGUSR2: self-upgrade is not supported yet; ignored"),
+                    s if FORWARDED.contains(&s) => pending.push_back(Event::Forward(s)),
+                    s => debug!("ignoring SIG{}", signal_name(s)),
+                }
+            }
+        }
+        for generation in notify_ready {
+            let Some(socket) = self.notify.get(&generation) else { continue };
+            for received in socket.receive_all() {
+                pending.push_back(Event::Notify {
+                    generation,
+                    sender: received.sender,
+                    sender_pgid: getpgid(Some(received.sender)).ok(),
+                    message: received.message,
+                });
+            }
+        }
+        if pending.len() == before {
+            pending.push_back(Event::Timer);
+        }
+        Ok(())
+    }
+
+    /// Reaps every child that has ended. A generation's leftover processes (workers, daemons it
+    /// forked) go with it: its process group is SIGKILLed while the leader is still a zombie, so
+    /// the group id cannot have been reused by an unrelated process.
+    fn reap(&mut self, pending: &mut VecDeque<Event>) {
+        let leaders: Vec<Pid> = self.supervisor.live_pids().into_iter().map(|(_, pid)| pid).collect();
+        loop {
+            let peek = waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT);
+            let pid = match peek {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+                Ok(status) => match status.pid() {
+                    Some(pid) => pid,
+                    None => break,
+                },
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    warn!("waitid failed: {e}");
+                    break;
+                }
+            };
+            if leaders.contains(&pid) {
+                match killpg(pid, Signal::SIGKILL) {
+                    Ok(()) | Err(Errno::ESRCH) => {}
+                    Err(e) => warn!("failed to kill what is left of process group {pid}: {e}"),
+                }
+            }
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(status) => {
+                    if let Some((pid, status)) = ChildStatus::from_wait(status) {
+                        pending.push_back(Event::Exited { pid, status });
+                    }
+                }
+                Err(e) => {
+                    warn!("waitpid({pid}) failed: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Carries out one action; returns the exit code when it is `Exit`.
+    fn perform(&mut self, action: Action, pending: &mut VecDeque<Event>) -> Option<ExitCode> {
+        match action {
+            Action::Spawn { generation } => {
+                // Answered at once, ahead of anything else queued: the supervisor counts on
+                // knowing the pid before the next event.
+                let event = self.spawn_generation(generation);
+                pending.push_front(event);
+            }
+            Action::Signal { pid, signal } => {
+                debug!("sending SIG{} to pid {pid}", signal_name(signal));
+                match kill(pid, signal) {
+                    Ok(()) | Err(Errno::ESRCH) => {}
+                    Err(e) => warn!("failed to send SIG{} to pid {pid}: {e}", signal_name(signal)),
+                }
+            }
+            Action::SignalGroup { pgid, signal } => match killpg(pgid, signal) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(e) => warn!("failed to send SIG{} to process group {pgid}: {e}", signal_name(signal)),
+            },
+            Action::Release { generation } => {
+                self.notify.remove(&generation);
+            }
+            Action::Manager(message) => {
+                if let Some(manager) = &self.manager {
+                    manager.send(&message);
+                }
+            }
+            Action::ReloadDone(outcome) => match outcome {
+                Ok(generation) => debug!("reload done: generation {generation} serves"),
+                Err(reason) => debug!("reload failed: {reason}"),
+            },
+            Action::Exit(code) => return Some(code),
+        }
+        None
+    }
+
+    fn spawn_generation(&mut self, generation: u64) -> Event {
+        let socket_path = self.runtime_dir.join(format!("notify-{generation}.sock"));
+        let socket = match NotifySocket::bind(&socket_path) {
+            Ok(s) => s,
+            Err(e) => {
+                return Event::SpawnFailed { generation, error: format!("{e:#}"), code: ExitCode::FAILURE };
+            }
+        };
+        // O_NONBLOCK lives on the open file description, shared with every generation: a
+        // previous child may have set it. Give each new child the mode it is promised.
+        for listener in &self.listeners {
+            if let Err(e) = listener.set_nonblocking(false) {
+                warn!("{e:#}");
+            }
+        }
+        let spec = self.child_spec(generation, socket.path());
+        let fds: Vec<BorrowedFd<'_>> = self.listeners.iter().map(Listener::fd).collect();
+        match spawn(&spec, &fds) {
+            Ok(pid) => {
+                self.notify.insert(generation, socket);
+                Event::Spawned { generation, pid }
+            }
+            Err(e) => Event::SpawnFailed { generation, error: e.message, code: e.code },
+        }
+    }
+
+    fn child_spec(&self, generation: u64, notify_path: &Path) -> ChildSpec {
+        let mut env = self.base_env.clone();
+        if !self.listeners.is_empty() {
+            let names: Vec<&str> = self.listeners.iter().map(Listener::name).collect();
+            env.push(("LISTEN_FDS".into(), self.listeners.len().to_string().into()));
+            env.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
+        }
+        env.push(("NOTIFY_SOCKET".into(), notify_path.into()));
+        env.push(("SOCKHOLD_GENERATION".into(), generation.to_string().into()));
+        ChildSpec {
+            program: self.config.command[0].clone(),
+            args: self.config.command.clone(),
+            env,
+            listen_pid: !self.listeners.is_empty(),
+        }
+    }
+
+    fn clean_up(&mut self) {
+        self.notify.clear();
+        for listener in &self.listeners {
+            listener.remove_socket_file();
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.runtime_dir) {
+            warn!("failed to remove {}: {e}", self.runtime_dir.display());
+        }
+        if let Some(path) = &self.pid_file
+            && let Err(e) = std::fs::remove_file(path)
+        {
+            warn!("failed to remove the pid file {}: {e}", path.display());
+        }
+    }
+}
+
+/// Creates a private directory for the notify sockets: under `$RUNTIME_DIRECTORY` (set by
+/// systemd), `$XDG_RUNTIME_DIR`, `/run` for root, else `$TMPDIR` or `/tmp`. Its name is
+/// random, so two instances never collide and nobody can plant a socket there first.
+fn make_runtime_dir(name: &str) -> Result<PathBuf> {
+    let from_env = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let base = from_env("RUNTIME_DIRECTORY")
+        .or_else(|| from_env("XDG_RUNTIME_DIR"))
+        .or_else(|| nix::unistd::geteuid().is_root().then(|| PathBuf::from("/run")).filter(|p| p.is_dir()))
+        .or_else(|| from_env("TMPDIR"))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    // Keep the path short: a Unix socket path must fit in 108 bytes.
+    let short: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).take(24).collect();
+    let template = base.join(format!("sockhold-{short}.XXXXXX"));
+    nix::unistd::mkdtemp(&template).with_context(|| format!("failed to create a runtime directory in {}", base.display()))
+}
+
+fn write_pid_file(path: &Path) -> Result<()> {
+    // Write then rename, so a reader never sees a half-written pid.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("failed to write the pid file {}", path.display()))
+}

@@ -1,0 +1,82 @@
+//! Exit codes, decided in one place.
+//!
+//! sockhold exits 0 after a clean stop, 1 on a runtime failure, 2 on a usage error, 126 when the
+//! command is not executable, 127 when it is not found, and with the child's own code (or 128+N
+//! for death by signal N) when the child's end is sockhold's end. The man page's EXIT STATUS
+//! section lists the same codes; keep them in step.
+
+use std::fmt;
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+
+/// A process exit code as sockhold reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitCode(pub i32);
+
+impl ExitCode {
+    /// A clean stop.
+    pub const SUCCESS: ExitCode = ExitCode(0);
+    /// A runtime failure of sockhold itself (a failed bind, a broken event loop, a child that was
+    /// never ready).
+    pub const FAILURE: ExitCode = ExitCode(1);
+    /// A usage error: a bad option or listen spec.
+    pub const USAGE: ExitCode = ExitCode(2);
+    /// The command exists but cannot be executed.
+    pub const NOT_EXECUTABLE: ExitCode = ExitCode(126);
+    /// The command was not found.
+    pub const NOT_FOUND: ExitCode = ExitCode(127);
+}
+
+/// How a child process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildStatus {
+    /// It called `exit(code)`.
+    Exited(i32),
+    /// A signal killed it.
+    Signaled(Signal),
+}
+
+impl ChildStatus {
+    /// The status of a reaped process, or `None` for a wait status that is not an end (stopped,
+    /// continued).
+    pub fn from_wait(status: WaitStatus) -> Option<(nix::unistd::Pid, ChildStatus)> {
+        match status {
+            WaitStatus::Exited(pid, code) => Some((pid, ChildStatus::Exited(code))),
+            WaitStatus::Signaled(pid, signal, _) => Some((pid, ChildStatus::Signaled(signal))),
+            _ => None,
+        }
+    }
+
+    /// Exited with status 0.
+    pub fn success(self) -> bool {
+        self == ChildStatus::Exited(0)
+    }
+
+    /// The signal that killed it, if one did.
+    pub fn signal(self) -> Option<Signal> {
+        match self {
+            ChildStatus::Signaled(signal) => Some(signal),
+            ChildStatus::Exited(_) => None,
+        }
+    }
+
+    /// The code sockhold exits with when this status ends it: the code, or 128+N.
+    pub fn exit_code(self) -> ExitCode {
+        match self {
+            ChildStatus::Exited(code) => ExitCode(code),
+            ChildStatus::Signaled(signal) => ExitCode(128 + signal as i32),
+        }
+    }
+}
+
+impl fmt::Display for ChildStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChildStatus::Exited(code) => write!(f, "exit status {code}"),
+            ChildStatus::Signaled(signal) => {
+                write!(f, "killed by SIG{}", crate::supervisor::signal_name(*signal))
+            }
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! sockhold: holds a service's listening sockets and runs its server as a child that inherits
+//! them under the systemd socket-activation protocol, reloading it without dropping a connection.
+//!
+//! `main` only parses the command line, starts logging, runs the event loop and maps the outcome
+//! to an exit code; see `supervisor` for the decisions and `event_loop` for the machinery.
+
+#![deny(unsafe_code)]
+
+mod cli;
+mod event_loop;
+mod exit;
+mod listen;
+mod notify;
+mod signals;
+mod spawn;
+mod supervisor;
+
+use std::io::Write;
+
+use clap::Parser;
+
+use crate::exit::ExitCode;
+
+fn main() {
+    let cli = cli::Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let config = match cli.into_config() {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("sockhold: error: {message}");
+            std::process::exit(ExitCode::USAGE.0);
+        }
+    };
+    let code = match event_loop::EventLoop::new(config).and_then(event_loop::EventLoop::run) {
+        Ok(code) => code,
+        Err(err) => {
+            log::error!("{err:#}");
+            ExitCode::FAILURE
+        }
+    };
+    std::process::exit(code.0);
+}
+
+/// Logs to stderr as `sockhold[PID]: message`, warnings and errors marked; `-v`/`-q` move the
+/// level from info, `RUST_LOG` overrides both.
+fn init_logging(verbose: u8, quiet: u8) {
+    let level = match i32::from(verbose) - i32::from(quiet) {
+        i32::MIN..=-2 => log::LevelFilter::Error,
+        -1 => log::LevelFilter::Warn,
+        0 => log::LevelFilter::Info,
+        1 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    let pid = std::process::id();
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_env("RUST_LOG")
+        .format(move |f, record| {
+            let marker = match record.level() {
+                log::Level::Error => "error: ",
+                log::Level::Warn => "warning: ",
+                _ => "",
+            };
+            writeln!(f, "sockhold[{pid}]: {marker}{}", record.args())
+        })
+        .init();
+}

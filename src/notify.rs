@@ -1,0 +1,303 @@
+//! The sd_notify protocol, both ways.
+//!
+//! Children: each generation gets a notify socket of its own (a datagram socket at a path in
+//! sockhold's runtime directory), so a message can only ever speak for the generation whose socket
+//! it reached: readiness of an old generation can never promote a new one. [`NotifySocket`] reads
+//! datagrams with the sender's credentials, drops the ones over 4096 bytes, and closes every fd a
+//! message carries (which is how `BARRIER=1` is answered). [`NotifyMessage::parse`] is the pure
+//! parser.
+//!
+//! sockhold's own service manager: [`Manager`] sends `READY=1`, `RELOADING=1`, `STOPPING=1` and
+//! `STATUS=` to the `NOTIFY_SOCKET` sockhold itself was given.
+//!
+//! This module must not decide anything: whether a sender is allowed and what readiness means are
+//! the supervisor's decisions.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use log::{debug, warn};
+use nix::errno::Errno;
+use nix::sys::socket::{
+    self, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr, sockopt,
+};
+use nix::time::{ClockId, clock_gettime};
+use nix::unistd::Pid;
+
+use crate::supervisor::ManagerMessage;
+
+/// The largest datagram the protocol allows; longer ones are ignored, as systemd does.
+pub const MAX_DATAGRAM: usize = 4096;
+
+/// What one notify datagram says. Unknown assignments are ignored, as systemd ignores them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NotifyMessage {
+    /// `READY=1`.
+    pub ready: bool,
+    /// `STATUS=...`, the last one in the datagram.
+    pub status: Option<String>,
+    /// `STOPPING=1`.
+    pub stopping: bool,
+    /// `RELOADING=1`.
+    pub reloading: bool,
+    /// `BARRIER=1` (answered by closing the fd it carries, which the socket does for every fd).
+    pub barrier: bool,
+    /// `ERRNO=N`.
+    pub errno: Option<i32>,
+}
+
+impl NotifyMessage {
+    /// Parses newline-separated `KEY=VALUE` assignments. A trailing newline is optional
+    /// (libsystemd sends `READY=1` without one); invalid UTF-8 is replaced, not rejected.
+    pub fn parse(datagram: &[u8]) -> NotifyMessage {
+        let text = String::from_utf8_lossy(datagram);
+        let mut message = NotifyMessage::default();
+        for line in text.split('\n') {
+            let Some((key, value)) = line.split_once('=') else { continue };
+            match key {
+                "READY" => message.ready |= value == "1",
+                "STOPPING" => message.stopping |= value == "1",
+                "RELOADING" => message.reloading |= value == "1",
+                "BARRIER" => message.barrier |= value == "1",
+                "STATUS" => message.status = Some(value.to_string()),
+                "ERRNO" => message.errno = value.parse().ok(),
+                _ => {}
+            }
+        }
+        message
+    }
+}
+
+/// A datagram as it arrived: who sent it and what it says.
+#[derive(Debug)]
+pub struct Received {
+    /// The sender's pid, from `SCM_CREDENTIALS`.
+    pub sender: Pid,
+    /// The parsed message.
+    pub message: NotifyMessage,
+}
+
+/// A generation's private notify socket. Removes its file when dropped.
+#[derive(Debug)]
+pub struct NotifySocket {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl NotifySocket {
+    /// Binds a non-blocking, close-on-exec datagram socket at `path` that receives credentials.
+    pub fn bind(path: &Path) -> Result<NotifySocket> {
+        let fd = socket::socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .context("failed to create a notify socket")?;
+        let addr = UnixAddr::new(path).with_context(|| format!("invalid notify socket path {}", path.display()))?;
+        // A leftover from a crashed run at the same path would make bind fail with EADDRINUSE.
+        let _ = std::fs::remove_file(path);
+        socket::bind(fd.as_raw_fd(), &addr).with_context(|| format!("failed to bind notify socket {}", path.display()))?;
+        socket::setsockopt(&fd, sockopt::PassCred, &true).context("failed to set SO_PASSCRED on the notify socket")?;
+        Ok(NotifySocket { fd, path: path.to_path_buf() })
+    }
+
+    /// The path children get as `NOTIFY_SOCKET`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The fd to poll.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Reads every datagram waiting, without blocking. Oversized datagrams and datagrams without
+    /// credentials are logged and skipped. Every fd that arrives is closed.
+    pub fn receive_all(&self) -> Vec<Received> {
+        let mut out = Vec::new();
+        // One byte more than the limit, so an over-long datagram is seen as such even when the
+        // kernel does not flag the truncation.
+        let mut buf = [0u8; MAX_DATAGRAM + 1];
+        loop {
+            let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials, [std::os::fd::RawFd; 16]);
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let (len, truncated, sender, fds) =
+                match socket::recvmsg::<()>(self.fd.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+                    Ok(msg) => {
+                        let mut sender = None;
+                        let mut fds = Vec::new();
+                        if let Ok(cmsgs) = msg.cmsgs() {
+                            for c in cmsgs {
+                                match c {
+                                    ControlMessageOwned::ScmCredentials(cred) => sender = Some(Pid::from_raw(cred.pid())),
+                                    ControlMessageOwned::ScmRights(raw) => fds.extend(raw),
+                                    _ => {}
+                                }
+                            }
+                        }
+                        (msg.bytes, msg.flags.contains(MsgFlags::MSG_TRUNC), sender, fds)
+                    }
+                    Err(Errno::EAGAIN) => break,
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => {
+                        warn!("failed to read from notify socket {}: {e}", self.path.display());
+                        break;
+                    }
+                };
+            // Closing what arrived answers BARRIER=1 (the sender waits for the fd to close) and
+            // keeps any other stray fd from leaking into sockhold.
+            for raw in fds {
+                drop(crate::spawn::adopt_received_fd(raw));
+            }
+            if truncated || len > MAX_DATAGRAM {
+                warn!("ignoring a notify datagram over {MAX_DATAGRAM} bytes on {}", self.path.display());
+                continue;
+            }
+            let Some(sender) = sender else {
+                warn!("ignoring a notify datagram without sender credentials");
+                continue;
+            };
+            let message = NotifyMessage::parse(&buf[..len]);
+            debug!("notify from pid {sender}: {:?}", String::from_utf8_lossy(&buf[..len]));
+            out.push(Received { sender, message });
+        }
+        out
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// sockhold's own service manager, reached through the `NOTIFY_SOCKET` sockhold was started with.
+#[derive(Debug)]
+pub struct Manager {
+    fd: OwnedFd,
+    addr: UnixAddr,
+    target: String,
+}
+
+impl Manager {
+    /// Connects to the manager named by a `NOTIFY_SOCKET` value (a path, or `@name` for an
+    /// abstract socket).
+    pub fn new(notify_socket: &str) -> Result<Manager> {
+        let addr = match notify_socket.strip_prefix('@') {
+            Some(name) => UnixAddr::new_abstract(name.as_bytes()),
+            None => UnixAddr::new(notify_socket),
+        }
+        .with_context(|| format!("invalid NOTIFY_SOCKET '{notify_socket}'"))?;
+        let fd = socket::socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+            .context("failed to create a socket for NOTIFY_SOCKET")?;
+        Ok(Manager { fd, addr, target: notify_socket.to_string() })
+    }
+
+    /// Sends one message; a failure is logged, never fatal (the manager may be gone).
+    pub fn send(&self, message: &ManagerMessage) {
+        let text = format_manager_message(message, monotonic_usec());
+        let iov = [IoSlice::new(text.as_bytes())];
+        if let Err(e) = socket::sendmsg(self.fd.as_raw_fd(), &iov, &[], MsgFlags::empty(), Some(&self.addr)) {
+            warn!("failed to notify the service manager at {}: {e}", self.target);
+        }
+    }
+}
+
+/// The datagram for `message`; `now_usec` is `CLOCK_MONOTONIC` in microseconds, which systemd
+/// needs with `RELOADING=1` to order the reload against its own clock.
+pub fn format_manager_message(message: &ManagerMessage, now_usec: u64) -> String {
+    let one_line = |s: &str| s.replace('\n', " ");
+    match message {
+        ManagerMessage::Ready(status) => format!("READY=1\nSTATUS={}\n", one_line(status)),
+        ManagerMessage::Reloading(status) => {
+            format!("RELOADING=1\nMONOTONIC_USEC={now_usec}\nSTATUS={}\n", one_line(status))
+        }
+        ManagerMessage::Stopping(status) => format!("STOPPING=1\nSTATUS={}\n", one_line(status)),
+        ManagerMessage::Status(status) => format!("STATUS={}\n", one_line(status)),
+    }
+}
+
+fn monotonic_usec() -> u64 {
+    match clock_gettime(ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => ts.tv_sec() as u64 * 1_000_000 + ts.tv_nsec() as u64 / 1_000,
+        Err(_) => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_table() {
+        let ready = NotifyMessage { ready: true, ..Default::default() };
+        let cases: &[(&[u8], NotifyMessage)] = &[
+            (b"READY=1", ready.clone()),
+            (b"READY=1\n", ready.clone()),
+            (b"STATUS=warming up\nREADY=1", NotifyMessage { status: Some("warming up".into()), ..ready.clone() }),
+            (b"MAINPID=4\nREADY=1\nX_UNKNOWN=2\n", ready.clone()),
+            (b"READY=0", NotifyMessage::default()),
+            (b"READY=11", NotifyMessage::default()),
+            (b"READY", NotifyMessage::default()),
+            (b"", NotifyMessage::default()),
+            (b"BARRIER=1", NotifyMessage { barrier: true, ..Default::default() }),
+            (b"STOPPING=1\nERRNO=5", NotifyMessage { stopping: true, errno: Some(5), ..Default::default() }),
+            (b"RELOADING=1\nMONOTONIC_USEC=1", NotifyMessage { reloading: true, ..Default::default() }),
+            (b"STATUS=a=b\nSTATUS=last", NotifyMessage { status: Some("last".into()), ..Default::default() }),
+            (b"\xff\xfeREADY=1\nREADY=1", ready.clone()),
+        ];
+        for (input, want) in cases {
+            assert_eq!(&NotifyMessage::parse(input), want, "input {:?}", String::from_utf8_lossy(input));
+        }
+    }
+
+    #[test]
+    fn manager_messages() {
+        let cases = [
+            (ManagerMessage::Ready("serving".into()), "READY=1\nSTATUS=serving\n"),
+            (ManagerMessage::Reloading("x".into()), "RELOADING=1\nMONOTONIC_USEC=42\nSTATUS=x\n"),
+            (ManagerMessage::Stopping("bye".into()), "STOPPING=1\nSTATUS=bye\n"),
+            (ManagerMessage::Status("a\nb".into()), "STATUS=a b\n"),
+        ];
+        for (message, want) in cases {
+            assert_eq!(format_manager_message(&message, 42), want);
+        }
+    }
+
+    #[test]
+    fn socket_reads_credentials_skips_oversized_and_closes_fds() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("n.sock");
+        let sock = NotifySocket::bind(&path).expect("bind");
+        let client = socket::socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        let addr = UnixAddr::new(&path).unwrap();
+        let big = vec![b'x'; MAX_DATAGRAM + 1];
+        socket::sendto(client.as_raw_fd(), &big, &addr, MsgFlags::empty()).unwrap();
+        // A barrier: the fd we attach must be closed by the receiver, so our read end sees EOF.
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let iov = [IoSlice::new(b"BARRIER=1")];
+        let fds = [w.as_raw_fd()];
+        socket::sendmsg(
+            client.as_raw_fd(),
+            &iov,
+            &[socket::ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            Some(&addr),
+        )
+        .unwrap();
+        drop(w);
+        socket::sendto(client.as_raw_fd(), b"READY=1", &addr, MsgFlags::empty()).unwrap();
+        let got = sock.receive_all();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[0].message.barrier);
+        assert!(got[1].message.ready);
+        assert_eq!(got[1].sender, nix::unistd::getpid());
+        let mut byte = [0u8; 1];
+        assert_eq!(nix::unistd::read(&r, &mut byte).unwrap(), 0, "the barrier fd was closed");
+        drop(sock);
+        assert!(!path.exists(), "the socket file is removed on drop");
+    }
+}

@@ -1,0 +1,414 @@
+//! Starting a child: fork, set up exactly what a child gets, exec. The only module with `unsafe`.
+//!
+//! Everything is prepared before `fork` (argv, envp with a fixed-width `LISTEN_PID` slot, the fd
+//! plan, the signal set), because between `fork` and `execve` the child may only make
+//! async-signal-safe calls: no allocation, no locks, no Rust I/O. The child then:
+//! resets every signal disposition and empties its signal mask (sockhold's handlers and blocked
+//! signals must not leak into the service), becomes its own process group, moves the listeners to
+//! fds 3..3+N-1 with close-on-exec cleared, marks every other fd close-on-exec, writes its own pid
+//! into `LISTEN_PID`, and execs. A failed exec (or failed setup) is reported to the parent through
+//! a close-on-exec pipe, as std's `Command` does, so the parent can say "command not found" instead
+//! of seeing a child exit 127.
+//!
+//! This module must not decide anything about the lifecycle; it starts one process and says how
+//! that went.
+
+#![allow(unsafe_code)]
+
+use std::ffi::{CString, OsStr, OsString};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::libc;
+use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
+use nix::sys::wait::waitpid;
+use nix::unistd::{AccessFlags, ForkResult, Pid, access, fork, pipe2, setpgid};
+
+use crate::exit::ExitCode;
+
+/// Room for the decimal digits of any pid (pid_t is 32-bit; 20 digits fit even a 64-bit one).
+const PID_DIGITS: usize = 20;
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+
+/// What one child is started with.
+#[derive(Clone, Debug)]
+pub struct ChildSpec {
+    /// The command as the user wrote it (looked up in `PATH` if it has no `/`).
+    pub program: OsString,
+    /// The full argv, argv[0] included.
+    pub args: Vec<OsString>,
+    /// The complete environment, except `LISTEN_PID`, which only the child can know.
+    pub env: Vec<(OsString, OsString)>,
+    /// Whether to set `LISTEN_PID` (only when there are sockets to hand over).
+    pub listen_pid: bool,
+}
+
+/// Why a child could not be started.
+#[derive(Debug)]
+pub struct SpawnError {
+    /// 127 for a command that is not found, 126 for one that cannot be executed.
+    pub code: ExitCode,
+    /// What went wrong, naming the command.
+    pub message: String,
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Takes ownership of an fd the kernel just installed in sockhold's table through `SCM_RIGHTS`,
+/// so that dropping it closes it.
+pub fn adopt_received_fd(raw: RawFd) -> OwnedFd {
+    // SAFETY: `raw` was returned by recvmsg as an SCM_RIGHTS fd: the kernel created it in this
+    // process for this message, and nothing else holds or closes it.
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
+
+/// Finds `program` as execvp would: as a path if it contains `/`, else in `path_var`.
+pub fn resolve_program(program: &OsStr, path_var: Option<&OsStr>) -> Result<PathBuf, SpawnError> {
+    let shown = program.to_string_lossy();
+    if program.is_empty() {
+        return Err(SpawnError { code: ExitCode::NOT_FOUND, message: "the command is empty".into() });
+    }
+    if program.as_bytes().contains(&b'/') {
+        return Ok(PathBuf::from(program));
+    }
+    let path_var = path_var.unwrap_or(OsStr::new("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"));
+    let mut not_executable = None;
+    for dir in std::env::split_paths(path_var) {
+        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        let candidate = dir.join(program);
+        if !candidate.is_file() {
+            continue;
+        }
+        if access(&candidate, AccessFlags::X_OK).is_ok() {
+            return Ok(candidate);
+        }
+        not_executable.get_or_insert(candidate);
+    }
+    Err(match not_executable {
+        Some(path) => SpawnError {
+            code: ExitCode::NOT_EXECUTABLE,
+            message: format!("failed to execute '{shown}': {} is not executable", path.display()),
+        },
+        None => SpawnError {
+            code: ExitCode::NOT_FOUND,
+            message: format!("failed to execute '{shown}': command not found in PATH"),
+        },
+    })
+}
+
+/// Everything the child needs, laid out before `fork` so the child only reads and writes it.
+struct Prepared {
+    program: CString,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    _envp: Vec<CString>,
+    /// `LISTEN_PID=` followed by room for the digits and a NUL; the child fills it in.
+    listen_pid: Vec<u8>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    sources: Vec<RawFd>,
+    /// Scratch space for the child's temporary copies of the listeners.
+    moved: Vec<RawFd>,
+    /// Fds to mark close-on-exec by hand if the kernel has no `close_range`.
+    open_fds: Vec<RawFd>,
+    default_action: libc::sigaction,
+    empty_set: libc::sigset_t,
+}
+
+fn cstring(bytes: &[u8], what: &str) -> Result<CString, SpawnError> {
+    CString::new(bytes).map_err(|_| SpawnError {
+        code: ExitCode::NOT_EXECUTABLE,
+        message: format!("{what} contains a NUL byte"),
+    })
+}
+
+fn prepare(spec: &ChildSpec, program: &Path, listeners: &[BorrowedFd<'_>]) -> Result<Prepared, SpawnError> {
+    let program = cstring(program.as_os_str().as_bytes(), "the command")?;
+    let argv = spec.args.iter().map(|a| cstring(a.as_bytes(), "an argument")).collect::<Result<Vec<_>, _>>()?;
+    let mut argv_ptrs: Vec<_> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let envp = spec
+        .env
+        .iter()
+        .map(|(k, v)| {
+            let mut entry = k.clone().into_vec();
+            entry.push(b'=');
+            entry.extend_from_slice(v.as_bytes());
+            cstring(&entry, "an environment variable")
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut listen_pid = LISTEN_PID_PREFIX.to_vec();
+    listen_pid.resize(LISTEN_PID_PREFIX.len() + PID_DIGITS + 1, 0);
+    let mut envp_ptrs: Vec<_> = envp.iter().map(|e| e.as_ptr()).collect();
+    if spec.listen_pid {
+        envp_ptrs.push(listen_pid.as_ptr().cast());
+    }
+    envp_ptrs.push(std::ptr::null());
+    let open_fds = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    // SAFETY: sigaction and sigset_t are plain C structs for which all-zero bytes are valid.
+    let mut default_action: libc::sigaction = unsafe { std::mem::zeroed() };
+    default_action.sa_sigaction = libc::SIG_DFL;
+    // SAFETY: as above.
+    let mut empty_set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: empty_set is a valid sigset_t to initialise.
+    unsafe { libc::sigemptyset(&mut empty_set) };
+    Ok(Prepared {
+        program,
+        _argv: argv,
+        argv_ptrs,
+        _envp: envp,
+        listen_pid,
+        envp_ptrs,
+        sources: listeners.iter().map(|fd| fd.as_raw_fd()).collect(),
+        moved: vec![-1; listeners.len()],
+        open_fds,
+        default_action,
+        empty_set,
+    })
+}
+
+/// Starts `spec` with `listeners` as fds 3.., and returns its pid once it has exec'd.
+pub fn spawn(spec: &ChildSpec, listeners: &[BorrowedFd<'_>]) -> Result<Pid, SpawnError> {
+    let path_var = spec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_os_str());
+    let program = resolve_program(&spec.program, path_var)?;
+    let mut prepared = prepare(spec, &program, listeners)?;
+    let shown = spec.program.to_string_lossy();
+    let other = |what: &str, e: Errno| SpawnError {
+        code: ExitCode::NOT_EXECUTABLE,
+        message: format!("failed to start '{shown}': {what}: {e}"),
+    };
+    let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| other("pipe", e))?;
+
+    // Block every signal around fork: a signal for the new child that arrived before it reset
+    // its dispositions would otherwise run sockhold's handler in the child and be lost. Blocked,
+    // it stays pending and is delivered to the child with its default action after the reset.
+    let old_mask = pthread_sigmask_swap(SigSet::all()).map_err(|e| other("sigprocmask", e))?;
+    // SAFETY: sockhold is single-threaded; the child branch below only makes async-signal-safe
+    // libc calls on memory prepared before the fork, and always ends in execve or _exit.
+    let forked = unsafe { fork() };
+    match forked {
+        Ok(ForkResult::Child) => {
+            // SAFETY: see `child`: async-signal-safe calls only, ends in execve or _exit.
+            unsafe { child(&mut prepared, report_w.as_raw_fd()) }
+        }
+        Ok(ForkResult::Parent { child }) => {
+            let _ = pthread_sigmask_swap(old_mask);
+            drop(report_w);
+            // Also set the group from this side, so that a signal to the group sent right after
+            // spawn returns cannot miss it (the child may not have run yet).
+            let _ = setpgid(child, child);
+            match read_report(&report_r) {
+                None => Ok(child),
+                Some((step, errno)) => {
+                    let _ = waitpid(child, None);
+                    let code = match errno {
+                        Errno::ENOENT | Errno::ENOTDIR => ExitCode::NOT_FOUND,
+                        _ => ExitCode::NOT_EXECUTABLE,
+                    };
+                    let message = match step {
+                        Step::Exec => format!("failed to execute '{}': {}", program.display(), errno.desc()),
+                        step => format!("failed to start '{shown}': {} in the child: {}", step.name(), errno.desc()),
+                    };
+                    Err(SpawnError { code, message })
+                }
+            }
+        }
+        Err(e) => {
+            let _ = pthread_sigmask_swap(old_mask);
+            Err(other("fork", e))
+        }
+    }
+}
+
+fn pthread_sigmask_swap(mask: SigSet) -> nix::Result<SigSet> {
+    let mut old = SigSet::empty();
+    pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&mask), Some(&mut old))?;
+    Ok(old)
+}
+
+/// The setup step that failed in the child, as sent through the report pipe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+enum Step {
+    Signals = 1,
+    ProcessGroup = 2,
+    Fds = 3,
+    Exec = 4,
+}
+
+impl Step {
+    fn name(self) -> &'static str {
+        match self {
+            Step::Signals => "resetting signals",
+            Step::ProcessGroup => "setpgid",
+            Step::Fds => "setting up the listening fds",
+            Step::Exec => "execve",
+        }
+    }
+}
+
+/// Reads the child's report: nothing (EOF: the exec succeeded) or the failed step and errno.
+fn read_report(report: &OwnedFd) -> Option<(Step, Errno)> {
+    let mut buf = [0u8; 8];
+    let mut got = 0;
+    while got < buf.len() {
+        match nix::unistd::read(report, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+    if got < buf.len() {
+        return None;
+    }
+    let step = match u32::from_ne_bytes(buf[..4].try_into().expect("4 bytes")) {
+        1 => Step::Signals,
+        2 => Step::ProcessGroup,
+        3 => Step::Fds,
+        _ => Step::Exec,
+    };
+    Some((step, Errno::from_raw(i32::from_ne_bytes(buf[4..].try_into().expect("4 bytes")))))
+}
+
+/// The child between fork and exec.
+///
+/// # Safety
+/// Must only run in a freshly forked child of a single-threaded process. It makes only
+/// async-signal-safe calls, allocates nothing, and never returns.
+unsafe fn child(p: &mut Prepared, report: RawFd) -> ! {
+    let n = p.sources.len() as RawFd;
+    let first_free = 3 + n;
+    // SAFETY (whole block): every call is an async-signal-safe libc function on fds and memory
+    // prepared before the fork; on failure we report and _exit without unwinding.
+    unsafe {
+        // The report pipe could sit on one of the target numbers 3..3+N: move it above them.
+        let report = match libc::fcntl(report, libc::F_DUPFD_CLOEXEC, first_free) {
+            -1 => fail(report, Step::Fds),
+            fd => fd,
+        };
+        // Default dispositions: ignored signals (SIGPIPE, which Rust ignores) and sockhold's
+        // handlers must not carry over. 32 and 33 are glibc's own and refuse; that is fine.
+        for sig in 1..libc::SIGRTMAX() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::sigaction(sig, &p.default_action, std::ptr::null_mut());
+            }
+        }
+        if libc::sigprocmask(libc::SIG_SETMASK, &p.empty_set, std::ptr::null_mut()) != 0 {
+            fail(report, Step::Signals);
+        }
+        if libc::setpgid(0, 0) != 0 {
+            fail(report, Step::ProcessGroup);
+        }
+        // First move every listener above the target range, so that no dup2 below overwrites a
+        // listener that happens to sit at a later target number.
+        for (i, &src) in p.sources.iter().enumerate() {
+            let fd = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, first_free);
+            if fd < 0 {
+                fail(report, Step::Fds);
+            }
+            p.moved[i] = fd;
+        }
+        // dup2 to a different number always clears close-on-exec on the new fd; the moved copies
+        // are never already at their target, so the dup2(fd, fd) trap cannot happen.
+        for (i, &fd) in p.moved.iter().enumerate() {
+            if libc::dup2(fd, 3 + i as RawFd) < 0 {
+                fail(report, Step::Fds);
+            }
+        }
+        // Everything else (sockhold's own fds, fds sockhold inherited, the moved copies) must
+        // not reach the service: mark rather than close, so the report pipe keeps working.
+        let marked = libc::syscall(
+            libc::SYS_close_range,
+            first_free as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
+        if marked != 0 {
+            for &fd in &p.open_fds {
+                if fd >= first_free {
+                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                }
+            }
+            for &fd in &p.moved {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
+        write_pid(&mut p.listen_pid[LISTEN_PID_PREFIX.len()..], libc::getpid());
+        libc::execve(p.program.as_ptr(), p.argv_ptrs.as_ptr(), p.envp_ptrs.as_ptr());
+        fail(report, Step::Exec)
+    }
+}
+
+/// Writes `pid` in decimal followed by a NUL into `slot`, without allocating.
+fn write_pid(slot: &mut [u8], pid: libc::pid_t) {
+    let mut digits = [0u8; PID_DIGITS];
+    let mut n = pid.unsigned_abs();
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        slot[i] = digits[len - 1 - i];
+    }
+    slot[len] = 0;
+}
+
+/// Reports the failed step and errno to the parent and exits 127.
+///
+/// # Safety
+/// Only for the forked child: it uses raw write and _exit.
+unsafe fn fail(report: RawFd, step: Step) -> ! {
+    // SAFETY: errno location, write and _exit are async-signal-safe; buf lives on our stack.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let mut buf = [0u8; 8];
+        buf[..4].copy_from_slice(&(step as u32).to_ne_bytes());
+        buf[4..].copy_from_slice(&errno.to_ne_bytes());
+        libc::write(report, buf.as_ptr().cast(), buf.len());
+        libc::_exit(127)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_digits() {
+        for (pid, want) in [(1, "1"), (42, "42"), (4194304, "4194304"), (i32::MAX, "2147483647")] {
+            let mut slot = [b'x'; PID_DIGITS + 1];
+            write_pid(&mut slot, pid);
+            let end = slot.iter().position(|&b| b == 0).expect("NUL written");
+            assert_eq!(std::str::from_utf8(&slot[..end]).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn resolve_finds_in_path_and_reports_missing() {
+        let found = resolve_program(OsStr::new("sh"), Some(OsStr::new("/nonexistent:/bin"))).unwrap();
+        assert_eq!(found, PathBuf::from("/bin/sh"));
+        let missing = resolve_program(OsStr::new("no-such-command-x"), Some(OsStr::new("/bin"))).unwrap_err();
+        assert_eq!(missing.code, ExitCode::NOT_FOUND);
+        assert!(missing.message.contains("no-such-command-x"), "{}", missing.message);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("script"), "#!/bin/sh\n").unwrap();
+        let not_exec = resolve_program(OsStr::new("script"), Some(dir.path().as_os_str())).unwrap_err();
+        assert_eq!(not_exec.code, ExitCode::NOT_EXECUTABLE);
+        let with_slash = resolve_program(OsStr::new("./x/y"), None).unwrap();
+        assert_eq!(with_slash, PathBuf::from("./x/y"));
+    }
+}

@@ -1,0 +1,627 @@
+//! The supervisor's decisions, as a pure state machine.
+//!
+//! [`Supervisor::step`] takes one [`Event`] (a signal, a child that started or exited, a notify
+//! message, the passing of time) and returns the [`Action`]s to carry out. It owns every decision
+//! of the lifecycle: when to spawn a generation, when a new generation counts as ready, which
+//! generation to stop, when to SIGKILL, when to restart and with what backoff, when to give up,
+//! and the exit code. It must not make a syscall, read the clock or touch a file: the event loop
+//! turns syscalls into events and actions back into syscalls, so every rule here is unit-tested
+//! as a table of events and expected actions.
+
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use crate::exit::{ChildStatus, ExitCode};
+use crate::notify::NotifyMessage;
+
+/// First delay before restarting a child that exited by itself.
+pub const BACKOFF_START: Duration = Duration::from_millis(100);
+/// The backoff doubles up to this delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A child that served this long before it crashed resets the backoff to its start.
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// This many starts in a row that never became ready, with nothing serving, end sockhold.
+pub const START_LIMIT: u32 = 5;
+
+/// How a new generation proves it is ready.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadyMode {
+    /// sd_notify `READY=1` on the generation's private notify socket.
+    Notify,
+    /// Alive for this long.
+    Delay(Duration),
+}
+
+/// Whose notify messages count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum NotifyAccess {
+    /// Only the generation's main process.
+    Main,
+    /// Any process in the generation's process group.
+    Group,
+    /// Any process that can reach the socket.
+    All,
+}
+
+/// What to do when the serving child exits by itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RestartPolicy {
+    /// Restart unless it exited with status 0.
+    OnFailure,
+    /// Always restart.
+    Always,
+    /// Never restart: sockhold ends with the child's status.
+    Never,
+}
+
+/// The part of the configuration the decisions depend on.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// How readiness is proven.
+    pub ready: ReadyMode,
+    /// How long a new generation has to become ready.
+    pub ready_timeout: Duration,
+    /// The signal that asks a child to stop.
+    pub stop_signal: Signal,
+    /// How long a stopping child has before its process group is SIGKILLed.
+    pub stop_timeout: Duration,
+    /// What to do when the serving child exits by itself.
+    pub restart: RestartPolicy,
+    /// Whose notify messages count.
+    pub notify_access: NotifyAccess,
+}
+
+/// Something that happened, as the event loop saw it.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// sockhold has bound its sockets and starts supervising.
+    Start,
+    /// A reload was asked for (SIGHUP).
+    Reload,
+    /// A stop was asked for (SIGTERM, SIGINT).
+    Stop(Signal),
+    /// A signal to pass on to the serving child.
+    Forward(Signal),
+    /// A generation's process was started.
+    Spawned { generation: u64, pid: Pid },
+    /// A generation's process could not be started (command not found, not executable, ...).
+    SpawnFailed { generation: u64, error: String, code: ExitCode },
+    /// A child process ended and was reaped.
+    Exited { pid: Pid, status: ChildStatus },
+    /// A datagram arrived on a generation's notify socket.
+    Notify {
+        generation: u64,
+        /// The sender's pid, from `SCM_CREDENTIALS`.
+        sender: Pid,
+        /// The sender's process group, if it could be read.
+        sender_pgid: Option<Pid>,
+        message: NotifyMessage,
+    },
+    /// Time passed; deadlines that are due fire on every step, this event only wakes them.
+    Timer,
+}
+
+/// Messages for sockhold's own service manager (when sockhold has `NOTIFY_SOCKET`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ManagerMessage {
+    /// `READY=1` and a status line.
+    Ready(String),
+    /// `RELOADING=1`, `MONOTONIC_USEC=` and a status line.
+    Reloading(String),
+    /// `STOPPING=1` and a status line.
+    Stopping(String),
+    /// Only a status line.
+    Status(String),
+}
+
+/// Something for the event loop to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Start the process of a new generation; answer with `Spawned` or `SpawnFailed`.
+    Spawn { generation: u64 },
+    /// Send a signal to a generation's main process.
+    Signal { pid: Pid, signal: Signal },
+    /// Send a signal to a generation's whole process group.
+    SignalGroup { pgid: Pid, signal: Signal },
+    /// A generation is gone: release what the loop holds for it (its notify socket).
+    Release { generation: u64 },
+    /// Tell sockhold's own service manager.
+    Manager(ManagerMessage),
+    /// A requested reload ended: the generation that now serves, or why it failed.
+    ReloadDone(Result<u64, String>),
+    /// Exit sockhold with this code.
+    Exit(ExitCode),
+}
+
+/// Why a generation was started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Purpose {
+    Initial,
+    Reload,
+    Restart,
+}
+
+/// Where a generation is in its life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum GenState {
+    /// Asked for, not yet forked (only between an `Action::Spawn` and its answer).
+    Spawning,
+    /// Running, not yet ready.
+    Starting { since: Instant, ready_deadline: Instant, ready_at: Option<Instant> },
+    /// Ready: the generation that serves.
+    Serving { since: Instant },
+    /// Asked to stop; SIGKILL at the deadline.
+    Stopping { kill_at: Instant, signal: Signal },
+    /// SIGKILLed; waiting to reap it.
+    Killed,
+}
+
+/// One generation: a child process started on the held sockets.
+#[derive(Clone, Debug)]
+struct Generation {
+    id: u64,
+    pid: Option<Pid>,
+    purpose: Purpose,
+    state: GenState,
+    /// The last `STATUS=` it sent.
+    status_text: Option<String>,
+}
+
+/// Whether sockhold is serving or on its way out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Running,
+    /// Stopping every child; exit with `code` when none is left, or with the status of
+    /// generation `final_generation` if that one ends uncleanly.
+    ShuttingDown { code: ExitCode, final_generation: Option<u64> },
+}
+
+/// The supervisor's whole state.
+#[derive(Debug)]
+pub struct Supervisor {
+    policy: Policy,
+    mode: Mode,
+    generations: Vec<Generation>,
+    next_id: u64,
+    /// A reload asked for while another was in progress.
+    reload_pending: bool,
+    /// When to start a new generation after a crash or failed start.
+    restart_at: Option<Instant>,
+    backoff: Duration,
+    failed_starts: u32,
+}
+
+impl Supervisor {
+    /// A supervisor with nothing running yet; feed it [`Event::Start`].
+    pub fn new(policy: Policy) -> Self {
+        Supervisor {
+            policy,
+            mode: Mode::Running,
+            generations: Vec::new(),
+            next_id: 1,
+            reload_pending: false,
+            restart_at: None,
+            backoff: BACKOFF_START,
+            failed_starts: 0,
+        }
+    }
+
+    /// The earliest deadline the event loop must wake up for, if any.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let generation_deadlines = self.generations.iter().filter_map(|g| match g.state {
+            GenState::Starting { ready_deadline, ready_at, .. } => {
+                Some(ready_at.map_or(ready_deadline, |at| at.min(ready_deadline)))
+            }
+            GenState::Stopping { kill_at, .. } => Some(kill_at),
+            _ => None,
+        });
+        generation_deadlines.chain(self.restart_at).min()
+    }
+
+    /// Every live process, by generation: `(generation, pid)`.
+    pub fn live_pids(&self) -> Vec<(u64, Pid)> {
+        self.generations.iter().filter_map(|g| g.pid.map(|p| (g.id, p))).collect()
+    }
+
+    /// Handles one event at time `now` and returns what to do, in order.
+    pub fn step(&mut self, event: Event, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.handle(event, now, &mut out);
+        self.fire_deadlines(now, &mut out);
+        out
+    }
+
+    fn serving(&self) -> Option<&Generation> {
+        self.generations.iter().find(|g| matches!(g.state, GenState::Serving { .. }))
+    }
+
+    fn starting(&self) -> Option<&Generation> {
+        self.generations
+            .iter()
+            .find(|g| matches!(g.state, GenState::Spawning | GenState::Starting { .. }))
+    }
+
+    fn index_of(&self, id: u64) -> Option<usize> {
+        self.generations.iter().position(|g| g.id == id)
+    }
+
+    fn handle(&mut self, event: Event, now: Instant, out: &mut Vec<Action>) {
+        match event {
+            Event::Start => self.start_generation(Purpose::Initial, out),
+            Event::Reload => self.reload(out),
+            Event::Stop(signal) => {
+                self.shut_down(ExitCode::SUCCESS, &format!("received SIG{}", signal_name(signal)), now, out)
+            }
+            Event::Forward(signal) => match self.serving() {
+                Some(g) => {
+                    let pid = g.pid.expect("a serving generation has a pid");
+                    info!("forwarding SIG{} to generation {} (pid {pid})", signal_name(signal), g.id);
+                    out.push(Action::Signal { pid, signal });
+                }
+                None => warn!("no serving child to forward SIG{} to; dropped", signal_name(signal)),
+            },
+            Event::Spawned { generation, pid } => self.spawned(generation, pid, now, out),
+            Event::SpawnFailed { generation, error, code } => {
+                let Some(i) = self.index_of(generation) else { return };
+                let g = self.generations.remove(i);
+                error!("generation {generation} could not be started: {error}");
+                if g.purpose == Purpose::Initial {
+                    // The command itself is wrong: nothing to retry, say so and exit 126/127.
+                    self.shut_down(code, "the command could not be started", now, out);
+                } else {
+                    self.start_failed(g.purpose, error, None, code, now, out);
+                }
+            }
+            Event::Exited { pid, status } => self.exited(pid, status, now, out),
+            Event::Notify { generation, sender, sender_pgid, message } => {
+                self.notified(generation, sender, sender_pgid, message, now, out)
+            }
+            Event::Timer => {}
+        }
+    }
+
+    fn start_generation(&mut self, purpose: Purpose, out: &mut Vec<Action>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.restart_at = None;
+        match purpose {
+            Purpose::Initial => info!("starting generation {id}"),
+            Purpose::Reload => {
+                info!("reload: starting generation {id}");
+                out.push(Action::Manager(ManagerMessage::Reloading(format!(
+                    "reloading: starting generation {id}"
+                ))));
+            }
+            Purpose::Restart => info!("restarting: starting generation {id}"),
+        }
+        self.generations.push(Generation {
+            id,
+            pid: None,
+            purpose,
+            state: GenState::Spawning,
+            status_text: None,
+        });
+        out.push(Action::Spawn { generation: id });
+    }
+
+    fn reload(&mut self, out: &mut Vec<Action>) {
+        if self.mode != Mode::Running {
+            info!("reload requested while stopping; ignored");
+            out.push(Action::ReloadDone(Err("sockhold is stopping".into())));
+        } else if let Some(g) = self.starting() {
+            if !self.reload_pending {
+                info!("reload requested while generation {} is starting; one more reload will follow", g.id);
+            }
+            self.reload_pending = true;
+        } else {
+            self.start_generation(Purpose::Reload, out);
+        }
+    }
+
+    fn spawned(&mut self, id: u64, pid: Pid, now: Instant, out: &mut Vec<Action>) {
+        let Some(i) = self.index_of(id) else { return };
+        let ready_at = match self.policy.ready {
+            ReadyMode::Notify => None,
+            ReadyMode::Delay(d) => Some(now + d),
+        };
+        let g = &mut self.generations[i];
+        g.pid = Some(pid);
+        g.state = GenState::Starting { since: now, ready_deadline: now + self.policy.ready_timeout, ready_at };
+        info!("generation {id} started (pid {pid})");
+        if let Mode::ShuttingDown { .. } = self.mode {
+            // A stop arrived between the decision to spawn and the fork: stop it too.
+            self.stop_generation(i, self.policy.stop_signal, now, out);
+        }
+    }
+
+    fn notified(
+        &mut self,
+        id: u64,
+        sender: Pid,
+        sender_pgid: Option<Pid>,
+        message: NotifyMessage,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(i) = self.index_of(id) else { return };
+        let g = &mut self.generations[i];
+        let Some(pid) = g.pid else { return };
+        let allowed = match self.policy.notify_access {
+            NotifyAccess::Main => sender == pid,
+            NotifyAccess::Group => sender == pid || sender_pgid == Some(pid),
+            NotifyAccess::All => true,
+        };
+        if !allowed {
+            warn!(
+                "generation {id}: ignoring notify message from pid {sender}, which --notify-access {} does not allow",
+                match self.policy.notify_access {
+                    NotifyAccess::Main => "main",
+                    NotifyAccess::Group => "group",
+                    NotifyAccess::All => "all",
+                }
+            );
+            return;
+        }
+        if let Some(text) = &message.status {
+            info!("generation {id} (pid {pid}): status: {text}");
+            g.status_text = Some(text.clone());
+            if matches!(g.state, GenState::Serving { .. }) {
+                out.push(Action::Manager(ManagerMessage::Status(format!("generation {id}: {text}"))));
+            }
+        }
+        if message.ready {
+            if !matches!(g.state, GenState::Starting { .. }) {
+                debug!("generation {id} (pid {pid}) sent READY=1 again; nothing to do");
+            } else if self.policy.ready != ReadyMode::Notify {
+                debug!("generation {id} sent READY=1, but --ready is not notify; waiting for the delay");
+            } else if self.mode == Mode::Running {
+                self.promote(i, now, out);
+            }
+        }
+    }
+
+    /// Generation `i` is ready: it serves, the one before it stops.
+    fn promote(&mut self, i: usize, now: Instant, out: &mut Vec<Action>) {
+        let g = &mut self.generations[i];
+        let (id, pid, purpose) = (g.id, g.pid.expect("a starting generation has a pid"), g.purpose);
+        g.state = GenState::Serving { since: now };
+        self.failed_starts = 0;
+        let old = self.generations.iter().position(|g| matches!(g.state, GenState::Serving { .. }) && g.id != id);
+        match old {
+            Some(j) => {
+                let old_id = self.generations[j].id;
+                info!("generation {id} (pid {pid}) is ready; stopping generation {old_id}");
+                self.stop_generation(j, self.policy.stop_signal, now, out);
+            }
+            None => info!("generation {id} (pid {pid}) is ready"),
+        }
+        if purpose == Purpose::Reload {
+            out.push(Action::ReloadDone(Ok(id)));
+        }
+        let status = match &self.generations.iter().find(|g| g.id == id).and_then(|g| g.status_text.clone()) {
+            Some(text) => format!("serving: generation {id} (pid {pid}): {text}"),
+            None => format!("serving: generation {id} (pid {pid})"),
+        };
+        out.push(Action::Manager(ManagerMessage::Ready(status)));
+        self.follow_pending_reload(out);
+    }
+
+    fn follow_pending_reload(&mut self, out: &mut Vec<Action>) {
+        if self.reload_pending && self.mode == Mode::Running && self.starting().is_none() {
+            self.reload_pending = false;
+            info!("starting the reload that was requested during the last one");
+            self.start_generation(Purpose::Reload, out);
+        }
+    }
+
+    /// Sends the stop signal to generation `i` and arms its SIGKILL deadline.
+    fn stop_generation(&mut self, i: usize, signal: Signal, now: Instant, out: &mut Vec<Action>) {
+        let g = &mut self.generations[i];
+        let Some(pid) = g.pid else { return };
+        match g.state {
+            GenState::Stopping { .. } | GenState::Killed => return,
+            _ => {}
+        }
+        out.push(Action::Signal { pid, signal });
+        g.state = GenState::Stopping { kill_at: now + self.policy.stop_timeout, signal };
+    }
+
+    /// A start attempt (`purpose`) failed before the generation was ready. `status` is the
+    /// child's own exit status if it exited; `code` is what sockhold exits with if it gives up.
+    fn start_failed(
+        &mut self,
+        purpose: Purpose,
+        reason: String,
+        status: Option<ChildStatus>,
+        code: ExitCode,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        if purpose == Purpose::Reload {
+            out.push(Action::ReloadDone(Err(reason.clone())));
+        }
+        if self.mode != Mode::Running {
+            return;
+        }
+        if let Some(serving) = self.serving() {
+            warn!("reload failed: {reason}; generation {} keeps serving", serving.id);
+            out.push(Action::Manager(ManagerMessage::Ready(format!(
+                "serving: generation {}; last reload failed: {reason}",
+                serving.id
+            ))));
+            self.follow_pending_reload(out);
+            return;
+        }
+        // Nothing serves: the restart policy applies to this exit as to a crash.
+        if let Some(code) = status.and_then(|s| self.ends_service(s)) {
+            self.shut_down(code, "the child exited and is not to be restarted", now, out);
+            return;
+        }
+        self.failed_starts += 1;
+        if self.failed_starts >= START_LIMIT {
+            error!("giving up after {} failed starts in a row; last: {reason}", self.failed_starts);
+            self.shut_down(code, "too many failed starts", now, out);
+            return;
+        }
+        if self.reload_pending {
+            // Someone asked for a new version since this one started: try it now.
+            self.reload_pending = false;
+            self.start_generation(Purpose::Reload, out);
+            return;
+        }
+        self.schedule_restart(now, out);
+    }
+
+    fn schedule_restart(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let delay = self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.restart_at = Some(now + delay);
+        info!("restarting in {}", humantime::format_duration(delay));
+        out.push(Action::Manager(ManagerMessage::Status(format!(
+            "no child serving; restarting in {}",
+            humantime::format_duration(delay)
+        ))));
+    }
+
+    fn exited(&mut self, pid: Pid, status: ChildStatus, now: Instant, out: &mut Vec<Action>) {
+        let Some(i) = self.generations.iter().position(|g| g.pid == Some(pid)) else {
+            debug!("reaped pid {pid}, which is no generation's main process: {status}");
+            return;
+        };
+        let g = self.generations.remove(i);
+        out.push(Action::Release { generation: g.id });
+        let id = g.id;
+        match g.state {
+            GenState::Spawning => {}
+            GenState::Starting { .. } => {
+                let reason = format!("generation {id} (pid {pid}) exited before it was ready: {status}");
+                warn!("{reason}");
+                self.start_failed(g.purpose, reason, Some(status), status.exit_code(), now, out);
+            }
+            GenState::Serving { since } => {
+                warn!("generation {id} (pid {pid}) exited by itself: {status}");
+                if self.mode != Mode::Running {
+                } else if let Some(next) = self.starting() {
+                    info!("generation {} is starting and will take over", next.id);
+                } else if let Some(code) = self.ends_service(status) {
+                    self.shut_down(code, "the child exited and is not to be restarted", now, out);
+                } else {
+                    if now.duration_since(since) >= STABLE_AFTER {
+                        self.backoff = BACKOFF_START;
+                    }
+                    self.schedule_restart(now, out);
+                }
+            }
+            GenState::Stopping { signal, .. } => {
+                info!("generation {id} (pid {pid}) stopped: {status}");
+                self.record_final_status(id, status, Some(signal));
+            }
+            GenState::Killed => {
+                info!("generation {id} (pid {pid}) was killed: {status}");
+                self.record_final_status(id, status, None);
+            }
+        }
+        self.exit_if_done(out);
+    }
+
+    /// Whether the serving child's own exit ends sockhold under the restart policy, and how.
+    fn ends_service(&self, status: ChildStatus) -> Option<ExitCode> {
+        match self.policy.restart {
+            RestartPolicy::Never => {
+                info!("--restart never: sockhold ends with the child's status");
+                Some(status.exit_code())
+            }
+            RestartPolicy::OnFailure if status.success() => {
+                info!("the child exited with status 0 and --restart is on-failure: sockhold ends");
+                Some(ExitCode::SUCCESS)
+            }
+            _ => None,
+        }
+    }
+
+    /// At shutdown, the generation that served decides the exit code: 0 if it exited 0 or died of
+    /// the stop signal it was sent, else its own status.
+    fn record_final_status(&mut self, id: u64, status: ChildStatus, stop_signal: Option<Signal>) {
+        if let Mode::ShuttingDown { final_generation: Some(f), .. } = self.mode
+            && f == id
+        {
+            let clean = status.success() || (stop_signal.is_some() && status.signal() == stop_signal);
+            let code = if clean { ExitCode::SUCCESS } else { status.exit_code() };
+            self.mode = Mode::ShuttingDown { code, final_generation: None };
+        }
+    }
+
+    /// Stops every child; exits with `code` once all are gone.
+    fn shut_down(&mut self, code: ExitCode, why: &str, now: Instant, out: &mut Vec<Action>) {
+        if let Mode::ShuttingDown { .. } = self.mode {
+            info!("already stopping");
+            return;
+        }
+        let final_generation = self.serving().or(self.starting()).map(|g| g.id);
+        self.mode = Mode::ShuttingDown { code, final_generation };
+        self.restart_at = None;
+        if self.reload_pending || self.starting().is_some_and(|g| g.purpose == Purpose::Reload) {
+            out.push(Action::ReloadDone(Err("sockhold is stopping".into())));
+        }
+        self.reload_pending = false;
+        info!("stopping ({why}): sending SIG{} to every child", signal_name(self.policy.stop_signal));
+        out.push(Action::Manager(ManagerMessage::Stopping("stopping".into())));
+        for i in 0..self.generations.len() {
+            self.stop_generation(i, self.policy.stop_signal, now, out);
+        }
+        self.exit_if_done(out);
+    }
+
+    fn exit_if_done(&mut self, out: &mut Vec<Action>) {
+        if let Mode::ShuttingDown { code, .. } = self.mode
+            && self.generations.is_empty()
+        {
+            out.push(Action::Exit(code));
+        }
+    }
+
+    fn fire_deadlines(&mut self, now: Instant, out: &mut Vec<Action>) {
+        for i in 0..self.generations.len() {
+            let g = &self.generations[i];
+            let (id, Some(pid)) = (g.id, g.pid) else { continue };
+            match g.state {
+                GenState::Starting { ready_at: Some(at), .. } if at <= now && self.mode == Mode::Running => {
+                    self.promote(i, now, out);
+                }
+                GenState::Starting { since, ready_deadline, .. } if ready_deadline <= now => {
+                    let waited = humantime::format_duration(ready_deadline.duration_since(since));
+                    let reason = format!("generation {id} (pid {pid}) was not ready within {waited}");
+                    warn!("{reason}; killing its process group");
+                    let purpose = g.purpose;
+                    self.generations[i].state = GenState::Killed;
+                    out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
+                    self.start_failed(purpose, reason, None, ExitCode::FAILURE, now, out);
+                }
+                GenState::Stopping { kill_at, .. } if kill_at <= now => {
+                    warn!(
+                        "generation {id} (pid {pid}) did not stop within {}; sending SIGKILL to its process group",
+                        humantime::format_duration(self.policy.stop_timeout)
+                    );
+                    self.generations[i].state = GenState::Killed;
+                    out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
+                }
+                _ => {}
+            }
+        }
+        if let Some(at) = self.restart_at
+            && at <= now
+            && self.mode == Mode::Running
+        {
+            self.start_generation(Purpose::Restart, out);
+        }
+    }
+}
+
+/// `TERM` for `SIGTERM`: the name without its prefix, as operators write it.
+pub fn signal_name(signal: Signal) -> &'static str {
+    let name = signal.as_str();
+    name.strip_prefix("SIG").unwrap_or(name)
+}
