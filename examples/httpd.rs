@@ -60,7 +60,11 @@ mod inherited {
         };
         take("LISTEN_FDNAMES"); // every socket is served alike: names don't matter
         let (listen_fds, listen_pid) = (take("LISTEN_FDS"), take("LISTEN_PID"));
-        super::Activation { listen_fds, listen_pid, notify_socket: take("NOTIFY_SOCKET") }
+        super::Activation {
+            listen_fds,
+            listen_pid,
+            notify_socket: take("NOTIFY_SOCKET"),
+        }
     }
 
     /// Takes ownership of fds 3..3+count (once; a second call panics).
@@ -228,14 +232,21 @@ fn listeners_from_env(activation: &Activation, pid: u32) -> Result<Vec<Listener>
 /// Sends one datagram to `$NOTIFY_SOCKET`, like sd_notify(3). Failure is
 /// logged, not fatal: serving matters more than telling the supervisor.
 fn notify(activation: &Activation, message: &str) {
-    let Some(path) = &activation.notify_socket else { return };
+    let Some(path) = &activation.notify_socket else {
+        return;
+    };
     let send = || -> nix::Result<usize> {
         let addr = match path.as_bytes().strip_prefix(b"@") {
             Some(name) => UnixAddr::new_abstract(name)?,
             None => UnixAddr::new(path.as_os_str())?,
         };
         let sock = socket::socket(Af::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
-        socket::sendto(sock.as_raw_fd(), message.as_bytes(), &addr, MsgFlags::empty())
+        socket::sendto(
+            sock.as_raw_fd(),
+            message.as_bytes(),
+            &addr,
+            MsgFlags::empty(),
+        )
     };
     if let Err(e) = send() {
         eprintln!("httpd[{}]: cannot notify {path:?}: {e}", process::id());
@@ -244,11 +255,19 @@ fn notify(activation: &Activation, message: &str) {
 
 /// Polls `fd` and the stop pipe; returns which of the two have events.
 fn poll_with_stop(server: &Server, fd: BorrowedFd, timeout: PollTimeout) -> (bool, bool) {
-    let mut fds = [PollFd::new(fd, PollFlags::POLLIN), PollFd::new(server.stop.as_fd(), PollFlags::POLLIN)];
+    let mut fds = [
+        PollFd::new(fd, PollFlags::POLLIN),
+        PollFd::new(server.stop.as_fd(), PollFlags::POLLIN),
+    ];
     match poll(&mut fds, timeout) {
         Ok(_) => {}
-        Err(Errno::EINTR) => return (false, false),
-        Err(e) => panic!("poll: {e}"), // EINVAL, ENOMEM: nothing sensible to do
+        // A signal landed on this thread; the main thread deals with it.
+        Err(Errno::EINTR) => return poll_with_stop(server, fd, timeout),
+        Err(e) => {
+            // ENOMEM and the like: nothing sensible to do but leave as if stopped.
+            eprintln!("httpd[{}]: poll: {e}", server.pid);
+            return (false, true);
+        }
     }
     let fired = |p: &PollFd| p.revents().is_some_and(|r| !r.is_empty());
     (fired(&fds[0]), fired(&fds[1]))
@@ -265,7 +284,10 @@ fn accept_loop(server: &Arc<Server>, listener: Listener) {
         // The listener may be blocking (O_NONBLOCK is shared, so we leave it
         // alone): if another process takes this connection first, accept waits
         // for the next one, which we then serve even if we are stopping.
-        if readable && let Err(e) = listener.accept_and_serve(server) {
+        if !readable {
+            continue;
+        }
+        if let Err(e) = listener.accept_and_serve(server) {
             // E.g. EMFILE: back off instead of spinning on a readable listener.
             eprintln!("httpd[{}]: accept: {e}", server.pid);
             thread::sleep(Duration::from_millis(100));
@@ -299,11 +321,11 @@ fn serve<S: Read + Write + AsFd>(server: &Server, conn: S) {
     let _ = set_timeouts(&conn, IDLE_SECS);
     let mut reader = BufReader::new(conn);
     let idle = PollTimeout::try_from(Duration::from_secs(IDLE_SECS as u64)).unwrap();
-    for first in std::iter::once(true).chain(std::iter::repeat(false)) {
+    for served in 0u64.. {
         // The first request is always awaited, even when stopping: an accepted
         // connection is never dropped. Between requests, a stop closes it
         // unless the client's next request has begun to arrive.
-        if !first && reader.buffer().is_empty() {
+        if served > 0 && reader.buffer().is_empty() {
             let (readable, _) = poll_with_stop(server, reader.get_ref().as_fd(), idle);
             if !readable {
                 return;
@@ -332,7 +354,11 @@ fn read_head(reader: &mut impl BufRead) -> Result<Option<Vec<String>>, HeadError
             return Err(HeadError::TooLarge);
         }
         let Some(line) = line.strip_suffix(b"\n") else {
-            return if used == 0 { Ok(None) } else { Err(HeadError::Malformed) };
+            return if used == 0 {
+                Ok(None)
+            } else {
+                Err(HeadError::Malformed)
+            };
         };
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         match (line.is_empty(), lines.is_empty()) {
@@ -371,7 +397,13 @@ fn parse_request(lines: &[String]) -> Result<Request, u16> {
         return Err(400);
     }
     let head_only = method == "HEAD";
-    let mut req = Request { http10, head_only, body_length: 0, keep_alive: !http10, expect_continue: false };
+    let mut req = Request {
+        http10,
+        head_only,
+        body_length: 0,
+        keep_alive: !http10,
+        expect_continue: false,
+    };
     let (mut has_host, mut length) = (false, None);
     for line in &lines[1..] {
         let (name, value) = line.split_once(':').ok_or(400u16)?;
@@ -412,7 +444,10 @@ fn parse_request(lines: &[String]) -> Result<Request, u16> {
 }
 
 /// Reads and answers one request. `Ok(true)`: keep the connection open.
-fn handle_request<S: Read + Write + AsFd>(server: &Server, reader: &mut BufReader<S>) -> io::Result<bool> {
+fn handle_request<S: Read + Write + AsFd>(
+    server: &Server,
+    reader: &mut BufReader<S>,
+) -> io::Result<bool> {
     let parsed = match read_head(reader) {
         Ok(None) | Err(HeadError::Io) => return Ok(false),
         Err(HeadError::TooLarge) => Err(431),
@@ -422,7 +457,13 @@ fn handle_request<S: Read + Write + AsFd>(server: &Server, reader: &mut BufReade
     let req = match parsed {
         Ok(req) => req,
         Err(code) => {
-            respond(server, reader.get_mut(), code, "Connection: close\r\n", false)?;
+            respond(
+                server,
+                reader.get_mut(),
+                code,
+                "Connection: close\r\n",
+                false,
+            )?;
             // Closing with unread input makes the kernel send a reset, which
             // can destroy the response before the client reads it: half-close,
             // and read (a bounded amount of) what the client is still sending.
@@ -435,7 +476,9 @@ fn handle_request<S: Read + Write + AsFd>(server: &Server, reader: &mut BufReade
         }
     };
     if req.expect_continue && req.body_length > 0 && !req.http10 {
-        reader.get_mut().write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        reader
+            .get_mut()
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
     }
     if io::copy(&mut reader.take(req.body_length), &mut io::sink())? < req.body_length {
         return Ok(false); // the client went away mid-body
@@ -452,14 +495,32 @@ fn handle_request<S: Read + Write + AsFd>(server: &Server, reader: &mut BufReade
     Ok(keep_alive)
 }
 
-fn respond(server: &Server, conn: &mut impl Write, code: u16, connection: &str, head_only: bool) -> io::Result<()> {
+fn respond(
+    server: &Server,
+    conn: &mut impl Write,
+    code: u16,
+    connection: &str,
+    head_only: bool,
+) -> io::Result<()> {
     let (pid, generation) = (server.pid, &server.generation);
     let (reason, body) = match code {
-        200 => ("OK", format!("hello from pid {pid} (generation {generation})\n")),
+        200 => (
+            "OK",
+            format!("hello from pid {pid} (generation {generation})\n"),
+        ),
         400 => ("Bad Request", "bad request\n".into()),
-        431 => ("Request Header Fields Too Large", "request head too large\n".into()),
-        501 => ("Not Implemented", "transfer-encoding is not supported\n".into()),
-        _ => ("HTTP Version Not Supported", "HTTP version not supported\n".into()),
+        431 => (
+            "Request Header Fields Too Large",
+            "request head too large\n".into(),
+        ),
+        501 => (
+            "Not Implemented",
+            "transfer-encoding is not supported\n".into(),
+        ),
+        _ => (
+            "HTTP Version Not Supported",
+            "HTTP version not supported\n".into(),
+        ),
     };
     let mut response = format!(
         "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\

@@ -80,7 +80,12 @@ pub struct Cli {
     pub quiet: u8,
 
     /// The server to run, and its arguments.
-    #[arg(value_name = "COMMAND", required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    #[arg(
+        value_name = "COMMAND",
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
     pub command: Vec<OsString>,
 }
 
@@ -113,7 +118,10 @@ impl Cli {
             }
             None => {
                 let program = PathBuf::from(&self.command[0]);
-                let base = program.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
+                let base = program
+                    .file_name()
+                    .map(|b| b.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 sanitize_fd_name(&base)
             }
         };
@@ -143,17 +151,24 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if let Ok(secs) = text.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    humantime::parse_duration(text).map_err(|e| format!("'{text}' is not a duration ({e}); use e.g. 500ms, 2s, 1m30s"))
+    humantime::parse_duration(text)
+        .map_err(|e| format!("'{text}' is not a duration ({e}); use e.g. 500ms, 2s, 1m30s"))
 }
 
 /// Parses `TERM`, `SIGTERM`, `term` or `15`.
 pub fn parse_signal(text: &str) -> Result<Signal, String> {
-    let bad = || format!("'{text}' is not a signal; use a name like TERM or SIGTERM, or a number like 15");
+    let bad = || {
+        format!("'{text}' is not a signal; use a name like TERM or SIGTERM, or a number like 15")
+    };
     if let Ok(number) = text.parse::<i32>() {
         return Signal::try_from(number).map_err(|_| bad());
     }
     let upper = text.to_ascii_uppercase();
-    let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
     name.parse::<Signal>().map_err(|_| bad())
 }
 
@@ -162,8 +177,12 @@ pub fn parse_ready(text: &str) -> Result<ReadyMode, String> {
     match text.split_once(':') {
         None if text == "notify" => Ok(ReadyMode::Notify),
         Some(("delay", dur)) => parse_duration(dur).map(ReadyMode::Delay),
-        Some((mode @ ("http" | "exec"), _)) => Err(format!("ready mode '{mode}:' is not supported yet; use notify or delay:DUR")),
-        _ => Err(format!("'{text}' is not a ready mode; use notify or delay:DUR")),
+        Some((mode @ ("http" | "exec"), _)) => Err(format!(
+            "ready mode '{mode}:' is not supported yet; use notify or delay:DUR"
+        )),
+        _ => Err(format!(
+            "'{text}' is not a ready mode; use notify or delay:DUR"
+        )),
     }
 }
 
@@ -205,16 +224,34 @@ mod tests {
             assert_eq!(parse_signal(text), Ok(want), "{text}");
         }
         for bad in ["", "NOPE", "0", "999", "SIG"] {
-            assert!(parse_signal(bad).unwrap_err().contains("is not a signal"), "{bad}");
+            assert!(
+                parse_signal(bad).unwrap_err().contains("is not a signal"),
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn ready_modes() {
         assert_eq!(parse_ready("notify"), Ok(ReadyMode::Notify));
-        assert_eq!(parse_ready("delay:250ms"), Ok(ReadyMode::Delay(Duration::from_millis(250))));
-        assert!(parse_ready("delay:x").unwrap_err().contains("'x' is not a duration"));
-        assert!(parse_ready("http:/health").unwrap_err().contains("not supported yet"));
-        assert!(parse_ready("sleep").unwrap_err().contains("'sleep' is not a ready mode"));
+        assert_eq!(
+            parse_ready("delay:250ms"),
+            Ok(ReadyMode::Delay(Duration::from_millis(250)))
+        );
+        assert!(
+            parse_ready("delay:x")
+                .unwrap_err()
+                .contains("'x' is not a duration")
+        );
+        assert!(
+            parse_ready("http:/health")
+                .unwrap_err()
+                .contains("not supported yet")
+        );
+        assert!(
+            parse_ready("sleep")
+                .unwrap_err()
+                .contains("'sleep' is not a ready mode")
+        );
     }
 }

@@ -71,7 +71,12 @@ impl EventLoop {
                     return Err(e);
                 }
             };
-            info!("listening on {} (fd {}, name {})", listener.local_description(), 3 + listeners.len(), listener.name());
+            info!(
+                "listening on {} (fd {}, name {})",
+                listener.local_description(),
+                3 + listeners.len(),
+                listener.name()
+            );
             listeners.push(listener);
         }
         let signals = Signals::install()?;
@@ -143,14 +148,22 @@ impl EventLoop {
             let ids: Vec<u64> = self.notify.keys().copied().collect();
             let mut fds = Vec::with_capacity(1 + ids.len());
             fds.push(PollFd::new(self.signals.fd(), PollFlags::POLLIN));
-            fds.extend(self.notify.values().map(|s| PollFd::new(s.fd(), PollFlags::POLLIN)));
+            fds.extend(
+                self.notify
+                    .values()
+                    .map(|s| PollFd::new(s.fd(), PollFlags::POLLIN)),
+            );
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => return Err(e).context("poll failed"),
             }
             let readable = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-            let notify_ready: Vec<u64> =
-                ids.iter().zip(&fds[1..]).filter(|(_, fd)| readable(fd)).map(|(id, _)| *id).collect();
+            let notify_ready: Vec<u64> = ids
+                .iter()
+                .zip(&fds[1..])
+                .filter(|(_, fd)| readable(fd))
+                .map(|(id, _)| *id)
+                .collect();
             (readable(&fds[0]), notify_ready)
         };
         let before = pending.len();
@@ -160,14 +173,18 @@ impl EventLoop {
                     Signal::SIGCHLD => self.reap(pending),
                     Signal::SIGHUP => pending.push_back(Event::Reload),
                     Signal::SIGTERM | Signal::SIGINT => pending.push_back(Event::Stop(signal)),
-                    Signal::SIGUSR2 => warn!("received SIGUSR2: self-upgrade is not supported yet; ignored"),
+                    Signal::SIGUSR2 => {
+                        warn!("received SIGUSR2: self-upgrade is not supported yet; ignored")
+                    }
                     s if FORWARDED.contains(&s) => pending.push_back(Event::Forward(s)),
                     s => debug!("ignoring SIG{}", signal_name(s)),
                 }
             }
         }
         for generation in notify_ready {
-            let Some(socket) = self.notify.get(&generation) else { continue };
+            let Some(socket) = self.notify.get(&generation) else {
+                continue;
+            };
             for received in socket.receive_all() {
                 pending.push_back(Event::Notify {
                     generation,
@@ -187,9 +204,17 @@ impl EventLoop {
     /// forked) go with it: its process group is SIGKILLed while the leader is still a zombie, so
     /// the group id cannot have been reused by an unrelated process.
     fn reap(&mut self, pending: &mut VecDeque<Event>) {
-        let leaders: Vec<Pid> = self.supervisor.live_pids().into_iter().map(|(_, pid)| pid).collect();
+        let leaders: Vec<Pid> = self
+            .supervisor
+            .live_pids()
+            .into_iter()
+            .map(|(_, pid)| pid)
+            .collect();
         loop {
-            let peek = waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT);
+            let peek = waitid(
+                Id::All,
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+            );
             let pid = match peek {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
                 Ok(status) => match status.pid() {
@@ -235,12 +260,18 @@ impl EventLoop {
                 debug!("sending SIG{} to pid {pid}", signal_name(signal));
                 match kill(pid, signal) {
                     Ok(()) | Err(Errno::ESRCH) => {}
-                    Err(e) => warn!("failed to send SIG{} to pid {pid}: {e}", signal_name(signal)),
+                    Err(e) => warn!(
+                        "failed to send SIG{} to pid {pid}: {e}",
+                        signal_name(signal)
+                    ),
                 }
             }
             Action::SignalGroup { pgid, signal } => match killpg(pgid, signal) {
                 Ok(()) | Err(Errno::ESRCH) => {}
-                Err(e) => warn!("failed to send SIG{} to process group {pgid}: {e}", signal_name(signal)),
+                Err(e) => warn!(
+                    "failed to send SIG{} to process group {pgid}: {e}",
+                    signal_name(signal)
+                ),
             },
             Action::Release { generation } => {
                 self.notify.remove(&generation);
@@ -264,7 +295,11 @@ impl EventLoop {
         let socket = match NotifySocket::bind(&socket_path) {
             Ok(s) => s,
             Err(e) => {
-                return Event::SpawnFailed { generation, error: format!("{e:#}"), code: ExitCode::FAILURE };
+                return Event::SpawnFailed {
+                    generation,
+                    error: format!("{e:#}"),
+                    code: ExitCode::FAILURE,
+                };
             }
         };
         // O_NONBLOCK lives on the open file description, shared with every generation: a
@@ -281,7 +316,11 @@ impl EventLoop {
                 self.notify.insert(generation, socket);
                 Event::Spawned { generation, pid }
             }
-            Err(e) => Event::SpawnFailed { generation, error: e.message, code: e.code },
+            Err(e) => Event::SpawnFailed {
+                generation,
+                error: e.message,
+                code: e.code,
+            },
         }
     }
 
@@ -322,16 +361,30 @@ impl EventLoop {
 /// systemd), `$XDG_RUNTIME_DIR`, `/run` for root, else `$TMPDIR` or `/tmp`. Its name is
 /// random, so two instances never collide and nobody can plant a socket there first.
 fn make_runtime_dir(name: &str) -> Result<PathBuf> {
-    let from_env = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let from_env = |var: &str| {
+        std::env::var_os(var)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     let base = from_env("RUNTIME_DIRECTORY")
         .or_else(|| from_env("XDG_RUNTIME_DIR"))
-        .or_else(|| nix::unistd::geteuid().is_root().then(|| PathBuf::from("/run")).filter(|p| p.is_dir()))
+        .or_else(|| {
+            nix::unistd::geteuid()
+                .is_root()
+                .then(|| PathBuf::from("/run"))
+                .filter(|p| p.is_dir())
+        })
         .or_else(|| from_env("TMPDIR"))
         .unwrap_or_else(|| PathBuf::from("/tmp"));
     // Keep the path short: a Unix socket path must fit in 108 bytes.
-    let short: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).take(24).collect();
+    let short: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .take(24)
+        .collect();
     let template = base.join(format!("sockhold-{short}.XXXXXX"));
-    nix::unistd::mkdtemp(&template).with_context(|| format!("failed to create a runtime directory in {}", base.display()))
+    nix::unistd::mkdtemp(&template)
+        .with_context(|| format!("failed to create a runtime directory in {}", base.display()))
 }
 
 fn write_pid_file(path: &Path) -> Result<()> {

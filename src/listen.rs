@@ -732,7 +732,7 @@ mod tests {
             .unwrap();
         assert_ne!(port.parse::<u16>().unwrap(), 0);
         assert_eq!(listener.name(), "app");
-        assert_eq!(listener.spec().text, "127.0.0.1:0,backlog=8");
+        assert_eq!(listener.spec.text, "127.0.0.1:0,backlog=8");
         assert!(is_cloexec(&listener));
         // It listens: the connection waits in the backlog, nobody accepts.
         std::net::TcpStream::connect(listener.local_description()).unwrap();

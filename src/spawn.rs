@@ -73,15 +73,24 @@ pub fn adopt_received_fd(raw: RawFd) -> OwnedFd {
 pub fn resolve_program(program: &OsStr, path_var: Option<&OsStr>) -> Result<PathBuf, SpawnError> {
     let shown = program.to_string_lossy();
     if program.is_empty() {
-        return Err(SpawnError { code: ExitCode::NOT_FOUND, message: "the command is empty".into() });
+        return Err(SpawnError {
+            code: ExitCode::NOT_FOUND,
+            message: "the command is empty".into(),
+        });
     }
     if program.as_bytes().contains(&b'/') {
         return Ok(PathBuf::from(program));
     }
-    let path_var = path_var.unwrap_or(OsStr::new("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"));
+    let path_var = path_var.unwrap_or(OsStr::new(
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ));
     let mut not_executable = None;
     for dir in std::env::split_paths(path_var) {
-        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
         let candidate = dir.join(program);
         if !candidate.is_file() {
             continue;
@@ -94,7 +103,10 @@ pub fn resolve_program(program: &OsStr, path_var: Option<&OsStr>) -> Result<Path
     Err(match not_executable {
         Some(path) => SpawnError {
             code: ExitCode::NOT_EXECUTABLE,
-            message: format!("failed to execute '{shown}': {} is not executable", path.display()),
+            message: format!(
+                "failed to execute '{shown}': {} is not executable",
+                path.display()
+            ),
         },
         None => SpawnError {
             code: ExitCode::NOT_FOUND,
@@ -128,9 +140,17 @@ fn cstring(bytes: &[u8], what: &str) -> Result<CString, SpawnError> {
     })
 }
 
-fn prepare(spec: &ChildSpec, program: &Path, listeners: &[BorrowedFd<'_>]) -> Result<Prepared, SpawnError> {
+fn prepare(
+    spec: &ChildSpec,
+    program: &Path,
+    listeners: &[BorrowedFd<'_>],
+) -> Result<Prepared, SpawnError> {
     let program = cstring(program.as_os_str().as_bytes(), "the command")?;
-    let argv = spec.args.iter().map(|a| cstring(a.as_bytes(), "an argument")).collect::<Result<Vec<_>, _>>()?;
+    let argv = spec
+        .args
+        .iter()
+        .map(|a| cstring(a.as_bytes(), "an argument"))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut argv_ptrs: Vec<_> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let envp = spec
@@ -151,7 +171,10 @@ fn prepare(spec: &ChildSpec, program: &Path, listeners: &[BorrowedFd<'_>]) -> Re
     }
     envp_ptrs.push(std::ptr::null());
     let open_fds = std::fs::read_dir("/proc/self/fd")
-        .map(|dir| dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     // SAFETY: sigaction and sigset_t are plain C structs for which all-zero bytes are valid.
     let mut default_action: libc::sigaction = unsafe { std::mem::zeroed() };
@@ -177,7 +200,11 @@ fn prepare(spec: &ChildSpec, program: &Path, listeners: &[BorrowedFd<'_>]) -> Re
 
 /// Starts `spec` with `listeners` as fds 3.., and returns its pid once it has exec'd.
 pub fn spawn(spec: &ChildSpec, listeners: &[BorrowedFd<'_>]) -> Result<Pid, SpawnError> {
-    let path_var = spec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_os_str());
+    let path_var = spec
+        .env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_os_str());
     let program = resolve_program(&spec.program, path_var)?;
     let mut prepared = prepare(spec, &program, listeners)?;
     let shown = spec.program.to_string_lossy();
@@ -214,8 +241,16 @@ pub fn spawn(spec: &ChildSpec, listeners: &[BorrowedFd<'_>]) -> Result<Pid, Spaw
                         _ => ExitCode::NOT_EXECUTABLE,
                     };
                     let message = match step {
-                        Step::Exec => format!("failed to execute '{}': {}", program.display(), errno.desc()),
-                        step => format!("failed to start '{shown}': {} in the child: {}", step.name(), errno.desc()),
+                        Step::Exec => format!(
+                            "failed to execute '{}': {}",
+                            program.display(),
+                            errno.desc()
+                        ),
+                        step => format!(
+                            "failed to start '{shown}': {} in the child: {}",
+                            step.name(),
+                            errno.desc()
+                        ),
                     };
                     Err(SpawnError { code, message })
                 }
@@ -276,7 +311,10 @@ fn read_report(report: &OwnedFd) -> Option<(Step, Errno)> {
         3 => Step::Fds,
         _ => Step::Exec,
     };
-    Some((step, Errno::from_raw(i32::from_ne_bytes(buf[4..].try_into().expect("4 bytes")))))
+    Some((
+        step,
+        Errno::from_raw(i32::from_ne_bytes(buf[4..].try_into().expect("4 bytes"))),
+    ))
 }
 
 /// The child between fork and exec.
@@ -343,7 +381,11 @@ unsafe fn child(p: &mut Prepared, report: RawFd) -> ! {
             }
         }
         write_pid(&mut p.listen_pid[LISTEN_PID_PREFIX.len()..], libc::getpid());
-        libc::execve(p.program.as_ptr(), p.argv_ptrs.as_ptr(), p.envp_ptrs.as_ptr());
+        libc::execve(
+            p.program.as_ptr(),
+            p.argv_ptrs.as_ptr(),
+            p.envp_ptrs.as_ptr(),
+        );
         fail(report, Step::Exec)
     }
 }
@@ -389,7 +431,12 @@ mod tests {
 
     #[test]
     fn pid_digits() {
-        for (pid, want) in [(1, "1"), (42, "42"), (4194304, "4194304"), (i32::MAX, "2147483647")] {
+        for (pid, want) in [
+            (1, "1"),
+            (42, "42"),
+            (4194304, "4194304"),
+            (i32::MAX, "2147483647"),
+        ] {
             let mut slot = [b'x'; PID_DIGITS + 1];
             write_pid(&mut slot, pid);
             let end = slot.iter().position(|&b| b == 0).expect("NUL written");
@@ -399,14 +446,21 @@ mod tests {
 
     #[test]
     fn resolve_finds_in_path_and_reports_missing() {
-        let found = resolve_program(OsStr::new("sh"), Some(OsStr::new("/nonexistent:/bin"))).unwrap();
+        let found =
+            resolve_program(OsStr::new("sh"), Some(OsStr::new("/nonexistent:/bin"))).unwrap();
         assert_eq!(found, PathBuf::from("/bin/sh"));
-        let missing = resolve_program(OsStr::new("no-such-command-x"), Some(OsStr::new("/bin"))).unwrap_err();
+        let missing =
+            resolve_program(OsStr::new("no-such-command-x"), Some(OsStr::new("/bin"))).unwrap_err();
         assert_eq!(missing.code, ExitCode::NOT_FOUND);
-        assert!(missing.message.contains("no-such-command-x"), "{}", missing.message);
+        assert!(
+            missing.message.contains("no-such-command-x"),
+            "{}",
+            missing.message
+        );
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("script"), "#!/bin/sh\n").unwrap();
-        let not_exec = resolve_program(OsStr::new("script"), Some(dir.path().as_os_str())).unwrap_err();
+        let not_exec =
+            resolve_program(OsStr::new("script"), Some(dir.path().as_os_str())).unwrap_err();
         assert_eq!(not_exec.code, ExitCode::NOT_EXECUTABLE);
         let with_slash = resolve_program(OsStr::new("./x/y"), None).unwrap();
         assert_eq!(with_slash, PathBuf::from("./x/y"));

@@ -88,7 +88,11 @@ pub enum Event {
     /// A generation's process was started.
     Spawned { generation: u64, pid: Pid },
     /// A generation's process could not be started (command not found, not executable, ...).
-    SpawnFailed { generation: u64, error: String, code: ExitCode },
+    SpawnFailed {
+        generation: u64,
+        error: String,
+        code: ExitCode,
+    },
     /// A child process ended and was reaped.
     Exited { pid: Pid, status: ChildStatus },
     /// A datagram arrived on a generation's notify socket.
@@ -150,7 +154,11 @@ enum GenState {
     /// Asked for, not yet forked (only between an `Action::Spawn` and its answer).
     Spawning,
     /// Running, not yet ready.
-    Starting { since: Instant, ready_deadline: Instant, ready_at: Option<Instant> },
+    Starting {
+        since: Instant,
+        ready_deadline: Instant,
+        ready_at: Option<Instant>,
+    },
     /// Ready: the generation that serves.
     Serving { since: Instant },
     /// Asked to stop; SIGKILL at the deadline.
@@ -176,7 +184,10 @@ enum Mode {
     Running,
     /// Stopping every child; exit with `code` when none is left, or with the status of
     /// generation `final_generation` if that one ends uncleanly.
-    ShuttingDown { code: ExitCode, final_generation: Option<u64> },
+    ShuttingDown {
+        code: ExitCode,
+        final_generation: Option<u64>,
+    },
 }
 
 /// The supervisor's whole state.
@@ -212,9 +223,11 @@ impl Supervisor {
     /// The earliest deadline the event loop must wake up for, if any.
     pub fn next_deadline(&self) -> Option<Instant> {
         let generation_deadlines = self.generations.iter().filter_map(|g| match g.state {
-            GenState::Starting { ready_deadline, ready_at, .. } => {
-                Some(ready_at.map_or(ready_deadline, |at| at.min(ready_deadline)))
-            }
+            GenState::Starting {
+                ready_deadline,
+                ready_at,
+                ..
+            } => Some(ready_at.map_or(ready_deadline, |at| at.min(ready_deadline))),
             GenState::Stopping { kill_at, .. } => Some(kill_at),
             _ => None,
         });
@@ -223,7 +236,10 @@ impl Supervisor {
 
     /// Every live process, by generation: `(generation, pid)`.
     pub fn live_pids(&self) -> Vec<(u64, Pid)> {
-        self.generations.iter().filter_map(|g| g.pid.map(|p| (g.id, p))).collect()
+        self.generations
+            .iter()
+            .filter_map(|g| g.pid.map(|p| (g.id, p)))
+            .collect()
     }
 
     /// Handles one event at time `now` and returns what to do, in order.
@@ -231,11 +247,14 @@ impl Supervisor {
         let mut out = Vec::new();
         self.handle(event, now, &mut out);
         self.fire_deadlines(now, &mut out);
+        self.exit_if_done(&mut out);
         out
     }
 
     fn serving(&self) -> Option<&Generation> {
-        self.generations.iter().find(|g| matches!(g.state, GenState::Serving { .. }))
+        self.generations
+            .iter()
+            .find(|g| matches!(g.state, GenState::Serving { .. }))
     }
 
     fn starting(&self) -> Option<&Generation> {
@@ -252,20 +271,36 @@ impl Supervisor {
         match event {
             Event::Start => self.start_generation(Purpose::Initial, out),
             Event::Reload => self.reload(out),
-            Event::Stop(signal) => {
-                self.shut_down(ExitCode::SUCCESS, &format!("received SIG{}", signal_name(signal)), now, out)
-            }
+            Event::Stop(signal) => self.shut_down(
+                ExitCode::SUCCESS,
+                &format!("received SIG{}", signal_name(signal)),
+                now,
+                out,
+            ),
             Event::Forward(signal) => match self.serving() {
                 Some(g) => {
                     let pid = g.pid.expect("a serving generation has a pid");
-                    info!("forwarding SIG{} to generation {} (pid {pid})", signal_name(signal), g.id);
+                    info!(
+                        "forwarding SIG{} to generation {} (pid {pid})",
+                        signal_name(signal),
+                        g.id
+                    );
                     out.push(Action::Signal { pid, signal });
                 }
-                None => warn!("no serving child to forward SIG{} to; dropped", signal_name(signal)),
+                None => warn!(
+                    "no serving child to forward SIG{} to; dropped",
+                    signal_name(signal)
+                ),
             },
             Event::Spawned { generation, pid } => self.spawned(generation, pid, now, out),
-            Event::SpawnFailed { generation, error, code } => {
-                let Some(i) = self.index_of(generation) else { return };
+            Event::SpawnFailed {
+                generation,
+                error,
+                code,
+            } => {
+                let Some(i) = self.index_of(generation) else {
+                    return;
+                };
                 let g = self.generations.remove(i);
                 error!("generation {generation} could not be started: {error}");
                 if g.purpose == Purpose::Initial {
@@ -276,9 +311,12 @@ impl Supervisor {
                 }
             }
             Event::Exited { pid, status } => self.exited(pid, status, now, out),
-            Event::Notify { generation, sender, sender_pgid, message } => {
-                self.notified(generation, sender, sender_pgid, message, now, out)
-            }
+            Event::Notify {
+                generation,
+                sender,
+                sender_pgid,
+                message,
+            } => self.notified(generation, sender, sender_pgid, message, now, out),
             Event::Timer => {}
         }
     }
@@ -313,7 +351,10 @@ impl Supervisor {
             out.push(Action::ReloadDone(Err("sockhold is stopping".into())));
         } else if let Some(g) = self.starting() {
             if !self.reload_pending {
-                info!("reload requested while generation {} is starting; one more reload will follow", g.id);
+                info!(
+                    "reload requested while generation {} is starting; one more reload will follow",
+                    g.id
+                );
             }
             self.reload_pending = true;
         } else {
@@ -329,7 +370,11 @@ impl Supervisor {
         };
         let g = &mut self.generations[i];
         g.pid = Some(pid);
-        g.state = GenState::Starting { since: now, ready_deadline: now + self.policy.ready_timeout, ready_at };
+        g.state = GenState::Starting {
+            since: now,
+            ready_deadline: now + self.policy.ready_timeout,
+            ready_at,
+        };
         info!("generation {id} started (pid {pid})");
         if let Mode::ShuttingDown { .. } = self.mode {
             // A stop arrived between the decision to spawn and the fork: stop it too.
@@ -369,14 +414,18 @@ impl Supervisor {
             info!("generation {id} (pid {pid}): status: {text}");
             g.status_text = Some(text.clone());
             if matches!(g.state, GenState::Serving { .. }) {
-                out.push(Action::Manager(ManagerMessage::Status(format!("generation {id}: {text}"))));
+                out.push(Action::Manager(ManagerMessage::Status(format!(
+                    "generation {id}: {text}"
+                ))));
             }
         }
         if message.ready {
             if !matches!(g.state, GenState::Starting { .. }) {
                 debug!("generation {id} (pid {pid}) sent READY=1 again; nothing to do");
             } else if self.policy.ready != ReadyMode::Notify {
-                debug!("generation {id} sent READY=1, but --ready is not notify; waiting for the delay");
+                debug!(
+                    "generation {id} sent READY=1, but --ready is not notify; waiting for the delay"
+                );
             } else if self.mode == Mode::Running {
                 self.promote(i, now, out);
             }
@@ -386,10 +435,17 @@ impl Supervisor {
     /// Generation `i` is ready: it serves, the one before it stops.
     fn promote(&mut self, i: usize, now: Instant, out: &mut Vec<Action>) {
         let g = &mut self.generations[i];
-        let (id, pid, purpose) = (g.id, g.pid.expect("a starting generation has a pid"), g.purpose);
+        let (id, pid, purpose) = (
+            g.id,
+            g.pid.expect("a starting generation has a pid"),
+            g.purpose,
+        );
         g.state = GenState::Serving { since: now };
         self.failed_starts = 0;
-        let old = self.generations.iter().position(|g| matches!(g.state, GenState::Serving { .. }) && g.id != id);
+        let old = self
+            .generations
+            .iter()
+            .position(|g| matches!(g.state, GenState::Serving { .. }) && g.id != id);
         match old {
             Some(j) => {
                 let old_id = self.generations[j].id;
@@ -401,7 +457,12 @@ impl Supervisor {
         if purpose == Purpose::Reload {
             out.push(Action::ReloadDone(Ok(id)));
         }
-        let status = match &self.generations.iter().find(|g| g.id == id).and_then(|g| g.status_text.clone()) {
+        let status = match &self
+            .generations
+            .iter()
+            .find(|g| g.id == id)
+            .and_then(|g| g.status_text.clone())
+        {
             Some(text) => format!("serving: generation {id} (pid {pid}): {text}"),
             None => format!("serving: generation {id} (pid {pid})"),
         };
@@ -426,7 +487,10 @@ impl Supervisor {
             _ => {}
         }
         out.push(Action::Signal { pid, signal });
-        g.state = GenState::Stopping { kill_at: now + self.policy.stop_timeout, signal };
+        g.state = GenState::Stopping {
+            kill_at: now + self.policy.stop_timeout,
+            signal,
+        };
     }
 
     /// A start attempt (`purpose`) failed before the generation was ready. `status` is the
@@ -447,7 +511,10 @@ impl Supervisor {
             return;
         }
         if let Some(serving) = self.serving() {
-            warn!("reload failed: {reason}; generation {} keeps serving", serving.id);
+            warn!(
+                "reload failed: {reason}; generation {} keeps serving",
+                serving.id
+            );
             out.push(Action::Manager(ManagerMessage::Ready(format!(
                 "serving: generation {}; last reload failed: {reason}",
                 serving.id
@@ -457,12 +524,20 @@ impl Supervisor {
         }
         // Nothing serves: the restart policy applies to this exit as to a crash.
         if let Some(code) = status.and_then(|s| self.ends_service(s)) {
-            self.shut_down(code, "the child exited and is not to be restarted", now, out);
+            self.shut_down(
+                code,
+                "the child exited and is not to be restarted",
+                now,
+                out,
+            );
             return;
         }
         self.failed_starts += 1;
         if self.failed_starts >= START_LIMIT {
-            error!("giving up after {} failed starts in a row; last: {reason}", self.failed_starts);
+            error!(
+                "giving up after {} failed starts in a row; last: {reason}",
+                self.failed_starts
+            );
             self.shut_down(code, "too many failed starts", now, out);
             return;
         }
@@ -497,9 +572,17 @@ impl Supervisor {
         match g.state {
             GenState::Spawning => {}
             GenState::Starting { .. } => {
-                let reason = format!("generation {id} (pid {pid}) exited before it was ready: {status}");
+                let reason =
+                    format!("generation {id} (pid {pid}) exited before it was ready: {status}");
                 warn!("{reason}");
-                self.start_failed(g.purpose, reason, Some(status), status.exit_code(), now, out);
+                self.start_failed(
+                    g.purpose,
+                    reason,
+                    Some(status),
+                    status.exit_code(),
+                    now,
+                    out,
+                );
             }
             GenState::Serving { since } => {
                 warn!("generation {id} (pid {pid}) exited by itself: {status}");
@@ -507,7 +590,12 @@ impl Supervisor {
                 } else if let Some(next) = self.starting() {
                     info!("generation {} is starting and will take over", next.id);
                 } else if let Some(code) = self.ends_service(status) {
-                    self.shut_down(code, "the child exited and is not to be restarted", now, out);
+                    self.shut_down(
+                        code,
+                        "the child exited and is not to be restarted",
+                        now,
+                        out,
+                    );
                 } else {
                     if now.duration_since(since) >= STABLE_AFTER {
                         self.backoff = BACKOFF_START;
@@ -524,7 +612,6 @@ impl Supervisor {
                 self.record_final_status(id, status, None);
             }
         }
-        self.exit_if_done(out);
     }
 
     /// Whether the serving child's own exit ends sockhold under the restart policy, and how.
@@ -545,12 +632,23 @@ impl Supervisor {
     /// At shutdown, the generation that served decides the exit code: 0 if it exited 0 or died of
     /// the stop signal it was sent, else its own status.
     fn record_final_status(&mut self, id: u64, status: ChildStatus, stop_signal: Option<Signal>) {
-        if let Mode::ShuttingDown { final_generation: Some(f), .. } = self.mode
+        if let Mode::ShuttingDown {
+            final_generation: Some(f),
+            ..
+        } = self.mode
             && f == id
         {
-            let clean = status.success() || (stop_signal.is_some() && status.signal() == stop_signal);
-            let code = if clean { ExitCode::SUCCESS } else { status.exit_code() };
-            self.mode = Mode::ShuttingDown { code, final_generation: None };
+            let clean =
+                status.success() || (stop_signal.is_some() && status.signal() == stop_signal);
+            let code = if clean {
+                ExitCode::SUCCESS
+            } else {
+                status.exit_code()
+            };
+            self.mode = Mode::ShuttingDown {
+                code,
+                final_generation: None,
+            };
         }
     }
 
@@ -561,18 +659,27 @@ impl Supervisor {
             return;
         }
         let final_generation = self.serving().or(self.starting()).map(|g| g.id);
-        self.mode = Mode::ShuttingDown { code, final_generation };
+        self.mode = Mode::ShuttingDown {
+            code,
+            final_generation,
+        };
         self.restart_at = None;
-        if self.reload_pending || self.starting().is_some_and(|g| g.purpose == Purpose::Reload) {
+        if self.reload_pending
+            || self
+                .starting()
+                .is_some_and(|g| g.purpose == Purpose::Reload)
+        {
             out.push(Action::ReloadDone(Err("sockhold is stopping".into())));
         }
         self.reload_pending = false;
-        info!("stopping ({why}): sending SIG{} to every child", signal_name(self.policy.stop_signal));
+        info!(
+            "stopping ({why}): sending SIG{} to every child",
+            signal_name(self.policy.stop_signal)
+        );
         out.push(Action::Manager(ManagerMessage::Stopping("stopping".into())));
         for i in 0..self.generations.len() {
             self.stop_generation(i, self.policy.stop_signal, now, out);
         }
-        self.exit_if_done(out);
     }
 
     fn exit_if_done(&mut self, out: &mut Vec<Action>) {
@@ -586,18 +693,30 @@ impl Supervisor {
     fn fire_deadlines(&mut self, now: Instant, out: &mut Vec<Action>) {
         for i in 0..self.generations.len() {
             let g = &self.generations[i];
-            let (id, Some(pid)) = (g.id, g.pid) else { continue };
+            let (id, Some(pid)) = (g.id, g.pid) else {
+                continue;
+            };
             match g.state {
-                GenState::Starting { ready_at: Some(at), .. } if at <= now && self.mode == Mode::Running => {
+                GenState::Starting {
+                    ready_at: Some(at), ..
+                } if at <= now && self.mode == Mode::Running => {
                     self.promote(i, now, out);
                 }
-                GenState::Starting { since, ready_deadline, .. } if ready_deadline <= now => {
+                GenState::Starting {
+                    since,
+                    ready_deadline,
+                    ..
+                } if ready_deadline <= now => {
                     let waited = humantime::format_duration(ready_deadline.duration_since(since));
-                    let reason = format!("generation {id} (pid {pid}) was not ready within {waited}");
+                    let reason =
+                        format!("generation {id} (pid {pid}) was not ready within {waited}");
                     warn!("{reason}; killing its process group");
                     let purpose = g.purpose;
                     self.generations[i].state = GenState::Killed;
-                    out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
+                    out.push(Action::SignalGroup {
+                        pgid: pid,
+                        signal: Signal::SIGKILL,
+                    });
                     self.start_failed(purpose, reason, None, ExitCode::FAILURE, now, out);
                 }
                 GenState::Stopping { kill_at, .. } if kill_at <= now => {
@@ -606,7 +725,10 @@ impl Supervisor {
                         humantime::format_duration(self.policy.stop_timeout)
                     );
                     self.generations[i].state = GenState::Killed;
-                    out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
+                    out.push(Action::SignalGroup {
+                        pgid: pid,
+                        signal: Signal::SIGKILL,
+                    });
                 }
                 _ => {}
             }
@@ -624,4 +746,634 @@ impl Supervisor {
 pub fn signal_name(signal: Signal) -> &'static str {
     let name = signal.as_str();
     name.strip_prefix("SIG").unwrap_or(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use Signal::{SIGKILL, SIGTERM, SIGUSR1};
+
+    fn policy(ready: ReadyMode) -> Policy {
+        Policy {
+            ready,
+            ready_timeout: Duration::from_secs(60),
+            stop_signal: SIGTERM,
+            stop_timeout: Duration::from_secs(30),
+            restart: RestartPolicy::OnFailure,
+            notify_access: NotifyAccess::Group,
+        }
+    }
+
+    fn pid(n: i32) -> Pid {
+        Pid::from_raw(n)
+    }
+
+    fn ready_from(generation: u64, sender: i32) -> Event {
+        Event::Notify {
+            generation,
+            sender: pid(sender),
+            sender_pgid: Some(pid(sender)),
+            message: NotifyMessage {
+                ready: true,
+                ..Default::default()
+            },
+        }
+    }
+
+    fn exited(p: i32, status: ChildStatus) -> Event {
+        Event::Exited {
+            pid: pid(p),
+            status,
+        }
+    }
+
+    fn sig(p: i32, signal: Signal) -> Action {
+        Action::Signal {
+            pid: pid(p),
+            signal,
+        }
+    }
+
+    fn group_kill(p: i32) -> Action {
+        Action::SignalGroup {
+            pgid: pid(p),
+            signal: SIGKILL,
+        }
+    }
+
+    fn spawn(generation: u64) -> Action {
+        Action::Spawn { generation }
+    }
+
+    /// Runs `steps` of (seconds since start, event, expected actions, ignoring manager messages
+    /// unless the row lists one) and checks every row.
+    fn run(policy: Policy, steps: &[(u64, Event, Vec<Action>)]) -> Supervisor {
+        let t0 = Instant::now();
+        let mut sup = Supervisor::new(policy);
+        for (i, (at, event, want)) in steps.iter().enumerate() {
+            let got = sup.step(event.clone(), t0 + Duration::from_millis(*at));
+            let keep_manager = want.iter().any(|a| matches!(a, Action::Manager(_)));
+            let got: Vec<_> = got
+                .into_iter()
+                .filter(|a| keep_manager || !matches!(a, Action::Manager(_)))
+                .collect();
+            assert_eq!(&got, want, "row {i}: {event:?} at {at}ms");
+        }
+        sup
+    }
+
+    /// Start generation 1 (pid 100) and make it ready at 10ms.
+    fn started() -> Vec<(u64, Event, Vec<Action>)> {
+        vec![
+            (0, Event::Start, vec![spawn(1)]),
+            (
+                0,
+                Event::Spawned {
+                    generation: 1,
+                    pid: pid(100),
+                },
+                vec![],
+            ),
+            (10, ready_from(1, 100), vec![]),
+        ]
+    }
+
+    fn with(
+        mut rows: Vec<(u64, Event, Vec<Action>)>,
+        more: Vec<(u64, Event, Vec<Action>)>,
+    ) -> Vec<(u64, Event, Vec<Action>)> {
+        rows.extend(more);
+        rows
+    }
+
+    #[test]
+    fn reload_promotes_new_and_stops_old() {
+        let rows = with(
+            started(),
+            vec![
+                (20, Event::Reload, vec![spawn(2)]),
+                (
+                    20,
+                    Event::Spawned {
+                        generation: 2,
+                        pid: pid(200),
+                    },
+                    vec![],
+                ),
+                (
+                    30,
+                    ready_from(2, 200),
+                    vec![sig(100, SIGTERM), Action::ReloadDone(Ok(2))],
+                ),
+                (
+                    40,
+                    exited(100, ChildStatus::Signaled(SIGTERM)),
+                    vec![Action::Release { generation: 1 }],
+                ),
+            ],
+        );
+        run(policy(ReadyMode::Notify), &rows);
+    }
+
+    #[test]
+    fn ready_from_the_old_generation_never_promotes_the_new_one() {
+        let rows = with(
+            started(),
+            vec![
+                (20, Event::Reload, vec![spawn(2)]),
+                (
+                    20,
+                    Event::Spawned {
+                        generation: 2,
+                        pid: pid(200),
+                    },
+                    vec![],
+                ),
+                (25, ready_from(1, 100), vec![]),
+                // The old generation still serves: a forwarded signal goes to it.
+                (26, Event::Forward(SIGUSR1), vec![sig(100, SIGUSR1)]),
+            ],
+        );
+        run(policy(ReadyMode::Notify), &rows);
+    }
+
+    #[test]
+    fn notify_access_rules() {
+        for (access, sender, sender_pgid, promoted) in [
+            (NotifyAccess::Main, 100, Some(100), true),
+            (NotifyAccess::Main, 101, Some(100), false),
+            (NotifyAccess::Group, 101, Some(100), true),
+            (NotifyAccess::Group, 101, Some(999), false),
+            (NotifyAccess::Group, 101, None, false),
+            (NotifyAccess::All, 555, None, true),
+        ] {
+            let mut p = policy(ReadyMode::Notify);
+            p.notify_access = access;
+            let t0 = Instant::now();
+            let mut sup = Supervisor::new(p);
+            sup.step(Event::Start, t0);
+            sup.step(
+                Event::Spawned {
+                    generation: 1,
+                    pid: pid(100),
+                },
+                t0,
+            );
+            let message = NotifyMessage {
+                ready: true,
+                ..Default::default()
+            };
+            let event = Event::Notify {
+                generation: 1,
+                sender: pid(sender),
+                sender_pgid: sender_pgid.map(pid),
+                message,
+            };
+            let actions = sup.step(event, t0);
+            let got = actions
+                .iter()
+                .any(|a| matches!(a, Action::Manager(ManagerMessage::Ready(_))));
+            assert_eq!(
+                got, promoted,
+                "{access:?} sender {sender} pgid {sender_pgid:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn reloads_during_a_reload_coalesce_into_one() {
+        let rows = with(
+            started(),
+            vec![
+                (20, Event::Reload, vec![spawn(2)]),
+                (
+                    20,
+                    Event::Spawned {
+                        generation: 2,
+                        pid: pid(200),
+                    },
+                    vec![],
+                ),
+                (21, Event::Reload, vec![]),
+                (22, Event::Reload, vec![]),
+                (23, Event::Reload, vec![]),
+                (
+                    30,
+                    ready_from(2, 200),
+                    vec![sig(100, SIGTERM), Action::ReloadDone(Ok(2)), spawn(3)],
+                ),
+                (
+                    30,
+                    Event::Spawned {
+                        generation: 3,
+                        pid: pid(300),
+                    },
+                    vec![],
+                ),
+                (
+                    40,
+                    ready_from(3, 300),
+                    vec![sig(200, SIGTERM), Action::ReloadDone(Ok(3))],
+                ),
+            ],
+        );
+        run(policy(ReadyMode::Notify), &rows);
+    }
+
+    #[test]
+    fn a_new_generation_that_dies_before_ready_leaves_the_old_one_serving() {
+        let reason = "generation 2 (pid 200) exited before it was ready: exit status 3".to_string();
+        let rows = with(
+            started(),
+            vec![
+                (20, Event::Reload, vec![spawn(2)]),
+                (
+                    20,
+                    Event::Spawned {
+                        generation: 2,
+                        pid: pid(200),
+                    },
+                    vec![],
+                ),
+                (
+                    25,
+                    exited(200, ChildStatus::Exited(3)),
+                    vec![
+                        Action::Release { generation: 2 },
+                        Action::ReloadDone(Err(reason.clone())),
+                        Action::Manager(ManagerMessage::Ready(format!(
+                            "serving: generation 1; last reload failed: {reason}"
+                        ))),
+                    ],
+                ),
+                (26, Event::Forward(SIGUSR1), vec![sig(100, SIGUSR1)]),
+            ],
+        );
+        run(policy(ReadyMode::Notify), &rows);
+    }
+
+    #[test]
+    fn a_new_generation_never_ready_is_killed_at_the_timeout() {
+        let reason = "generation 2 (pid 200) was not ready within 1m".to_string();
+        let rows = with(
+            started(),
+            vec![
+                (20, Event::Reload, vec![spawn(2)]),
+                (
+                    20,
+                    Event::Spawned {
+                        generation: 2,
+                        pid: pid(200),
+                    },
+                    vec![],
+                ),
+                (60_019, Event::Timer, vec![]),
+                (
+                    60_020,
+                    Event::Timer,
+                    vec![group_kill(200), Action::ReloadDone(Err(reason))],
+                ),
+                (
+                    60_030,
+                    exited(200, ChildStatus::Signaled(SIGKILL)),
+                    vec![Action::Release { generation: 2 }],
+                ),
+                (60_040, Event::Forward(SIGUSR1), vec![sig(100, SIGUSR1)]),
+            ],
+        );
+        run(policy(ReadyMode::Notify), &rows);
+    }
+
+    #[test]
+    fn an_old_generation_that_ignores_the_stop_signal_is_killed_at_the_deadline() {
+        let rows = with(
+            started(),
+            vec![
+                (20, Event::Reload, vec![spawn(2)]),
+                (
+                    20,
+                    Event::Spawned {
+                        generation: 2,
+                        pid: pid(200),
+                    },
+                    vec![],
+                ),
+                (
+                    30,
+                    ready_from(2, 200),
+                    vec![sig(100, SIGTERM), Action::ReloadDone(Ok(2))],
+                ),
+                (30_029, Event::Timer, vec![]),
+                (30_030, Event::Timer, vec![group_kill(100)]),
+                (
+                    30_040,
+                    exited(100, ChildStatus::Signaled(SIGKILL)),
+                    vec![Action::Release { generation: 1 }],
+                ),
+            ],
+        );
+        run(policy(ReadyMode::Notify), &rows);
+    }
+
+    #[test]
+    fn stop_during_a_reload_stops_both_and_exits_clean() {
+        let rows = with(
+            started(),
+            vec![
+                (20, Event::Reload, vec![spawn(2)]),
+                (
+                    20,
+                    Event::Spawned {
+                        generation: 2,
+                        pid: pid(200),
+                    },
+                    vec![],
+                ),
+                (
+                    25,
+                    Event::Stop(SIGTERM),
+                    vec![
+                        Action::ReloadDone(Err("sockhold is stopping".into())),
+                        sig(100, SIGTERM),
+                        sig(200, SIGTERM),
+                    ],
+                ),
+                (26, ready_from(2, 200), vec![]),
+                (
+                    27,
+                    exited(200, ChildStatus::Exited(0)),
+                    vec![Action::Release { generation: 2 }],
+                ),
+                (
+                    28,
+                    exited(100, ChildStatus::Signaled(SIGTERM)),
+                    vec![
+                        Action::Release { generation: 1 },
+                        Action::Exit(ExitCode::SUCCESS),
+                    ],
+                ),
+            ],
+        );
+        run(policy(ReadyMode::Notify), &rows);
+    }
+
+    #[test]
+    fn exit_code_after_stop_is_the_serving_childs_unless_clean() {
+        for (status, want) in [
+            (ChildStatus::Exited(0), 0),
+            (ChildStatus::Signaled(SIGTERM), 0),
+            (ChildStatus::Exited(3), 3),
+            (ChildStatus::Signaled(SIGKILL), 137),
+        ] {
+            let rows = with(
+                started(),
+                vec![
+                    (20, Event::Stop(SIGTERM), vec![sig(100, SIGTERM)]),
+                    (
+                        30,
+                        exited(100, status),
+                        vec![
+                            Action::Release { generation: 1 },
+                            Action::Exit(ExitCode(want)),
+                        ],
+                    ),
+                ],
+            );
+            run(policy(ReadyMode::Notify), &rows);
+        }
+    }
+
+    #[test]
+    fn crash_restarts_with_doubling_backoff_and_gives_up_on_repeated_failed_starts() {
+        let mut rows = with(
+            started(),
+            vec![
+                (
+                    20,
+                    exited(100, ChildStatus::Exited(1)),
+                    vec![Action::Release { generation: 1 }],
+                ),
+                (119, Event::Timer, vec![]),
+                (120, Event::Timer, vec![spawn(2)]),
+            ],
+        );
+        // Each start fails before ready; the delay doubles: 200ms, 400ms, 800ms, 1600ms.
+        let mut t = 120;
+        let mut delay = 200;
+        for generation in 2..=5u64 {
+            let p = generation as i32 * 100;
+            rows.push((
+                t,
+                Event::Spawned {
+                    generation,
+                    pid: pid(p),
+                },
+                vec![],
+            ));
+            rows.push((
+                t + 1,
+                exited(p, ChildStatus::Exited(1)),
+                vec![Action::Release { generation }],
+            ));
+            t += 1 + delay;
+            rows.push((t - 1, Event::Timer, vec![]));
+            rows.push((t, Event::Timer, vec![spawn(generation + 1)]));
+            delay *= 2;
+        }
+        rows.push((
+            t,
+            Event::Spawned {
+                generation: 6,
+                pid: pid(600),
+            },
+            vec![],
+        ));
+        // The fifth failed start in a row ends sockhold with the child's status.
+        rows.push((
+            t + 1,
+            exited(600, ChildStatus::Exited(4)),
+            vec![Action::Release { generation: 6 }, Action::Exit(ExitCode(4))],
+        ));
+        run(policy(ReadyMode::Notify), &rows);
+    }
+
+    #[test]
+    fn backoff_resets_after_a_long_stable_run() {
+        let mut sup = run(policy(ReadyMode::Notify), &started());
+        sup.backoff = Duration::from_secs(8);
+        let t0 = Instant::now();
+        sup.step(
+            exited(100, ChildStatus::Exited(1)),
+            t0 + STABLE_AFTER + Duration::from_secs(1),
+        );
+        assert_eq!(
+            sup.backoff,
+            BACKOFF_START * 2,
+            "reset to 100ms, then doubled for the next"
+        );
+    }
+
+    #[test]
+    fn restart_policies() {
+        for (restart, status, want) in [
+            (RestartPolicy::OnFailure, ChildStatus::Exited(0), Some(0)),
+            (RestartPolicy::OnFailure, ChildStatus::Exited(2), None),
+            (
+                RestartPolicy::OnFailure,
+                ChildStatus::Signaled(SIGKILL),
+                None,
+            ),
+            (RestartPolicy::Always, ChildStatus::Exited(0), None),
+            (RestartPolicy::Never, ChildStatus::Exited(2), Some(2)),
+            (
+                RestartPolicy::Never,
+                ChildStatus::Signaled(SIGKILL),
+                Some(137),
+            ),
+        ] {
+            let mut p = policy(ReadyMode::Notify);
+            p.restart = restart;
+            let mut sup = run(p, &started());
+            let actions = sup.step(exited(100, status), Instant::now());
+            let exit = actions.iter().find_map(|a| match a {
+                Action::Exit(code) => Some(code.0),
+                _ => None,
+            });
+            assert_eq!(exit, want, "{restart:?} {status}");
+            assert_eq!(
+                sup.restart_at.is_some(),
+                want.is_none(),
+                "{restart:?} {status}: restart scheduled"
+            );
+        }
+    }
+
+    #[test]
+    fn spawn_failure_at_start_exits_with_its_code_and_later_fails_the_reload() {
+        run(
+            policy(ReadyMode::Notify),
+            &[
+                (0, Event::Start, vec![spawn(1)]),
+                (
+                    0,
+                    Event::SpawnFailed {
+                        generation: 1,
+                        error: "not found".into(),
+                        code: ExitCode::NOT_FOUND,
+                    },
+                    vec![Action::Exit(ExitCode::NOT_FOUND)],
+                ),
+            ],
+        );
+        let rows = with(
+            started(),
+            vec![
+                (20, Event::Reload, vec![spawn(2)]),
+                (
+                    20,
+                    Event::SpawnFailed {
+                        generation: 2,
+                        error: "not found".into(),
+                        code: ExitCode::NOT_FOUND,
+                    },
+                    vec![Action::ReloadDone(Err("not found".into()))],
+                ),
+                (21, Event::Forward(SIGUSR1), vec![sig(100, SIGUSR1)]),
+            ],
+        );
+        run(policy(ReadyMode::Notify), &rows);
+    }
+
+    #[test]
+    fn delay_readiness_promotes_after_the_delay_only() {
+        run(
+            policy(ReadyMode::Delay(Duration::from_millis(500))),
+            &[
+                (0, Event::Start, vec![spawn(1)]),
+                (
+                    0,
+                    Event::Spawned {
+                        generation: 1,
+                        pid: pid(100),
+                    },
+                    vec![],
+                ),
+                (100, ready_from(1, 100), vec![]),
+                (499, Event::Timer, vec![]),
+                (
+                    500,
+                    Event::Timer,
+                    vec![Action::Manager(ManagerMessage::Ready(
+                        "serving: generation 1 (pid 100)".into(),
+                    ))],
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn manager_hears_reloading_then_ready() {
+        let rows = with(
+            started(),
+            vec![
+                (
+                    20,
+                    Event::Reload,
+                    vec![
+                        Action::Manager(ManagerMessage::Reloading(
+                            "reloading: starting generation 2".into(),
+                        )),
+                        spawn(2),
+                    ],
+                ),
+                (
+                    20,
+                    Event::Spawned {
+                        generation: 2,
+                        pid: pid(200),
+                    },
+                    vec![],
+                ),
+                (
+                    30,
+                    ready_from(2, 200),
+                    vec![
+                        sig(100, SIGTERM),
+                        Action::ReloadDone(Ok(2)),
+                        Action::Manager(ManagerMessage::Ready(
+                            "serving: generation 2 (pid 200)".into(),
+                        )),
+                    ],
+                ),
+                (
+                    40,
+                    Event::Stop(SIGTERM),
+                    vec![
+                        Action::Manager(ManagerMessage::Stopping("stopping".into())),
+                        sig(200, SIGTERM),
+                    ],
+                ),
+            ],
+        );
+        run(policy(ReadyMode::Notify), &rows);
+    }
+
+    #[test]
+    fn deadlines_are_the_nearest_pending_one() {
+        let t0 = Instant::now();
+        let mut sup = Supervisor::new(policy(ReadyMode::Delay(Duration::from_secs(2))));
+        assert_eq!(sup.next_deadline(), None, "nothing running: no wakeup");
+        sup.step(Event::Start, t0);
+        sup.step(
+            Event::Spawned {
+                generation: 1,
+                pid: pid(100),
+            },
+            t0,
+        );
+        assert_eq!(sup.next_deadline(), Some(t0 + Duration::from_secs(2)));
+        sup.step(Event::Timer, t0 + Duration::from_secs(2));
+        assert_eq!(sup.next_deadline(), None, "serving and idle: no wakeup");
+    }
 }
