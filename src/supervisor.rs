@@ -522,7 +522,7 @@ impl Supervisor {
             self.follow_pending_reload(out);
             return;
         }
-        // Nothing serves: the restart policy applies to this exit as to a crash.
+        // Nothing serves: the restart policy applies to this failure as to a crash.
         if let Some(code) = status.and_then(|s| self.ends_service(s)) {
             self.shut_down(
                 code,
@@ -530,6 +530,10 @@ impl Supervisor {
                 now,
                 out,
             );
+            return;
+        }
+        if self.policy.restart == RestartPolicy::Never {
+            self.shut_down(code, "--restart never: no second start", now, out);
             return;
         }
         self.failed_starts += 1;

@@ -1,0 +1,208 @@
+//! What a child gets: its fds, environment, signal state and process group.
+
+use std::os::unix::process::CommandExt;
+
+use crate::support::*;
+
+#[test]
+fn child_gets_exactly_its_fds_environment_and_signal_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let sock_spec = format!("unix://{},name=api", sock.display());
+    let fixture = fixture();
+    let mut s = start_with(
+        &[
+            "--ready",
+            "notify",
+            "-l",
+            "127.0.0.1:0",
+            "-l",
+            &sock_spec,
+            "--",
+            &fixture,
+            "--ready",
+        ],
+        |cmd| {
+            // What sockhold itself inherits must not reach the child.
+            cmd.env("LISTEN_FDS", "7")
+                .env("LISTEN_PID", "1")
+                .env("LISTEN_FDNAMES", "stale")
+                .env("LISTEN_PIDFDID", "12345")
+                .env("WATCHDOG_USEC", "1000000")
+                .env("WATCHDOG_PID", "1")
+                .env("FIXTURE_KEEP", "kept");
+        },
+    );
+    let start = s.expect_event("start", 1);
+    let pid = pid_of(&start);
+    assert_eq!(
+        start["ppid"].as_i64(),
+        Some(s.pid().as_raw() as i64),
+        "sockhold is the parent"
+    );
+    assert_eq!(
+        start["pgid"].as_i64(),
+        Some(pid),
+        "the child leads its own process group"
+    );
+
+    let env = &start["env"];
+    assert_eq!(env["LISTEN_FDS"], "2");
+    assert_eq!(
+        env["LISTEN_PID"],
+        pid.to_string().as_str(),
+        "LISTEN_PID is the child's own pid"
+    );
+    assert_eq!(
+        env["LISTEN_FDNAMES"], "fixture:api",
+        "default name is the command's basename"
+    );
+    assert_eq!(env["SOCKHOLD_GENERATION"], "1");
+    assert_eq!(env["FIXTURE_KEEP"], "kept");
+    assert!(
+        env.get("LISTEN_PIDFDID").is_none(),
+        "inherited LISTEN_PIDFDID removed: {env}"
+    );
+    assert!(
+        env.get("WATCHDOG_USEC").is_none() && env.get("WATCHDOG_PID").is_none(),
+        "WATCHDOG_* removed: {env}"
+    );
+    let notify = env["NOTIFY_SOCKET"].as_str().expect("NOTIFY_SOCKET set");
+    assert!(notify.starts_with('/'), "an absolute path: {notify}");
+    assert!(
+        !notify.ends_with("manager.sock"),
+        "the child gets its own notify socket, not sockhold's"
+    );
+
+    assert_eq!(start["sigblk"], "0000000000000000", "empty signal mask");
+    assert_eq!(
+        start["sigign"], "0000000000000000",
+        "no ignored signals (not even SIGPIPE)"
+    );
+
+    let fds = start["fds"].as_array().expect("fds");
+    let numbers: Vec<i64> = fds.iter().map(|f| f["fd"].as_i64().unwrap()).collect();
+    assert_eq!(
+        numbers,
+        vec![0, 1, 2, 3, 4],
+        "exactly stdio and the two listeners: {fds:?}"
+    );
+    let tcp = &fds[3];
+    assert_eq!(tcp["cloexec"], false);
+    assert_eq!(tcp["nonblock"], false, "blocking by default");
+    assert_eq!(tcp["socket"]["family"], "inet");
+    assert_eq!(tcp["socket"]["type"], "stream");
+    assert_eq!(tcp["socket"]["listening"], true);
+    assert!(
+        tcp["socket"]["local"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    let unix = &fds[4];
+    assert_eq!(unix["cloexec"], false);
+    assert_eq!(unix["nonblock"], false);
+    assert_eq!(unix["socket"]["family"], "unix");
+    assert_eq!(unix["socket"]["listening"], true);
+    assert_eq!(unix["socket"]["local"], sock.to_str().unwrap());
+    s.expect_manager("READY=1", |m| m.contains("READY=1"));
+
+    s.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+    assert!(
+        !sock.exists(),
+        "the Unix socket file sockhold created is removed at exit"
+    );
+}
+
+#[test]
+fn ignored_signals_and_blocked_ones_do_not_leak_from_sockholds_own_parent() {
+    // A shell with SIGXFSZ and SIGPIPE ignored execs sockhold, as nohup-style wrappers do.
+    let fixture = fixture();
+    let bin = sockhold_bin();
+    let script = "trap '' XFSZ PIPE; exec \"$@\"";
+    let mut s = start_with(&[], |cmd| {
+        let mut sh = std::process::Command::new("/bin/sh");
+        sh.arg("-c").arg(script).arg("sh").arg(&bin).args([
+            "-l",
+            "127.0.0.1:0",
+            "--ready",
+            "notify",
+            "--",
+            &fixture,
+            "--ready",
+        ]);
+        // Reuse the harness's stdio and environment settings on the wrapper.
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => sh.env(k, v),
+                None => sh.env_remove(k),
+            };
+        }
+        sh.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0);
+        *cmd = sh;
+    });
+    let start = s.expect_event("start", 1);
+    assert_eq!(start["sigign"], "0000000000000000", "{start}");
+    assert_eq!(start["sigblk"], "0000000000000000", "{start}");
+}
+
+#[test]
+fn notify_from_a_helper_process_counts_with_group_access_only() {
+    let fixture = fixture();
+    // group (the default): a helper forked by the child may say READY=1.
+    let mut s = start(&[
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--",
+        &fixture,
+        "--fork-notify-ready",
+    ]);
+    s.expect_event("ready-sent-by-helper", 1);
+    s.expect_manager("READY=1", |m| m.contains("READY=1"));
+    s.expect_log("generation 1");
+    // main: the same helper is refused, so generation 1 is never ready and sockhold gives up.
+    let mut s = start(&[
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--notify-access",
+        "main",
+        "--ready-timeout",
+        "1s",
+        "--restart",
+        "never",
+        "--",
+        &fixture,
+        "--fork-notify-ready",
+    ]);
+    s.expect_event("ready-sent-by-helper", 1);
+    s.expect_log("which --notify-access main does not allow");
+    s.expect_log("was not ready within 1s");
+}
+
+#[test]
+fn status_lines_reach_the_log_and_the_manager() {
+    let fixture = fixture();
+    let mut s = start(&[
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--",
+        &fixture,
+        "--status",
+        "warming up",
+        "--ready",
+    ]);
+    s.expect_log("status: warming up");
+    let ready = s.expect_manager("READY=1", |m| m.contains("READY=1"));
+    assert!(ready.contains("STATUS=serving: generation 1"), "{ready}");
+    assert!(ready.contains("warming up"), "{ready}");
+}

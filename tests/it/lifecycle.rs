@@ -1,0 +1,363 @@
+//! Reloads, readiness, stops and restarts, driven through signals and observed through the
+//! fixture's lines, sockhold's log and the manager's notify socket.
+
+use nix::sys::signal::Signal::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+
+use crate::support::*;
+
+#[test]
+fn reload_starts_a_new_generation_then_stops_the_old_one() {
+    let fixture = fixture();
+    let mut s = start(&[
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--",
+        &fixture,
+        "--ready",
+    ]);
+    let first = s.expect_event("start", 1);
+    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.signal(SIGHUP);
+    let reloading = s.expect_manager("RELOADING=1", |m| m.starts_with("RELOADING=1"));
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    let second = s.expect_event("start", 2);
+    assert_eq!(port_of(&first), port_of(&second), "the same socket");
+    s.expect_signal(1, "TERM");
+    let ready = s.expect_manager("READY=1 after the reload", |m| m.starts_with("READY=1"));
+    assert!(ready.contains("generation 2"), "{ready}");
+    let old = pid_of(&first);
+    wait_until("the old generation is reaped", || !process_exists(old));
+    s.signal(SIGTERM);
+    s.expect_manager("STOPPING=1", |m| m.starts_with("STOPPING=1"));
+    s.expect_signal(2, "TERM");
+    assert_eq!(s.exit_code(), 0);
+}
+
+#[test]
+fn readiness_from_the_old_generation_never_promotes_the_new_one() {
+    let fixture = fixture();
+    let mut s = start(&[
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--ready-timeout",
+        "2s",
+        "--",
+        &fixture,
+        "--ready-gen",
+        "1",
+        "--notify-on-usr1",
+        "READY=1",
+    ]);
+    s.expect_event("start", 1);
+    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.signal(SIGHUP);
+    s.expect_event("start", 2);
+    // USR1 is forwarded to the serving generation, 1, which answers with READY=1 on its own
+    // socket and waits until sockhold has read it (a notify barrier).
+    s.signal(SIGUSR1);
+    s.expect_signal(1, "USR1");
+    let notified = s.expect_event("notified", 1);
+    assert_eq!(notified["barrier"], "ok", "sockhold closed the barrier fd");
+    // Generation 1 still serves: the next forwarded signal reaches it, and it was never stopped.
+    s.signal(SIGUSR1);
+    s.expect_signal(1, "USR1");
+    // Generation 2 never became ready: killed at the ready timeout, generation 1 keeps serving.
+    s.expect_log("generation 2 (pid");
+    s.expect_log("was not ready within 2s");
+    s.expect_log("reload failed");
+    s.signal(SIGUSR1);
+    s.expect_signal(1, "USR1");
+    assert!(
+        !s.seen(|v| v["event"] == "signal" && v["signal"] == "TERM"),
+        "nobody was asked to stop"
+    );
+    assert!(
+        !s.seen(|v| v["event"] == "signal" && v["generation"] == "2"),
+        "generation 2 got no forwarded signal"
+    );
+}
+
+#[test]
+fn a_new_child_that_crashes_leaves_the_old_one_serving() {
+    let fixture = fixture();
+    let mut s = start(&[
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--",
+        &fixture,
+        "--ready",
+        "--serve",
+        "--exit-gen",
+        "2:3",
+    ]);
+    let first = s.expect_event("start", 1);
+    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    let port = port_of(&first);
+    s.signal(SIGHUP);
+    s.expect_event("start", 2);
+    let ready = s.expect_manager("READY=1 after the failed reload", |m| {
+        m.starts_with("READY=1")
+    });
+    assert!(ready.contains("last reload failed"), "{ready}");
+    assert!(ready.contains("exit status 3"), "{ready}");
+    s.expect_log("reload failed: generation 2");
+    assert_eq!(
+        http_get(port),
+        Ok(pid_of(&first) as i32),
+        "generation 1 still answers"
+    );
+    s.signal(SIGUSR1);
+    s.expect_signal(1, "USR1");
+    // The next reload works.
+    s.signal(SIGHUP);
+    s.expect_event("start", 3);
+    s.expect_signal(1, "TERM");
+}
+
+#[test]
+fn an_old_child_that_ignores_sigterm_is_killed_at_the_deadline_and_reaped() {
+    let fixture = fixture();
+    let mut s = start(&[
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--stop-timeout",
+        "1s",
+        "--",
+        &fixture,
+        "--ready",
+        "--ignore-term-gen",
+        "1",
+    ]);
+    let first = s.expect_event("start", 1);
+    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.signal(SIGHUP);
+    s.expect_event("start", 2);
+    s.expect_signal(1, "TERM");
+    s.expect_log("generation 1 (pid");
+    s.expect_log("did not stop within 1s; sending SIGKILL to its process group");
+    s.expect_log("was killed: killed by SIGKILL");
+    let old = pid_of(&first);
+    wait_until("the killed child is reaped (no zombie left)", || {
+        !process_exists(old)
+    });
+    s.signal(SIGUSR1);
+    s.expect_signal(2, "USR1");
+}
+
+#[test]
+fn sigterm_during_a_reload_stops_both_generations() {
+    let fixture = fixture();
+    let mut s = start(&[
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--",
+        &fixture,
+        "--ready-gen",
+        "1",
+    ]);
+    s.expect_event("start", 1);
+    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.signal(SIGHUP);
+    s.expect_event("start", 2);
+    s.signal(SIGTERM);
+    s.expect_signal(1, "TERM");
+    s.expect_signal(2, "TERM");
+    assert_eq!(s.exit_code(), 0);
+}
+
+#[test]
+fn sigint_stops_like_sigterm() {
+    let fixture = fixture();
+    let mut s = start(&["-l", "127.0.0.1:0", "--ready", "delay:10ms", "--", &fixture]);
+    s.expect_event("start", 1);
+    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.signal(SIGINT);
+    s.expect_signal(1, "TERM");
+    assert_eq!(s.exit_code(), 0);
+}
+
+#[test]
+fn a_burst_of_50_sighups_leads_to_at_most_two_more_generations() {
+    let fixture = fixture();
+    // Generation 2 never becomes ready (it fails at the 2s timeout); generation 3 is the one
+    // reload that every HUP sent while generation 2 was starting coalesced into.
+    let mut s = start(&[
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--ready-timeout",
+        "2s",
+        "--",
+        &fixture,
+        "--ready-gen",
+        "1",
+        "--ready-gen",
+        "3",
+    ]);
+    s.expect_event("start", 1);
+    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.signal(SIGHUP);
+    s.expect_event("start", 2);
+    for _ in 0..49 {
+        s.signal(SIGHUP);
+    }
+    s.expect_event("start", 3);
+    s.expect_manager("generation 3 ready", |m| {
+        m.starts_with("READY=1") && m.contains("generation 3")
+    });
+    s.signal(SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+    let started = s
+        .log()
+        .iter()
+        .filter(|l| l.contains(" started (pid "))
+        .count();
+    assert_eq!(
+        started,
+        3,
+        "generation 1 and at most two more: {:#?}",
+        s.log()
+    );
+}
+
+#[test]
+fn a_crashed_child_is_restarted_with_backoff_on_the_same_sockets() {
+    let fixture = fixture();
+    let mut s = start(&[
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--",
+        &fixture,
+        "--ready",
+        "--exit-gen",
+        "1:9",
+    ]);
+    let first = s.expect_event("start", 1);
+    s.expect_log("generation 1 (pid");
+    s.expect_log("restarting in 100ms");
+    let second = s.expect_event("start", 2);
+    assert_eq!(port_of(&first), port_of(&second));
+    s.expect_manager("generation 2 ready", |m| {
+        m.starts_with("READY=1") && m.contains("generation 2")
+    });
+}
+
+#[test]
+fn forwarded_signals_reach_the_serving_child() {
+    let fixture = fixture();
+    let mut s = start(&[
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--",
+        &fixture,
+        "--ready",
+    ]);
+    s.expect_event("start", 1);
+    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    for (signal, name) in [
+        (nix::sys::signal::Signal::SIGUSR1, "USR1"),
+        (nix::sys::signal::Signal::SIGWINCH, "WINCH"),
+        (nix::sys::signal::Signal::SIGQUIT, "QUIT"),
+        (nix::sys::signal::Signal::SIGTTIN, "TTIN"),
+    ] {
+        s.signal(signal);
+        s.expect_signal(1, name);
+    }
+}
+
+#[test]
+fn unix_socket_files_and_pid_file_are_managed() {
+    let fixture = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("app.sock");
+    let pid_file = dir.path().join("sockhold.pid");
+    // A stale socket file (nobody answers) is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let sock_arg = sock.to_str().unwrap().to_string();
+    let pid_arg = pid_file.to_str().unwrap().to_string();
+    let mut s = start(&[
+        "-l",
+        &sock_arg,
+        "--pid-file",
+        &pid_arg,
+        "--ready",
+        "notify",
+        "--",
+        &fixture,
+        "--ready",
+    ]);
+    s.expect_event("start", 1);
+    s.expect_log("removing stale socket file");
+    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    let written = std::fs::read_to_string(&pid_file).unwrap();
+    assert_eq!(written.trim(), s.pid().to_string());
+    // A live socket file is refused by a second sockhold.
+    let mut second = start(&["-l", &sock_arg, "--", &fixture]);
+    assert_eq!(second.exit_code(), 1);
+    assert!(
+        second.log().iter().any(|l| l.contains("is in use")),
+        "{:#?}",
+        second.log()
+    );
+    assert!(
+        sock.exists(),
+        "the refused instance left the live socket alone"
+    );
+    s.signal(SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+    assert!(!sock.exists(), "socket file removed at exit");
+    assert!(!pid_file.exists(), "pid file removed at exit");
+}
+
+#[test]
+fn idle_sockhold_does_not_wake_up() {
+    let fixture = fixture();
+    let mut s = start(&[
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--",
+        &fixture,
+        "--ready",
+    ]);
+    s.expect_event("start", 1);
+    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    let switches = |pid: nix::unistd::Pid| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches"))
+            .map(|l| l.split_whitespace().last().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    // Let sockhold settle into poll: a forwarded signal proves the loop went round once more.
+    s.signal(SIGUSR1);
+    s.expect_signal(1, "USR1");
+    let before = switches(s.pid());
+    // A measurement window, not a synchronisation: nothing is expected to happen in it.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let after = switches(s.pid());
+    assert_eq!(
+        after,
+        before,
+        "sockhold woke up {} times while idle",
+        after - before
+    );
+}

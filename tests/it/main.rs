@@ -1,0 +1,9 @@
+//! Integration tests: the real sockhold binary, real sockets, real processes. One test binary,
+//! a module per area.
+
+mod child;
+mod docs;
+mod exit_codes;
+mod lifecycle;
+mod load;
+mod support;

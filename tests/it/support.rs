@@ -1,0 +1,360 @@
+//! The test harness: runs the real sockhold binary with a manager notify socket of the test's
+//! own, collects its stderr lines and the JSON lines its fixture children print on stdout, and
+//! lets a test block on any of them with a timeout. Nothing here sleeps to synchronise; the few
+//! states without an event (a process gone from /proc) are polled with a bound.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// How long any single expectation may take before the test fails.
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The sockhold binary under test.
+pub fn sockhold_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sockhold"))
+}
+
+/// An example program built by `cargo test` next to the binary.
+pub fn example(name: &str) -> PathBuf {
+    let path = sockhold_bin()
+        .parent()
+        .expect("target dir")
+        .join("examples")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: cargo test builds the examples",
+        path.display()
+    );
+    path
+}
+
+/// The fixture child.
+pub fn fixture() -> String {
+    example("fixture").to_string_lossy().into_owned()
+}
+
+enum Line {
+    Out(String),
+    Err(String),
+}
+
+/// A running sockhold, killed with every child it started when dropped.
+pub struct Sockhold {
+    child: Child,
+    lines: Receiver<Line>,
+    /// Every fixture line seen so far, and whether a test has taken it.
+    json: Vec<(Value, bool)>,
+    stderr: Vec<String>,
+    manager: UnixDatagram,
+    status: Option<ExitStatus>,
+    /// Holds the manager socket for the lifetime of the run.
+    _dir: tempfile::TempDir,
+}
+
+/// Starts sockhold with `args`, its NOTIFY_SOCKET pointing at the test.
+pub fn start(args: &[&str]) -> Sockhold {
+    start_with(args, |_| {})
+}
+
+/// Like [`start`], with a chance to change the command (environment, working dir).
+pub fn start_with(args: &[&str], tweak: impl FnOnce(&mut Command)) -> Sockhold {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let manager_path = dir.path().join("manager.sock");
+    let manager = UnixDatagram::bind(&manager_path).expect("manager socket");
+    let mut cmd = Command::new(sockhold_bin());
+    cmd.args(args)
+        .env("NOTIFY_SOCKET", &manager_path)
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    tweak(&mut cmd);
+    let mut child = cmd.spawn().expect("spawn sockhold");
+    let (tx, rx) = channel();
+    let out = child.stdout.take().expect("stdout");
+    let err = child.stderr.take().expect("stderr");
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(Line::Out(line));
+        }
+    });
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx2.send(Line::Err(line));
+        }
+    });
+    Sockhold {
+        child,
+        lines: rx,
+        json: Vec::new(),
+        stderr: Vec::new(),
+        manager,
+        status: None,
+        _dir: dir,
+    }
+}
+
+impl Sockhold {
+    /// sockhold's pid.
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Sends a signal to sockhold.
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).expect("signal sockhold");
+    }
+
+    /// Takes in whatever lines arrived, waiting at most `wait`. Returns false on timeout.
+    fn pump(&mut self, wait: Duration) -> bool {
+        match self.lines.recv_timeout(wait) {
+            Ok(line) => {
+                self.record(line);
+                while let Ok(line) = self.lines.try_recv() {
+                    self.record(line);
+                }
+                true
+            }
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => {
+                // Both pipes closed: sockhold and every child are gone. Wait without spinning.
+                std::thread::sleep(wait.min(Duration::from_millis(20)));
+                false
+            }
+        }
+    }
+
+    fn record(&mut self, line: Line) {
+        match line {
+            Line::Out(text) => match serde_json::from_str(&text) {
+                Ok(value) => self.json.push((value, false)),
+                Err(_) => eprintln!("[child stdout] {text}"),
+            },
+            Line::Err(text) => {
+                eprintln!("[sockhold] {text}");
+                self.stderr.push(text);
+            }
+        }
+    }
+
+    /// Waits for the first fixture line not yet taken that matches, takes and returns it.
+    pub fn expect(&mut self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some((value, taken)) = self
+                .json
+                .iter_mut()
+                .find(|(v, taken)| !*taken && matches(v))
+            {
+                *taken = true;
+                return value.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.fail(&format!("timed out waiting for fixture line: {what}"));
+            }
+            self.pump(left);
+        }
+    }
+
+    /// Waits for the fixture's line of `event` from `generation`.
+    pub fn expect_event(&mut self, event: &str, generation: u64) -> Value {
+        let g = generation.to_string();
+        self.expect(&format!("{event} from generation {generation}"), |v| {
+            v["event"] == event && v["generation"] == g.as_str()
+        })
+    }
+
+    /// Waits for generation `generation` to report signal `signal`.
+    pub fn expect_signal(&mut self, generation: u64, signal: &str) -> Value {
+        let g = generation.to_string();
+        self.expect(&format!("SIG{signal} in generation {generation}"), |v| {
+            v["event"] == "signal" && v["signal"] == signal && v["generation"] == g.as_str()
+        })
+    }
+
+    /// Whether any fixture line seen so far matches.
+    pub fn seen(&self, matches: impl Fn(&Value) -> bool) -> bool {
+        self.json.iter().any(|(v, _)| matches(v))
+    }
+
+    /// Waits for a stderr line containing `needle`; returns it.
+    pub fn expect_log(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut from = 0;
+        loop {
+            if let Some(line) = self.stderr[from..].iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            from = self.stderr.len();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.fail(&format!(
+                    "timed out waiting for log line containing {needle:?}"
+                ));
+            }
+            self.pump(left);
+        }
+    }
+
+    /// Every stderr line so far.
+    pub fn log(&self) -> &[String] {
+        &self.stderr
+    }
+
+    /// Waits for the next datagram sockhold sends its service manager.
+    pub fn expect_manager(&mut self, what: &str, matches: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut buf = vec![0u8; 8192];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.fail(&format!("timed out waiting for manager message: {what}"));
+            }
+            self.manager.set_read_timeout(Some(left)).expect("timeout");
+            if let Ok(n) = self.manager.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                eprintln!("[manager] {text:?}");
+                if matches(&text) {
+                    return text;
+                }
+            }
+        }
+    }
+
+    /// Waits for sockhold to exit and returns its status, reading all its output first.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        if let Some(status) = self.status {
+            return status;
+        }
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // Drain what is left of the pipes (children may still hold them briefly).
+                let drain_until = Instant::now() + Duration::from_secs(2);
+                while Instant::now() < drain_until && self.pump(Duration::from_millis(100)) {}
+                self.status = Some(status);
+                return status;
+            }
+            if Instant::now() >= deadline {
+                self.fail("timed out waiting for sockhold to exit");
+            }
+            self.pump(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for sockhold's exit code.
+    pub fn exit_code(&mut self) -> i32 {
+        let status = self.wait_exit();
+        status
+            .code()
+            .unwrap_or_else(|| panic!("sockhold died of a signal: {status:?}"))
+    }
+
+    fn fail(&self, message: &str) -> ! {
+        panic!(
+            "{message}\n--- sockhold stderr ---\n{}\n--- fixture lines ---\n{}",
+            self.stderr.join("\n"),
+            {
+                let lines: Vec<String> = self.json.iter().map(|(v, _)| v.to_string()).collect();
+                lines.join("\n")
+            }
+        );
+    }
+
+    /// Every pid a fixture reported, for cleanup and /proc checks.
+    fn child_pids(&self) -> Vec<Pid> {
+        self.json
+            .iter()
+            .filter_map(|(v, _)| v["pid"].as_i64())
+            .map(|p| Pid::from_raw(p as i32))
+            .collect()
+    }
+}
+
+impl Drop for Sockhold {
+    fn drop(&mut self) {
+        if self.status.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            let _ = killpg(self.pid(), Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+        for pid in self.child_pids() {
+            // Children run in process groups of their own: kill each group, then the pid.
+            let _ = killpg(pid, Signal::SIGKILL);
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+    }
+}
+
+/// The TCP port of the first socket a fixture start line reports.
+pub fn port_of(start: &Value) -> u16 {
+    let local = start["fds"]
+        .as_array()
+        .and_then(|fds| fds.iter().find(|f| f["fd"] == 3))
+        .expect("fd 3")["socket"]["local"]
+        .as_str()
+        .expect("fd 3 local address")
+        .to_string();
+    local
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {local}"))
+}
+
+/// One HTTP request on a new connection; the response's `X-Pid`, or why it failed.
+pub fn http_get(port: u16) -> Result<i32, String> {
+    let mut stream =
+        TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| format!("read: {e}"))?;
+    if !response.starts_with("HTTP/1.1 200") {
+        return Err(format!("bad response: {response:?}"));
+    }
+    response
+        .lines()
+        .find_map(|l| l.strip_prefix("X-Pid: "))
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or_else(|| format!("no X-Pid in {response:?}"))
+}
+
+/// Polls `check` until it holds, for states that have no event to wait on (a process leaving
+/// /proc). Bounded by [`TIMEOUT`].
+pub fn wait_until(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether `pid` exists at all (a zombie counts).
+pub fn process_exists(pid: i64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The pid of a fixture line.
+pub fn pid_of(v: &Value) -> i64 {
+    v["pid"].as_i64().expect("pid")
+}
