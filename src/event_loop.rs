@@ -21,7 +21,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
-use nix::unistd::{Pid, getpgid};
+use nix::unistd::Pid;
 
 use crate::cli::Config;
 use crate::exit::{ChildStatus, ExitCode};
@@ -41,14 +41,39 @@ fn is_stripped(name: &str) -> bool {
 /// sockhold at work: the resources it holds and the supervisor that decides.
 pub struct EventLoop {
     config: Config,
-    listeners: Vec<Listener>,
+    held: Held,
     signals: Signals,
     supervisor: Supervisor,
     notify: BTreeMap<u64, NotifySocket>,
-    runtime_dir: PathBuf,
     manager: Option<Manager>,
     base_env: Vec<(OsString, OsString)>,
+}
+
+/// What sockhold created and removes when it ends, however it ends: the listeners (and the Unix
+/// socket files it bound), the runtime directory, the pid file.
+#[derive(Default)]
+struct Held {
+    listeners: Vec<Listener>,
+    runtime_dir: Option<PathBuf>,
     pid_file: Option<PathBuf>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for listener in &self.listeners {
+            listener.remove_socket_file();
+        }
+        if let Some(dir) = &self.runtime_dir
+            && let Err(e) = std::fs::remove_dir_all(dir)
+        {
+            warn!("failed to remove {}: {e}", dir.display());
+        }
+        if let Some(path) = &self.pid_file
+            && let Err(e) = std::fs::remove_file(path)
+        {
+            warn!("failed to remove the pid file {}: {e}", path.display());
+        }
+    }
 }
 
 impl EventLoop {
@@ -62,43 +87,33 @@ impl EventLoop {
         let base_env: Vec<_> = std::env::vars_os()
             .filter(|(k, _)| !is_stripped(&k.to_string_lossy()))
             .collect();
-        let mut listeners = Vec::with_capacity(config.listen.len());
+        // Whatever is created from here on is removed again if a later step fails.
+        let mut held = Held::default();
         for spec in &config.listen {
-            let listener = match Listener::bind(spec, &config.name) {
-                Ok(l) => l,
-                Err(e) => {
-                    listeners.iter().for_each(Listener::remove_socket_file);
-                    return Err(e);
-                }
-            };
+            let listener = Listener::bind(spec, &config.name)?;
             info!(
                 "listening on {} (fd {}, name {})",
                 listener.local_description(),
-                3 + listeners.len(),
+                3 + held.listeners.len(),
                 listener.name()
             );
-            listeners.push(listener);
+            held.listeners.push(listener);
         }
         let signals = Signals::install()?;
-        let runtime_dir = make_runtime_dir(&config.name)?;
-        let pid_file = match &config.pid_file {
-            Some(path) => {
-                write_pid_file(path)?;
-                Some(path.clone())
-            }
-            None => None,
-        };
+        held.runtime_dir = Some(make_runtime_dir(&config.name)?);
+        if let Some(path) = &config.pid_file {
+            write_pid_file(path)?;
+            held.pid_file = Some(path.clone());
+        }
         let supervisor = Supervisor::new(config.policy.clone());
         Ok(EventLoop {
             config,
-            listeners,
+            held,
             signals,
             supervisor,
             notify: BTreeMap::new(),
-            runtime_dir,
             manager,
             base_env,
-            pid_file,
         })
     }
 
@@ -113,7 +128,8 @@ impl EventLoop {
                 let _ = waitpid(pid, None);
             }
         }
-        self.clean_up();
+        // The notify sockets go first; `held` then removes the runtime directory and the rest.
+        self.notify.clear();
         result
     }
 
@@ -189,7 +205,7 @@ impl EventLoop {
                 pending.push_back(Event::Notify {
                     generation,
                     sender: received.sender,
-                    sender_pgid: getpgid(Some(received.sender)).ok(),
+                    sender_pgid: received.sender_pgid,
                     message: received.message,
                 });
             }
@@ -291,7 +307,8 @@ impl EventLoop {
     }
 
     fn spawn_generation(&mut self, generation: u64) -> Event {
-        let socket_path = self.runtime_dir.join(format!("notify-{generation}.sock"));
+        let runtime_dir = self.held.runtime_dir.as_ref().expect("created in new");
+        let socket_path = runtime_dir.join(format!("notify-{generation}.sock"));
         let socket = match NotifySocket::bind(&socket_path) {
             Ok(s) => s,
             Err(e) => {
@@ -304,13 +321,13 @@ impl EventLoop {
         };
         // O_NONBLOCK lives on the open file description, shared with every generation: a
         // previous child may have set it. Give each new child the mode it is promised.
-        for listener in &self.listeners {
+        for listener in &self.held.listeners {
             if let Err(e) = listener.set_nonblocking(false) {
                 warn!("{e:#}");
             }
         }
         let spec = self.child_spec(generation, socket.path());
-        let fds: Vec<BorrowedFd<'_>> = self.listeners.iter().map(Listener::fd).collect();
+        let fds: Vec<BorrowedFd<'_>> = self.held.listeners.iter().map(Listener::fd).collect();
         match spawn(&spec, &fds) {
             Ok(pid) => {
                 self.notify.insert(generation, socket);
@@ -326,9 +343,12 @@ impl EventLoop {
 
     fn child_spec(&self, generation: u64, notify_path: &Path) -> ChildSpec {
         let mut env = self.base_env.clone();
-        if !self.listeners.is_empty() {
-            let names: Vec<&str> = self.listeners.iter().map(Listener::name).collect();
-            env.push(("LISTEN_FDS".into(), self.listeners.len().to_string().into()));
+        if !self.held.listeners.is_empty() {
+            let names: Vec<&str> = self.held.listeners.iter().map(Listener::name).collect();
+            env.push((
+                "LISTEN_FDS".into(),
+                self.held.listeners.len().to_string().into(),
+            ));
             env.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
         }
         env.push(("NOTIFY_SOCKET".into(), notify_path.into()));
@@ -337,22 +357,7 @@ impl EventLoop {
             program: self.config.command[0].clone(),
             args: self.config.command.clone(),
             env,
-            listen_pid: !self.listeners.is_empty(),
-        }
-    }
-
-    fn clean_up(&mut self) {
-        self.notify.clear();
-        for listener in &self.listeners {
-            listener.remove_socket_file();
-        }
-        if let Err(e) = std::fs::remove_dir_all(&self.runtime_dir) {
-            warn!("failed to remove {}: {e}", self.runtime_dir.display());
-        }
-        if let Some(path) = &self.pid_file
-            && let Err(e) = std::fs::remove_file(path)
-        {
-            warn!("failed to remove the pid file {}: {e}", path.display());
+            listen_pid: !self.held.listeners.is_empty(),
         }
     }
 }
@@ -366,7 +371,14 @@ fn make_runtime_dir(name: &str) -> Result<PathBuf> {
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
     };
+    // systemd sets RUNTIME_DIRECTORY to a ':'-separated list when a unit has several.
+    let first = |p: PathBuf| {
+        p.to_str()
+            .and_then(|s| s.split(':').next())
+            .map(PathBuf::from)
+    };
     let base = from_env("RUNTIME_DIRECTORY")
+        .and_then(first)
         .or_else(|| from_env("XDG_RUNTIME_DIR"))
         .or_else(|| {
             nix::unistd::geteuid()
@@ -389,7 +401,9 @@ fn make_runtime_dir(name: &str) -> Result<PathBuf> {
 
 fn write_pid_file(path: &Path) -> Result<()> {
     // Write then rename, so a reader never sees a half-written pid.
-    let tmp = path.with_extension("tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     std::fs::write(&tmp, format!("{}\n", std::process::id()))
         .and_then(|()| std::fs::rename(&tmp, path))
         .with_context(|| format!("failed to write the pid file {}", path.display()))

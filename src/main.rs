@@ -22,7 +22,15 @@ use clap::Parser;
 use crate::exit::ExitCode;
 
 fn main() {
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version go to stdout and exit 0, as clap prints them.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprint!("sockhold: {}", e.render());
+            std::process::exit(ExitCode::USAGE.0);
+        }
+    };
     init_logging(cli.verbose, cli.quiet);
     let config = match cli.into_config() {
         Ok(config) => config,

@@ -24,7 +24,7 @@ use nix::sys::socket::{
     self, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr, sockopt,
 };
 use nix::time::{ClockId, clock_gettime};
-use nix::unistd::Pid;
+use nix::unistd::{Pid, getpgid};
 
 use crate::supervisor::ManagerMessage;
 
@@ -77,6 +77,8 @@ impl NotifyMessage {
 pub struct Received {
     /// The sender's pid, from `SCM_CREDENTIALS`.
     pub sender: Pid,
+    /// The sender's process group, read as the datagram arrived, if the sender still existed.
+    pub sender_pgid: Option<Pid>,
     /// The parsed message.
     pub message: NotifyMessage,
 }
@@ -170,6 +172,10 @@ impl NotifySocket {
                     break;
                 }
             };
+            // Look the sender's group up before any fd is closed: closing the fd of a later
+            // BARRIER=1 releases a sender such as systemd-notify, which then exits, and a gone
+            // process has no group to check against --notify-access group.
+            let sender_pgid = sender.and_then(|pid| getpgid(Some(pid)).ok());
             // Closing what arrived answers BARRIER=1 (the sender waits for the fd to close) and
             // keeps any other stray fd from leaking into sockhold.
             for raw in fds {
@@ -191,7 +197,11 @@ impl NotifySocket {
                 "notify from pid {sender}: {:?}",
                 String::from_utf8_lossy(&buf[..len])
             );
-            out.push(Received { sender, message });
+            out.push(Received {
+                sender,
+                sender_pgid,
+                message,
+            });
         }
         out
     }

@@ -325,7 +325,7 @@ fn read_report(report: &OwnedFd) -> Option<(Step, Errno)> {
 unsafe fn child(p: &mut Prepared, report: RawFd) -> ! {
     let n = p.sources.len() as RawFd;
     let first_free = 3 + n;
-    // SAFETY (whole block): every call is an async-signal-safe libc function on fds and memory
+    // SAFETY: every call in this block is an async-signal-safe libc function on fds and memory
     // prepared before the fork; on failure we report and _exit without unwinding.
     unsafe {
         // The report pipe could sit on one of the target numbers 3..3+N: move it above them.

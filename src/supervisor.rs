@@ -522,6 +522,13 @@ impl Supervisor {
             self.follow_pending_reload(out);
             return;
         }
+        if purpose == Purpose::Reload {
+            // The manager heard RELOADING=1 for this start: end its reload, even though
+            // nothing serves until the restart below succeeds.
+            out.push(Action::Manager(ManagerMessage::Ready(format!(
+                "reload failed: {reason}; no child is serving"
+            ))));
+        }
         // Nothing serves: the restart policy applies to this failure as to a crash.
         if let Some(code) = status.and_then(|s| self.ends_service(s)) {
             self.shut_down(
@@ -676,10 +683,12 @@ impl Supervisor {
             out.push(Action::ReloadDone(Err("sockhold is stopping".into())));
         }
         self.reload_pending = false;
-        info!(
-            "stopping ({why}): sending SIG{} to every child",
-            signal_name(self.policy.stop_signal)
-        );
+        if self.generations.is_empty() {
+            info!("stopping ({why})");
+        } else {
+            let stop = signal_name(self.policy.stop_signal);
+            info!("stopping ({why}): sending SIG{stop} to every child");
+        }
         out.push(Action::Manager(ManagerMessage::Stopping("stopping".into())));
         for i in 0..self.generations.len() {
             self.stop_generation(i, self.policy.stop_signal, now, out);
