@@ -99,7 +99,10 @@ impl Listener {
         let ty = socket::getsockopt(&fd, sockopt::SockType)
             .map_err(|e| anyhow!("fd {raw} is not a socket ({e})"))?;
         if ty != SockType::Stream {
-            bail!("fd {raw} is a {ty:?} socket, not a stream socket");
+            bail!(
+                "fd {raw} is a {} socket, not a stream socket",
+                format!("{ty:?}").to_lowercase()
+            );
         }
         if !socket::getsockopt(&fd, sockopt::AcceptConn)? {
             bail!("fd {raw} is a stream socket but is not listening");

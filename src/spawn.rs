@@ -129,7 +129,6 @@ struct Prepared {
     moved: Vec<RawFd>,
     /// Fds to mark close-on-exec by hand if the kernel has no `close_range`.
     open_fds: Vec<RawFd>,
-    default_action: libc::sigaction,
     empty_set: libc::sigset_t,
 }
 
@@ -176,10 +175,7 @@ fn prepare(
                 .collect()
         })
         .unwrap_or_default();
-    // SAFETY: sigaction and sigset_t are plain C structs for which all-zero bytes are valid.
-    let mut default_action: libc::sigaction = unsafe { std::mem::zeroed() };
-    default_action.sa_sigaction = libc::SIG_DFL;
-    // SAFETY: as above.
+    // SAFETY: sigset_t is a plain C struct for which all-zero bytes are valid.
     let mut empty_set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: empty_set is a valid sigset_t to initialise.
     unsafe { libc::sigemptyset(&mut empty_set) };
@@ -193,7 +189,6 @@ fn prepare(
         sources: listeners.iter().map(|fd| fd.as_raw_fd()).collect(),
         moved: vec![-1; listeners.len()],
         open_fds,
-        default_action,
         empty_set,
     })
 }
@@ -333,11 +328,20 @@ unsafe fn child(p: &mut Prepared, report: RawFd) -> ! {
             -1 => fail(report, Step::Fds),
             fd => fd,
         };
-        // Default dispositions: ignored signals (SIGPIPE, which Rust ignores) and sockhold's
-        // handlers must not carry over. 32 and 33 are glibc's own and refuse; that is fine.
-        for sig in 1..libc::SIGRTMAX() {
+        // Default dispositions: ignored signals (SIGPIPE, which Rust ignores, and whatever
+        // sockhold's own parent ignored) and sockhold's handlers must not carry over. The raw
+        // syscall, because glibc's sigaction refuses 32 and 33, which an ignoring parent may
+        // also have passed down. All-zero is SIG_DFL with no flags and an empty mask.
+        let default_action = [0u64; 4];
+        for sig in 1..=libc::SIGRTMAX() {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::sigaction(sig, &p.default_action, std::ptr::null_mut());
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    default_action.as_ptr(),
+                    0usize,
+                    8usize,
+                );
             }
         }
         if libc::sigprocmask(libc::SIG_SETMASK, &p.empty_set, std::ptr::null_mut()) != 0 {

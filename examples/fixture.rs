@@ -1,0 +1,372 @@
+//! The test fixture child: run by sockhold's integration tests as the supervised COMMAND, it
+//! reports what it sees as JSON lines on stdout (its fds, environment and signal state at start,
+//! then every signal it receives) and behaves as its arguments say (send READY=1, ignore SIGTERM,
+//! exit with a code, serve HTTP, send notify messages on demand). Every line carries its pid and
+//! its `SOCKHOLD_GENERATION`, so a test can tell the generations apart.
+
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
+
+use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{
+    self, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, SockaddrLike,
+    SockaddrStorage, UnixAddr, sockopt,
+};
+use serde_json::{Value, json};
+use signal_hook::consts::*;
+use signal_hook::iterator::Signals;
+
+#[derive(Default)]
+struct Args {
+    ready: bool,
+    ready_gens: Vec<String>,
+    status: Option<String>,
+    exit: Option<i32>,
+    exit_gens: Vec<(String, i32)>,
+    ignore_term: bool,
+    ignore_term_gens: Vec<String>,
+    serve: bool,
+    notify_on_usr1: Option<String>,
+    fork_notify_ready: bool,
+}
+
+fn generation() -> Option<String> {
+    std::env::var("SOCKHOLD_GENERATION").ok()
+}
+
+/// Prints one JSON line with the event, pid and generation, in a single write.
+fn report(event: &str, mut fields: Value) {
+    fields["event"] = json!(event);
+    fields["pid"] = json!(std::process::id());
+    fields["generation"] = json!(generation());
+    let mut line = fields.to_string();
+    line.push('\n');
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(line.as_bytes());
+    let _ = out.flush();
+}
+
+fn usage(message: &str) -> ! {
+    eprintln!("fixture: {message}");
+    std::process::exit(2)
+}
+
+fn parse_args() -> Args {
+    let mut args = Args::default();
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .unwrap_or_else(|| usage(&format!("{name} needs a value")))
+        };
+        match arg.as_str() {
+            "--ready" => args.ready = true,
+            "--ready-gen" => args.ready_gens.push(value("--ready-gen")),
+            "--status" => args.status = Some(value("--status")),
+            "--exit" => {
+                args.exit = Some(
+                    value("--exit")
+                        .parse()
+                        .unwrap_or_else(|_| usage("bad --exit")),
+                )
+            }
+            "--exit-gen" => {
+                let v = value("--exit-gen");
+                let (g, c) = v
+                    .split_once(':')
+                    .unwrap_or_else(|| usage("--exit-gen takes N:CODE"));
+                args.exit_gens.push((
+                    g.to_string(),
+                    c.parse().unwrap_or_else(|_| usage("bad code")),
+                ));
+            }
+            "--ignore-term" => args.ignore_term = true,
+            "--ignore-term-gen" => args.ignore_term_gens.push(value("--ignore-term-gen")),
+            "--serve" => args.serve = true,
+            "--notify-on-usr1" => {
+                args.notify_on_usr1 = Some(value("--notify-on-usr1").replace("\\n", "\n"))
+            }
+            "--fork-notify-ready" => args.fork_notify_ready = true,
+            "--send-notify" => {
+                // Helper mode: send one message from this (other) process, then exit.
+                let text = value("--send-notify");
+                let barrier = notify(&text);
+                report("helper-notified", json!({ "barrier": barrier }));
+                std::process::exit(0);
+            }
+            other => usage(&format!("unknown argument '{other}'")),
+        }
+    }
+    args
+}
+
+fn notify_socket() -> Option<(OwnedFd, UnixAddr)> {
+    let path = std::env::var("NOTIFY_SOCKET").ok()?;
+    let addr = match path.strip_prefix('@') {
+        Some(name) => UnixAddr::new_abstract(name.as_bytes()).ok()?,
+        None => UnixAddr::new(path.as_str()).ok()?,
+    };
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .ok()?;
+    Some((fd, addr))
+}
+
+/// Sends `text` as one datagram, then waits for the receiver as sd_notify_barrier(3) does.
+/// Returns "ok", "timeout", or "no-socket".
+fn notify(text: &str) -> &'static str {
+    let Some((fd, addr)) = notify_socket() else {
+        return "no-socket";
+    };
+    let send = |iov: &[IoSlice<'_>], cmsgs: &[ControlMessage<'_>]| {
+        socket::sendmsg(fd.as_raw_fd(), iov, cmsgs, MsgFlags::empty(), Some(&addr))
+    };
+    if send(&[IoSlice::new(text.as_bytes())], &[]).is_err() {
+        return "send-failed";
+    }
+    let Ok((read, write)) = nix::unistd::pipe2(OFlag::O_CLOEXEC) else {
+        return "pipe-failed";
+    };
+    let fds = [write.as_raw_fd()];
+    if send(
+        &[IoSlice::new(b"BARRIER=1")],
+        &[ControlMessage::ScmRights(&fds)],
+    )
+    .is_err()
+    {
+        return "send-failed";
+    }
+    drop(write);
+    let mut pfd = [PollFd::new(read.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut pfd, PollTimeout::from(5000u16)) {
+        Ok(n) if n > 0 => "ok",
+        _ => "timeout",
+    }
+}
+
+fn proc_status_field(name: &str) -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+        .unwrap_or_default()
+}
+
+fn describe_socket(fd: BorrowedFd<'_>) -> Value {
+    let Ok(kind) = socket::getsockopt(&fd, sockopt::SockType) else {
+        return Value::Null;
+    };
+    let kind = match kind {
+        SockType::Stream => "stream",
+        SockType::Datagram => "dgram",
+        SockType::SeqPacket => "seqpacket",
+        _ => "other",
+    };
+    let listening = socket::getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false);
+    let (family, local) = match socket::getsockname::<SockaddrStorage>(fd.as_raw_fd()) {
+        Ok(addr) => match addr.family() {
+            Some(AddressFamily::Inet) => (
+                "inet",
+                addr.as_sockaddr_in()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            ),
+            Some(AddressFamily::Inet6) => (
+                "inet6",
+                addr.as_sockaddr_in6()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            ),
+            Some(AddressFamily::Unix) => {
+                let unix = addr.as_unix_addr();
+                let local = match (
+                    unix.and_then(|u| u.path()),
+                    unix.and_then(|u| u.as_abstract()),
+                ) {
+                    (Some(path), _) => path.display().to_string(),
+                    (None, Some(name)) => format!("@{}", String::from_utf8_lossy(name)),
+                    _ => String::new(),
+                };
+                ("unix", local)
+            }
+            _ => ("other", String::new()),
+        },
+        Err(_) => ("unknown", String::new()),
+    };
+    json!({ "family": family, "type": kind, "listening": listening, "local": local })
+}
+
+fn describe_fds() -> Vec<Value> {
+    let mut numbers: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    numbers.sort();
+    let mut out = Vec::new();
+    for raw in numbers {
+        // The directory listing's own fd is closed by now: `borrow` finds it gone and skips it.
+        let Some(fd) = borrow(raw) else { continue };
+        let Ok(fd_flags) = fcntl(fd, FcntlArg::F_GETFD) else {
+            continue;
+        };
+        let fl_flags = fcntl(fd, FcntlArg::F_GETFL).unwrap_or(0);
+        out.push(json!({
+            "fd": raw,
+            "cloexec": FdFlag::from_bits_truncate(fd_flags).contains(FdFlag::FD_CLOEXEC),
+            "nonblock": OFlag::from_bits_truncate(fl_flags).contains(OFlag::O_NONBLOCK),
+            "socket": describe_socket(fd),
+        }));
+    }
+    out
+}
+
+/// Borrows an inherited fd by number, if it is open.
+#[allow(unsafe_code)]
+fn borrow(raw: i32) -> Option<BorrowedFd<'static>> {
+    // SAFETY: the fixture never closes fds it inherited, so an fd that is open now stays open
+    // for the life of the process; the F_GETFD probe below checks that it is open at all.
+    let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+    fcntl(fd, FcntlArg::F_GETFD).ok().map(|_| fd)
+}
+
+/// Takes ownership of a connection fd that `accept` just returned.
+#[allow(unsafe_code)]
+fn own(raw: i32) -> OwnedFd {
+    // SAFETY: `raw` was just returned by accept(2) and nothing else refers to it.
+    unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) }
+}
+
+fn serve() {
+    let Some(listener) = borrow(3) else { return };
+    std::thread::spawn(move || {
+        loop {
+            let mut pfd = [PollFd::new(listener, PollFlags::POLLIN)];
+            if poll(&mut pfd, PollTimeout::NONE).is_err() {
+                continue;
+            }
+            let Ok(conn) = socket::accept(listener.as_raw_fd()) else {
+                continue;
+            };
+            let mut stream = std::net::TcpStream::from(own(conn));
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let pid = std::process::id();
+            let body = format!("{pid}\n");
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nX-Pid: {pid}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+}
+
+fn main() {
+    // 1. Signal state and fds first, before this process changes anything.
+    let sigblk = proc_status_field("SigBlk:");
+    let sigign = proc_status_field("SigIgn:");
+    let fds = describe_fds();
+    let args = parse_args();
+    let generation = generation();
+    let in_gen = |list: &[String]| generation.as_ref().is_some_and(|g| list.contains(g));
+
+    // 2. Handlers before the start line, so a test that signals after reading it never kills us.
+    let mut signals = Signals::new([
+        SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGTERM, SIGWINCH, SIGALRM, SIGTTIN, SIGTTOU,
+        SIGCONT,
+    ])
+    .expect("install signal handlers");
+
+    // 3. The start line.
+    let env: serde_json::Map<String, Value> = std::env::vars()
+        .filter(|(k, _)| {
+            k.starts_with("LISTEN_")
+                || k == "NOTIFY_SOCKET"
+                || k.starts_with("WATCHDOG_")
+                || k.starts_with("SOCKHOLD_")
+                || k.starts_with("FIXTURE_")
+        })
+        .map(|(k, v)| (k, json!(v)))
+        .collect();
+    report(
+        "start",
+        json!({
+            "ppid": nix::unistd::getppid().as_raw(),
+            "pgid": nix::unistd::getpgrp().as_raw(),
+            "sid": nix::unistd::getsid(None).map(|p| p.as_raw()).unwrap_or(-1),
+            "argv": std::env::args().collect::<Vec<_>>(),
+            "env": env,
+            "sigblk": sigblk,
+            "sigign": sigign,
+            "fds": fds,
+        }),
+    );
+
+    // 4. What the arguments ask for.
+    if args.serve {
+        serve();
+    }
+    if let Some(status) = &args.status {
+        notify(&format!("STATUS={status}"));
+    }
+    if args.ready || in_gen(&args.ready_gens) {
+        let barrier = notify("READY=1");
+        report("ready-sent", json!({ "barrier": barrier }));
+    }
+    if args.fork_notify_ready {
+        let exe = std::env::current_exe().expect("own path");
+        let helper = std::process::Command::new(exe)
+            .args(["--send-notify", "READY=1"])
+            .spawn();
+        match helper.and_then(|mut child| child.wait().map(|_| child.id())) {
+            Ok(helper_pid) => report("ready-sent-by-helper", json!({ "helper_pid": helper_pid })),
+            Err(e) => report("helper-failed", json!({ "error": e.to_string() })),
+        }
+    }
+    let exit = args
+        .exit_gens
+        .iter()
+        .find(|(g, _)| generation.as_deref() == Some(g.as_str()))
+        .map(|(_, code)| *code)
+        .or(args.exit);
+    if let Some(code) = exit {
+        report("exit", json!({ "code": code }));
+        std::process::exit(code);
+    }
+
+    // 5. Report every signal; stop on TERM/INT unless told not to.
+    let ignore_term = args.ignore_term || in_gen(&args.ignore_term_gens);
+    for signal in signals.forever() {
+        let name = signal_hook::low_level::signal_name(signal).unwrap_or("?");
+        let name = name.strip_prefix("SIG").unwrap_or(name);
+        report("signal", json!({ "signal": name }));
+        match signal {
+            SIGTERM | SIGINT if !ignore_term => {
+                report("exit", json!({ "code": 0 }));
+                std::process::exit(0);
+            }
+            SIGUSR1 => {
+                if let Some(text) = &args.notify_on_usr1 {
+                    let barrier = notify(text);
+                    report("notified", json!({ "text": text, "barrier": barrier }));
+                }
+            }
+            _ => {}
+        }
+    }
+}
