@@ -30,6 +30,7 @@ struct Args {
     serve: bool,
     notify_on_usr1: Option<String>,
     fork_notify_ready: bool,
+    set_nonblock: bool,
 }
 
 fn generation() -> Option<String> {
@@ -89,6 +90,7 @@ fn parse_args() -> Args {
                 args.notify_on_usr1 = Some(value("--notify-on-usr1").replace("\\n", "\n"))
             }
             "--fork-notify-ready" => args.fork_notify_ready = true,
+            "--set-nonblock" => args.set_nonblock = true,
             "--send-notify" => {
                 // Helper mode: send one message from this (other) process, then exit.
                 let text = value("--send-notify");
@@ -318,6 +320,13 @@ fn main() {
     );
 
     // 4. What the arguments ask for.
+    if args.set_nonblock {
+        // As Go, gunicorn and uWSGI do: the flag lands on the description every holder shares.
+        let fd = borrow(3).expect("fd 3");
+        let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).expect("F_GETFL"));
+        fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).expect("F_SETFL");
+        report("set-nonblock", json!({}));
+    }
     if args.serve {
         serve();
     }

@@ -153,7 +153,18 @@ fn signals_ignored_by_sockholds_own_parent_do_not_reach_the_child() {
             .process_group(0);
         *cmd = sh;
     });
-    s.expect_event("start", 1);
+    let start = s.expect_event("start", 1);
+    let fds = start["fds"].as_array().expect("fds");
+    let numbers: Vec<i64> = fds.iter().map(|f| f["fd"].as_i64().unwrap()).collect();
+    assert_eq!(
+        numbers,
+        vec![0, 1, 2, 3],
+        "sockhold's inherited fds stay out: {fds:?}"
+    );
+    assert_eq!(
+        fds[3]["socket"]["listening"], true,
+        "fd 3 is the listener, moved down from 5"
+    );
     let signals = std::fs::read_to_string(&signal_state).unwrap();
     assert!(signals.contains("SigIgn:\t0000000000000000"), "{signals}");
     assert!(signals.contains("SigBlk:\t0000000000000000"), "{signals}");
@@ -214,4 +225,34 @@ fn status_lines_reach_the_log_and_the_manager() {
     let ready = s.expect_manager("READY=1", |m| m.contains("READY=1"));
     assert!(ready.contains("STATUS=serving: generation 1"), "{ready}");
     assert!(ready.contains("warming up"), "{ready}");
+}
+
+#[test]
+fn a_child_that_sets_o_nonblock_does_not_change_what_the_next_one_gets() {
+    let fixture = fixture();
+    #[rustfmt::skip]
+    let mut s = start(&[
+        "-l", "127.0.0.1:0", "--ready", "notify", "--", &fixture, "--ready", "--set-nonblock",
+    ]);
+    s.expect_event("set-nonblock", 1);
+    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.signal(nix::sys::signal::Signal::SIGHUP);
+    let second = s.expect_event("start", 2);
+    assert_eq!(
+        second["fds"][3]["nonblock"], false,
+        "blocking again for generation 2: {second}"
+    );
+}
+
+#[test]
+fn libsystemds_own_systemd_notify_makes_a_generation_ready() {
+    // systemd-notify sends READY=1 with libsystemd's code, from its own pid, then waits on a
+    // barrier: it needs --notify-access group (the default), and a barrier that is answered.
+    let script = "systemd-notify --ready --status='up via libsystemd' && echo notified >&2 && exec sleep 600";
+    #[rustfmt::skip]
+    let mut s = start(&["-l", "127.0.0.1:0", "--ready", "notify", "--ready-timeout", "10s", "--", "/bin/sh", "-c", script]);
+    let ready = s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    assert!(ready.contains("up via libsystemd"), "{ready}");
+    s.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(s.exit_code(), 0);
 }
