@@ -58,30 +58,20 @@ fn parse_args() -> Args {
     let mut args = Args::default();
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .unwrap_or_else(|| usage(&format!("{name} needs a value")))
-        };
+        let mut value =
+            |name: &str| it.next().unwrap_or_else(|| usage(&format!("{name} needs a value")));
         match arg.as_str() {
             "--ready" => args.ready = true,
             "--ready-gen" => args.ready_gens.push(value("--ready-gen")),
             "--status" => args.status = Some(value("--status")),
             "--exit" => {
-                args.exit = Some(
-                    value("--exit")
-                        .parse()
-                        .unwrap_or_else(|_| usage("bad --exit")),
-                )
+                args.exit = Some(value("--exit").parse().unwrap_or_else(|_| usage("bad --exit")))
             }
             "--exit-gen" => {
                 let v = value("--exit-gen");
-                let (g, c) = v
-                    .split_once(':')
-                    .unwrap_or_else(|| usage("--exit-gen takes N:CODE"));
-                args.exit_gens.push((
-                    g.to_string(),
-                    c.parse().unwrap_or_else(|_| usage("bad code")),
-                ));
+                let (g, c) = v.split_once(':').unwrap_or_else(|| usage("--exit-gen takes N:CODE"));
+                args.exit_gens
+                    .push((g.to_string(), c.parse().unwrap_or_else(|_| usage("bad code"))));
             }
             "--ignore-term" => args.ignore_term = true,
             "--ignore-term-gen" => args.ignore_term_gens.push(value("--ignore-term-gen")),
@@ -110,13 +100,8 @@ fn notify_socket() -> Option<(OwnedFd, UnixAddr)> {
         Some(name) => UnixAddr::new_abstract(name.as_bytes()).ok()?,
         None => UnixAddr::new(path.as_str()).ok()?,
     };
-    let fd = socket::socket(
-        AddressFamily::Unix,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .ok()?;
+    let fd = socket::socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+        .ok()?;
     Some((fd, addr))
 }
 
@@ -136,12 +121,7 @@ fn notify(text: &str) -> &'static str {
         return "pipe-failed";
     };
     let fds = [write.as_raw_fd()];
-    if send(
-        &[IoSlice::new(b"BARRIER=1")],
-        &[ControlMessage::ScmRights(&fds)],
-    )
-    .is_err()
-    {
+    if send(&[IoSlice::new(b"BARRIER=1")], &[ControlMessage::ScmRights(&fds)]).is_err() {
         return "send-failed";
     }
     drop(write);
@@ -173,24 +153,16 @@ fn describe_socket(fd: BorrowedFd<'_>) -> Value {
     let listening = socket::getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false);
     let (family, local) = match socket::getsockname::<SockaddrStorage>(fd.as_raw_fd()) {
         Ok(addr) => match addr.family() {
-            Some(AddressFamily::Inet) => (
-                "inet",
-                addr.as_sockaddr_in()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default(),
-            ),
-            Some(AddressFamily::Inet6) => (
-                "inet6",
-                addr.as_sockaddr_in6()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default(),
-            ),
+            Some(AddressFamily::Inet) => {
+                ("inet", addr.as_sockaddr_in().map(|a| a.to_string()).unwrap_or_default())
+            }
+            Some(AddressFamily::Inet6) => {
+                ("inet6", addr.as_sockaddr_in6().map(|a| a.to_string()).unwrap_or_default())
+            }
             Some(AddressFamily::Unix) => {
                 let unix = addr.as_unix_addr();
-                let local = match (
-                    unix.and_then(|u| u.path()),
-                    unix.and_then(|u| u.as_abstract()),
-                ) {
+                let local = match (unix.and_then(|u| u.path()), unix.and_then(|u| u.as_abstract()))
+                {
                     (Some(path), _) => path.display().to_string(),
                     (None, Some(name)) => format!("@{}", String::from_utf8_lossy(name)),
                     _ => String::new(),
@@ -206,9 +178,7 @@ fn describe_socket(fd: BorrowedFd<'_>) -> Value {
 
 fn describe_fds() -> Vec<Value> {
     let mut numbers: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
-        Ok(dir) => dir
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect(),
+        Ok(dir) => dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect(),
         Err(_) => Vec::new(),
     };
     numbers.sort();
@@ -339,9 +309,7 @@ fn main() {
     }
     if args.fork_notify_ready {
         let exe = std::env::current_exe().expect("own path");
-        let helper = std::process::Command::new(exe)
-            .args(["--send-notify", "READY=1"])
-            .spawn();
+        let helper = std::process::Command::new(exe).args(["--send-notify", "READY=1"]).spawn();
         match helper.and_then(|mut child| child.wait().map(|_| child.id())) {
             Ok(helper_pid) => report("ready-sent-by-helper", json!({ "helper_pid": helper_pid })),
             Err(e) => report("helper-failed", json!({ "error": e.to_string() })),

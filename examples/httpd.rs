@@ -60,11 +60,7 @@ mod inherited {
         };
         take("LISTEN_FDNAMES"); // every socket is served alike: names don't matter
         let (listen_fds, listen_pid) = (take("LISTEN_FDS"), take("LISTEN_PID"));
-        super::Activation {
-            listen_fds,
-            listen_pid,
-            notify_socket: take("NOTIFY_SOCKET"),
-        }
+        super::Activation { listen_fds, listen_pid, notify_socket: take("NOTIFY_SOCKET") }
     }
 
     /// Takes ownership of fds 3..3+count (once; a second call panics).
@@ -99,10 +95,7 @@ impl Listener {
         let ty = socket::getsockopt(&fd, sockopt::SockType)
             .map_err(|e| anyhow!("fd {raw} is not a socket ({e})"))?;
         if ty != SockType::Stream {
-            bail!(
-                "fd {raw} is a {} socket, not a stream socket",
-                format!("{ty:?}").to_lowercase()
-            );
+            bail!("fd {raw} is a {} socket, not a stream socket", format!("{ty:?}").to_lowercase());
         }
         if !socket::getsockopt(&fd, sockopt::AcceptConn)? {
             bail!("fd {raw} is a stream socket but is not listening");
@@ -244,12 +237,7 @@ fn notify(activation: &Activation, message: &str) {
             None => UnixAddr::new(path.as_os_str())?,
         };
         let sock = socket::socket(Af::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
-        socket::sendto(
-            sock.as_raw_fd(),
-            message.as_bytes(),
-            &addr,
-            MsgFlags::empty(),
-        )
+        socket::sendto(sock.as_raw_fd(), message.as_bytes(), &addr, MsgFlags::empty())
     };
     if let Err(e) = send() {
         eprintln!("httpd[{}]: cannot notify {path:?}: {e}", process::id());
@@ -258,10 +246,8 @@ fn notify(activation: &Activation, message: &str) {
 
 /// Polls `fd` and the stop pipe; returns which of the two have events.
 fn poll_with_stop(server: &Server, fd: BorrowedFd, timeout: PollTimeout) -> (bool, bool) {
-    let mut fds = [
-        PollFd::new(fd, PollFlags::POLLIN),
-        PollFd::new(server.stop.as_fd(), PollFlags::POLLIN),
-    ];
+    let mut fds =
+        [PollFd::new(fd, PollFlags::POLLIN), PollFd::new(server.stop.as_fd(), PollFlags::POLLIN)];
     match poll(&mut fds, timeout) {
         Ok(_) => {}
         // A signal landed on this thread; the main thread deals with it.
@@ -357,11 +343,7 @@ fn read_head(reader: &mut impl BufRead) -> Result<Option<Vec<String>>, HeadError
             return Err(HeadError::TooLarge);
         }
         let Some(line) = line.strip_suffix(b"\n") else {
-            return if used == 0 {
-                Ok(None)
-            } else {
-                Err(HeadError::Malformed)
-            };
+            return if used == 0 { Ok(None) } else { Err(HeadError::Malformed) };
         };
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         match (line.is_empty(), lines.is_empty()) {
@@ -400,13 +382,8 @@ fn parse_request(lines: &[String]) -> Result<Request, u16> {
         return Err(400);
     }
     let head_only = method == "HEAD";
-    let mut req = Request {
-        http10,
-        head_only,
-        body_length: 0,
-        keep_alive: !http10,
-        expect_continue: false,
-    };
+    let mut req =
+        Request { http10, head_only, body_length: 0, keep_alive: !http10, expect_continue: false };
     let (mut has_host, mut length) = (false, None);
     for line in &lines[1..] {
         let (name, value) = line.split_once(':').ok_or(400u16)?;
@@ -460,13 +437,7 @@ fn handle_request<S: Read + Write + AsFd>(
     let req = match parsed {
         Ok(req) => req,
         Err(code) => {
-            respond(
-                server,
-                reader.get_mut(),
-                code,
-                "Connection: close\r\n",
-                false,
-            )?;
+            respond(server, reader.get_mut(), code, "Connection: close\r\n", false)?;
             // Closing with unread input makes the kernel send a reset, which
             // can destroy the response before the client reads it: half-close,
             // and read (a bounded amount of) what the client is still sending.
@@ -479,9 +450,7 @@ fn handle_request<S: Read + Write + AsFd>(
         }
     };
     if req.expect_continue && req.body_length > 0 && !req.http10 {
-        reader
-            .get_mut()
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        reader.get_mut().write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
     }
     if io::copy(&mut reader.take(req.body_length), &mut io::sink())? < req.body_length {
         return Ok(false); // the client went away mid-body
@@ -507,23 +476,11 @@ fn respond(
 ) -> io::Result<()> {
     let (pid, generation) = (server.pid, &server.generation);
     let (reason, body) = match code {
-        200 => (
-            "OK",
-            format!("hello from pid {pid} (generation {generation})\n"),
-        ),
+        200 => ("OK", format!("hello from pid {pid} (generation {generation})\n")),
         400 => ("Bad Request", "bad request\n".into()),
-        431 => (
-            "Request Header Fields Too Large",
-            "request head too large\n".into(),
-        ),
-        501 => (
-            "Not Implemented",
-            "transfer-encoding is not supported\n".into(),
-        ),
-        _ => (
-            "HTTP Version Not Supported",
-            "HTTP version not supported\n".into(),
-        ),
+        431 => ("Request Header Fields Too Large", "request head too large\n".into()),
+        501 => ("Not Implemented", "transfer-encoding is not supported\n".into()),
+        _ => ("HTTP Version Not Supported", "HTTP version not supported\n".into()),
     };
     let mut response = format!(
         "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\

@@ -164,11 +164,7 @@ pub fn parse_signal(text: &str) -> Result<Signal, String> {
         return Signal::try_from(number).map_err(|_| bad());
     }
     let upper = text.to_ascii_uppercase();
-    let name = if upper.starts_with("SIG") {
-        upper
-    } else {
-        format!("SIG{upper}")
-    };
+    let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
     name.parse::<Signal>().map_err(|_| bad())
 }
 
@@ -177,12 +173,10 @@ pub fn parse_ready(text: &str) -> Result<ReadyMode, String> {
     match text.split_once(':') {
         None if text == "notify" => Ok(ReadyMode::Notify),
         Some(("delay", dur)) => parse_duration(dur).map(ReadyMode::Delay),
-        Some((mode @ ("http" | "exec"), _)) => Err(format!(
-            "ready mode '{mode}:' is not supported yet; use notify or delay:DUR"
-        )),
-        _ => Err(format!(
-            "'{text}' is not a ready mode; use notify or delay:DUR"
-        )),
+        Some((mode @ ("http" | "exec"), _)) => {
+            Err(format!("ready mode '{mode}:' is not supported yet; use notify or delay:DUR"))
+        }
+        _ => Err(format!("'{text}' is not a ready mode; use notify or delay:DUR")),
     }
 }
 
@@ -224,34 +218,16 @@ mod tests {
             assert_eq!(parse_signal(text), Ok(want), "{text}");
         }
         for bad in ["", "NOPE", "0", "999", "SIG"] {
-            assert!(
-                parse_signal(bad).unwrap_err().contains("is not a signal"),
-                "{bad}"
-            );
+            assert!(parse_signal(bad).unwrap_err().contains("is not a signal"), "{bad}");
         }
     }
 
     #[test]
     fn ready_modes() {
         assert_eq!(parse_ready("notify"), Ok(ReadyMode::Notify));
-        assert_eq!(
-            parse_ready("delay:250ms"),
-            Ok(ReadyMode::Delay(Duration::from_millis(250)))
-        );
-        assert!(
-            parse_ready("delay:x")
-                .unwrap_err()
-                .contains("'x' is not a duration")
-        );
-        assert!(
-            parse_ready("http:/health")
-                .unwrap_err()
-                .contains("not supported yet")
-        );
-        assert!(
-            parse_ready("sleep")
-                .unwrap_err()
-                .contains("'sleep' is not a ready mode")
-        );
+        assert_eq!(parse_ready("delay:250ms"), Ok(ReadyMode::Delay(Duration::from_millis(250))));
+        assert!(parse_ready("delay:x").unwrap_err().contains("'x' is not a duration"));
+        assert!(parse_ready("http:/health").unwrap_err().contains("not supported yet"));
+        assert!(parse_ready("sleep").unwrap_err().contains("'sleep' is not a ready mode"));
     }
 }

@@ -84,9 +84,8 @@ impl EventLoop {
             Ok(path) if !path.is_empty() => Some(Manager::new(&path)?),
             _ => None,
         };
-        let base_env: Vec<_> = std::env::vars_os()
-            .filter(|(k, _)| !is_stripped(&k.to_string_lossy()))
-            .collect();
+        let base_env: Vec<_> =
+            std::env::vars_os().filter(|(k, _)| !is_stripped(&k.to_string_lossy())).collect();
         // Whatever is created from here on is removed again if a later step fails.
         let mut held = Held::default();
         for spec in &config.listen {
@@ -164,11 +163,7 @@ impl EventLoop {
             let ids: Vec<u64> = self.notify.keys().copied().collect();
             let mut fds = Vec::with_capacity(1 + ids.len());
             fds.push(PollFd::new(self.signals.fd(), PollFlags::POLLIN));
-            fds.extend(
-                self.notify
-                    .values()
-                    .map(|s| PollFd::new(s.fd(), PollFlags::POLLIN)),
-            );
+            fds.extend(self.notify.values().map(|s| PollFd::new(s.fd(), PollFlags::POLLIN)));
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => return Err(e).context("poll failed"),
@@ -220,17 +215,11 @@ impl EventLoop {
     /// forked) go with it: its process group is SIGKILLed while the leader is still a zombie, so
     /// the group id cannot have been reused by an unrelated process.
     fn reap(&mut self, pending: &mut VecDeque<Event>) {
-        let leaders: Vec<Pid> = self
-            .supervisor
-            .live_pids()
-            .into_iter()
-            .map(|(_, pid)| pid)
-            .collect();
+        let leaders: Vec<Pid> =
+            self.supervisor.live_pids().into_iter().map(|(_, pid)| pid).collect();
         loop {
-            let peek = waitid(
-                Id::All,
-                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
-            );
+            let peek =
+                waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT);
             let pid = match peek {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
                 Ok(status) => match status.pid() {
@@ -276,18 +265,14 @@ impl EventLoop {
                 debug!("sending SIG{} to pid {pid}", signal_name(signal));
                 match kill(pid, signal) {
                     Ok(()) | Err(Errno::ESRCH) => {}
-                    Err(e) => warn!(
-                        "failed to send SIG{} to pid {pid}: {e}",
-                        signal_name(signal)
-                    ),
+                    Err(e) => warn!("failed to send SIG{} to pid {pid}: {e}", signal_name(signal)),
                 }
             }
             Action::SignalGroup { pgid, signal } => match killpg(pgid, signal) {
                 Ok(()) | Err(Errno::ESRCH) => {}
-                Err(e) => warn!(
-                    "failed to send SIG{} to process group {pgid}: {e}",
-                    signal_name(signal)
-                ),
+                Err(e) => {
+                    warn!("failed to send SIG{} to process group {pgid}: {e}", signal_name(signal))
+                }
             },
             Action::Release { generation } => {
                 self.notify.remove(&generation);
@@ -333,11 +318,7 @@ impl EventLoop {
                 self.notify.insert(generation, socket);
                 Event::Spawned { generation, pid }
             }
-            Err(e) => Event::SpawnFailed {
-                generation,
-                error: e.message,
-                code: e.code,
-            },
+            Err(e) => Event::SpawnFailed { generation, error: e.message, code: e.code },
         }
     }
 
@@ -345,10 +326,7 @@ impl EventLoop {
         let mut env = self.base_env.clone();
         if !self.held.listeners.is_empty() {
             let names: Vec<&str> = self.held.listeners.iter().map(Listener::name).collect();
-            env.push((
-                "LISTEN_FDS".into(),
-                self.held.listeners.len().to_string().into(),
-            ));
+            env.push(("LISTEN_FDS".into(), self.held.listeners.len().to_string().into()));
             env.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
         }
         env.push(("NOTIFY_SOCKET".into(), notify_path.into()));
@@ -366,34 +344,20 @@ impl EventLoop {
 /// systemd), `$XDG_RUNTIME_DIR`, `/run` for root, else `$TMPDIR` or `/tmp`. Its name is
 /// random, so two instances never collide and nobody can plant a socket there first.
 fn make_runtime_dir(name: &str) -> Result<PathBuf> {
-    let from_env = |var: &str| {
-        std::env::var_os(var)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
+    let from_env = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from);
     // systemd sets RUNTIME_DIRECTORY to a ':'-separated list when a unit has several.
-    let first = |p: PathBuf| {
-        p.to_str()
-            .and_then(|s| s.split(':').next())
-            .map(PathBuf::from)
-    };
+    let first = |p: PathBuf| p.to_str().and_then(|s| s.split(':').next()).map(PathBuf::from);
     let base = from_env("RUNTIME_DIRECTORY")
         .and_then(first)
         .or_else(|| from_env("XDG_RUNTIME_DIR"))
         .or_else(|| {
-            nix::unistd::geteuid()
-                .is_root()
-                .then(|| PathBuf::from("/run"))
-                .filter(|p| p.is_dir())
+            nix::unistd::geteuid().is_root().then(|| PathBuf::from("/run")).filter(|p| p.is_dir())
         })
         .or_else(|| from_env("TMPDIR"))
         .unwrap_or_else(|| PathBuf::from("/tmp"));
     // Keep the path short: a Unix socket path must fit in 108 bytes.
-    let short: String = name
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
-        .take(24)
-        .collect();
+    let short: String =
+        name.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).take(24).collect();
     let template = base.join(format!("sockhold-{short}.XXXXXX"));
     nix::unistd::mkdtemp(&template)
         .with_context(|| format!("failed to create a runtime directory in {}", base.display()))

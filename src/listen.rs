@@ -55,15 +55,8 @@ pub enum Host {
 /// Where a spec listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Address {
-    Tcp {
-        host: Host,
-        port: u16,
-        family: Family,
-    },
-    Unix {
-        path: PathBuf,
-        kind: SocketKind,
-    },
+    Tcp { host: Host, port: u16, family: Family },
+    Unix { path: PathBuf, kind: SocketKind },
 }
 
 /// The `,option=value` part of a spec.
@@ -124,10 +117,7 @@ impl ListenOptions {
                 }
                 None => {
                     let known: Vec<_> = KNOWN_OPTIONS.iter().map(|(name, _)| *name).collect();
-                    return Err(format!(
-                        "unknown option '{key}' (known: {})",
-                        known.join(", ")
-                    ));
+                    return Err(format!("unknown option '{key}' (known: {})", known.join(", ")));
                 }
             }
         }
@@ -144,10 +134,7 @@ fn check_fd_name(name: &str) -> Result<(), String> {
     } else if name.contains(':') {
         Err(format!("must not contain ':', got '{name}'"))
     } else if name.len() > FD_NAME_MAX {
-        Err(format!(
-            "is {} characters long (at most {FD_NAME_MAX})",
-            name.len()
-        ))
+        Err(format!("is {} characters long (at most {FD_NAME_MAX})", name.len()))
     } else {
         Ok(())
     }
@@ -167,13 +154,7 @@ pub fn sanitize_fd_name(s: &str) -> String {
     }
     let mut name: String = s
         .chars()
-        .map(|c| {
-            if c == ' ' || (c.is_ascii_graphic() && c != ':') {
-                c
-            } else {
-                '_'
-            }
-        })
+        .map(|c| if c == ' ' || (c.is_ascii_graphic() && c != ':') { c } else { '_' })
         .take(FD_NAME_MAX)
         .collect();
     if name.is_empty() {
@@ -216,10 +197,7 @@ impl FromStr for ListenSpec {
     type Err = ListenSpecError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let error = |reason: String| ListenSpecError {
-            spec: text.to_owned(),
-            reason,
-        };
+        let error = |reason: String| ListenSpecError { spec: text.to_owned(), reason };
         if text.is_empty() {
             return Err(error("the spec is empty".into()));
         }
@@ -228,11 +206,7 @@ impl FromStr for ListenSpec {
             None => (text, ListenOptions::default()),
         };
         let address = parse_address(address).map_err(error)?;
-        Ok(Self {
-            text: text.to_owned(),
-            address,
-            options,
-        })
+        Ok(Self { text: text.to_owned(), address, options })
     }
 }
 
@@ -251,19 +225,13 @@ fn parse_address(s: &str) -> Result<Address, String> {
                 Err(format!("'{scheme}' sockets are not supported yet"))
             }
             "fd" | "systemd" => Err(format!("'{scheme}://' specs are not supported yet")),
-            _ => Err(format!(
-                "unknown scheme '{scheme}' (known: tcp, tcp4, tcp6, unix)"
-            )),
+            _ => Err(format!("unknown scheme '{scheme}' (known: tcp, tcp4, tcp6, unix)")),
         };
     }
     if s.is_empty() {
         Err("missing address".into())
     } else if s.bytes().all(|b| b.is_ascii_digit()) {
-        Ok(Address::Tcp {
-            host: Host::Any,
-            port: parse_port(s)?,
-            family: Family::Any,
-        })
+        Ok(Address::Tcp { host: Host::Any, port: parse_port(s)?, family: Family::Any })
     } else if s.contains('/') {
         Err("a Unix socket path must be absolute".into())
     } else {
@@ -278,14 +246,9 @@ fn parse_unix_path(path: &str) -> Result<Address, String> {
         Err("a Unix socket path must be absolute".into())
     } else if path.len() > UNIX_PATH_MAX {
         let len = path.len();
-        Err(format!(
-            "the path is {len} bytes long, more than sun_path holds ({UNIX_PATH_MAX})"
-        ))
+        Err(format!("the path is {len} bytes long, more than sun_path holds ({UNIX_PATH_MAX})"))
     } else {
-        Ok(Address::Unix {
-            path: path.into(),
-            kind: SocketKind::Stream,
-        })
+        Ok(Address::Unix { path: path.into(), kind: SocketKind::Stream })
     }
 }
 
@@ -295,15 +258,12 @@ fn parse_host_port(s: &str, family: Family) -> Result<Address, String> {
         return Err("missing host and port".into());
     }
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let (inside, after) = rest
-            .split_once(']')
-            .ok_or("unterminated '[' in IPv6 address")?;
+        let (inside, after) = rest.split_once(']').ok_or("unterminated '[' in IPv6 address")?;
         if inside.contains('%') {
             return Err("scoped IPv6 addresses ('[addr%dev]') are not supported yet".into());
         }
-        let ip: Ipv6Addr = inside
-            .parse()
-            .map_err(|_| format!("invalid IPv6 address '{inside}'"))?;
+        let ip: Ipv6Addr =
+            inside.parse().map_err(|_| format!("invalid IPv6 address '{inside}'"))?;
         let port = match after.strip_prefix(':') {
             Some(port) => port,
             None if after.is_empty() => return Err("missing port".into()),
@@ -342,8 +302,7 @@ fn parse_port(s: &str) -> Result<u16, String> {
     } else if !s.bytes().all(|b| b.is_ascii_digit()) {
         Err(format!("invalid port '{s}'"))
     } else {
-        s.parse()
-            .map_err(|_| format!("port {s} is out of range (0-65535)"))
+        s.parse().map_err(|_| format!("port {s} is out of range (0-65535)"))
     }
 }
 
@@ -373,13 +332,7 @@ impl Listener {
         };
         let name = (spec.options.name.clone()).unwrap_or_else(|| sanitize_fd_name(default_name));
         let spec = spec.clone();
-        let listener = Listener {
-            fd,
-            spec,
-            name,
-            local,
-            unix_file,
-        };
+        let listener = Listener { fd, spec, name, local, unix_file };
         let backlog = (listener.spec.options.backlog)
             .and_then(|n| Backlog::new(i32::try_from(n).ok()?).ok())
             .unwrap_or(Backlog::MAXALLOWABLE);
@@ -463,11 +416,7 @@ fn bind_tcp(host: &Host, port: u16, family: Family) -> anyhow::Result<Bound> {
         Host::Name(name) => resolve(name, port, family)?,
     };
     let create = |addr: &SocketAddr| {
-        let family = if addr.is_ipv4() {
-            AddressFamily::Inet
-        } else {
-            AddressFamily::Inet6
-        };
+        let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
         new_socket(family, SocketKind::Stream, SockFlag::empty())
     };
     let (fd, addr) = match create(&addr) {
@@ -514,21 +463,14 @@ fn bind_unix(path: &Path, kind: SocketKind) -> anyhow::Result<Bound> {
     if let Err(errno) = socket::bind(fd.as_raw_fd(), &addr) {
         let context = match path.parent() {
             Some(dir) if errno == Errno::ENOENT && !dir.is_dir() => {
-                format!(
-                    "failed to bind {shown}: directory '{}' does not exist",
-                    dir.display()
-                )
+                format!("failed to bind {shown}: directory '{}' does not exist", dir.display())
             }
             _ => format!("failed to bind {shown}"),
         };
         return Err(io::Error::from(errno)).context(context);
     }
     let meta = fs::symlink_metadata(path).with_context(|| format!("failed to stat {shown}"))?;
-    Ok((
-        fd,
-        shown.to_string(),
-        Some((path.to_owned(), meta.dev(), meta.ino())),
-    ))
+    Ok((fd, shown.to_string(), Some((path.to_owned(), meta.dev(), meta.ino()))))
 }
 
 /// Refuses a path that is not a socket or that a server answers on, and
@@ -542,11 +484,7 @@ fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
         Ok(_) => {}
     }
     // Non-blocking, so that a live server with a full backlog (EAGAIN) cannot hang us.
-    let probe = new_socket(
-        AddressFamily::Unix,
-        SocketKind::Stream,
-        SockFlag::SOCK_NONBLOCK,
-    );
+    let probe = new_socket(AddressFamily::Unix, SocketKind::Stream, SockFlag::SOCK_NONBLOCK);
     let probe = os(probe).context("failed to create a Unix socket")?;
     let addr = os(UnixAddr::new(path)).with_context(|| format!("bad path {shown}"))?;
     match socket::connect(probe.as_raw_fd(), &addr) {
@@ -578,18 +516,13 @@ mod tests {
     fn tcp(host: &str, port: u16, family: Family) -> Address {
         let host = match host {
             "*" => Host::Any,
-            _ => host
-                .parse()
-                .map_or_else(|_| Host::Name(host.into()), Host::Ip),
+            _ => host.parse().map_or_else(|_| Host::Name(host.into()), Host::Ip),
         };
         Address::Tcp { host, port, family }
     }
 
     fn unix(path: &str) -> Address {
-        Address::Unix {
-            path: path.into(),
-            kind: SocketKind::Stream,
-        }
+        Address::Unix { path: path.into(), kind: SocketKind::Stream }
     }
 
     #[test]
@@ -726,10 +659,7 @@ mod tests {
     #[test]
     fn tcp_port_zero_gets_a_real_port() {
         let listener = bind("127.0.0.1:0,backlog=8").unwrap();
-        let port = listener
-            .local_description()
-            .strip_prefix("127.0.0.1:")
-            .unwrap();
+        let port = listener.local_description().strip_prefix("127.0.0.1:").unwrap();
         assert_ne!(port.parse::<u16>().unwrap(), 0);
         assert_eq!(listener.name(), "app");
         assert_eq!(listener.spec.text, "127.0.0.1:0,backlog=8");
@@ -754,10 +684,8 @@ mod tests {
         match bind("[::1]:0") {
             Ok(listener) => assert!(listener.local_description().starts_with("[::1]:")),
             Err(e) => {
-                let errno = e
-                    .root_cause()
-                    .downcast_ref::<io::Error>()
-                    .and_then(|e| e.raw_os_error());
+                let errno =
+                    e.root_cause().downcast_ref::<io::Error>().and_then(|e| e.raw_os_error());
                 let unavailable = [Errno::EAFNOSUPPORT, Errno::EADDRNOTAVAIL].map(|e| e as i32);
                 assert!(unavailable.contains(&errno.unwrap_or(0)), "{e:#}");
                 eprintln!("skipping: no IPv6 loopback: {e:#}");

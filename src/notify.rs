@@ -108,10 +108,7 @@ impl NotifySocket {
             .with_context(|| format!("failed to bind notify socket {}", path.display()))?;
         socket::setsockopt(&fd, sockopt::PassCred, &true)
             .context("failed to set SO_PASSCRED on the notify socket")?;
-        Ok(NotifySocket {
-            fd,
-            path: path.to_path_buf(),
-        })
+        Ok(NotifySocket { fd, path: path.to_path_buf() })
     }
 
     /// The path children get as `NOTIFY_SOCKET`.
@@ -155,20 +152,12 @@ impl NotifySocket {
                             }
                         }
                     }
-                    (
-                        msg.bytes,
-                        msg.flags.contains(MsgFlags::MSG_TRUNC),
-                        sender,
-                        fds,
-                    )
+                    (msg.bytes, msg.flags.contains(MsgFlags::MSG_TRUNC), sender, fds)
                 }
                 Err(Errno::EAGAIN) => break,
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
-                    warn!(
-                        "failed to read from notify socket {}: {e}",
-                        self.path.display()
-                    );
+                    warn!("failed to read from notify socket {}: {e}", self.path.display());
                     break;
                 }
             };
@@ -193,15 +182,8 @@ impl NotifySocket {
                 continue;
             };
             let message = NotifyMessage::parse(&buf[..len]);
-            debug!(
-                "notify from pid {sender}: {:?}",
-                String::from_utf8_lossy(&buf[..len])
-            );
-            out.push(Received {
-                sender,
-                sender_pgid,
-                message,
-            });
+            debug!("notify from pid {sender}: {:?}", String::from_utf8_lossy(&buf[..len]));
+            out.push(Received { sender, sender_pgid, message });
         }
         out
     }
@@ -230,35 +212,20 @@ impl Manager {
             None => UnixAddr::new(notify_socket),
         }
         .with_context(|| format!("invalid NOTIFY_SOCKET '{notify_socket}'"))?;
-        let fd = socket::socket(
-            AddressFamily::Unix,
-            SockType::Datagram,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .context("failed to create a socket for NOTIFY_SOCKET")?;
-        Ok(Manager {
-            fd,
-            addr,
-            target: notify_socket.to_string(),
-        })
+        let fd =
+            socket::socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+                .context("failed to create a socket for NOTIFY_SOCKET")?;
+        Ok(Manager { fd, addr, target: notify_socket.to_string() })
     }
 
     /// Sends one message; a failure is logged, never fatal (the manager may be gone).
     pub fn send(&self, message: &ManagerMessage) {
         let text = format_manager_message(message, monotonic_usec());
         let iov = [IoSlice::new(text.as_bytes())];
-        if let Err(e) = socket::sendmsg(
-            self.fd.as_raw_fd(),
-            &iov,
-            &[],
-            MsgFlags::empty(),
-            Some(&self.addr),
-        ) {
-            warn!(
-                "failed to notify the service manager at {}: {e}",
-                self.target
-            );
+        if let Err(e) =
+            socket::sendmsg(self.fd.as_raw_fd(), &iov, &[], MsgFlags::empty(), Some(&self.addr))
+        {
+            warn!("failed to notify the service manager at {}: {e}", self.target);
         }
     }
 }
@@ -270,10 +237,7 @@ pub fn format_manager_message(message: &ManagerMessage, now_usec: u64) -> String
     match message {
         ManagerMessage::Ready(status) => format!("READY=1\nSTATUS={}\n", one_line(status)),
         ManagerMessage::Reloading(status) => {
-            format!(
-                "RELOADING=1\nMONOTONIC_USEC={now_usec}\nSTATUS={}\n",
-                one_line(status)
-            )
+            format!("RELOADING=1\nMONOTONIC_USEC={now_usec}\nSTATUS={}\n", one_line(status))
         }
         ManagerMessage::Stopping(status) => format!("STOPPING=1\nSTATUS={}\n", one_line(status)),
         ManagerMessage::Status(status) => format!("STATUS={}\n", one_line(status)),
@@ -293,53 +257,31 @@ mod tests {
 
     #[test]
     fn parse_table() {
-        let ready = NotifyMessage {
-            ready: true,
-            ..Default::default()
-        };
+        let ready = NotifyMessage { ready: true, ..Default::default() };
         let cases: &[(&[u8], NotifyMessage)] = &[
             (b"READY=1", ready.clone()),
             (b"READY=1\n", ready.clone()),
             (
                 b"STATUS=warming up\nREADY=1",
-                NotifyMessage {
-                    status: Some("warming up".into()),
-                    ..ready.clone()
-                },
+                NotifyMessage { status: Some("warming up".into()), ..ready.clone() },
             ),
             (b"MAINPID=4\nREADY=1\nX_UNKNOWN=2\n", ready.clone()),
             (b"READY=0", NotifyMessage::default()),
             (b"READY=11", NotifyMessage::default()),
             (b"READY", NotifyMessage::default()),
             (b"", NotifyMessage::default()),
-            (
-                b"BARRIER=1",
-                NotifyMessage {
-                    barrier: true,
-                    ..Default::default()
-                },
-            ),
+            (b"BARRIER=1", NotifyMessage { barrier: true, ..Default::default() }),
             (
                 b"STOPPING=1\nERRNO=5",
-                NotifyMessage {
-                    stopping: true,
-                    errno: Some(5),
-                    ..Default::default()
-                },
+                NotifyMessage { stopping: true, errno: Some(5), ..Default::default() },
             ),
             (
                 b"RELOADING=1\nMONOTONIC_USEC=1",
-                NotifyMessage {
-                    reloading: true,
-                    ..Default::default()
-                },
+                NotifyMessage { reloading: true, ..Default::default() },
             ),
             (
                 b"STATUS=a=b\nSTATUS=last",
-                NotifyMessage {
-                    status: Some("last".into()),
-                    ..Default::default()
-                },
+                NotifyMessage { status: Some("last".into()), ..Default::default() },
             ),
             (b"\xff\xfeREADY=1\nREADY=1", ready.clone()),
         ];
@@ -356,18 +298,9 @@ mod tests {
     #[test]
     fn manager_messages() {
         let cases = [
-            (
-                ManagerMessage::Ready("serving".into()),
-                "READY=1\nSTATUS=serving\n",
-            ),
-            (
-                ManagerMessage::Reloading("x".into()),
-                "RELOADING=1\nMONOTONIC_USEC=42\nSTATUS=x\n",
-            ),
-            (
-                ManagerMessage::Stopping("bye".into()),
-                "STOPPING=1\nSTATUS=bye\n",
-            ),
+            (ManagerMessage::Ready("serving".into()), "READY=1\nSTATUS=serving\n"),
+            (ManagerMessage::Reloading("x".into()), "RELOADING=1\nMONOTONIC_USEC=42\nSTATUS=x\n"),
+            (ManagerMessage::Stopping("bye".into()), "STOPPING=1\nSTATUS=bye\n"),
             (ManagerMessage::Status("a\nb".into()), "STATUS=a b\n"),
         ];
         for (message, want) in cases {
@@ -380,13 +313,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("n.sock");
         let sock = NotifySocket::bind(&path).expect("bind");
-        let client = socket::socket(
-            AddressFamily::Unix,
-            SockType::Datagram,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .unwrap();
+        let client =
+            socket::socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+                .unwrap();
         let addr = UnixAddr::new(&path).unwrap();
         let big = vec![b'x'; MAX_DATAGRAM + 1];
         socket::sendto(client.as_raw_fd(), &big, &addr, MsgFlags::empty()).unwrap();
@@ -410,11 +339,7 @@ mod tests {
         assert!(got[1].message.ready);
         assert_eq!(got[1].sender, nix::unistd::getpid());
         let mut byte = [0u8; 1];
-        assert_eq!(
-            nix::unistd::read(&r, &mut byte).unwrap(),
-            0,
-            "the barrier fd was closed"
-        );
+        assert_eq!(nix::unistd::read(&r, &mut byte).unwrap(), 0, "the barrier fd was closed");
         drop(sock);
         assert!(!path.exists(), "the socket file is removed on drop");
     }

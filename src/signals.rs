@@ -26,13 +26,8 @@ pub const FORWARDED: [Signal; 6] = [
 ];
 
 /// The signals sockhold handles itself.
-const OWN: [Signal; 5] = [
-    Signal::SIGHUP,
-    Signal::SIGTERM,
-    Signal::SIGINT,
-    Signal::SIGCHLD,
-    Signal::SIGUSR2,
-];
+const OWN: [Signal; 5] =
+    [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD, Signal::SIGUSR2];
 
 /// The installed handlers and the read end of their self-pipe.
 pub struct Signals {
@@ -44,11 +39,8 @@ impl Signals {
     /// sockhold from then on takes its default action.
     pub fn install() -> Result<Signals> {
         let (read, write) = UnixStream::pair().context("failed to create the signal pipe")?;
-        read.set_nonblocking(true)
-            .context("failed to make the signal pipe non-blocking")?;
-        write
-            .set_nonblocking(true)
-            .context("failed to make the signal pipe non-blocking")?;
+        read.set_nonblocking(true).context("failed to make the signal pipe non-blocking")?;
+        write.set_nonblocking(true).context("failed to make the signal pipe non-blocking")?;
         let signals = OWN.iter().chain(FORWARDED.iter()).map(|s| *s as i32);
         let delivery = SignalDelivery::with_pipe(read, write, SignalOnly, signals)
             .context("failed to install signal handlers")?;
@@ -62,9 +54,6 @@ impl Signals {
 
     /// Every signal that arrived since the last call, each kind once, without blocking.
     pub fn pending(&mut self) -> Vec<Signal> {
-        self.delivery
-            .pending()
-            .filter_map(|s| Signal::try_from(s).ok())
-            .collect()
+        self.delivery.pending().filter_map(|s| Signal::try_from(s).ok()).collect()
     }
 }

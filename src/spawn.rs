@@ -81,16 +81,11 @@ pub fn resolve_program(program: &OsStr, path_var: Option<&OsStr>) -> Result<Path
     if program.as_bytes().contains(&b'/') {
         return Ok(PathBuf::from(program));
     }
-    let path_var = path_var.unwrap_or(OsStr::new(
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    ));
+    let path_var = path_var
+        .unwrap_or(OsStr::new("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"));
     let mut not_executable = None;
     for dir in std::env::split_paths(path_var) {
-        let dir = if dir.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            dir
-        };
+        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
         let candidate = dir.join(program);
         if !candidate.is_file() {
             continue;
@@ -103,10 +98,7 @@ pub fn resolve_program(program: &OsStr, path_var: Option<&OsStr>) -> Result<Path
     Err(match not_executable {
         Some(path) => SpawnError {
             code: ExitCode::NOT_EXECUTABLE,
-            message: format!(
-                "failed to execute '{shown}': {} is not executable",
-                path.display()
-            ),
+            message: format!("failed to execute '{shown}': {} is not executable", path.display()),
         },
         None => SpawnError {
             code: ExitCode::NOT_FOUND,
@@ -170,10 +162,7 @@ fn prepare(
     }
     envp_ptrs.push(std::ptr::null());
     let open_fds = std::fs::read_dir("/proc/self/fd")
-        .map(|dir| {
-            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
+        .map(|dir| dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
         .unwrap_or_default();
     // SAFETY: sigset_t is a plain C struct for which all-zero bytes are valid.
     let mut empty_set: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -195,11 +184,7 @@ fn prepare(
 
 /// Starts `spec` with `listeners` as fds 3.., and returns its pid once it has exec'd.
 pub fn spawn(spec: &ChildSpec, listeners: &[BorrowedFd<'_>]) -> Result<Pid, SpawnError> {
-    let path_var = spec
-        .env
-        .iter()
-        .find(|(k, _)| k == "PATH")
-        .map(|(_, v)| v.as_os_str());
+    let path_var = spec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_os_str());
     let program = resolve_program(&spec.program, path_var)?;
     let mut prepared = prepare(spec, &program, listeners)?;
     let shown = spec.program.to_string_lossy();
@@ -236,11 +221,9 @@ pub fn spawn(spec: &ChildSpec, listeners: &[BorrowedFd<'_>]) -> Result<Pid, Spaw
                         _ => ExitCode::NOT_EXECUTABLE,
                     };
                     let message = match step {
-                        Step::Exec => format!(
-                            "failed to execute '{}': {}",
-                            program.display(),
-                            errno.desc()
-                        ),
+                        Step::Exec => {
+                            format!("failed to execute '{}': {}", program.display(), errno.desc())
+                        }
                         step => format!(
                             "failed to start '{shown}': {} in the child: {}",
                             step.name(),
@@ -306,10 +289,7 @@ fn read_report(report: &OwnedFd) -> Option<(Step, Errno)> {
         3 => Step::Fds,
         _ => Step::Exec,
     };
-    Some((
-        step,
-        Errno::from_raw(i32::from_ne_bytes(buf[4..].try_into().expect("4 bytes"))),
-    ))
+    Some((step, Errno::from_raw(i32::from_ne_bytes(buf[4..].try_into().expect("4 bytes")))))
 }
 
 /// The child between fork and exec.
@@ -335,13 +315,7 @@ unsafe fn child(p: &mut Prepared, report: RawFd) -> ! {
         let default_action = [0u64; 4];
         for sig in 1..=libc::SIGRTMAX() {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::syscall(
-                    libc::SYS_rt_sigaction,
-                    sig,
-                    default_action.as_ptr(),
-                    0usize,
-                    8usize,
-                );
+                libc::syscall(libc::SYS_rt_sigaction, sig, default_action.as_ptr(), 0usize, 8usize);
             }
         }
         if libc::sigprocmask(libc::SIG_SETMASK, &p.empty_set, std::ptr::null_mut()) != 0 {
@@ -385,11 +359,7 @@ unsafe fn child(p: &mut Prepared, report: RawFd) -> ! {
             }
         }
         write_pid(&mut p.listen_pid[LISTEN_PID_PREFIX.len()..], libc::getpid());
-        libc::execve(
-            p.program.as_ptr(),
-            p.argv_ptrs.as_ptr(),
-            p.envp_ptrs.as_ptr(),
-        );
+        libc::execve(p.program.as_ptr(), p.argv_ptrs.as_ptr(), p.envp_ptrs.as_ptr());
         fail(report, Step::Exec)
     }
 }
@@ -435,12 +405,7 @@ mod tests {
 
     #[test]
     fn pid_digits() {
-        for (pid, want) in [
-            (1, "1"),
-            (42, "42"),
-            (4194304, "4194304"),
-            (i32::MAX, "2147483647"),
-        ] {
+        for (pid, want) in [(1, "1"), (42, "42"), (4194304, "4194304"), (i32::MAX, "2147483647")] {
             let mut slot = [b'x'; PID_DIGITS + 1];
             write_pid(&mut slot, pid);
             let end = slot.iter().position(|&b| b == 0).expect("NUL written");
@@ -456,11 +421,7 @@ mod tests {
         let missing =
             resolve_program(OsStr::new("no-such-command-x"), Some(OsStr::new("/bin"))).unwrap_err();
         assert_eq!(missing.code, ExitCode::NOT_FOUND);
-        assert!(
-            missing.message.contains("no-such-command-x"),
-            "{}",
-            missing.message
-        );
+        assert!(missing.message.contains("no-such-command-x"), "{}", missing.message);
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("script"), "#!/bin/sh\n").unwrap();
         let not_exec =

@@ -88,11 +88,7 @@ pub enum Event {
     /// A generation's process was started.
     Spawned { generation: u64, pid: Pid },
     /// A generation's process could not be started (command not found, not executable, ...).
-    SpawnFailed {
-        generation: u64,
-        error: String,
-        code: ExitCode,
-    },
+    SpawnFailed { generation: u64, error: String, code: ExitCode },
     /// A child process ended and was reaped.
     Exited { pid: Pid, status: ChildStatus },
     /// A datagram arrived on a generation's notify socket.
@@ -154,11 +150,7 @@ enum GenState {
     /// Asked for, not yet forked (only between an `Action::Spawn` and its answer).
     Spawning,
     /// Running, not yet ready.
-    Starting {
-        since: Instant,
-        ready_deadline: Instant,
-        ready_at: Option<Instant>,
-    },
+    Starting { since: Instant, ready_deadline: Instant, ready_at: Option<Instant> },
     /// Ready: the generation that serves.
     Serving { since: Instant },
     /// Asked to stop; SIGKILL at the deadline.
@@ -223,11 +215,9 @@ impl Supervisor {
     /// The earliest deadline the event loop must wake up for, if any.
     pub fn next_deadline(&self) -> Option<Instant> {
         let generation_deadlines = self.generations.iter().filter_map(|g| match g.state {
-            GenState::Starting {
-                ready_deadline,
-                ready_at,
-                ..
-            } => Some(ready_at.map_or(ready_deadline, |at| at.min(ready_deadline))),
+            GenState::Starting { ready_deadline, ready_at, .. } => {
+                Some(ready_at.map_or(ready_deadline, |at| at.min(ready_deadline)))
+            }
             GenState::Stopping { kill_at, .. } => Some(kill_at),
             _ => None,
         });
@@ -236,10 +226,7 @@ impl Supervisor {
 
     /// Every live process, by generation: `(generation, pid)`.
     pub fn live_pids(&self) -> Vec<(u64, Pid)> {
-        self.generations
-            .iter()
-            .filter_map(|g| g.pid.map(|p| (g.id, p)))
-            .collect()
+        self.generations.iter().filter_map(|g| g.pid.map(|p| (g.id, p))).collect()
     }
 
     /// Handles one event at time `now` and returns what to do, in order.
@@ -252,9 +239,7 @@ impl Supervisor {
     }
 
     fn serving(&self) -> Option<&Generation> {
-        self.generations
-            .iter()
-            .find(|g| matches!(g.state, GenState::Serving { .. }))
+        self.generations.iter().find(|g| matches!(g.state, GenState::Serving { .. }))
     }
 
     fn starting(&self) -> Option<&Generation> {
@@ -287,17 +272,10 @@ impl Supervisor {
                     );
                     out.push(Action::Signal { pid, signal });
                 }
-                None => warn!(
-                    "no serving child to forward SIG{} to; dropped",
-                    signal_name(signal)
-                ),
+                None => warn!("no serving child to forward SIG{} to; dropped", signal_name(signal)),
             },
             Event::Spawned { generation, pid } => self.spawned(generation, pid, now, out),
-            Event::SpawnFailed {
-                generation,
-                error,
-                code,
-            } => {
+            Event::SpawnFailed { generation, error, code } => {
                 let Some(i) = self.index_of(generation) else {
                     return;
                 };
@@ -311,12 +289,9 @@ impl Supervisor {
                 }
             }
             Event::Exited { pid, status } => self.exited(pid, status, now, out),
-            Event::Notify {
-                generation,
-                sender,
-                sender_pgid,
-                message,
-            } => self.notified(generation, sender, sender_pgid, message, now, out),
+            Event::Notify { generation, sender, sender_pgid, message } => {
+                self.notified(generation, sender, sender_pgid, message, now, out)
+            }
             Event::Timer => {}
         }
     }
@@ -435,11 +410,7 @@ impl Supervisor {
     /// Generation `i` is ready: it serves, the one before it stops.
     fn promote(&mut self, i: usize, now: Instant, out: &mut Vec<Action>) {
         let g = &mut self.generations[i];
-        let (id, pid, purpose) = (
-            g.id,
-            g.pid.expect("a starting generation has a pid"),
-            g.purpose,
-        );
+        let (id, pid, purpose) = (g.id, g.pid.expect("a starting generation has a pid"), g.purpose);
         g.state = GenState::Serving { since: now };
         self.failed_starts = 0;
         let old = self
@@ -457,15 +428,12 @@ impl Supervisor {
         if purpose == Purpose::Reload {
             out.push(Action::ReloadDone(Ok(id)));
         }
-        let status = match &self
-            .generations
-            .iter()
-            .find(|g| g.id == id)
-            .and_then(|g| g.status_text.clone())
-        {
-            Some(text) => format!("serving: generation {id} (pid {pid}): {text}"),
-            None => format!("serving: generation {id} (pid {pid})"),
-        };
+        let status =
+            match &self.generations.iter().find(|g| g.id == id).and_then(|g| g.status_text.clone())
+            {
+                Some(text) => format!("serving: generation {id} (pid {pid}): {text}"),
+                None => format!("serving: generation {id} (pid {pid})"),
+            };
         out.push(Action::Manager(ManagerMessage::Ready(status)));
         self.follow_pending_reload(out);
     }
@@ -487,10 +455,7 @@ impl Supervisor {
             _ => {}
         }
         out.push(Action::Signal { pid, signal });
-        g.state = GenState::Stopping {
-            kill_at: now + self.policy.stop_timeout,
-            signal,
-        };
+        g.state = GenState::Stopping { kill_at: now + self.policy.stop_timeout, signal };
     }
 
     /// A start attempt (`purpose`) failed before the generation was ready. `status` is the
@@ -511,10 +476,7 @@ impl Supervisor {
             return;
         }
         if let Some(serving) = self.serving() {
-            warn!(
-                "reload failed: {reason}; generation {} keeps serving",
-                serving.id
-            );
+            warn!("reload failed: {reason}; generation {} keeps serving", serving.id);
             out.push(Action::Manager(ManagerMessage::Ready(format!(
                 "serving: generation {}; last reload failed: {reason}",
                 serving.id
@@ -531,12 +493,7 @@ impl Supervisor {
         }
         // Nothing serves: the restart policy applies to this failure as to a crash.
         if let Some(code) = status.and_then(|s| self.ends_service(s)) {
-            self.shut_down(
-                code,
-                "the child exited and is not to be restarted",
-                now,
-                out,
-            );
+            self.shut_down(code, "the child exited and is not to be restarted", now, out);
             return;
         }
         if self.policy.restart == RestartPolicy::Never {
@@ -545,10 +502,7 @@ impl Supervisor {
         }
         self.failed_starts += 1;
         if self.failed_starts >= START_LIMIT {
-            error!(
-                "giving up after {} failed starts in a row; last: {reason}",
-                self.failed_starts
-            );
+            error!("giving up after {} failed starts in a row; last: {reason}", self.failed_starts);
             self.shut_down(code, "too many failed starts", now, out);
             return;
         }
@@ -586,14 +540,7 @@ impl Supervisor {
                 let reason =
                     format!("generation {id} (pid {pid}) exited before it was ready: {status}");
                 warn!("{reason}");
-                self.start_failed(
-                    g.purpose,
-                    reason,
-                    Some(status),
-                    status.exit_code(),
-                    now,
-                    out,
-                );
+                self.start_failed(g.purpose, reason, Some(status), status.exit_code(), now, out);
             }
             GenState::Serving { since } => {
                 warn!("generation {id} (pid {pid}) exited by itself: {status}");
@@ -601,12 +548,7 @@ impl Supervisor {
                 } else if let Some(next) = self.starting() {
                     info!("generation {} is starting and will take over", next.id);
                 } else if let Some(code) = self.ends_service(status) {
-                    self.shut_down(
-                        code,
-                        "the child exited and is not to be restarted",
-                        now,
-                        out,
-                    );
+                    self.shut_down(code, "the child exited and is not to be restarted", now, out);
                 } else {
                     if now.duration_since(since) >= STABLE_AFTER {
                         self.backoff = BACKOFF_START;
@@ -643,23 +585,13 @@ impl Supervisor {
     /// At shutdown, the generation that served decides the exit code: 0 if it exited 0 or died of
     /// the stop signal it was sent, else its own status.
     fn record_final_status(&mut self, id: u64, status: ChildStatus, stop_signal: Option<Signal>) {
-        if let Mode::ShuttingDown {
-            final_generation: Some(f),
-            ..
-        } = self.mode
+        if let Mode::ShuttingDown { final_generation: Some(f), .. } = self.mode
             && f == id
         {
             let clean =
                 status.success() || (stop_signal.is_some() && status.signal() == stop_signal);
-            let code = if clean {
-                ExitCode::SUCCESS
-            } else {
-                status.exit_code()
-            };
-            self.mode = Mode::ShuttingDown {
-                code,
-                final_generation: None,
-            };
+            let code = if clean { ExitCode::SUCCESS } else { status.exit_code() };
+            self.mode = Mode::ShuttingDown { code, final_generation: None };
         }
     }
 
@@ -670,16 +602,9 @@ impl Supervisor {
             return;
         }
         let final_generation = self.serving().or(self.starting()).map(|g| g.id);
-        self.mode = Mode::ShuttingDown {
-            code,
-            final_generation,
-        };
+        self.mode = Mode::ShuttingDown { code, final_generation };
         self.restart_at = None;
-        if self.reload_pending
-            || self
-                .starting()
-                .is_some_and(|g| g.purpose == Purpose::Reload)
-        {
+        if self.reload_pending || self.starting().is_some_and(|g| g.purpose == Purpose::Reload) {
             out.push(Action::ReloadDone(Err("sockhold is stopping".into())));
         }
         self.reload_pending = false;
@@ -710,26 +635,19 @@ impl Supervisor {
                 continue;
             };
             match g.state {
-                GenState::Starting {
-                    ready_at: Some(at), ..
-                } if at <= now && self.mode == Mode::Running => {
+                GenState::Starting { ready_at: Some(at), .. }
+                    if at <= now && self.mode == Mode::Running =>
+                {
                     self.promote(i, now, out);
                 }
-                GenState::Starting {
-                    since,
-                    ready_deadline,
-                    ..
-                } if ready_deadline <= now => {
+                GenState::Starting { since, ready_deadline, .. } if ready_deadline <= now => {
                     let waited = humantime::format_duration(ready_deadline.duration_since(since));
                     let reason =
                         format!("generation {id} (pid {pid}) was not ready within {waited}");
                     warn!("{reason}; killing its process group");
                     let purpose = g.purpose;
                     self.generations[i].state = GenState::Killed;
-                    out.push(Action::SignalGroup {
-                        pgid: pid,
-                        signal: Signal::SIGKILL,
-                    });
+                    out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
                     self.start_failed(purpose, reason, None, ExitCode::FAILURE, now, out);
                 }
                 GenState::Stopping { kill_at, .. } if kill_at <= now => {
@@ -738,10 +656,7 @@ impl Supervisor {
                         humantime::format_duration(self.policy.stop_timeout)
                     );
                     self.generations[i].state = GenState::Killed;
-                    out.push(Action::SignalGroup {
-                        pgid: pid,
-                        signal: Signal::SIGKILL,
-                    });
+                    out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
                 }
                 _ => {}
             }
@@ -787,32 +702,20 @@ mod tests {
             generation,
             sender: pid(sender),
             sender_pgid: Some(pid(sender)),
-            message: NotifyMessage {
-                ready: true,
-                ..Default::default()
-            },
+            message: NotifyMessage { ready: true, ..Default::default() },
         }
     }
 
     fn exited(p: i32, status: ChildStatus) -> Event {
-        Event::Exited {
-            pid: pid(p),
-            status,
-        }
+        Event::Exited { pid: pid(p), status }
     }
 
     fn sig(p: i32, signal: Signal) -> Action {
-        Action::Signal {
-            pid: pid(p),
-            signal,
-        }
+        Action::Signal { pid: pid(p), signal }
     }
 
     fn group_kill(p: i32) -> Action {
-        Action::SignalGroup {
-            pgid: pid(p),
-            signal: SIGKILL,
-        }
+        Action::SignalGroup { pgid: pid(p), signal: SIGKILL }
     }
 
     fn spawn(generation: u64) -> Action {
@@ -840,14 +743,7 @@ mod tests {
     fn started() -> Vec<(u64, Event, Vec<Action>)> {
         vec![
             (0, Event::Start, vec![spawn(1)]),
-            (
-                0,
-                Event::Spawned {
-                    generation: 1,
-                    pid: pid(100),
-                },
-                vec![],
-            ),
+            (0, Event::Spawned { generation: 1, pid: pid(100) }, vec![]),
             (10, ready_from(1, 100), vec![]),
         ]
     }
@@ -866,19 +762,8 @@ mod tests {
             started(),
             vec![
                 (20, Event::Reload, vec![spawn(2)]),
-                (
-                    20,
-                    Event::Spawned {
-                        generation: 2,
-                        pid: pid(200),
-                    },
-                    vec![],
-                ),
-                (
-                    30,
-                    ready_from(2, 200),
-                    vec![sig(100, SIGTERM), Action::ReloadDone(Ok(2))],
-                ),
+                (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
+                (30, ready_from(2, 200), vec![sig(100, SIGTERM), Action::ReloadDone(Ok(2))]),
                 (
                     40,
                     exited(100, ChildStatus::Signaled(SIGTERM)),
@@ -895,14 +780,7 @@ mod tests {
             started(),
             vec![
                 (20, Event::Reload, vec![spawn(2)]),
-                (
-                    20,
-                    Event::Spawned {
-                        generation: 2,
-                        pid: pid(200),
-                    },
-                    vec![],
-                ),
+                (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
                 (25, ready_from(1, 100), vec![]),
                 // The old generation still serves: a forwarded signal goes to it.
                 (26, Event::Forward(SIGUSR1), vec![sig(100, SIGUSR1)]),
@@ -926,17 +804,8 @@ mod tests {
             let t0 = Instant::now();
             let mut sup = Supervisor::new(p);
             sup.step(Event::Start, t0);
-            sup.step(
-                Event::Spawned {
-                    generation: 1,
-                    pid: pid(100),
-                },
-                t0,
-            );
-            let message = NotifyMessage {
-                ready: true,
-                ..Default::default()
-            };
+            sup.step(Event::Spawned { generation: 1, pid: pid(100) }, t0);
+            let message = NotifyMessage { ready: true, ..Default::default() };
             let event = Event::Notify {
                 generation: 1,
                 sender: pid(sender),
@@ -944,13 +813,9 @@ mod tests {
                 message,
             };
             let actions = sup.step(event, t0);
-            let got = actions
-                .iter()
-                .any(|a| matches!(a, Action::Manager(ManagerMessage::Ready(_))));
-            assert_eq!(
-                got, promoted,
-                "{access:?} sender {sender} pgid {sender_pgid:?}"
-            );
+            let got =
+                actions.iter().any(|a| matches!(a, Action::Manager(ManagerMessage::Ready(_))));
+            assert_eq!(got, promoted, "{access:?} sender {sender} pgid {sender_pgid:?}");
         }
     }
 
@@ -960,14 +825,7 @@ mod tests {
             started(),
             vec![
                 (20, Event::Reload, vec![spawn(2)]),
-                (
-                    20,
-                    Event::Spawned {
-                        generation: 2,
-                        pid: pid(200),
-                    },
-                    vec![],
-                ),
+                (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
                 (21, Event::Reload, vec![]),
                 (22, Event::Reload, vec![]),
                 (23, Event::Reload, vec![]),
@@ -976,19 +834,8 @@ mod tests {
                     ready_from(2, 200),
                     vec![sig(100, SIGTERM), Action::ReloadDone(Ok(2)), spawn(3)],
                 ),
-                (
-                    30,
-                    Event::Spawned {
-                        generation: 3,
-                        pid: pid(300),
-                    },
-                    vec![],
-                ),
-                (
-                    40,
-                    ready_from(3, 300),
-                    vec![sig(200, SIGTERM), Action::ReloadDone(Ok(3))],
-                ),
+                (30, Event::Spawned { generation: 3, pid: pid(300) }, vec![]),
+                (40, ready_from(3, 300), vec![sig(200, SIGTERM), Action::ReloadDone(Ok(3))]),
             ],
         );
         run(policy(ReadyMode::Notify), &rows);
@@ -1001,14 +848,7 @@ mod tests {
             started(),
             vec![
                 (20, Event::Reload, vec![spawn(2)]),
-                (
-                    20,
-                    Event::Spawned {
-                        generation: 2,
-                        pid: pid(200),
-                    },
-                    vec![],
-                ),
+                (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
                 (
                     25,
                     exited(200, ChildStatus::Exited(3)),
@@ -1033,20 +873,9 @@ mod tests {
             started(),
             vec![
                 (20, Event::Reload, vec![spawn(2)]),
-                (
-                    20,
-                    Event::Spawned {
-                        generation: 2,
-                        pid: pid(200),
-                    },
-                    vec![],
-                ),
+                (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
                 (60_019, Event::Timer, vec![]),
-                (
-                    60_020,
-                    Event::Timer,
-                    vec![group_kill(200), Action::ReloadDone(Err(reason))],
-                ),
+                (60_020, Event::Timer, vec![group_kill(200), Action::ReloadDone(Err(reason))]),
                 (
                     60_030,
                     exited(200, ChildStatus::Signaled(SIGKILL)),
@@ -1064,19 +893,8 @@ mod tests {
             started(),
             vec![
                 (20, Event::Reload, vec![spawn(2)]),
-                (
-                    20,
-                    Event::Spawned {
-                        generation: 2,
-                        pid: pid(200),
-                    },
-                    vec![],
-                ),
-                (
-                    30,
-                    ready_from(2, 200),
-                    vec![sig(100, SIGTERM), Action::ReloadDone(Ok(2))],
-                ),
+                (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
+                (30, ready_from(2, 200), vec![sig(100, SIGTERM), Action::ReloadDone(Ok(2))]),
                 (30_029, Event::Timer, vec![]),
                 (30_030, Event::Timer, vec![group_kill(100)]),
                 (
@@ -1095,14 +913,7 @@ mod tests {
             started(),
             vec![
                 (20, Event::Reload, vec![spawn(2)]),
-                (
-                    20,
-                    Event::Spawned {
-                        generation: 2,
-                        pid: pid(200),
-                    },
-                    vec![],
-                ),
+                (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
                 (
                     25,
                     Event::Stop(SIGTERM),
@@ -1113,18 +924,11 @@ mod tests {
                     ],
                 ),
                 (26, ready_from(2, 200), vec![]),
-                (
-                    27,
-                    exited(200, ChildStatus::Exited(0)),
-                    vec![Action::Release { generation: 2 }],
-                ),
+                (27, exited(200, ChildStatus::Exited(0)), vec![Action::Release { generation: 2 }]),
                 (
                     28,
                     exited(100, ChildStatus::Signaled(SIGTERM)),
-                    vec![
-                        Action::Release { generation: 1 },
-                        Action::Exit(ExitCode::SUCCESS),
-                    ],
+                    vec![Action::Release { generation: 1 }, Action::Exit(ExitCode::SUCCESS)],
                 ),
             ],
         );
@@ -1146,10 +950,7 @@ mod tests {
                     (
                         30,
                         exited(100, status),
-                        vec![
-                            Action::Release { generation: 1 },
-                            Action::Exit(ExitCode(want)),
-                        ],
+                        vec![Action::Release { generation: 1 }, Action::Exit(ExitCode(want))],
                     ),
                 ],
             );
@@ -1162,11 +963,7 @@ mod tests {
         let mut rows = with(
             started(),
             vec![
-                (
-                    20,
-                    exited(100, ChildStatus::Exited(1)),
-                    vec![Action::Release { generation: 1 }],
-                ),
+                (20, exited(100, ChildStatus::Exited(1)), vec![Action::Release { generation: 1 }]),
                 (119, Event::Timer, vec![]),
                 (120, Event::Timer, vec![spawn(2)]),
             ],
@@ -1176,14 +973,7 @@ mod tests {
         let mut delay = 200;
         for generation in 2..=5u64 {
             let p = generation as i32 * 100;
-            rows.push((
-                t,
-                Event::Spawned {
-                    generation,
-                    pid: pid(p),
-                },
-                vec![],
-            ));
+            rows.push((t, Event::Spawned { generation, pid: pid(p) }, vec![]));
             rows.push((
                 t + 1,
                 exited(p, ChildStatus::Exited(1)),
@@ -1194,14 +984,7 @@ mod tests {
             rows.push((t, Event::Timer, vec![spawn(generation + 1)]));
             delay *= 2;
         }
-        rows.push((
-            t,
-            Event::Spawned {
-                generation: 6,
-                pid: pid(600),
-            },
-            vec![],
-        ));
+        rows.push((t, Event::Spawned { generation: 6, pid: pid(600) }, vec![]));
         // The fifth failed start in a row ends sockhold with the child's status.
         rows.push((
             t + 1,
@@ -1216,15 +999,8 @@ mod tests {
         let mut sup = run(policy(ReadyMode::Notify), &started());
         sup.backoff = Duration::from_secs(8);
         let t0 = Instant::now();
-        sup.step(
-            exited(100, ChildStatus::Exited(1)),
-            t0 + STABLE_AFTER + Duration::from_secs(1),
-        );
-        assert_eq!(
-            sup.backoff,
-            BACKOFF_START * 2,
-            "reset to 100ms, then doubled for the next"
-        );
+        sup.step(exited(100, ChildStatus::Exited(1)), t0 + STABLE_AFTER + Duration::from_secs(1));
+        assert_eq!(sup.backoff, BACKOFF_START * 2, "reset to 100ms, then doubled for the next");
     }
 
     #[test]
@@ -1232,18 +1008,10 @@ mod tests {
         for (restart, status, want) in [
             (RestartPolicy::OnFailure, ChildStatus::Exited(0), Some(0)),
             (RestartPolicy::OnFailure, ChildStatus::Exited(2), None),
-            (
-                RestartPolicy::OnFailure,
-                ChildStatus::Signaled(SIGKILL),
-                None,
-            ),
+            (RestartPolicy::OnFailure, ChildStatus::Signaled(SIGKILL), None),
             (RestartPolicy::Always, ChildStatus::Exited(0), None),
             (RestartPolicy::Never, ChildStatus::Exited(2), Some(2)),
-            (
-                RestartPolicy::Never,
-                ChildStatus::Signaled(SIGKILL),
-                Some(137),
-            ),
+            (RestartPolicy::Never, ChildStatus::Signaled(SIGKILL), Some(137)),
         ] {
             let mut p = policy(ReadyMode::Notify);
             p.restart = restart;
@@ -1304,14 +1072,7 @@ mod tests {
             policy(ReadyMode::Delay(Duration::from_millis(500))),
             &[
                 (0, Event::Start, vec![spawn(1)]),
-                (
-                    0,
-                    Event::Spawned {
-                        generation: 1,
-                        pid: pid(100),
-                    },
-                    vec![],
-                ),
+                (0, Event::Spawned { generation: 1, pid: pid(100) }, vec![]),
                 (100, ready_from(1, 100), vec![]),
                 (499, Event::Timer, vec![]),
                 (
@@ -1340,14 +1101,7 @@ mod tests {
                         spawn(2),
                     ],
                 ),
-                (
-                    20,
-                    Event::Spawned {
-                        generation: 2,
-                        pid: pid(200),
-                    },
-                    vec![],
-                ),
+                (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
                 (
                     30,
                     ready_from(2, 200),
@@ -1378,13 +1132,7 @@ mod tests {
         let mut sup = Supervisor::new(policy(ReadyMode::Delay(Duration::from_secs(2))));
         assert_eq!(sup.next_deadline(), None, "nothing running: no wakeup");
         sup.step(Event::Start, t0);
-        sup.step(
-            Event::Spawned {
-                generation: 1,
-                pid: pid(100),
-            },
-            t0,
-        );
+        sup.step(Event::Spawned { generation: 1, pid: pid(100) }, t0);
         assert_eq!(sup.next_deadline(), Some(t0 + Duration::from_secs(2)));
         sup.step(Event::Timer, t0 + Duration::from_secs(2));
         assert_eq!(sup.next_deadline(), None, "serving and idle: no wakeup");

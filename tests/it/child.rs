@@ -35,34 +35,16 @@ fn child_gets_exactly_its_fds_environment_and_signal_state() {
     });
     let start = s.expect_event("start", 1);
     let pid = pid_of(&start);
-    assert_eq!(
-        start["ppid"].as_i64(),
-        Some(s.pid().as_raw() as i64),
-        "sockhold is the parent"
-    );
-    assert_eq!(
-        start["pgid"].as_i64(),
-        Some(pid),
-        "the child leads its own process group"
-    );
+    assert_eq!(start["ppid"].as_i64(), Some(s.pid().as_raw() as i64), "sockhold is the parent");
+    assert_eq!(start["pgid"].as_i64(), Some(pid), "the child leads its own process group");
 
     let env = &start["env"];
     assert_eq!(env["LISTEN_FDS"], "2");
-    assert_eq!(
-        env["LISTEN_PID"],
-        pid.to_string().as_str(),
-        "LISTEN_PID is the child's own pid"
-    );
-    assert_eq!(
-        env["LISTEN_FDNAMES"], "fixture:api",
-        "default name is the command's basename"
-    );
+    assert_eq!(env["LISTEN_PID"], pid.to_string().as_str(), "LISTEN_PID is the child's own pid");
+    assert_eq!(env["LISTEN_FDNAMES"], "fixture:api", "default name is the command's basename");
     assert_eq!(env["SOCKHOLD_GENERATION"], "1");
     assert_eq!(env["FIXTURE_KEEP"], "kept");
-    assert!(
-        env.get("LISTEN_PIDFDID").is_none(),
-        "inherited LISTEN_PIDFDID removed: {env}"
-    );
+    assert!(env.get("LISTEN_PIDFDID").is_none(), "inherited LISTEN_PIDFDID removed: {env}");
     assert!(
         env.get("WATCHDOG_USEC").is_none() && env.get("WATCHDOG_PID").is_none(),
         "WATCHDOG_* removed: {env}"
@@ -83,37 +65,25 @@ fn child_gets_exactly_its_fds_environment_and_signal_state() {
 
     let fds = start["fds"].as_array().expect("fds");
     let numbers: Vec<i64> = fds.iter().map(|f| f["fd"].as_i64().unwrap()).collect();
-    assert_eq!(
-        numbers,
-        vec![0, 1, 2, 3, 4],
-        "exactly stdio and the two listeners: {fds:?}"
-    );
+    assert_eq!(numbers, vec![0, 1, 2, 3, 4], "exactly stdio and the two listeners: {fds:?}");
     let tcp = &fds[3];
     assert_eq!(tcp["cloexec"], false);
     assert_eq!(tcp["nonblock"], false, "blocking by default");
     assert_eq!(tcp["socket"]["family"], "inet");
     assert_eq!(tcp["socket"]["type"], "stream");
     assert_eq!(tcp["socket"]["listening"], true);
-    assert!(
-        tcp["socket"]["local"]
-            .as_str()
-            .unwrap()
-            .starts_with("127.0.0.1:")
-    );
+    assert!(tcp["socket"]["local"].as_str().unwrap().starts_with("127.0.0.1:"));
     let unix = &fds[4];
     assert_eq!(unix["cloexec"], false);
     assert_eq!(unix["nonblock"], false);
     assert_eq!(unix["socket"]["family"], "unix");
     assert_eq!(unix["socket"]["listening"], true);
     assert_eq!(unix["socket"]["local"], sock.to_str().unwrap());
-    s.expect_manager("READY=1", |m| m.contains("READY=1"));
+    s.expect_ready();
 
     s.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(s.exit_code(), 0);
-    assert!(
-        !sock.exists(),
-        "the Unix socket file sockhold created is removed at exit"
-    );
+    assert!(!sock.exists(), "the Unix socket file sockhold created is removed at exit");
 }
 
 #[test]
@@ -125,20 +95,8 @@ fn signals_ignored_by_sockholds_own_parent_do_not_reach_the_child() {
     let signal_state = dir.path().join("signals");
     let mut s = start_with(&[], |cmd| {
         let mut sh = std::process::Command::new("/bin/sh");
-        sh.arg("-c")
-            .arg("trap '' XFSZ PIPE; exec \"$@\"")
-            .arg("sh")
-            .arg(&bin);
-        sh.args([
-            "-l",
-            "127.0.0.1:0",
-            "--ready",
-            "notify",
-            "--",
-            "/bin/sh",
-            "-c",
-            RECORD_SIGNALS,
-        ]);
+        sh.arg("-c").arg("trap '' XFSZ PIPE; exec \"$@\"").arg("sh").arg(&bin);
+        sh.args(["-l", "127.0.0.1:0", "--ready", "notify", "--", "/bin/sh", "-c", RECORD_SIGNALS]);
         sh.arg(&signal_state).args([&fixture, "--ready"]);
         // Keep the harness's environment, stdio and process group on the wrapper.
         for (k, v) in cmd.get_envs() {
@@ -156,15 +114,8 @@ fn signals_ignored_by_sockholds_own_parent_do_not_reach_the_child() {
     let start = s.expect_event("start", 1);
     let fds = start["fds"].as_array().expect("fds");
     let numbers: Vec<i64> = fds.iter().map(|f| f["fd"].as_i64().unwrap()).collect();
-    assert_eq!(
-        numbers,
-        vec![0, 1, 2, 3],
-        "sockhold's inherited fds stay out: {fds:?}"
-    );
-    assert_eq!(
-        fds[3]["socket"]["listening"], true,
-        "fd 3 is the listener, moved down from 5"
-    );
+    assert_eq!(numbers, vec![0, 1, 2, 3], "sockhold's inherited fds stay out: {fds:?}");
+    assert_eq!(fds[3]["socket"]["listening"], true, "fd 3 is the listener, moved down from 5");
     let signals = std::fs::read_to_string(&signal_state).unwrap();
     assert!(signals.contains("SigIgn:\t0000000000000000"), "{signals}");
     assert!(signals.contains("SigBlk:\t0000000000000000"), "{signals}");
@@ -172,36 +123,16 @@ fn signals_ignored_by_sockholds_own_parent_do_not_reach_the_child() {
 
 #[test]
 fn notify_from_a_helper_process_counts_with_group_access_only() {
-    let fixture = fixture();
     // group (the default): a helper forked by the child may say READY=1.
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--",
-        &fixture,
-        "--fork-notify-ready",
-    ]);
+    let mut s = start_fixture(&[], &["--fork-notify-ready"]);
     s.expect_event("ready-sent-by-helper", 1);
-    s.expect_manager("READY=1", |m| m.contains("READY=1"));
+    s.expect_ready();
     s.expect_log("generation 1");
     // main: the same helper is refused, so generation 1 is never ready and sockhold gives up.
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--notify-access",
-        "main",
-        "--ready-timeout",
-        "1s",
-        "--restart",
-        "never",
-        "--",
-        &fixture,
-        "--fork-notify-ready",
-    ]);
+    let mut s = start_fixture(
+        &["--notify-access", "main", "--ready-timeout", "1s", "--restart", "never"],
+        &["--fork-notify-ready"],
+    );
     s.expect_event("ready-sent-by-helper", 1);
     s.expect_log("which --notify-access main does not allow");
     s.expect_log("was not ready within 1s");
@@ -209,39 +140,22 @@ fn notify_from_a_helper_process_counts_with_group_access_only() {
 
 #[test]
 fn status_lines_reach_the_log_and_the_manager() {
-    let fixture = fixture();
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--",
-        &fixture,
-        "--status",
-        "warming up",
-        "--ready",
-    ]);
+    let mut s = start_fixture(&[], &["--status", "warming up", "--ready"]);
     s.expect_log("status: warming up");
-    let ready = s.expect_manager("READY=1", |m| m.contains("READY=1"));
+    let ready = s.expect_ready();
     assert!(ready.contains("STATUS=serving: generation 1"), "{ready}");
     assert!(ready.contains("warming up"), "{ready}");
 }
 
 #[test]
 fn a_child_that_sets_o_nonblock_does_not_change_what_the_next_one_gets() {
-    let fixture = fixture();
     #[rustfmt::skip]
-    let mut s = start(&[
-        "-l", "127.0.0.1:0", "--ready", "notify", "--", &fixture, "--ready", "--set-nonblock",
-    ]);
+    let mut s = start_fixture(&[], &["--ready", "--set-nonblock"]);
     s.expect_event("set-nonblock", 1);
-    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.expect_ready();
     s.signal(nix::sys::signal::Signal::SIGHUP);
     let second = s.expect_event("start", 2);
-    assert_eq!(
-        second["fds"][3]["nonblock"], false,
-        "blocking again for generation 2: {second}"
-    );
+    assert_eq!(second["fds"][3]["nonblock"], false, "blocking again for generation 2: {second}");
 }
 
 #[test]
@@ -251,7 +165,7 @@ fn libsystemds_own_systemd_notify_makes_a_generation_ready() {
     let script = "systemd-notify --ready --status='up via libsystemd' && echo notified >&2 && exec sleep 600";
     #[rustfmt::skip]
     let mut s = start(&["-l", "127.0.0.1:0", "--ready", "notify", "--ready-timeout", "10s", "--", "/bin/sh", "-c", script]);
-    let ready = s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    let ready = s.expect_ready();
     assert!(ready.contains("up via libsystemd"), "{ready}");
     s.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(s.exit_code(), 0);

@@ -6,10 +6,7 @@ use crate::support::sockhold_bin;
 
 #[test]
 fn man_page_covers_every_help_flag() {
-    let help = Command::new(sockhold_bin())
-        .arg("--help")
-        .output()
-        .expect("--help");
+    let help = Command::new(sockhold_bin()).arg("--help").output().expect("--help");
     assert!(help.status.success());
     let help = String::from_utf8_lossy(&help.stdout);
     let man = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/man/sockhold.1"))

@@ -7,37 +7,19 @@ use nix::sys::signal::Signal::{SIGKILL, SIGTERM};
 use crate::support::*;
 
 fn run_to_end(args: &[&str]) -> (i32, String) {
-    let out = Command::new(sockhold_bin())
-        .args(args)
-        .output()
-        .expect("run sockhold");
-    (
-        out.status.code().expect("exit code"),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = Command::new(sockhold_bin()).args(args).output().expect("run sockhold");
+    (out.status.code().expect("exit code"), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]
 fn usage_errors_exit_2_and_name_the_input() {
     let fixture = fixture();
     for (args, needle) in [
-        (
-            vec!["-l", "127.0.0.1:99999", "--", &fixture],
-            "invalid listen spec '127.0.0.1:99999'",
-        ),
-        (
-            vec!["-l", "tcp://", "--", &fixture],
-            "invalid listen spec 'tcp://'",
-        ),
-        (
-            vec!["-l", "unix://relative", "--", &fixture],
-            "must be absolute",
-        ),
+        (vec!["-l", "127.0.0.1:99999", "--", &fixture], "invalid listen spec '127.0.0.1:99999'"),
+        (vec!["-l", "tcp://", "--", &fixture], "invalid listen spec 'tcp://'"),
+        (vec!["-l", "unix://relative", "--", &fixture], "must be absolute"),
         (vec!["-l", "8080,backlog=abc", "--", &fixture], "backlog"),
-        (
-            vec!["-l", "8080,bogus=1", "--", &fixture],
-            "unknown option 'bogus'",
-        ),
+        (vec!["-l", "8080,bogus=1", "--", &fixture], "unknown option 'bogus'"),
         (vec!["-l", "8080,name=a:b", "--", &fixture], "name"),
         (vec!["--", &fixture], "--listen"),
         (vec!["-l", "8080"], "COMMAND"),
@@ -45,29 +27,14 @@ fn usage_errors_exit_2_and_name_the_input() {
             vec!["-l", "8080", "--ready", "sometime", "--", &fixture],
             "'sometime' is not a ready mode",
         ),
-        (
-            vec!["-l", "8080", "--stop-signal", "NOPE", "--", &fixture],
-            "'NOPE' is not a signal",
-        ),
-        (
-            vec!["-l", "8080", "--stop-timeout", "soon", "--", &fixture],
-            "'soon' is not a duration",
-        ),
-        (
-            vec!["-l", "8080", "--restart", "sometimes", "--", &fixture],
-            "sometimes",
-        ),
-        (
-            vec!["-l", "8080", "--name", "a:b", "--", &fixture],
-            "invalid --name 'a:b'",
-        ),
+        (vec!["-l", "8080", "--stop-signal", "NOPE", "--", &fixture], "'NOPE' is not a signal"),
+        (vec!["-l", "8080", "--stop-timeout", "soon", "--", &fixture], "'soon' is not a duration"),
+        (vec!["-l", "8080", "--restart", "sometimes", "--", &fixture], "sometimes"),
+        (vec!["-l", "8080", "--name", "a:b", "--", &fixture], "invalid --name 'a:b'"),
     ] {
         let (code, stderr) = run_to_end(&args);
         assert_eq!(code, 2, "{args:?}: {stderr}");
-        assert!(
-            stderr.contains(needle),
-            "{args:?}: {needle:?} not in {stderr}"
-        );
+        assert!(stderr.contains(needle), "{args:?}: {needle:?} not in {stderr}");
     }
 }
 
@@ -94,110 +61,47 @@ fn a_failed_bind_exits_1_and_names_the_address() {
     let addr = taken.local_addr().unwrap().to_string();
     let (code, stderr) = run_to_end(&["-l", &addr, "--", &fixture()]);
     assert_eq!(code, 1, "{stderr}");
-    assert!(
-        stderr.contains(&format!("failed to bind {addr}")),
-        "{stderr}"
-    );
+    assert!(stderr.contains(&format!("failed to bind {addr}")), "{stderr}");
     assert!(stderr.contains("Address already in use"), "{stderr}");
 }
 
 #[test]
 fn a_clean_stop_exits_0() {
-    let fixture = fixture();
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--",
-        &fixture,
-        "--ready",
-    ]);
-    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    let mut s = start_fixture(&[], &["--ready"]);
+    s.expect_ready();
     s.signal(SIGTERM);
     assert_eq!(s.exit_code(), 0);
 }
 
 #[test]
 fn with_restart_never_sockhold_ends_with_the_childs_code() {
-    let fixture = fixture();
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--restart",
-        "never",
-        "--",
-        &fixture,
-        "--ready",
-        "--exit",
-        "3",
-    ]);
+    let mut s = start_fixture(&["--restart", "never"], &["--ready", "--exit", "3"]);
     assert_eq!(s.exit_code(), 3);
 }
 
 #[test]
 fn with_restart_never_a_child_killed_by_a_signal_gives_128_plus_n() {
-    let fixture = fixture();
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--restart",
-        "never",
-        "--",
-        &fixture,
-        "--ready",
-    ]);
+    let mut s = start_fixture(&["--restart", "never"], &["--ready"]);
     let start = s.expect_event("start", 1);
-    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.expect_ready();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid_of(&start) as i32), SIGKILL).unwrap();
     assert_eq!(s.exit_code(), 128 + 9);
 }
 
 #[test]
 fn a_child_that_exits_0_ends_sockhold_with_0_under_on_failure() {
-    let fixture = fixture();
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--",
-        &fixture,
-        "--ready",
-        "--exit",
-        "0",
-    ]);
+    let mut s = start_fixture(&[], &["--ready", "--exit", "0"]);
     assert_eq!(s.exit_code(), 0);
 }
 
 #[test]
 fn repeated_failed_starts_end_sockhold_with_the_childs_code() {
-    let fixture = fixture();
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--",
-        &fixture,
-        "--exit",
-        "4",
-    ]);
+    let mut s = start_fixture(&[], &["--exit", "4"]);
     assert_eq!(s.exit_code(), 4);
-    let started = s
-        .log()
-        .iter()
-        .filter(|l| l.contains(" started (pid "))
-        .count();
+    let started = s.log().iter().filter(|l| l.contains(" started (pid ")).count();
     assert_eq!(started, 5, "five tries, then give up: {:#?}", s.log());
     assert!(
-        s.log()
-            .iter()
-            .any(|l| l.contains("giving up after 5 failed starts")),
+        s.log().iter().any(|l| l.contains("giving up after 5 failed starts")),
         "{:#?}",
         s.log()
     );
@@ -205,20 +109,8 @@ fn repeated_failed_starts_end_sockhold_with_the_childs_code() {
 
 #[test]
 fn a_child_that_does_not_stop_is_killed_and_gives_137() {
-    let fixture = fixture();
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--stop-timeout",
-        "500ms",
-        "--",
-        &fixture,
-        "--ready",
-        "--ignore-term",
-    ]);
-    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    let mut s = start_fixture(&["--stop-timeout", "500ms"], &["--ready", "--ignore-term"]);
+    s.expect_ready();
     s.signal(SIGTERM);
     s.expect_signal(1, "TERM");
     assert_eq!(s.exit_code(), 137);
@@ -230,23 +122,13 @@ fn a_reload_to_a_command_that_vanished_fails_and_keeps_serving() {
     let link = dir.path().join("server");
     std::os::unix::fs::symlink(example("fixture"), &link).unwrap();
     let link_arg = link.to_str().unwrap().to_string();
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--",
-        &link_arg,
-        "--ready",
-    ]);
+    let mut s = start(&["-l", "127.0.0.1:0", "--ready", "notify", "--", &link_arg, "--ready"]);
     s.expect_event("start", 1);
-    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.expect_ready();
     std::fs::remove_file(&link).unwrap();
     s.signal(nix::sys::signal::Signal::SIGHUP);
     s.expect_log("generation 2 could not be started");
-    let ready = s.expect_manager("READY=1 after the failed reload", |m| {
-        m.starts_with("READY=1")
-    });
+    let ready = s.expect_manager("READY=1 after the failed reload", |m| m.starts_with("READY=1"));
     assert!(ready.contains("last reload failed"), "{ready}");
     s.signal(nix::sys::signal::Signal::SIGUSR1);
     s.expect_signal(1, "USR1");

@@ -7,18 +7,9 @@ use crate::support::*;
 
 #[test]
 fn reload_starts_a_new_generation_then_stops_the_old_one() {
-    let fixture = fixture();
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--",
-        &fixture,
-        "--ready",
-    ]);
+    let mut s = start_fixture(&[], &["--ready"]);
     let first = s.expect_event("start", 1);
-    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.expect_ready();
     s.signal(SIGHUP);
     let reloading = s.expect_manager("RELOADING=1", |m| m.starts_with("RELOADING=1"));
     assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
@@ -37,23 +28,12 @@ fn reload_starts_a_new_generation_then_stops_the_old_one() {
 
 #[test]
 fn readiness_from_the_old_generation_never_promotes_the_new_one() {
-    let fixture = fixture();
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--ready-timeout",
-        "2s",
-        "--",
-        &fixture,
-        "--ready-gen",
-        "1",
-        "--notify-on-usr1",
-        "READY=1",
-    ]);
+    let mut s = start_fixture(
+        &["--ready-timeout", "2s"],
+        &["--ready-gen", "1", "--notify-on-usr1", "READY=1"],
+    );
     s.expect_event("start", 1);
-    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.expect_ready();
     s.signal(SIGHUP);
     s.expect_event("start", 2);
     // USR1 is forwarded to the serving generation, 1, which answers with READY=1 on its own
@@ -83,38 +63,20 @@ fn readiness_from_the_old_generation_never_promotes_the_new_one() {
 
 #[test]
 fn a_new_child_that_crashes_leaves_the_old_one_serving() {
-    let fixture = fixture();
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--",
-        &fixture,
-        "--ready-gen",
-        "1",
-        "--ready-gen",
-        "3",
-        "--serve",
-        "--exit-gen",
-        "2:3",
-    ]);
+    let mut s = start_fixture(
+        &[],
+        &["--ready-gen", "1", "--ready-gen", "3", "--serve", "--exit-gen", "2:3"],
+    );
     let first = s.expect_event("start", 1);
-    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.expect_ready();
     let port = port_of(&first);
     s.signal(SIGHUP);
     s.expect_event("start", 2);
-    let ready = s.expect_manager("READY=1 after the failed reload", |m| {
-        m.starts_with("READY=1")
-    });
+    let ready = s.expect_manager("READY=1 after the failed reload", |m| m.starts_with("READY=1"));
     assert!(ready.contains("last reload failed"), "{ready}");
     assert!(ready.contains("exit status 3"), "{ready}");
     s.expect_log("reload failed: generation 2");
-    assert_eq!(
-        http_get(port),
-        Ok(pid_of(&first) as i32),
-        "generation 1 still answers"
-    );
+    assert_eq!(http_get(port), Ok(pid_of(&first) as i32), "generation 1 still answers");
     s.signal(SIGUSR1);
     s.expect_signal(1, "USR1");
     // The next reload works.
@@ -125,22 +87,9 @@ fn a_new_child_that_crashes_leaves_the_old_one_serving() {
 
 #[test]
 fn an_old_child_that_ignores_sigterm_is_killed_at_the_deadline_and_reaped() {
-    let fixture = fixture();
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--stop-timeout",
-        "1s",
-        "--",
-        &fixture,
-        "--ready",
-        "--ignore-term-gen",
-        "1",
-    ]);
+    let mut s = start_fixture(&["--stop-timeout", "1s"], &["--ready", "--ignore-term-gen", "1"]);
     let first = s.expect_event("start", 1);
-    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.expect_ready();
     s.signal(SIGHUP);
     s.expect_event("start", 2);
     s.expect_signal(1, "TERM");
@@ -148,28 +97,16 @@ fn an_old_child_that_ignores_sigterm_is_killed_at_the_deadline_and_reaped() {
     s.expect_log("did not stop within 1s; sending SIGKILL to its process group");
     s.expect_log("was killed: killed by SIGKILL");
     let old = pid_of(&first);
-    wait_until("the killed child is reaped (no zombie left)", || {
-        !process_exists(old)
-    });
+    wait_until("the killed child is reaped (no zombie left)", || !process_exists(old));
     s.signal(SIGUSR1);
     s.expect_signal(2, "USR1");
 }
 
 #[test]
 fn sigterm_during_a_reload_stops_both_generations() {
-    let fixture = fixture();
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--",
-        &fixture,
-        "--ready-gen",
-        "1",
-    ]);
+    let mut s = start_fixture(&[], &["--ready-gen", "1"]);
     s.expect_event("start", 1);
-    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.expect_ready();
     s.signal(SIGHUP);
     s.expect_event("start", 2);
     s.signal(SIGTERM);
@@ -183,7 +120,7 @@ fn sigint_stops_like_sigterm() {
     let fixture = fixture();
     let mut s = start(&["-l", "127.0.0.1:0", "--ready", "delay:10ms", "--", &fixture]);
     s.expect_event("start", 1);
-    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.expect_ready();
     s.signal(SIGINT);
     s.expect_signal(1, "TERM");
     assert_eq!(s.exit_code(), 0);
@@ -191,25 +128,12 @@ fn sigint_stops_like_sigterm() {
 
 #[test]
 fn a_burst_of_50_sighups_leads_to_at_most_two_more_generations() {
-    let fixture = fixture();
     // Generation 2 never becomes ready (it fails at the 2s timeout); generation 3 is the one
     // reload that every HUP sent while generation 2 was starting coalesced into.
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--ready-timeout",
-        "2s",
-        "--",
-        &fixture,
-        "--ready-gen",
-        "1",
-        "--ready-gen",
-        "3",
-    ]);
+    let mut s =
+        start_fixture(&["--ready-timeout", "2s"], &["--ready-gen", "1", "--ready-gen", "3"]);
     s.expect_event("start", 1);
-    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.expect_ready();
     s.signal(SIGHUP);
     s.expect_event("start", 2);
     for _ in 0..49 {
@@ -221,33 +145,13 @@ fn a_burst_of_50_sighups_leads_to_at_most_two_more_generations() {
     });
     s.signal(SIGTERM);
     assert_eq!(s.exit_code(), 0);
-    let started = s
-        .log()
-        .iter()
-        .filter(|l| l.contains(" started (pid "))
-        .count();
-    assert_eq!(
-        started,
-        3,
-        "generation 1 and at most two more: {:#?}",
-        s.log()
-    );
+    let started = s.log().iter().filter(|l| l.contains(" started (pid ")).count();
+    assert_eq!(started, 3, "generation 1 and at most two more: {:#?}", s.log());
 }
 
 #[test]
 fn a_crashed_child_is_restarted_with_backoff_on_the_same_sockets() {
-    let fixture = fixture();
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--",
-        &fixture,
-        "--ready",
-        "--exit-gen",
-        "1:9",
-    ]);
+    let mut s = start_fixture(&[], &["--ready", "--exit-gen", "1:9"]);
     let first = s.expect_event("start", 1);
     s.expect_log("generation 1 (pid");
     s.expect_log("restarting in 100ms");
@@ -260,18 +164,9 @@ fn a_crashed_child_is_restarted_with_backoff_on_the_same_sockets() {
 
 #[test]
 fn forwarded_signals_reach_the_serving_child() {
-    let fixture = fixture();
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--",
-        &fixture,
-        "--ready",
-    ]);
+    let mut s = start_fixture(&[], &["--ready"]);
     s.expect_event("start", 1);
-    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.expect_ready();
     for (signal, name) in [
         (nix::sys::signal::Signal::SIGUSR1, "USR1"),
         (nix::sys::signal::Signal::SIGWINCH, "WINCH"),
@@ -307,21 +202,14 @@ fn unix_socket_files_and_pid_file_are_managed() {
     ]);
     s.expect_event("start", 1);
     s.expect_log("removing stale socket file");
-    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.expect_ready();
     let written = std::fs::read_to_string(&pid_file).unwrap();
     assert_eq!(written.trim(), s.pid().to_string());
     // A live socket file is refused by a second sockhold.
     let mut second = start(&["-l", &sock_arg, "--", &fixture]);
     assert_eq!(second.exit_code(), 1);
-    assert!(
-        second.log().iter().any(|l| l.contains("is in use")),
-        "{:#?}",
-        second.log()
-    );
-    assert!(
-        sock.exists(),
-        "the refused instance left the live socket alone"
-    );
+    assert!(second.log().iter().any(|l| l.contains("is in use")), "{:#?}", second.log());
+    assert!(sock.exists(), "the refused instance left the live socket alone");
     s.signal(SIGTERM);
     assert_eq!(s.exit_code(), 0);
     assert!(!sock.exists(), "socket file removed at exit");
@@ -330,18 +218,9 @@ fn unix_socket_files_and_pid_file_are_managed() {
 
 #[test]
 fn idle_sockhold_does_not_wake_up() {
-    let fixture = fixture();
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--",
-        &fixture,
-        "--ready",
-    ]);
+    let mut s = start_fixture(&[], &["--ready"]);
     s.expect_event("start", 1);
-    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.expect_ready();
     let switches = |pid: nix::unistd::Pid| -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         status
@@ -357,10 +236,5 @@ fn idle_sockhold_does_not_wake_up() {
     // A measurement window, not a synchronisation: nothing is expected to happen in it.
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let after = switches(s.pid());
-    assert_eq!(
-        after,
-        before,
-        "sockhold woke up {} times while idle",
-        after - before
-    );
+    assert_eq!(after, before, "sockhold woke up {} times while idle", after - before);
 }

@@ -11,16 +11,8 @@ use crate::support::*;
 #[test]
 fn zero_failed_requests_across_25_reloads_under_load() {
     let httpd = example("httpd").to_string_lossy().into_owned();
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--stop-timeout",
-        "10s",
-        "--",
-        &httpd,
-    ]);
+    let mut s =
+        start(&["-l", "127.0.0.1:0", "--ready", "notify", "--stop-timeout", "10s", "--", &httpd]);
     let listening = s.expect_log("listening on 127.0.0.1:");
     let port: u16 = listening
         .split("127.0.0.1:")
@@ -28,7 +20,7 @@ fn zero_failed_requests_across_25_reloads_under_load() {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no port in {listening}"));
-    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    s.expect_ready();
 
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..4)
@@ -51,18 +43,13 @@ fn zero_failed_requests_across_25_reloads_under_load() {
         .collect();
 
     // SOCKHOLD_TEST_RELOADS raises the count for a longer soak; the suite's default stays quick.
-    let reloads: u64 = std::env::var("SOCKHOLD_TEST_RELOADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(25);
+    let reloads: u64 =
+        std::env::var("SOCKHOLD_TEST_RELOADS").ok().and_then(|v| v.parse().ok()).unwrap_or(25);
     for generation in 2..=reloads + 1 {
         s.signal(SIGHUP);
         s.expect_manager("RELOADING=1", |m| m.starts_with("RELOADING=1"));
-        let ready = s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
-        assert!(
-            ready.contains(&format!("generation {generation} ")),
-            "{ready}"
-        );
+        let ready = s.expect_ready();
+        assert!(ready.contains(&format!("generation {generation} ")), "{ready}");
     }
     stop.store(true, Ordering::Relaxed);
     let (mut ok, mut failures, mut pids) = (0, Vec::new(), BTreeSet::new());
@@ -72,10 +59,7 @@ fn zero_failed_requests_across_25_reloads_under_load() {
         failures.extend(f);
         pids.extend(p);
     }
-    eprintln!(
-        "{ok} requests succeeded across {reloads} reloads, answered by {} pids",
-        pids.len()
-    );
+    eprintln!("{ok} requests succeeded across {reloads} reloads, answered by {} pids", pids.len());
     assert!(
         failures.is_empty(),
         "{} of {} requests failed: {:?}",

@@ -26,16 +26,8 @@ pub fn sockhold_bin() -> PathBuf {
 
 /// An example program built by `cargo test` next to the binary.
 pub fn example(name: &str) -> PathBuf {
-    let path = sockhold_bin()
-        .parent()
-        .expect("target dir")
-        .join("examples")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: cargo test builds the examples",
-        path.display()
-    );
+    let path = sockhold_bin().parent().expect("target dir").join("examples").join(name);
+    assert!(path.exists(), "{} is missing: cargo test builds the examples", path.display());
     path
 }
 
@@ -154,10 +146,8 @@ impl Sockhold {
     pub fn expect(&mut self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + TIMEOUT;
         loop {
-            if let Some((value, taken)) = self
-                .json
-                .iter_mut()
-                .find(|(v, taken)| !*taken && matches(v))
+            if let Some((value, taken)) =
+                self.json.iter_mut().find(|(v, taken)| !*taken && matches(v))
             {
                 *taken = true;
                 return value.clone();
@@ -202,9 +192,7 @@ impl Sockhold {
             from = self.stderr.len();
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                self.fail(&format!(
-                    "timed out waiting for log line containing {needle:?}"
-                ));
+                self.fail(&format!("timed out waiting for log line containing {needle:?}"));
             }
             self.pump(left);
         }
@@ -259,9 +247,7 @@ impl Sockhold {
     /// Waits for sockhold's exit code.
     pub fn exit_code(&mut self) -> i32 {
         let status = self.wait_exit();
-        status
-            .code()
-            .unwrap_or_else(|| panic!("sockhold died of a signal: {status:?}"))
+        status.code().unwrap_or_else(|| panic!("sockhold died of a signal: {status:?}"))
     }
 
     fn fail(&self, message: &str) -> ! {
@@ -319,16 +305,12 @@ pub fn port_of(start: &Value) -> u16 {
 pub fn http_get(port: u16) -> Result<i32, String> {
     let mut stream =
         TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
         .map_err(|e| format!("write: {e}"))?;
     let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(|e| format!("read: {e}"))?;
+    stream.read_to_string(&mut response).map_err(|e| format!("read: {e}"))?;
     if !response.starts_with("HTTP/1.1 200") {
         return Err(format!("bad response: {response:?}"));
     }
@@ -357,4 +339,22 @@ pub fn process_exists(pid: i64) -> bool {
 /// The pid of a fixture line.
 pub fn pid_of(v: &Value) -> i64 {
     v["pid"].as_i64().expect("pid")
+}
+
+/// Starts `sockhold -l 127.0.0.1:0 --ready notify OPTIONS -- fixture ARGS`, the common case.
+pub fn start_fixture(options: &[&str], args: &[&str]) -> Sockhold {
+    let fixture = fixture();
+    let mut all = vec!["-l", "127.0.0.1:0", "--ready", "notify"];
+    all.extend_from_slice(options);
+    all.push("--");
+    all.push(&fixture);
+    all.extend_from_slice(args);
+    start(&all)
+}
+
+impl Sockhold {
+    /// Waits for the `READY=1` sockhold sends its manager; returns the whole datagram.
+    pub fn expect_ready(&mut self) -> String {
+        self.expect_manager("READY=1", |m| m.starts_with("READY=1"))
+    }
 }
