@@ -12,10 +12,10 @@
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -114,6 +114,31 @@ impl Listener {
         }
     }
 
+    /// Returns a function that connects to this listener and hangs up at
+    /// once: see `run` for why.
+    fn waker(&self) -> Box<dyn Fn()> {
+        match self {
+            Listener::Tcp(l) => match l.local_addr() {
+                Ok(mut addr) => {
+                    if addr.ip().is_unspecified() {
+                        addr.set_ip(match addr {
+                            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+                        });
+                    }
+                    Box::new(move || {
+                        drop(TcpStream::connect_timeout(&addr, Duration::from_secs(1)))
+                    })
+                }
+                Err(_) => Box::new(|| {}),
+            },
+            Listener::Unix(l) => match l.local_addr() {
+                Ok(addr) => Box::new(move || drop(UnixStream::connect_addr(&addr))),
+                Err(_) => Box::new(|| {}),
+            },
+        }
+    }
+
     /// Accepts one connection and serves it on a thread of its own.
     fn accept_and_serve(&self, server: &Arc<Server>) -> io::Result<()> {
         match self {
@@ -177,6 +202,7 @@ fn run(activation: Activation, pid: u32) -> Result<()> {
     };
     let names: Vec<String> = listeners.iter().map(describe).collect();
     eprintln!("httpd[{pid}]: serving on {}", names.join(", "));
+    let wakers: Vec<_> = listeners.iter().map(Listener::waker).collect();
     let acceptors: Vec<_> = (listeners.into_iter())
         .map(|l| {
             let server = Arc::clone(&server);
@@ -192,8 +218,19 @@ fn run(activation: Activation, pid: u32) -> Result<()> {
     notify(&activation, "STOPPING=1");
     server.stopping.store(true, SeqCst);
     nix::unistd::write(&stop_writer, b"x")?;
-    for acceptor in acceptors {
-        let _ = acceptor.join();
+    // An acceptor that lost the race for a connection to another process is
+    // blocked in accept() and cannot see the stop pipe. Rather than wait for
+    // the next client, or exit while it may be taking one, we wake it with a
+    // connection of our own, which it serves (end of file at once) before
+    // leaving. If another process takes that instead, it gets the same
+    // harmless empty connection, and we try again.
+    while acceptors.iter().any(|a| !a.is_finished()) {
+        thread::sleep(Duration::from_millis(100));
+        for (acceptor, wake) in acceptors.iter().zip(&wakers) {
+            if !acceptor.is_finished() {
+                wake();
+            }
+        }
     }
     let mut conns = server.conns.lock().unwrap();
     while conns.0 > 0 {

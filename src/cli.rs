@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, Args, Parser, Subcommand};
 use nix::sys::signal::Signal;
 
 use crate::listen::{ListenSpec, fd_name_is_valid, sanitize_fd_name};
@@ -23,10 +23,16 @@ use crate::supervisor::{NotifyAccess, Policy, ReadyMode, RestartPolicy};
 #[command(
     name = "sockhold",
     version,
-    override_usage = "sockhold [OPTIONS] -l SPEC [-l SPEC ...] [--] COMMAND [ARG ...]",
+    override_usage = "sockhold [OPTIONS] -l SPEC [-l SPEC ...] [--] COMMAND [ARG ...]\n       sockhold ctl [--control PATH] status [--json] | reload | stop | signal SIG | upgrade",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
     after_help = "Signals: HUP reloads; TERM and INT stop; USR1, WINCH, QUIT, ALRM, TTIN and TTOU are forwarded to the serving child.\nExit status: 0 clean stop, 1 runtime failure, 2 usage error, 126/127 command not executable/found, else the child's code or 128+N.\nSee sockhold(1) for listen specs and the full lifecycle."
 )]
 pub struct Cli {
+    /// Talk to a running sockhold (see `sockhold ctl --help`).
+    #[command(subcommand)]
+    pub ctl: Option<Sub>,
+
     /// A socket to bind and hand over: a port (8080), ADDR:PORT (127.0.0.1:8080, [::1]:8080),
     /// tcp://HOST:PORT, tcp4://, tcp6://, or a Unix stream socket (/run/app.sock,
     /// unix:///run/app.sock); options follow after commas: name=NAME, backlog=N. Repeatable:
@@ -67,6 +73,12 @@ pub struct Cli {
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
 
+    /// Serve the JSON-lines control protocol on a Unix socket at PATH (mode 0600, in a
+    /// directory others cannot write to; only root and sockhold's own user may use it), for
+    /// `sockhold ctl`.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
     /// Write sockhold's own pid to PATH; removed at exit.
     #[arg(long, value_name = "PATH")]
     pub pid_file: Option<PathBuf>,
@@ -89,6 +101,53 @@ pub struct Cli {
     pub command: Vec<OsString>,
 }
 
+/// sockhold's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Sub {
+    /// Ask a running sockhold through its control socket: status, reload (waits for the outcome),
+    /// stop, signal, upgrade. Exits 0 on success, 1 with the reason otherwise.
+    Ctl(CtlArgs),
+}
+
+/// `sockhold ctl`'s arguments.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The control socket of the sockhold to talk to (its --control).
+    #[arg(long, value_name = "PATH", env = "SOCKHOLD_CONTROL")]
+    pub control: PathBuf,
+
+    /// Give up waiting for the answer after DUR (a reload waits for the new child's readiness).
+    #[arg(long, value_name = "DUR", default_value = "2m", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// What to ask.
+    #[command(subcommand)]
+    pub request: CtlRequest,
+}
+
+/// A request of `sockhold ctl`.
+#[derive(Clone, Debug, Subcommand)]
+pub enum CtlRequest {
+    /// Show sockhold's pid and version, the listeners, every generation and the last reload.
+    Status {
+        /// Print the answer as sockhold sent it: one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a new generation and wait until it serves (exit 0) or the reload failed (exit 1).
+    Reload,
+    /// Stop every child and sockhold itself.
+    Stop,
+    /// Send a signal (USR1, SIGWINCH, 28, ...) to the serving child.
+    Signal {
+        /// The signal to send.
+        #[arg(value_name = "SIG", value_parser = parse_signal)]
+        signal: Signal,
+    },
+    /// Re-execute sockhold's binary in place (not supported by this version).
+    Upgrade,
+}
+
 /// Everything sockhold runs with, validated.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -100,6 +159,8 @@ pub struct Config {
     pub name: String,
     /// Where to write sockhold's pid.
     pub pid_file: Option<PathBuf>,
+    /// Where to serve the control protocol.
+    pub control: Option<PathBuf>,
     /// argv of the child; never empty.
     pub command: Vec<OsString>,
 }
@@ -140,6 +201,7 @@ impl Cli {
             },
             name,
             pid_file: self.pid_file,
+            control: self.control,
             command: self.command,
         })
     }

@@ -2,10 +2,11 @@
 //! into syscalls.
 //!
 //! It owns what lives as long as sockhold: the held listeners, the signal self-pipe, the notify
-//! socket of every live generation, the runtime directory, the pid file, and the link to
-//! sockhold's own service manager. One thread, one `poll` over the signal pipe and the notify
-//! sockets, with the supervisor's nearest deadline as the timeout: while nothing happens, sockhold
-//! sleeps without waking. The listeners are never polled: only children accept on them.
+//! socket of every live generation, the control socket and the clients waiting for a reload, the
+//! runtime directory, the pid file, and the link to sockhold's own service manager. One thread,
+//! one `poll` over the signal pipe, the control socket and its clients, and the notify sockets,
+//! with the nearest deadline as the timeout: while nothing happens, sockhold sleeps without
+//! waking. The listeners are never polled: only children accept on them.
 //!
 //! It must not make lifecycle decisions: those belong to [`Supervisor::step`].
 
@@ -13,7 +14,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
 use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use log::{debug, info, warn};
@@ -22,8 +23,10 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::Pid;
+use serde_json::{Value, json};
 
 use crate::cli::Config;
+use crate::control::{ClientId, ControlServer, Request, Token, error_answer};
 use crate::exit::{ChildStatus, ExitCode};
 use crate::listen::Listener;
 use crate::notify::{Manager, NotifySocket};
@@ -47,6 +50,12 @@ pub struct EventLoop {
     notify: BTreeMap<u64, NotifySocket>,
     manager: Option<Manager>,
     base_env: Vec<(OsString, OsString)>,
+    control: Option<ControlServer>,
+    /// Control clients waiting for a reload: the reload that started for them, once one has.
+    reload_waiters: Vec<(ClientId, Option<u64>)>,
+    /// The outcome of the last reload, for `status`.
+    last_reload: Value,
+    started: SystemTime,
 }
 
 /// What sockhold created and removes when it ends, however it ends: the listeners (and the Unix
@@ -104,8 +113,16 @@ impl EventLoop {
             write_pid_file(path)?;
             held.pid_file = Some(path.clone());
         }
+        let control = match &config.control {
+            Some(path) => Some(ControlServer::bind(path)?),
+            None => None,
+        };
         let supervisor = Supervisor::new(config.policy.clone());
         Ok(EventLoop {
+            control,
+            reload_waiters: Vec::new(),
+            last_reload: Value::Null,
+            started: SystemTime::now(),
             config,
             held,
             signals,
@@ -127,8 +144,12 @@ impl EventLoop {
                 let _ = waitpid(pid, None);
             }
         }
+        for (client, _) in std::mem::take(&mut self.reload_waiters) {
+            self.answer_client(client, &error_answer("sockhold stopped before the reload ended"));
+        }
         // The notify sockets go first; `held` then removes the runtime directory and the rest.
         self.notify.clear();
+        self.control = None;
         result
     }
 
@@ -150,7 +171,14 @@ impl EventLoop {
     /// Blocks in poll until a signal, a notify datagram or the next deadline, and queues what
     /// happened.
     fn wait(&mut self, pending: &mut VecDeque<Event>) -> Result<()> {
-        let timeout = match self.supervisor.next_deadline() {
+        let deadline = [
+            self.supervisor.next_deadline(),
+            self.control.as_ref().and_then(|c| c.next_deadline()),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let timeout = match deadline {
             None => PollTimeout::NONE,
             Some(deadline) => {
                 // Round up: waking a hair early would only mean a second, useless wakeup.
@@ -159,23 +187,33 @@ impl EventLoop {
                 PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
             }
         };
-        let (signal_ready, notify_ready) = {
+        let (signal_ready, control_ready, notify_ready) = {
             let ids: Vec<u64> = self.notify.keys().copied().collect();
-            let mut fds = Vec::with_capacity(1 + ids.len());
+            let control_set =
+                self.control.as_ref().map(ControlServer::poll_set).unwrap_or_default();
+            let mut fds = Vec::with_capacity(1 + control_set.len() + ids.len());
             fds.push(PollFd::new(self.signals.fd(), PollFlags::POLLIN));
+            fds.extend(control_set.iter().map(|(fd, flags, _)| PollFd::new(*fd, *flags)));
             fds.extend(self.notify.values().map(|s| PollFd::new(s.fd(), PollFlags::POLLIN)));
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => return Err(e).context("poll failed"),
             }
             let readable = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+            let control_fds = &fds[1..1 + control_set.len()];
+            let control_ready: Vec<Token> = control_set
+                .iter()
+                .zip(control_fds)
+                .filter(|(_, fd)| readable(fd))
+                .map(|((_, _, token), _)| *token)
+                .collect();
             let notify_ready: Vec<u64> = ids
                 .iter()
-                .zip(&fds[1..])
+                .zip(&fds[1 + control_set.len()..])
                 .filter(|(_, fd)| readable(fd))
                 .map(|(id, _)| *id)
                 .collect();
-            (readable(&fds[0]), notify_ready)
+            (readable(&fds[0]), control_ready, notify_ready)
         };
         let before = pending.len();
         if signal_ready {
@@ -183,7 +221,8 @@ impl EventLoop {
                 match signal {
                     Signal::SIGCHLD => self.reap(pending),
                     Signal::SIGHUP => pending.push_back(Event::Reload),
-                    Signal::SIGTERM | Signal::SIGINT => pending.push_back(Event::Stop(signal)),
+                    Signal::SIGTERM | Signal::SIGINT => pending
+                        .push_back(Event::Stop(format!("received SIG{}", signal_name(signal)))),
                     Signal::SIGUSR2 => {
                         warn!("received SIGUSR2: self-upgrade is not supported yet; ignored")
                     }
@@ -205,10 +244,107 @@ impl EventLoop {
                 });
             }
         }
+        let now = Instant::now();
+        if let Some(control) = &mut self.control {
+            let mut requests = Vec::new();
+            for token in control_ready {
+                requests.extend(control.on_ready(token, now));
+            }
+            control.expire(now);
+            for (client, request) in requests {
+                self.handle_request(client, request, pending);
+            }
+        }
         if pending.len() == before {
             pending.push_back(Event::Timer);
         }
         Ok(())
+    }
+
+    /// Answers a control request at once, or turns it into an event (a reload is answered when
+    /// it ends).
+    fn handle_request(
+        &mut self,
+        client: ClientId,
+        request: Request,
+        pending: &mut VecDeque<Event>,
+    ) {
+        debug!("control client {client}: {request:?}");
+        let answer = match request {
+            Request::Status => self.status(),
+            Request::Reload => {
+                self.reload_waiters.push((client, None));
+                pending.push_back(Event::Reload);
+                return;
+            }
+            Request::Stop => {
+                pending.push_back(Event::Stop("ctl stop".into()));
+                json!({ "ok": true })
+            }
+            Request::Signal(signal) => match self.supervisor.serving_pid() {
+                Some(pid) => {
+                    pending.push_back(Event::Forward(signal));
+                    json!({ "ok": true, "pid": pid.as_raw() })
+                }
+                None => error_answer("no child is serving: nothing to send the signal to"),
+            },
+            Request::Upgrade => {
+                error_answer("upgrade is not supported by this version of sockhold")
+            }
+        };
+        if let Some(control) = &mut self.control {
+            control.answer(client, &answer);
+        }
+    }
+
+    fn answer_client(&mut self, client: ClientId, answer: &Value) {
+        if let Some(control) = &mut self.control {
+            control.answer(client, answer);
+        }
+    }
+
+    /// The `status` answer.
+    fn status(&self) -> Value {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let at = |t: Instant| {
+            let when = wall.checked_sub(now.saturating_duration_since(t)).unwrap_or(wall);
+            humantime::format_rfc3339_seconds(when).to_string()
+        };
+        let listeners: Vec<Value> = self
+            .held
+            .listeners
+            .iter()
+            .enumerate()
+            .map(
+                |(i, l)| json!({ "fd": 3 + i, "name": l.name(), "address": l.local_description() }),
+            )
+            .collect();
+        let generations: Vec<Value> = self
+            .supervisor
+            .generations()
+            .into_iter()
+            .map(|g| {
+                json!({
+                    "id": g.id,
+                    "pids": g.pid.map(|p| vec![p.as_raw()]).unwrap_or_default(),
+                    "state": g.state,
+                    "since": at(g.since),
+                    "status": g.status,
+                })
+            })
+            .collect();
+        json!({
+            "ok": true,
+            "pid": std::process::id(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "name": self.config.name,
+            "started": humantime::format_rfc3339_seconds(self.started).to_string(),
+            "listeners": listeners,
+            "generations": generations,
+            "restarts": self.supervisor.restarts(),
+            "last_reload": self.last_reload,
+        })
     }
 
     /// Reaps every child that has ended. A generation's leftover processes (workers, daemons it
@@ -282,13 +418,40 @@ impl EventLoop {
                     manager.send(&message);
                 }
             }
-            Action::ReloadDone(outcome) => match outcome {
-                Ok(generation) => debug!("reload done: generation {generation} serves"),
-                Err(reason) => debug!("reload failed: {reason}"),
-            },
+            Action::ReloadStarted { generation } => {
+                for (_, started) in &mut self.reload_waiters {
+                    started.get_or_insert(generation);
+                }
+            }
+            Action::ReloadDone { generation, result } => self.reload_done(generation, result),
             Action::Exit(code) => return Some(code),
         }
         None
+    }
+
+    /// Records a reload's outcome and answers the clients that waited for it.
+    fn reload_done(&mut self, generation: Option<u64>, result: Result<(), String>) {
+        let answer = match &result {
+            Ok(()) => {
+                let pid = self.supervisor.serving_pid().map(Pid::as_raw);
+                json!({ "ok": true, "generation": generation, "pid": pid })
+            }
+            Err(reason) => error_answer(&format!("reload failed: {reason}")),
+        };
+        if let Some(generation) = generation {
+            let at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+            self.last_reload = match &result {
+                Ok(()) => json!({ "ok": true, "generation": generation, "at": at }),
+                Err(e) => json!({ "ok": false, "generation": generation, "error": e, "at": at }),
+            };
+        }
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reload_waiters)
+            .into_iter()
+            .partition(|(_, g)| *g == generation);
+        self.reload_waiters = waiting;
+        for (client, _) in done {
+            self.answer_client(client, &answer);
+        }
     }
 
     fn spawn_generation(&mut self, generation: u64) -> Event {

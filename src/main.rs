@@ -7,6 +7,8 @@
 #![deny(unsafe_code)]
 
 mod cli;
+mod control;
+mod ctl;
 mod event_loop;
 mod exit;
 mod listen;
@@ -32,6 +34,16 @@ fn main() {
         }
     };
     init_logging(cli.verbose, cli.quiet);
+    if let Some(cli::Sub::Ctl(args)) = &cli.ctl {
+        let code = match ctl::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("sockhold: error: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+        std::process::exit(code.0);
+    }
     let config = match cli.into_config() {
         Ok(config) => config,
         Err(message) => {

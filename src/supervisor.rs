@@ -81,8 +81,8 @@ pub enum Event {
     Start,
     /// A reload was asked for (SIGHUP).
     Reload,
-    /// A stop was asked for (SIGTERM, SIGINT).
-    Stop(Signal),
+    /// A stop was asked for: by whom, for the log ("received SIGTERM", "ctl stop").
+    Stop(String),
     /// A signal to pass on to the serving child.
     Forward(Signal),
     /// A generation's process was started.
@@ -130,8 +130,12 @@ pub enum Action {
     Release { generation: u64 },
     /// Tell sockhold's own service manager.
     Manager(ManagerMessage),
-    /// A requested reload ended: the generation that now serves, or why it failed.
-    ReloadDone(Result<u64, String>),
+    /// A reload began by starting this generation: every reload request not yet started is
+    /// answered by this one.
+    ReloadStarted { generation: u64 },
+    /// A reload ended: the one that started `generation`, or (`None`) every request not yet
+    /// started, which will now never start.
+    ReloadDone { generation: Option<u64>, result: Result<(), String> },
     /// Exit sockhold with this code.
     Exit(ExitCode),
 }
@@ -150,9 +154,9 @@ enum GenState {
     /// Asked for, not yet forked (only between an `Action::Spawn` and its answer).
     Spawning,
     /// Running, not yet ready.
-    Starting { since: Instant, ready_deadline: Instant, ready_at: Option<Instant> },
+    Starting { ready_deadline: Instant, ready_at: Option<Instant> },
     /// Ready: the generation that serves.
-    Serving { since: Instant },
+    Serving,
     /// Asked to stop; SIGKILL at the deadline.
     Stopping { kill_at: Instant, signal: Signal },
     /// SIGKILLed; waiting to reap it.
@@ -166,8 +170,25 @@ struct Generation {
     pid: Option<Pid>,
     purpose: Purpose,
     state: GenState,
+    /// When it entered its current state.
+    since: Instant,
     /// The last `STATUS=` it sent.
     status_text: Option<String>,
+}
+
+/// What the outside may know of one generation (for `ctl status`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GenerationInfo {
+    /// Its number.
+    pub id: u64,
+    /// Its main process, once forked.
+    pub pid: Option<Pid>,
+    /// `starting`, `serving`, `stopping` or `killed`.
+    pub state: &'static str,
+    /// When it entered that state.
+    pub since: Instant,
+    /// The last `STATUS=` it sent.
+    pub status: Option<String>,
 }
 
 /// Whether sockhold is serving or on its way out.
@@ -195,6 +216,8 @@ pub struct Supervisor {
     restart_at: Option<Instant>,
     backoff: Duration,
     failed_starts: u32,
+    /// Generations started to replace one that crashed or failed to start.
+    restarts: u64,
 }
 
 impl Supervisor {
@@ -209,6 +232,7 @@ impl Supervisor {
             restart_at: None,
             backoff: BACKOFF_START,
             failed_starts: 0,
+            restarts: 0,
         }
     }
 
@@ -239,7 +263,7 @@ impl Supervisor {
     }
 
     fn serving(&self) -> Option<&Generation> {
-        self.generations.iter().find(|g| matches!(g.state, GenState::Serving { .. }))
+        self.generations.iter().find(|g| matches!(g.state, GenState::Serving))
     }
 
     fn starting(&self) -> Option<&Generation> {
@@ -254,14 +278,9 @@ impl Supervisor {
 
     fn handle(&mut self, event: Event, now: Instant, out: &mut Vec<Action>) {
         match event {
-            Event::Start => self.start_generation(Purpose::Initial, out),
-            Event::Reload => self.reload(out),
-            Event::Stop(signal) => self.shut_down(
-                ExitCode::SUCCESS,
-                &format!("received SIG{}", signal_name(signal)),
-                now,
-                out,
-            ),
+            Event::Start => self.start_generation(Purpose::Initial, now, out),
+            Event::Reload => self.reload(now, out),
+            Event::Stop(why) => self.shut_down(ExitCode::SUCCESS, &why, now, out),
             Event::Forward(signal) => match self.serving() {
                 Some(g) => {
                     let pid = g.pid.expect("a serving generation has a pid");
@@ -285,7 +304,7 @@ impl Supervisor {
                     // The command itself is wrong: nothing to retry, say so and exit 126/127.
                     self.shut_down(code, "the command could not be started", now, out);
                 } else {
-                    self.start_failed(g.purpose, error, None, code, now, out);
+                    self.start_failed(&g, error, None, code, now, out);
                 }
             }
             Event::Exited { pid, status } => self.exited(pid, status, now, out),
@@ -296,7 +315,7 @@ impl Supervisor {
         }
     }
 
-    fn start_generation(&mut self, purpose: Purpose, out: &mut Vec<Action>) {
+    fn start_generation(&mut self, purpose: Purpose, now: Instant, out: &mut Vec<Action>) {
         let id = self.next_id;
         self.next_id += 1;
         self.restart_at = None;
@@ -304,26 +323,34 @@ impl Supervisor {
             Purpose::Initial => info!("starting generation {id}"),
             Purpose::Reload => {
                 info!("reload: starting generation {id}");
+                out.push(Action::ReloadStarted { generation: id });
                 out.push(Action::Manager(ManagerMessage::Reloading(format!(
                     "reloading: starting generation {id}"
                 ))));
             }
-            Purpose::Restart => info!("restarting: starting generation {id}"),
+            Purpose::Restart => {
+                info!("restarting: starting generation {id}");
+                self.restarts += 1;
+            }
         }
         self.generations.push(Generation {
             id,
             pid: None,
             purpose,
             state: GenState::Spawning,
+            since: now,
             status_text: None,
         });
         out.push(Action::Spawn { generation: id });
     }
 
-    fn reload(&mut self, out: &mut Vec<Action>) {
+    fn reload(&mut self, now: Instant, out: &mut Vec<Action>) {
         if self.mode != Mode::Running {
             info!("reload requested while stopping; ignored");
-            out.push(Action::ReloadDone(Err("sockhold is stopping".into())));
+            out.push(Action::ReloadDone {
+                generation: None,
+                result: Err("sockhold is stopping".into()),
+            });
         } else if let Some(g) = self.starting() {
             if !self.reload_pending {
                 info!(
@@ -333,7 +360,7 @@ impl Supervisor {
             }
             self.reload_pending = true;
         } else {
-            self.start_generation(Purpose::Reload, out);
+            self.start_generation(Purpose::Reload, now, out);
         }
     }
 
@@ -343,13 +370,9 @@ impl Supervisor {
             ReadyMode::Notify => None,
             ReadyMode::Delay(d) => Some(now + d),
         };
-        let g = &mut self.generations[i];
-        g.pid = Some(pid);
-        g.state = GenState::Starting {
-            since: now,
-            ready_deadline: now + self.policy.ready_timeout,
-            ready_at,
-        };
+        let ready_deadline = now + self.policy.ready_timeout;
+        self.generations[i].pid = Some(pid);
+        self.set_state(i, GenState::Starting { ready_deadline, ready_at }, now);
         info!("generation {id} started (pid {pid})");
         if let Mode::ShuttingDown { .. } = self.mode {
             // A stop arrived between the decision to spawn and the fork: stop it too.
@@ -388,7 +411,7 @@ impl Supervisor {
         if let Some(text) = &message.status {
             info!("generation {id} (pid {pid}): status: {text}");
             g.status_text = Some(text.clone());
-            if matches!(g.state, GenState::Serving { .. }) {
+            if matches!(g.state, GenState::Serving) {
                 out.push(Action::Manager(ManagerMessage::Status(format!(
                     "generation {id}: {text}"
                 ))));
@@ -409,14 +432,14 @@ impl Supervisor {
 
     /// Generation `i` is ready: it serves, the one before it stops.
     fn promote(&mut self, i: usize, now: Instant, out: &mut Vec<Action>) {
-        let g = &mut self.generations[i];
+        let g = &self.generations[i];
         let (id, pid, purpose) = (g.id, g.pid.expect("a starting generation has a pid"), g.purpose);
-        g.state = GenState::Serving { since: now };
+        self.set_state(i, GenState::Serving, now);
         self.failed_starts = 0;
         let old = self
             .generations
             .iter()
-            .position(|g| matches!(g.state, GenState::Serving { .. }) && g.id != id);
+            .position(|g| matches!(g.state, GenState::Serving) && g.id != id);
         match old {
             Some(j) => {
                 let old_id = self.generations[j].id;
@@ -426,7 +449,7 @@ impl Supervisor {
             None => info!("generation {id} (pid {pid}) is ready"),
         }
         if purpose == Purpose::Reload {
-            out.push(Action::ReloadDone(Ok(id)));
+            out.push(Action::ReloadDone { generation: Some(id), result: Ok(()) });
         }
         let status =
             match &self.generations.iter().find(|g| g.id == id).and_then(|g| g.status_text.clone())
@@ -435,42 +458,54 @@ impl Supervisor {
                 None => format!("serving: generation {id} (pid {pid})"),
             };
         out.push(Action::Manager(ManagerMessage::Ready(status)));
-        self.follow_pending_reload(out);
+        self.follow_pending_reload(now, out);
     }
 
-    fn follow_pending_reload(&mut self, out: &mut Vec<Action>) {
+    fn follow_pending_reload(&mut self, now: Instant, out: &mut Vec<Action>) {
         if self.reload_pending && self.mode == Mode::Running && self.starting().is_none() {
             self.reload_pending = false;
             info!("starting the reload that was requested during the last one");
-            self.start_generation(Purpose::Reload, out);
+            self.start_generation(Purpose::Reload, now, out);
         }
     }
 
     /// Sends the stop signal to generation `i` and arms its SIGKILL deadline.
     fn stop_generation(&mut self, i: usize, signal: Signal, now: Instant, out: &mut Vec<Action>) {
-        let g = &mut self.generations[i];
+        let g = &self.generations[i];
         let Some(pid) = g.pid else { return };
         match g.state {
             GenState::Stopping { .. } | GenState::Killed => return,
             _ => {}
         }
         out.push(Action::Signal { pid, signal });
-        g.state = GenState::Stopping { kill_at: now + self.policy.stop_timeout, signal };
+        self.set_state(
+            i,
+            GenState::Stopping { kill_at: now + self.policy.stop_timeout, signal },
+            now,
+        );
     }
 
-    /// A start attempt (`purpose`) failed before the generation was ready. `status` is the
-    /// child's own exit status if it exited; `code` is what sockhold exits with if it gives up.
+    fn set_state(&mut self, i: usize, state: GenState, now: Instant) {
+        let g = &mut self.generations[i];
+        g.state = state;
+        g.since = now;
+    }
+
+    /// Generation `failed` did not become ready. `status` is the child's own exit status if it
+    /// exited; `code` is what sockhold exits with if it gives up.
     fn start_failed(
         &mut self,
-        purpose: Purpose,
+        failed: &Generation,
         reason: String,
         status: Option<ChildStatus>,
         code: ExitCode,
         now: Instant,
         out: &mut Vec<Action>,
     ) {
+        let purpose = failed.purpose;
         if purpose == Purpose::Reload {
-            out.push(Action::ReloadDone(Err(reason.clone())));
+            let result = Err(reason.clone());
+            out.push(Action::ReloadDone { generation: Some(failed.id), result });
         }
         if self.mode != Mode::Running {
             return;
@@ -481,7 +516,7 @@ impl Supervisor {
                 "serving: generation {}; last reload failed: {reason}",
                 serving.id
             ))));
-            self.follow_pending_reload(out);
+            self.follow_pending_reload(now, out);
             return;
         }
         if purpose == Purpose::Reload {
@@ -509,7 +544,7 @@ impl Supervisor {
         if self.reload_pending {
             // Someone asked for a new version since this one started: try it now.
             self.reload_pending = false;
-            self.start_generation(Purpose::Reload, out);
+            self.start_generation(Purpose::Reload, now, out);
             return;
         }
         self.schedule_restart(now, out);
@@ -540,9 +575,10 @@ impl Supervisor {
                 let reason =
                     format!("generation {id} (pid {pid}) exited before it was ready: {status}");
                 warn!("{reason}");
-                self.start_failed(g.purpose, reason, Some(status), status.exit_code(), now, out);
+                self.start_failed(&g, reason, Some(status), status.exit_code(), now, out);
             }
-            GenState::Serving { since } => {
+            GenState::Serving => {
+                let since = g.since;
                 warn!("generation {id} (pid {pid}) exited by itself: {status}");
                 if self.mode != Mode::Running {
                 } else if let Some(next) = self.starting() {
@@ -604,8 +640,12 @@ impl Supervisor {
         let final_generation = self.serving().or(self.starting()).map(|g| g.id);
         self.mode = Mode::ShuttingDown { code, final_generation };
         self.restart_at = None;
-        if self.reload_pending || self.starting().is_some_and(|g| g.purpose == Purpose::Reload) {
-            out.push(Action::ReloadDone(Err("sockhold is stopping".into())));
+        let stopping = || Err("sockhold is stopping".to_string());
+        if let Some(g) = self.starting().filter(|g| g.purpose == Purpose::Reload) {
+            out.push(Action::ReloadDone { generation: Some(g.id), result: stopping() });
+        }
+        if self.reload_pending {
+            out.push(Action::ReloadDone { generation: None, result: stopping() });
         }
         self.reload_pending = false;
         if self.generations.is_empty() {
@@ -640,22 +680,22 @@ impl Supervisor {
                 {
                     self.promote(i, now, out);
                 }
-                GenState::Starting { since, ready_deadline, .. } if ready_deadline <= now => {
-                    let waited = humantime::format_duration(ready_deadline.duration_since(since));
+                GenState::Starting { ready_deadline, .. } if ready_deadline <= now => {
+                    let waited = humantime::format_duration(ready_deadline.duration_since(g.since));
                     let reason =
                         format!("generation {id} (pid {pid}) was not ready within {waited}");
                     warn!("{reason}; killing its process group");
-                    let purpose = g.purpose;
-                    self.generations[i].state = GenState::Killed;
+                    let failed = g.clone();
+                    self.set_state(i, GenState::Killed, now);
                     out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
-                    self.start_failed(purpose, reason, None, ExitCode::FAILURE, now, out);
+                    self.start_failed(&failed, reason, None, ExitCode::FAILURE, now, out);
                 }
                 GenState::Stopping { kill_at, .. } if kill_at <= now => {
                     warn!(
                         "generation {id} (pid {pid}) did not stop within {}; sending SIGKILL to its process group",
                         humantime::format_duration(self.policy.stop_timeout)
                     );
-                    self.generations[i].state = GenState::Killed;
+                    self.set_state(i, GenState::Killed, now);
                     out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
                 }
                 _ => {}
@@ -665,8 +705,37 @@ impl Supervisor {
             && at <= now
             && self.mode == Mode::Running
         {
-            self.start_generation(Purpose::Restart, out);
+            self.start_generation(Purpose::Restart, now, out);
         }
+    }
+
+    /// Every generation, oldest first, for `ctl status`.
+    pub fn generations(&self) -> Vec<GenerationInfo> {
+        self.generations
+            .iter()
+            .map(|g| GenerationInfo {
+                id: g.id,
+                pid: g.pid,
+                state: match g.state {
+                    GenState::Spawning | GenState::Starting { .. } => "starting",
+                    GenState::Serving => "serving",
+                    GenState::Stopping { .. } => "stopping",
+                    GenState::Killed => "killed",
+                },
+                since: g.since,
+                status: g.status_text.clone(),
+            })
+            .collect()
+    }
+
+    /// How many generations were started to replace one that crashed or failed to start.
+    pub fn restarts(&self) -> u64 {
+        self.restarts
+    }
+
+    /// The main process of the serving generation, if one serves.
+    pub fn serving_pid(&self) -> Option<Pid> {
+        self.serving().and_then(|g| g.pid)
     }
 }
 
@@ -722,6 +791,18 @@ mod tests {
         Action::Spawn { generation }
     }
 
+    fn reload_started(generation: u64) -> Action {
+        Action::ReloadStarted { generation }
+    }
+
+    fn done_ok(generation: u64) -> Action {
+        Action::ReloadDone { generation: Some(generation), result: Ok(()) }
+    }
+
+    fn done_err(generation: u64, reason: &str) -> Action {
+        Action::ReloadDone { generation: Some(generation), result: Err(reason.into()) }
+    }
+
     /// Runs `steps` of (seconds since start, event, expected actions, ignoring manager messages
     /// unless the row lists one) and checks every row.
     fn run(policy: Policy, steps: &[(u64, Event, Vec<Action>)]) -> Supervisor {
@@ -761,9 +842,9 @@ mod tests {
         let rows = with(
             started(),
             vec![
-                (20, Event::Reload, vec![spawn(2)]),
+                (20, Event::Reload, vec![reload_started(2), spawn(2)]),
                 (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
-                (30, ready_from(2, 200), vec![sig(100, SIGTERM), Action::ReloadDone(Ok(2))]),
+                (30, ready_from(2, 200), vec![sig(100, SIGTERM), done_ok(2)]),
                 (
                     40,
                     exited(100, ChildStatus::Signaled(SIGTERM)),
@@ -779,7 +860,7 @@ mod tests {
         let rows = with(
             started(),
             vec![
-                (20, Event::Reload, vec![spawn(2)]),
+                (20, Event::Reload, vec![reload_started(2), spawn(2)]),
                 (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
                 (25, ready_from(1, 100), vec![]),
                 // The old generation still serves: a forwarded signal goes to it.
@@ -824,7 +905,7 @@ mod tests {
         let rows = with(
             started(),
             vec![
-                (20, Event::Reload, vec![spawn(2)]),
+                (20, Event::Reload, vec![reload_started(2), spawn(2)]),
                 (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
                 (21, Event::Reload, vec![]),
                 (22, Event::Reload, vec![]),
@@ -832,10 +913,10 @@ mod tests {
                 (
                     30,
                     ready_from(2, 200),
-                    vec![sig(100, SIGTERM), Action::ReloadDone(Ok(2)), spawn(3)],
+                    vec![sig(100, SIGTERM), done_ok(2), reload_started(3), spawn(3)],
                 ),
                 (30, Event::Spawned { generation: 3, pid: pid(300) }, vec![]),
-                (40, ready_from(3, 300), vec![sig(200, SIGTERM), Action::ReloadDone(Ok(3))]),
+                (40, ready_from(3, 300), vec![sig(200, SIGTERM), done_ok(3)]),
             ],
         );
         run(policy(ReadyMode::Notify), &rows);
@@ -847,14 +928,14 @@ mod tests {
         let rows = with(
             started(),
             vec![
-                (20, Event::Reload, vec![spawn(2)]),
+                (20, Event::Reload, vec![reload_started(2), spawn(2)]),
                 (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
                 (
                     25,
                     exited(200, ChildStatus::Exited(3)),
                     vec![
                         Action::Release { generation: 2 },
-                        Action::ReloadDone(Err(reason.clone())),
+                        done_err(2, &reason),
                         Action::Manager(ManagerMessage::Ready(format!(
                             "serving: generation 1; last reload failed: {reason}"
                         ))),
@@ -872,10 +953,10 @@ mod tests {
         let rows = with(
             started(),
             vec![
-                (20, Event::Reload, vec![spawn(2)]),
+                (20, Event::Reload, vec![reload_started(2), spawn(2)]),
                 (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
                 (60_019, Event::Timer, vec![]),
-                (60_020, Event::Timer, vec![group_kill(200), Action::ReloadDone(Err(reason))]),
+                (60_020, Event::Timer, vec![group_kill(200), done_err(2, &reason)]),
                 (
                     60_030,
                     exited(200, ChildStatus::Signaled(SIGKILL)),
@@ -892,9 +973,9 @@ mod tests {
         let rows = with(
             started(),
             vec![
-                (20, Event::Reload, vec![spawn(2)]),
+                (20, Event::Reload, vec![reload_started(2), spawn(2)]),
                 (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
-                (30, ready_from(2, 200), vec![sig(100, SIGTERM), Action::ReloadDone(Ok(2))]),
+                (30, ready_from(2, 200), vec![sig(100, SIGTERM), done_ok(2)]),
                 (30_029, Event::Timer, vec![]),
                 (30_030, Event::Timer, vec![group_kill(100)]),
                 (
@@ -912,16 +993,12 @@ mod tests {
         let rows = with(
             started(),
             vec![
-                (20, Event::Reload, vec![spawn(2)]),
+                (20, Event::Reload, vec![reload_started(2), spawn(2)]),
                 (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
                 (
                     25,
-                    Event::Stop(SIGTERM),
-                    vec![
-                        Action::ReloadDone(Err("sockhold is stopping".into())),
-                        sig(100, SIGTERM),
-                        sig(200, SIGTERM),
-                    ],
+                    Event::Stop("received SIGTERM".into()),
+                    vec![done_err(2, "sockhold is stopping"), sig(100, SIGTERM), sig(200, SIGTERM)],
                 ),
                 (26, ready_from(2, 200), vec![]),
                 (27, exited(200, ChildStatus::Exited(0)), vec![Action::Release { generation: 2 }]),
@@ -946,7 +1023,7 @@ mod tests {
             let rows = with(
                 started(),
                 vec![
-                    (20, Event::Stop(SIGTERM), vec![sig(100, SIGTERM)]),
+                    (20, Event::Stop("received SIGTERM".into()), vec![sig(100, SIGTERM)]),
                     (
                         30,
                         exited(100, status),
@@ -1050,7 +1127,7 @@ mod tests {
         let rows = with(
             started(),
             vec![
-                (20, Event::Reload, vec![spawn(2)]),
+                (20, Event::Reload, vec![reload_started(2), spawn(2)]),
                 (
                     20,
                     Event::SpawnFailed {
@@ -1058,7 +1135,7 @@ mod tests {
                         error: "not found".into(),
                         code: ExitCode::NOT_FOUND,
                     },
-                    vec![Action::ReloadDone(Err("not found".into()))],
+                    vec![done_err(2, "not found")],
                 ),
                 (21, Event::Forward(SIGUSR1), vec![sig(100, SIGUSR1)]),
             ],
@@ -1095,6 +1172,7 @@ mod tests {
                     20,
                     Event::Reload,
                     vec![
+                        reload_started(2),
                         Action::Manager(ManagerMessage::Reloading(
                             "reloading: starting generation 2".into(),
                         )),
@@ -1107,7 +1185,7 @@ mod tests {
                     ready_from(2, 200),
                     vec![
                         sig(100, SIGTERM),
-                        Action::ReloadDone(Ok(2)),
+                        done_ok(2),
                         Action::Manager(ManagerMessage::Ready(
                             "serving: generation 2 (pid 200)".into(),
                         )),
@@ -1115,7 +1193,7 @@ mod tests {
                 ),
                 (
                     40,
-                    Event::Stop(SIGTERM),
+                    Event::Stop("received SIGTERM".into()),
                     vec![
                         Action::Manager(ManagerMessage::Stopping("stopping".into())),
                         sig(200, SIGTERM),

@@ -2,6 +2,7 @@
 //! a module per area.
 
 mod child;
+mod control;
 mod docs;
 mod exit_codes;
 mod lifecycle;

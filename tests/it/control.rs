@@ -1,0 +1,263 @@
+//! The control socket and `sockhold ctl`: every request, the failure of a reload reported to
+//! whoever asked, and clients that are malformed, oversized, half-written, slow, not allowed or
+//! many, while a load runs without a failed request.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::*;
+
+fn ctl(control: &Path, args: &[&str]) -> Output {
+    Command::new(sockhold_bin())
+        .arg("ctl")
+        .arg("--control")
+        .arg(control)
+        .args(args)
+        .output()
+        .expect("run sockhold ctl")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Sends raw bytes on a new connection and returns every answer line until sockhold closes.
+fn raw(control: &Path, bytes: &[u8], close_write: bool) -> Vec<Value> {
+    let mut stream = UnixStream::connect(control).expect("connect");
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream.write_all(bytes).unwrap();
+    if close_write {
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let mut out = String::new();
+    let _ = stream.read_to_string(&mut out);
+    out.lines().map(|l| serde_json::from_str(l).expect("a JSON answer")).collect()
+}
+
+#[test]
+fn status_reload_signal_and_stop_through_ctl() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("run").join("control.sock");
+    let control_arg = control.to_str().unwrap().to_string();
+    let mut s = start_fixture(&["--control", &control_arg], &["--ready", "--status", "warm"]);
+    s.expect_ready();
+    let mode = std::fs::metadata(&control).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the control socket is private");
+
+    let status = ctl(&control, &["status"]);
+    assert!(status.status.success(), "{}", text(&status.stderr));
+    let out = text(&status.stdout);
+    assert!(out.contains(&format!("(pid {})", s.pid())), "{out}");
+    assert!(out.contains("generation 1: serving"), "{out}");
+    assert!(out.contains("status: warm"), "{out}");
+    assert!(out.contains("listener fd 3: 127.0.0.1:"), "{out}");
+
+    let reload = ctl(&control, &["reload"]);
+    assert!(reload.status.success(), "{}", text(&reload.stderr));
+    let second = s.expect_event("start", 2);
+    assert!(
+        text(&reload.stdout).contains(&format!("generation 2 serves (pid {})", pid_of(&second)))
+    );
+
+    let json = ctl(&control, &["status", "--json"]);
+    let status: Value = serde_json::from_slice(&json.stdout).expect("JSON status");
+    assert_eq!(status["last_reload"]["ok"], true);
+    assert_eq!(status["last_reload"]["generation"], 2);
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    let serving: Vec<&Value> = status["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["state"] == "serving")
+        .collect();
+    assert_eq!(serving.len(), 1);
+    assert_eq!(serving[0]["pids"][0].as_i64(), Some(pid_of(&second)));
+
+    let signal = ctl(&control, &["signal", "USR1"]);
+    assert!(signal.status.success(), "{}", text(&signal.stderr));
+    s.expect_signal(2, "USR1");
+
+    let upgrade = ctl(&control, &["upgrade"]);
+    assert_eq!(upgrade.status.code(), Some(1));
+    assert!(text(&upgrade.stderr).contains("not supported"), "{}", text(&upgrade.stderr));
+
+    let stop = ctl(&control, &["stop"]);
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    assert_eq!(s.exit_code(), 0);
+    assert!(!control.exists(), "the control socket is removed at exit");
+}
+
+#[test]
+fn a_failed_reload_fails_ctl_reload_with_the_reason_and_the_old_child_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    let control_arg = control.to_str().unwrap().to_string();
+    let mut s = start_fixture(
+        &["--control", &control_arg],
+        &["--ready-gen", "1", "--ready-gen", "3", "--exit-gen", "2:3"],
+    );
+    s.expect_ready();
+    let reload = ctl(&control, &["reload"]);
+    assert_eq!(reload.status.code(), Some(1), "{}", text(&reload.stdout));
+    let stderr = text(&reload.stderr);
+    assert!(stderr.contains("reload failed: generation 2 (pid"), "{stderr}");
+    assert!(stderr.contains("exited before it was ready: exit status 3"), "{stderr}");
+    let status: Value =
+        serde_json::from_slice(&ctl(&control, &["status", "--json"]).stdout).unwrap();
+    assert_eq!(status["last_reload"]["ok"], false);
+    assert!(status["last_reload"]["error"].as_str().unwrap().contains("exit status 3"));
+    assert_eq!(status["generations"][0]["id"], 1);
+    assert_eq!(status["generations"][0]["state"], "serving");
+    // The next reload works, and its answer comes only once generation 3 is ready.
+    let reload = ctl(&control, &["reload"]);
+    assert!(reload.status.success(), "{}", text(&reload.stderr));
+    assert!(text(&reload.stdout).contains("generation 3"));
+}
+
+#[test]
+fn ctl_without_a_sockhold_or_in_an_open_directory_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = ctl(&dir.path().join("nobody.sock"), &["status"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        text(&missing.stderr).contains("cannot reach sockhold at"),
+        "{}",
+        text(&missing.stderr)
+    );
+
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let path = open.join("c.sock");
+    let out = Command::new(sockhold_bin())
+        .args(["--control", path.to_str().unwrap(), "-l", "127.0.0.1:0", "--", &fixture()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("is writable by every user"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn bad_clients_get_an_error_or_are_dropped_and_nothing_else_is_disturbed() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    let control_arg = control.to_str().unwrap().to_string();
+    let httpd = example("httpd").to_string_lossy().into_owned();
+    #[rustfmt::skip]
+    let mut s = start(&[
+        "-l", "127.0.0.1:0", "--ready", "notify", "--control", &control_arg, "--", &httpd,
+    ]);
+    let listening = s.expect_log("listening on 127.0.0.1:");
+    let port: u16 = listening
+        .split("127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    s.expect_ready();
+
+    // A load runs throughout; none of what follows may fail one of its requests.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match http_get(port) {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        })
+    };
+
+    // Garbage is answered with an error, and the connection still serves a good request.
+    let answers = raw(&control, b"garbage\n{\"cmd\":\"nope\"}\n{\"cmd\":\"status\"}\n", true);
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    assert!(answers[0]["error"].as_str().unwrap().contains("invalid JSON"));
+    assert!(answers[1]["error"].as_str().unwrap().contains("unknown command"));
+    assert_eq!(answers[2]["ok"], true);
+
+    // Oversized: an error, then the connection is closed.
+    let big = vec![b'x'; 10_000];
+    let answers = raw(&control, &big, false);
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert!(answers[0]["error"].as_str().unwrap().contains("request over 4096 bytes"));
+
+    // Half-written, then closed: told so.
+    let answers = raw(&control, b"{\"cmd\":\"sta", true);
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert!(answers[0]["error"].as_str().unwrap().contains("incomplete request"));
+
+    // A slow client holds a half line; meanwhile 50 clients at once are served.
+    let mut slow = UnixStream::connect(&control).unwrap();
+    slow.write_all(b"{\"cmd\":").unwrap();
+    let clients: Vec<_> = (0..50)
+        .map(|_| {
+            let control = control.clone();
+            std::thread::spawn(move || raw(&control, b"{\"cmd\":\"status\"}\n", true))
+        })
+        .collect();
+    for client in clients {
+        let answers = client.join().unwrap();
+        assert_eq!(answers.len(), 1);
+        assert_eq!(answers[0]["ok"], true);
+    }
+    // Reloads through ctl work meanwhile.
+    for _ in 0..3 {
+        let reload = ctl(&control, &["reload"]);
+        assert!(reload.status.success(), "{}", text(&reload.stderr));
+    }
+    // The slow client is dropped at the request timeout (10 s) with an error.
+    let started = Instant::now();
+    slow.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut line = String::new();
+    BufReader::new(&slow).read_line(&mut line).unwrap();
+    assert!(line.contains("request timed out"), "{line}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+
+    // A client of another uid is refused, even when the file's mode would let it in.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let other = Command::new(sockhold_bin())
+        .args(["ctl", "--control", &control_arg, "status"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(other.status.code(), Some(1));
+    assert!(
+        text(&other.stderr).contains("permission denied: uid 65534"),
+        "{}",
+        text(&other.stderr)
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok,
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 0);
+    assert_eq!(
+        s.log().iter().filter(|l| l.contains("exited by itself")).count(),
+        0,
+        "no child disturbed"
+    );
+}
