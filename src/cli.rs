@@ -91,6 +91,11 @@ pub struct Cli {
     #[arg(short, long, action = ArgAction::Count)]
     pub quiet: u8,
 
+    /// How log lines look: `text` (`sockhold[PID]: message`) or `json` (one object per line
+    /// with ts, level, pid, name and msg, for log shippers).
+    #[arg(long, value_name = "F", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// The server to run, and its arguments.
     #[arg(
         value_name = "COMMAND",
@@ -99,6 +104,15 @@ pub struct Cli {
         allow_hyphen_values = true
     )]
     pub command: Vec<OsString>,
+}
+
+/// The shape of log lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `sockhold[PID]: message`, warnings and errors marked.
+    Text,
+    /// One JSON object per line: ts, level, pid, name, msg.
+    Json,
 }
 
 /// sockhold's subcommands.
@@ -166,26 +180,25 @@ pub struct Config {
 }
 
 impl Cli {
+    /// `--name`, or the basename of COMMAND made a valid fd name.
+    pub fn instance_name(&self) -> String {
+        if let Some(name) = &self.name {
+            return name.clone();
+        }
+        let base = self.command.first().map(std::path::Path::new).and_then(|p| p.file_name());
+        sanitize_fd_name(&base.map(|b| b.to_string_lossy().into_owned()).unwrap_or_default())
+    }
+
     /// Checks what clap cannot and builds the [`Config`]. The error is a usage error.
     pub fn into_config(self) -> Result<Config, String> {
-        let name = match self.name {
-            Some(name) => {
-                if !fd_name_is_valid(&name) {
-                    return Err(format!(
-                        "invalid --name '{name}': use 1 to 255 printable ASCII characters without ':'"
-                    ));
-                }
-                name
-            }
-            None => {
-                let program = PathBuf::from(&self.command[0]);
-                let base = program
-                    .file_name()
-                    .map(|b| b.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                sanitize_fd_name(&base)
-            }
-        };
+        if let Some(name) = &self.name
+            && !fd_name_is_valid(name)
+        {
+            return Err(format!(
+                "invalid --name '{name}': use 1 to 255 printable ASCII characters without ':'"
+            ));
+        }
+        let name = self.instance_name();
         if self.ready_timeout.is_zero() {
             return Err("invalid --ready-timeout: it must be longer than 0".into());
         }
@@ -245,6 +258,33 @@ pub fn parse_ready(text: &str) -> Result<ReadyMode, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The completions in contrib/completions/ are generated from this command line; this test
+    /// fails when they are out of step. `SOCKHOLD_BLESS=1 cargo test completions` rewrites them.
+    #[test]
+    fn shell_completions_are_in_step_with_the_command_line() {
+        use clap::CommandFactory;
+        use clap_complete::Shell;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/completions");
+        for (shell, file) in [
+            (Shell::Bash, "sockhold.bash"),
+            (Shell::Zsh, "_sockhold"),
+            (Shell::Fish, "sockhold.fish"),
+        ] {
+            let mut generated = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "sockhold", &mut generated);
+            let path = dir.join(file);
+            if std::env::var_os("SOCKHOLD_BLESS").is_some() {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &generated).unwrap();
+            }
+            let committed = std::fs::read(&path).unwrap_or_default();
+            assert!(
+                committed == generated,
+                "contrib/completions/{file} is out of step with the command line: run SOCKHOLD_BLESS=1 cargo test completions"
+            );
+        }
+    }
 
     #[test]
     fn durations() {

@@ -33,7 +33,7 @@ fn main() {
             std::process::exit(ExitCode::USAGE.0);
         }
     };
-    init_logging(cli.verbose, cli.quiet);
+    init_logging(&cli);
     if let Some(cli::Sub::Ctl(args)) = &cli.ctl {
         let code = match ctl::run(args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -61,10 +61,10 @@ fn main() {
     std::process::exit(code.0);
 }
 
-/// Logs to stderr as `sockhold[PID]: message`, warnings and errors marked; `-v`/`-q` move the
-/// level from info, `RUST_LOG` overrides both.
-fn init_logging(verbose: u8, quiet: u8) {
-    let level = match i32::from(verbose) - i32::from(quiet) {
+/// Logs to stderr as `sockhold[PID]: message` (warnings and errors marked) or as JSON lines;
+/// `-v`/`-q` move the level from info, `RUST_LOG` overrides both.
+fn init_logging(cli: &cli::Cli) {
+    let level = match i32::from(cli.verbose) - i32::from(cli.quiet) {
         i32::MIN..=-2 => log::LevelFilter::Error,
         -1 => log::LevelFilter::Warn,
         0 => log::LevelFilter::Info,
@@ -72,16 +72,30 @@ fn init_logging(verbose: u8, quiet: u8) {
         _ => log::LevelFilter::Trace,
     };
     let pid = std::process::id();
+    let format = cli.log_format;
+    let name = cli.instance_name();
     env_logger::Builder::new()
         .filter_level(level)
         .parse_env("RUST_LOG")
-        .format(move |f, record| {
-            let marker = match record.level() {
-                log::Level::Error => "error: ",
-                log::Level::Warn => "warning: ",
-                _ => "",
-            };
-            writeln!(f, "sockhold[{pid}]: {marker}{}", record.args())
+        .format(move |f, record| match format {
+            cli::LogFormat::Text => {
+                let marker = match record.level() {
+                    log::Level::Error => "error: ",
+                    log::Level::Warn => "warning: ",
+                    _ => "",
+                };
+                writeln!(f, "sockhold[{pid}]: {marker}{}", record.args())
+            }
+            cli::LogFormat::Json => {
+                let line = serde_json::json!({
+                    "ts": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                    "level": record.level().as_str().to_ascii_lowercase(),
+                    "pid": pid,
+                    "name": name,
+                    "msg": record.args().to_string(),
+                });
+                writeln!(f, "{line}")
+            }
         })
         .init();
 }

@@ -33,3 +33,20 @@ fn man_page_covers_every_help_flag() {
     }
     assert!(total >= 15, "found the flags in --help: {total}");
 }
+
+#[test]
+fn bash_completion_completes_ctl_requests_and_flags() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/completions/sockhold.bash");
+    let complete = |words: &str| {
+        let snippet = format!(
+            "source {script}; COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); _sockhold sockhold \"${{COMP_WORDS[COMP_CWORD]}}\" x; echo \"${{COMPREPLY[*]}}\""
+        );
+        let out = Command::new("bash").arg("-c").arg(snippet).output().expect("bash");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ctl = complete("sockhold ctl ''");
+    for request in ["status", "reload", "stop", "signal", "upgrade", "--control", "--timeout"] {
+        assert!(ctl.split_whitespace().any(|w| w == request), "{request} not offered: {ctl}");
+    }
+    assert_eq!(complete("sockhold --ready-t").trim(), "--ready-timeout");
+}

@@ -238,3 +238,21 @@ fn idle_sockhold_does_not_wake_up() {
     let after = switches(s.pid());
     assert_eq!(after, before, "sockhold woke up {} times while idle", after - before);
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let mut s = start_fixture(&["--log-format", "json"], &["--ready"]);
+    s.expect_log("\"msg\":\"generation 1 (pid");
+    s.expect_ready();
+    s.signal(SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+    for line in s.log() {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        for field in ["ts", "level", "pid", "name", "msg"] {
+            assert!(!value[field].is_null(), "{field} missing in {line}");
+        }
+        assert_eq!(value["name"], "fixture");
+    }
+    assert!(s.log().iter().any(|l| l.contains("stopped: exit status 0")));
+}

@@ -1,0 +1,76 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_sockhold_global_optspecs
+    string join \n l/listen= ready= ready-timeout= stop-signal= stop-timeout= restart= notify-access= name= control= pid-file= v/verbose q/quiet log-format= h/help V/version
+end
+
+function __fish_sockhold_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_sockhold_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_sockhold_using_subcommand
+    set -l cmd (__fish_sockhold_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c sockhold -n "__fish_sockhold_needs_command" -s l -l listen -d 'A socket to bind and hand over: a port (8080), ADDR:PORT (127.0.0.1:8080, [::1]:8080), tcp://HOST:PORT, tcp4://, tcp6://, or a Unix stream socket (/run/app.sock, unix:///run/app.sock); options follow after commas: name=NAME, backlog=N. Repeatable: the order is the fd order (3, 4, ...)' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l ready -d 'How a new child proves it is ready: `notify` (it sends READY=1 to $NOTIFY_SOCKET) or `delay:DUR` (it is still running after DUR)' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l ready-timeout -d 'A new child that is not ready by then is killed; the old one keeps serving' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l stop-signal -d 'The signal that asks a child to stop (TERM, SIGTERM or 15)' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l stop-timeout -d 'A child that has not exited this long after the stop signal gets SIGKILL, with its whole process group' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l restart -d 'What to do when the serving child exits by itself: restart it (with backoff from 100ms to 30s) unless it exited 0, always restart it, or never (sockhold ends with its status)' -r -f -a "on-failure\t'Restart unless it exited with status 0'
+always\t'Always restart'
+never\t'Never restart: sockhold ends with the child\'s status'"
+complete -c sockhold -n "__fish_sockhold_needs_command" -l notify-access -d 'Whose notify messages count: the child\'s main process, any process in its process group, or anyone who can reach the socket' -r -f -a "main\t'Only the generation\'s main process'
+group\t'Any process in the generation\'s process group'
+all\t'Any process that can reach the socket'"
+complete -c sockhold -n "__fish_sockhold_needs_command" -l name -d 'The instance name, used in logs, as the default LISTEN_FDNAMES entry and in runtime paths [default: the basename of COMMAND]' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l control -d 'Serve the JSON-lines control protocol on a Unix socket at PATH (mode 0600, in a directory others cannot write to; only root and sockhold\'s own user may use it), for `sockhold ctl`' -r -F
+complete -c sockhold -n "__fish_sockhold_needs_command" -l pid-file -d 'Write sockhold\'s own pid to PATH; removed at exit' -r -F
+complete -c sockhold -n "__fish_sockhold_needs_command" -l log-format -d 'How log lines look: `text` (`sockhold[PID]: message`) or `json` (one object per line with ts, level, pid, name and msg, for log shippers)' -r -f -a "text\t'`sockhold[PID]: message`, warnings and errors marked'
+json\t'One JSON object per line: ts, level, pid, name, msg'"
+complete -c sockhold -n "__fish_sockhold_needs_command" -s v -l verbose -d 'Log more (repeat for even more); RUST_LOG also works'
+complete -c sockhold -n "__fish_sockhold_needs_command" -s q -l quiet -d 'Log less: warnings only, or errors only when repeated'
+complete -c sockhold -n "__fish_sockhold_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c sockhold -n "__fish_sockhold_needs_command" -s V -l version -d 'Print version'
+complete -c sockhold -n "__fish_sockhold_needs_command" -a "ctl" -d 'Ask a running sockhold through its control socket: status, reload (waits for the outcome), stop, signal, upgrade. Exits 0 on success, 1 with the reason otherwise'
+complete -c sockhold -n "__fish_sockhold_needs_command" -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and not __fish_seen_subcommand_from status reload stop signal upgrade help" -l control -d 'The control socket of the sockhold to talk to (its --control)' -r -F
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and not __fish_seen_subcommand_from status reload stop signal upgrade help" -l timeout -d 'Give up waiting for the answer after DUR (a reload waits for the new child\'s readiness)' -r
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and not __fish_seen_subcommand_from status reload stop signal upgrade help" -s h -l help -d 'Print help'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and not __fish_seen_subcommand_from status reload stop signal upgrade help" -f -a "status" -d 'Show sockhold\'s pid and version, the listeners, every generation and the last reload'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and not __fish_seen_subcommand_from status reload stop signal upgrade help" -f -a "reload" -d 'Start a new generation and wait until it serves (exit 0) or the reload failed (exit 1)'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and not __fish_seen_subcommand_from status reload stop signal upgrade help" -f -a "stop" -d 'Stop every child and sockhold itself'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and not __fish_seen_subcommand_from status reload stop signal upgrade help" -f -a "signal" -d 'Send a signal (USR1, SIGWINCH, 28, ...) to the serving child'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and not __fish_seen_subcommand_from status reload stop signal upgrade help" -f -a "upgrade" -d 'Re-execute sockhold\'s binary in place (not supported by this version)'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and not __fish_seen_subcommand_from status reload stop signal upgrade help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from status" -l json -d 'Print the answer as sockhold sent it: one JSON object'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from status" -s h -l help -d 'Print help'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from reload" -s h -l help -d 'Print help'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from stop" -s h -l help -d 'Print help'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from signal" -s h -l help -d 'Print help'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from upgrade" -s h -l help -d 'Print help'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "status" -d 'Show sockhold\'s pid and version, the listeners, every generation and the last reload'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "reload" -d 'Start a new generation and wait until it serves (exit 0) or the reload failed (exit 1)'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "stop" -d 'Stop every child and sockhold itself'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "signal" -d 'Send a signal (USR1, SIGWINCH, 28, ...) to the serving child'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "upgrade" -d 'Re-execute sockhold\'s binary in place (not supported by this version)'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c sockhold -n "__fish_sockhold_using_subcommand help; and not __fish_seen_subcommand_from ctl help" -f -a "ctl" -d 'Ask a running sockhold through its control socket: status, reload (waits for the outcome), stop, signal, upgrade. Exits 0 on success, 1 with the reason otherwise'
+complete -c sockhold -n "__fish_sockhold_using_subcommand help; and not __fish_seen_subcommand_from ctl help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c sockhold -n "__fish_sockhold_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "status" -d 'Show sockhold\'s pid and version, the listeners, every generation and the last reload'
+complete -c sockhold -n "__fish_sockhold_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "reload" -d 'Start a new generation and wait until it serves (exit 0) or the reload failed (exit 1)'
+complete -c sockhold -n "__fish_sockhold_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "stop" -d 'Stop every child and sockhold itself'
+complete -c sockhold -n "__fish_sockhold_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "signal" -d 'Send a signal (USR1, SIGWINCH, 28, ...) to the serving child'
+complete -c sockhold -n "__fish_sockhold_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "upgrade" -d 'Re-execute sockhold\'s binary in place (not supported by this version)'
