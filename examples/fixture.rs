@@ -272,6 +272,8 @@ fn main() {
                 || k.starts_with("WATCHDOG_")
                 || k.starts_with("SOCKHOLD_")
                 || k.starts_with("FIXTURE_")
+                || k.starts_with("EINHORN_")
+                || k.starts_with("SERVER_STARTER_")
         })
         .map(|(k, v)| (k, json!(v)))
         .collect();

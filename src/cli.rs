@@ -73,6 +73,18 @@ pub struct Cli {
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
 
+    /// Start the first child only when the first connection or datagram arrives on any socket,
+    /// as a systemd socket unit does; that connection waits in the backlog and is served.
+    #[arg(long)]
+    pub lazy: bool,
+
+    /// Also hand the sockets over the way other tools do, so servers written for them move over
+    /// unchanged: `einhorn` (EINHORN_FDS as socketmaster sets it, plus EINHORN_FD_COUNT,
+    /// EINHORN_FD_<i> and EINHORN_MASTER_PID as einhorn does) and/or `server-starter`
+    /// (SERVER_STARTER_PORT and SERVER_STARTER_GENERATION as Server::Starter sets them).
+    #[arg(long, value_name = "LIST", value_enum, value_delimiter = ',')]
+    pub compat_env: Vec<CompatEnv>,
+
     /// Serve the JSON-lines control protocol on a Unix socket at PATH (mode 0600, in a
     /// directory others cannot write to; only root and sockhold's own user may use it), for
     /// `sockhold ctl`.
@@ -104,6 +116,15 @@ pub struct Cli {
         allow_hyphen_values = true
     )]
     pub command: Vec<OsString>,
+}
+
+/// Another tool's way of handing sockets over, set alongside LISTEN_FDS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompatEnv {
+    /// socketmaster's and einhorn's EINHORN_FDS.
+    Einhorn,
+    /// Server::Starter's SERVER_STARTER_PORT.
+    ServerStarter,
 }
 
 /// The shape of log lines.
@@ -175,6 +196,10 @@ pub struct Config {
     pub pid_file: Option<PathBuf>,
     /// Where to serve the control protocol.
     pub control: Option<PathBuf>,
+    /// Wait for the first connection before starting the first child.
+    pub lazy: bool,
+    /// Other tools' environment variables to set too.
+    pub compat_env: Vec<CompatEnv>,
     /// argv of the child; never empty.
     pub command: Vec<OsString>,
 }
@@ -215,6 +240,8 @@ impl Cli {
             name,
             pid_file: self.pid_file,
             control: self.control,
+            lazy: self.lazy,
+            compat_env: self.compat_env,
             command: self.command,
         })
     }

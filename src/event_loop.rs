@@ -25,20 +25,26 @@ use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
-use crate::cli::Config;
+use crate::cli::{CompatEnv, Config};
 use crate::control::{ClientId, ControlServer, Request, Token, error_answer};
 use crate::exit::{ChildStatus, ExitCode};
 use crate::listen::Listener;
 use crate::notify::{Manager, NotifySocket};
 use crate::signals::{FORWARDED, Signals};
 use crate::spawn::{ChildSpec, spawn};
-use crate::supervisor::{Action, Event, Supervisor, signal_name};
+use crate::supervisor::{Action, Event, ManagerMessage, Supervisor, signal_name};
 
 /// Environment variables of sockhold's own that must not reach a child: they describe sockhold's
 /// sockets and manager, not the child's (a stale `LISTEN_PIDFDID` makes libsystemd ignore every
 /// socket; a stale `NOTIFY_SOCKET` would let the child speak for sockhold).
+/// The same goes for the variables of other socket-passing tools, which would name fds the child
+/// does not have.
 fn is_stripped(name: &str) -> bool {
-    name.starts_with("LISTEN_") || name == "NOTIFY_SOCKET" || name.starts_with("WATCHDOG_")
+    name.starts_with("LISTEN_")
+        || name == "NOTIFY_SOCKET"
+        || name.starts_with("WATCHDOG_")
+        || name.starts_with("EINHORN_")
+        || name.starts_with("SERVER_STARTER_")
 }
 
 /// sockhold at work: the resources it holds and the supervisor that decides.
@@ -56,6 +62,8 @@ pub struct EventLoop {
     /// The outcome of the last reload, for `status`.
     last_reload: Value,
     started: SystemTime,
+    /// `--lazy` and no child started yet: the listeners are polled for the first connection.
+    lazy_waiting: bool,
 }
 
 /// What sockhold created and removes when it ends, however it ends: the listeners (and the Unix
@@ -123,6 +131,7 @@ impl EventLoop {
             reload_waiters: Vec::new(),
             last_reload: Value::Null,
             started: SystemTime::now(),
+            lazy_waiting: config.lazy,
             config,
             held,
             signals,
@@ -154,7 +163,17 @@ impl EventLoop {
     }
 
     fn serve(&mut self) -> Result<ExitCode> {
-        let mut pending: VecDeque<Event> = VecDeque::from([Event::Start]);
+        let mut pending = VecDeque::new();
+        if self.lazy_waiting {
+            info!("--lazy: the first connection or datagram starts generation 1");
+            if let Some(manager) = &self.manager {
+                manager.send(&ManagerMessage::Ready(
+                    "listening; waiting for the first connection".into(),
+                ));
+            }
+        } else {
+            pending.push_back(Event::Start);
+        }
         loop {
             while let Some(event) = pending.pop_front() {
                 let actions = self.supervisor.step(event, Instant::now());
@@ -187,7 +206,7 @@ impl EventLoop {
                 PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
             }
         };
-        let (signal_ready, control_ready, notify_ready) = {
+        let (signal_ready, control_ready, notify_ready, first_connection) = {
             let ids: Vec<u64> = self.notify.keys().copied().collect();
             let control_set =
                 self.control.as_ref().map(ControlServer::poll_set).unwrap_or_default();
@@ -195,6 +214,10 @@ impl EventLoop {
             fds.push(PollFd::new(self.signals.fd(), PollFlags::POLLIN));
             fds.extend(control_set.iter().map(|(fd, flags, _)| PollFd::new(*fd, *flags)));
             fds.extend(self.notify.values().map(|s| PollFd::new(s.fd(), PollFlags::POLLIN)));
+            // Only while --lazy waits for its first connection are the listeners watched: a
+            // holder that wakes on every connection would cost CPU under load.
+            let lazy: &[Listener] = if self.lazy_waiting { &self.held.listeners } else { &[] };
+            fds.extend(lazy.iter().map(|l| PollFd::new(l.fd(), PollFlags::POLLIN)));
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => return Err(e).context("poll failed"),
@@ -213,13 +236,22 @@ impl EventLoop {
                 .filter(|(_, fd)| readable(fd))
                 .map(|(id, _)| *id)
                 .collect();
-            (readable(&fds[0]), control_ready, notify_ready)
+            let first_connection = fds[1 + control_set.len() + ids.len()..].iter().any(readable);
+            (readable(&fds[0]), control_ready, notify_ready, first_connection)
         };
+        if first_connection {
+            info!("--lazy: the first connection arrived; starting generation 1");
+            self.lazy_waiting = false;
+            pending.push_back(Event::Start);
+        }
         let before = pending.len();
         if signal_ready {
             for signal in self.signals.pending() {
                 match signal {
                     Signal::SIGCHLD => self.reap(pending),
+                    Signal::SIGHUP if self.lazy_waiting => {
+                        info!("received SIGHUP before the first connection: nothing to reload")
+                    }
                     Signal::SIGHUP => pending.push_back(Event::Reload),
                     Signal::SIGTERM | Signal::SIGINT => pending
                         .push_back(Event::Stop(format!("received SIG{}", signal_name(signal)))),
@@ -272,6 +304,9 @@ impl EventLoop {
         debug!("control client {client}: {request:?}");
         let answer = match request {
             Request::Status => self.status(),
+            Request::Reload if self.lazy_waiting => error_answer(
+                "no child runs yet: --lazy waits for the first connection, which starts the newest version anyway",
+            ),
             Request::Reload => {
                 self.reload_waiters.push((client, None));
                 pending.push_back(Event::Reload);
@@ -494,12 +529,61 @@ impl EventLoop {
         }
         env.push(("NOTIFY_SOCKET".into(), notify_path.into()));
         env.push(("SOCKHOLD_GENERATION".into(), generation.to_string().into()));
+        env.extend(self.compat_env(generation));
         ChildSpec {
             program: self.config.command[0].clone(),
             args: self.config.command.clone(),
             env,
             listen_pid: !self.held.listeners.is_empty(),
         }
+    }
+}
+
+impl EventLoop {
+    /// The variables of `--compat-env`: the same fds, described as other tools describe them.
+    fn compat_env(&self, generation: u64) -> Vec<(OsString, OsString)> {
+        let mut env: Vec<(OsString, OsString)> = Vec::new();
+        let fds: Vec<usize> = (3..3 + self.held.listeners.len()).collect();
+        for compat in &self.config.compat_env {
+            match compat {
+                CompatEnv::Einhorn => {
+                    // socketmaster sets EINHORN_FDS ("3", or "3 4 ..."); einhorn's own client
+                    // libraries also read EINHORN_FD_COUNT and EINHORN_FD_<i>, and check that
+                    // EINHORN_MASTER_PID is their parent, which sockhold is.
+                    let list: Vec<String> = fds.iter().map(usize::to_string).collect();
+                    env.push(("EINHORN_FDS".into(), list.join(" ").into()));
+                    env.push(("EINHORN_FD_COUNT".into(), fds.len().to_string().into()));
+                    for (i, fd) in fds.iter().enumerate() {
+                        env.push((format!("EINHORN_FD_{i}").into(), fd.to_string().into()));
+                    }
+                    env.push(("EINHORN_MASTER_PID".into(), std::process::id().to_string().into()));
+                }
+                CompatEnv::ServerStarter => {
+                    // Server::Starter: "PORT=FD;HOST:PORT=FD;/path=FD", each key the address as
+                    // its --port gave it (a bare port stays bare), with the port really bound.
+                    let ports: Vec<String> = self
+                        .held
+                        .listeners
+                        .iter()
+                        .zip(&self.config.listen)
+                        .zip(&fds)
+                        .map(|((listener, spec), fd)| {
+                            let bound = listener.local_description();
+                            let address = spec.text.split(',').next().unwrap_or_default();
+                            let key = if address.chars().all(|c| c.is_ascii_digit()) {
+                                bound.rsplit(':').next().unwrap_or(bound)
+                            } else {
+                                bound
+                            };
+                            format!("{key}={fd}")
+                        })
+                        .collect();
+                    env.push(("SERVER_STARTER_PORT".into(), ports.join(";").into()));
+                    env.push(("SERVER_STARTER_GENERATION".into(), generation.to_string().into()));
+                }
+            }
+        }
+        env
     }
 }
 

@@ -86,7 +86,7 @@ _sockhold() {
 
     case "${cmd}" in
         sockhold)
-            opts="-l -v -q -h -V --listen --ready --ready-timeout --stop-signal --stop-timeout --restart --notify-access --name --control --pid-file --verbose --quiet --log-format --help --version ctl help"
+            opts="-l -v -q -h -V --listen --ready --ready-timeout --stop-signal --stop-timeout --restart --notify-access --name --lazy --compat-env --control --pid-file --verbose --quiet --log-format --help --version ctl help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -126,6 +126,10 @@ _sockhold() {
                     ;;
                 --name)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --compat-env)
+                    COMPREPLY=($(compgen -W "einhorn server-starter" -- "${cur}"))
                     return 0
                     ;;
                 --control)

@@ -170,3 +170,47 @@ fn libsystemds_own_systemd_notify_makes_a_generation_ready() {
     s.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(s.exit_code(), 0);
 }
+
+#[test]
+fn compat_env_describes_the_fds_as_einhorn_and_server_starter_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("app.sock");
+    let sock_arg = sock.to_str().unwrap().to_string();
+    let mut s = start_with(
+        &[
+            "--compat-env",
+            "einhorn,server-starter",
+            "-l",
+            "127.0.0.1:0",
+            "-l",
+            "0",
+            "-l",
+            &sock_arg,
+            "--ready",
+            "notify",
+            "--",
+            &fixture(),
+            "--ready",
+        ],
+        // Stale variables from a tool sockhold itself runs under must not reach the child.
+        |cmd| {
+            cmd.env("EINHORN_FD_7", "9").env("SERVER_STARTER_PORT", "1=9");
+        },
+    );
+    let start = s.expect_event("start", 1);
+    let env = &start["env"];
+    let local = |fd: usize| start["fds"][fd]["socket"]["local"].as_str().unwrap().to_string();
+    let bare_port = local(4).rsplit(':').next().unwrap().to_string();
+    assert_eq!(env["EINHORN_FDS"], "3 4 5");
+    assert_eq!(env["EINHORN_FD_COUNT"], "3");
+    assert_eq!(env["EINHORN_FD_0"], "3");
+    assert_eq!(env["EINHORN_FD_2"], "5");
+    assert!(env.get("EINHORN_FD_7").is_none(), "stale EINHORN_* removed: {env}");
+    assert_eq!(env["EINHORN_MASTER_PID"], s.pid().to_string().as_str());
+    assert_eq!(
+        env["SERVER_STARTER_PORT"],
+        format!("{}=3;{bare_port}=4;{sock_arg}=5", local(3)).as_str(),
+        "a bare port stays bare, as Server::Starter writes it"
+    );
+    assert_eq!(env["SERVER_STARTER_GENERATION"], "1");
+}

@@ -256,3 +256,39 @@ fn json_logs_are_one_object_per_line() {
     }
     assert!(s.log().iter().any(|l| l.contains("stopped: exit status 0")));
 }
+
+#[test]
+fn lazy_starts_the_first_child_on_the_first_connection_which_it_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    let control_arg = control.to_str().unwrap().to_string();
+    let mut s = start_fixture(&["--lazy", "--control", &control_arg], &["--ready", "--serve"]);
+    let listening = s.expect_log("listening on 127.0.0.1:");
+    let port: u16 = listening
+        .split("127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let waiting = s.expect_manager("READY=1 while waiting", |m| m.starts_with("READY=1"));
+    assert!(waiting.contains("waiting for the first connection"), "{waiting}");
+    let status = std::process::Command::new(sockhold_bin())
+        .args(["ctl", "--control", &control_arg, "status", "--json"])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(
+        status["generations"].as_array().map(Vec::len),
+        Some(0),
+        "nothing started: {status}"
+    );
+    // The connection that wakes sockhold is the one the first child answers.
+    let pid = http_get(port).expect("the first connection is served");
+    let start = s.expect_event("start", 1);
+    assert_eq!(pid as i64, pid_of(&start));
+    s.signal(SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+}
