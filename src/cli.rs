@@ -73,6 +73,21 @@ pub struct Cli {
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
 
+    /// One child per connection (systemd's Accept=yes, inetd's nowait): sockhold accepts on the
+    /// stream sockets itself and runs COMMAND with the connection as fd 3 (LISTEN_FDS=1,
+    /// LISTEN_FDNAMES=connection). A reload changes what new connections run; running ones
+    /// finish.
+    #[arg(long, conflicts_with_all = ["lazy", "compat_env"])]
+    pub accept: bool,
+
+    /// With --accept: the connection is the child's stdin and stdout instead of fd 3.
+    #[arg(long, requires = "accept")]
+    pub inetd: bool,
+
+    /// With --accept: at most N children at once; further connections wait in the backlog.
+    #[arg(long, value_name = "N", requires = "accept", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
+
     /// Start the first child only when the first connection or datagram arrives on any socket,
     /// as a systemd socket unit does; that connection waits in the backlog and is served.
     #[arg(long)]
@@ -200,8 +215,19 @@ pub struct Config {
     pub lazy: bool,
     /// Other tools' environment variables to set too.
     pub compat_env: Vec<CompatEnv>,
+    /// Per-connection mode, if chosen.
+    pub accept: Option<AcceptConfig>,
     /// argv of the child; never empty.
     pub command: Vec<OsString>,
+}
+
+/// `--accept` and its companions.
+#[derive(Clone, Debug)]
+pub struct AcceptConfig {
+    /// The connection on stdin and stdout rather than fd 3.
+    pub inetd: bool,
+    /// At most this many children at once.
+    pub max_connections: Option<usize>,
 }
 
 impl Cli {
@@ -242,6 +268,10 @@ impl Cli {
             control: self.control,
             lazy: self.lazy,
             compat_env: self.compat_env,
+            accept: self.accept.then(|| AcceptConfig {
+                inetd: self.inetd,
+                max_connections: self.max_connections.map(|n| n as usize),
+            }),
             command: self.command,
         })
     }

@@ -25,6 +25,7 @@ use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
+use crate::accept::AcceptSupervisor;
 use crate::cli::{CompatEnv, Config};
 use crate::control::{ClientId, ControlServer, Request, Token, error_answer};
 use crate::exit::{ChildStatus, ExitCode};
@@ -32,7 +33,7 @@ use crate::listen::Listener;
 use crate::notify::{Manager, NotifySocket};
 use crate::signals::{FORWARDED, Signals};
 use crate::spawn::{ChildSpec, spawn};
-use crate::supervisor::{Action, Event, ManagerMessage, Supervisor, signal_name};
+use crate::supervisor::{Action, Event, GenerationInfo, ManagerMessage, Supervisor, signal_name};
 
 /// Environment variables of sockhold's own that must not reach a child: they describe sockhold's
 /// sockets and manager, not the child's (a stale `LISTEN_PIDFDID` makes libsystemd ignore every
@@ -47,12 +48,64 @@ fn is_stripped(name: &str) -> bool {
         || name.starts_with("SERVER_STARTER_")
 }
 
-/// sockhold at work: the resources it holds and the supervisor that decides.
+/// What decides: the generation supervisor, or the per-connection one with `--accept`.
+enum Brain {
+    Generations(Supervisor),
+    PerConnection(AcceptSupervisor),
+}
+
+impl Brain {
+    fn step(&mut self, event: Event, now: Instant) -> Vec<Action> {
+        match self {
+            Brain::Generations(s) => s.step(event, now),
+            Brain::PerConnection(a) => a.step(event, now),
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        match self {
+            Brain::Generations(s) => s.next_deadline(),
+            Brain::PerConnection(a) => a.next_deadline(),
+        }
+    }
+
+    fn live_pids(&self) -> Vec<(u64, Pid)> {
+        match self {
+            Brain::Generations(s) => s.live_pids(),
+            Brain::PerConnection(a) => a.live_pids(),
+        }
+    }
+
+    fn generations(&self) -> Vec<GenerationInfo> {
+        match self {
+            Brain::Generations(s) => s.generations(),
+            Brain::PerConnection(a) => a.generations(),
+        }
+    }
+
+    /// The processes a forwarded signal reaches: the serving generation's, or every
+    /// connection's.
+    fn serving_pids(&self) -> Vec<Pid> {
+        match self {
+            Brain::Generations(s) => s.serving_pid().into_iter().collect(),
+            Brain::PerConnection(a) => a.live_pids().into_iter().map(|(_, pid)| pid).collect(),
+        }
+    }
+
+    fn restarts(&self) -> u64 {
+        match self {
+            Brain::Generations(s) => s.restarts(),
+            Brain::PerConnection(_) => 0,
+        }
+    }
+}
+
+/// sockhold at work: the resources it holds and what decides.
 pub struct EventLoop {
     config: Config,
     held: Held,
     signals: Signals,
-    supervisor: Supervisor,
+    brain: Brain,
     notify: BTreeMap<u64, NotifySocket>,
     manager: Option<Manager>,
     base_env: Vec<(OsString, OsString)>,
@@ -64,6 +117,63 @@ pub struct EventLoop {
     started: SystemTime,
     /// `--lazy` and no child started yet: the listeners are polled for the first connection.
     lazy_waiting: bool,
+    /// With `--accept`: the listeners sockhold accepts on itself.
+    acceptors: Vec<Acceptor>,
+}
+
+/// A listener sockhold accepts on itself (`--accept`): a copy of the held fd, as std's type.
+enum Acceptor {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl Acceptor {
+    /// Wraps a copy of a held stream listener; any other kind is refused.
+    fn new(listener: &Listener) -> Result<Acceptor> {
+        use nix::sys::socket::{
+            AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt,
+            sockopt,
+        };
+        let what = listener.local_description();
+        let kind = getsockopt(&listener.fd(), sockopt::SockType)
+            .with_context(|| format!("cannot inspect {what}"))?;
+        if kind != SockType::Stream {
+            anyhow::bail!("--accept takes stream sockets only, and {what} is not one");
+        }
+        let fd = nix::unistd::dup(listener.fd()).with_context(|| format!("cannot copy {what}"))?;
+        let family = getsockname::<SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(&fd))
+            .ok()
+            .and_then(|a| a.family());
+        Ok(match family {
+            Some(AddressFamily::Unix) => Acceptor::Unix(fd.into()),
+            _ => Acceptor::Tcp(fd.into()),
+        })
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        match self {
+            Acceptor::Tcp(l) => l.as_fd(),
+            Acceptor::Unix(l) => l.as_fd(),
+        }
+    }
+
+    /// The next waiting connection and its peer (for TCP), or `None` when none waits.
+    fn accept(&self) -> Option<(std::os::fd::OwnedFd, Option<std::net::SocketAddr>)> {
+        let result = match self {
+            Acceptor::Tcp(l) => l.accept().map(|(c, peer)| (c.into(), Some(peer))),
+            Acceptor::Unix(l) => l.accept().map(|(c, _)| (c.into(), None)),
+        };
+        match result {
+            Ok(conn) => Some(conn),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            Err(e) => {
+                // ECONNABORTED and the like: that connection is gone, the listener is fine.
+                debug!("accept: {e}");
+                None
+            }
+        }
+    }
 }
 
 /// What sockhold created and removes when it ends, however it ends: the listeners (and the Unix
@@ -125,17 +235,35 @@ impl EventLoop {
             Some(path) => Some(ControlServer::bind(path)?),
             None => None,
         };
-        let supervisor = Supervisor::new(config.policy.clone());
+        let acceptors = match &config.accept {
+            Some(_) => held.listeners.iter().map(Acceptor::new).collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        let brain = match &config.accept {
+            None => Brain::Generations(Supervisor::new(config.policy.clone())),
+            Some(accept) => {
+                // Only sockhold accepts on them in this mode: non-blocking, so that a
+                // connection that vanished between poll and accept never blocks the loop.
+                for listener in &held.listeners {
+                    listener.set_nonblocking(true)?;
+                }
+                Brain::PerConnection(AcceptSupervisor::new(
+                    config.policy.clone(),
+                    accept.max_connections,
+                ))
+            }
+        };
         Ok(EventLoop {
             control,
             reload_waiters: Vec::new(),
             last_reload: Value::Null,
             started: SystemTime::now(),
             lazy_waiting: config.lazy,
+            acceptors,
             config,
             held,
             signals,
-            supervisor,
+            brain,
             notify: BTreeMap::new(),
             manager,
             base_env,
@@ -147,7 +275,7 @@ impl EventLoop {
         let result = self.serve();
         if result.is_err() {
             // sockhold cannot go on: never leave children behind without their supervisor.
-            for (generation, pid) in self.supervisor.live_pids() {
+            for (generation, pid) in self.brain.live_pids() {
                 warn!("killing generation {generation} (pid {pid}) because sockhold is failing");
                 let _ = killpg(pid, Signal::SIGKILL);
                 let _ = waitpid(pid, None);
@@ -171,12 +299,18 @@ impl EventLoop {
                     "listening; waiting for the first connection".into(),
                 ));
             }
-        } else {
+        } else if self.acceptors.is_empty() {
             pending.push_back(Event::Start);
+        } else {
+            info!("--accept: one child per connection");
+            if let Some(manager) = &self.manager {
+                manager
+                    .send(&ManagerMessage::Ready("accepting connections for generation 1".into()));
+            }
         }
         loop {
             while let Some(event) = pending.pop_front() {
-                let actions = self.supervisor.step(event, Instant::now());
+                let actions = self.brain.step(event, Instant::now());
                 for action in actions {
                     if let Some(code) = self.perform(action, &mut pending) {
                         return Ok(code);
@@ -190,13 +324,11 @@ impl EventLoop {
     /// Blocks in poll until a signal, a notify datagram or the next deadline, and queues what
     /// happened.
     fn wait(&mut self, pending: &mut VecDeque<Event>) -> Result<()> {
-        let deadline = [
-            self.supervisor.next_deadline(),
-            self.control.as_ref().and_then(|c| c.next_deadline()),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
+        let deadline =
+            [self.brain.next_deadline(), self.control.as_ref().and_then(|c| c.next_deadline())]
+                .into_iter()
+                .flatten()
+                .min();
         let timeout = match deadline {
             None => PollTimeout::NONE,
             Some(deadline) => {
@@ -206,7 +338,7 @@ impl EventLoop {
                 PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
             }
         };
-        let (signal_ready, control_ready, notify_ready, first_connection) = {
+        let (signal_ready, control_ready, notify_ready, first_connection, connections) = {
             let ids: Vec<u64> = self.notify.keys().copied().collect();
             let control_set =
                 self.control.as_ref().map(ControlServer::poll_set).unwrap_or_default();
@@ -218,6 +350,12 @@ impl EventLoop {
             // holder that wakes on every connection would cost CPU under load.
             let lazy: &[Listener] = if self.lazy_waiting { &self.held.listeners } else { &[] };
             fds.extend(lazy.iter().map(|l| PollFd::new(l.fd(), PollFlags::POLLIN)));
+            // With --accept, sockhold accepts itself, unless --max-connections children run:
+            // then the connections wait in the backlog.
+            let accepting = matches!(&self.brain, Brain::PerConnection(a) if a.accepting());
+            let acceptors: &[Acceptor] = if accepting { &self.acceptors } else { &[] };
+            let first_acceptor = fds.len();
+            fds.extend(acceptors.iter().map(|a| PollFd::new(a.fd(), PollFlags::POLLIN)));
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => return Err(e).context("poll failed"),
@@ -236,9 +374,19 @@ impl EventLoop {
                 .filter(|(_, fd)| readable(fd))
                 .map(|(id, _)| *id)
                 .collect();
-            let first_connection = fds[1 + control_set.len() + ids.len()..].iter().any(readable);
-            (readable(&fds[0]), control_ready, notify_ready, first_connection)
+            let first_connection =
+                fds[1 + control_set.len() + ids.len()..first_acceptor].iter().any(readable);
+            let connections: Vec<usize> =
+                (0..acceptors.len()).filter(|i| readable(&fds[first_acceptor + i])).collect();
+            (readable(&fds[0]), control_ready, notify_ready, first_connection, connections)
         };
+        for i in connections {
+            // One connection per listener and wake-up: the supervisor counts the child before
+            // the next poll decides whether to accept more.
+            if let Some((conn, peer)) = self.acceptors[i].accept() {
+                pending.push_back(self.spawn_connection(conn, peer));
+            }
+        }
         if first_connection {
             info!("--lazy: the first connection arrived; starting generation 1");
             self.lazy_waiting = false;
@@ -316,12 +464,13 @@ impl EventLoop {
                 pending.push_back(Event::Stop("ctl stop".into()));
                 json!({ "ok": true })
             }
-            Request::Signal(signal) => match self.supervisor.serving_pid() {
-                Some(pid) => {
+            Request::Signal(signal) => match self.brain.serving_pids().as_slice() {
+                [] => error_answer("no child is serving: nothing to send the signal to"),
+                pids => {
                     pending.push_back(Event::Forward(signal));
-                    json!({ "ok": true, "pid": pid.as_raw() })
+                    let pids: Vec<i32> = pids.iter().map(|p| p.as_raw()).collect();
+                    json!({ "ok": true, "pid": pids[0], "pids": pids })
                 }
-                None => error_answer("no child is serving: nothing to send the signal to"),
             },
             Request::Upgrade => {
                 error_answer("upgrade is not supported by this version of sockhold")
@@ -356,7 +505,7 @@ impl EventLoop {
             )
             .collect();
         let generations: Vec<Value> = self
-            .supervisor
+            .brain
             .generations()
             .into_iter()
             .map(|g| {
@@ -377,7 +526,7 @@ impl EventLoop {
             "started": humantime::format_rfc3339_seconds(self.started).to_string(),
             "listeners": listeners,
             "generations": generations,
-            "restarts": self.supervisor.restarts(),
+            "restarts": self.brain.restarts(),
             "last_reload": self.last_reload,
         })
     }
@@ -386,8 +535,7 @@ impl EventLoop {
     /// forked) go with it: its process group is SIGKILLed while the leader is still a zombie, so
     /// the group id cannot have been reused by an unrelated process.
     fn reap(&mut self, pending: &mut VecDeque<Event>) {
-        let leaders: Vec<Pid> =
-            self.supervisor.live_pids().into_iter().map(|(_, pid)| pid).collect();
+        let leaders: Vec<Pid> = self.brain.live_pids().into_iter().map(|(_, pid)| pid).collect();
         loop {
             let peek =
                 waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT);
@@ -468,7 +616,7 @@ impl EventLoop {
     fn reload_done(&mut self, generation: Option<u64>, result: Result<(), String>) {
         let answer = match &result {
             Ok(()) => {
-                let pid = self.supervisor.serving_pid().map(Pid::as_raw);
+                let pid = self.brain.serving_pids().first().map(|p| p.as_raw());
                 json!({ "ok": true, "generation": generation, "pid": pid })
             }
             Err(reason) => error_answer(&format!("reload failed: {reason}")),
@@ -511,11 +659,52 @@ impl EventLoop {
         }
         let spec = self.child_spec(generation, socket.path());
         let fds: Vec<BorrowedFd<'_>> = self.held.listeners.iter().map(Listener::fd).collect();
-        match spawn(&spec, &fds) {
+        match spawn(&spec, &fds, None) {
             Ok(pid) => {
                 self.notify.insert(generation, socket);
                 Event::Spawned { generation, pid }
             }
+            Err(e) => Event::SpawnFailed { generation, error: e.message, code: e.code },
+        }
+    }
+
+    /// Starts the child for one accepted connection (`--accept`).
+    fn spawn_connection(
+        &self,
+        conn: std::os::fd::OwnedFd,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Event {
+        use std::os::fd::AsFd;
+        let Brain::PerConnection(accept) = &self.brain else {
+            unreachable!("connections are accepted only in --accept mode")
+        };
+        let generation = accept.generation();
+        let inetd = self.config.accept.as_ref().is_some_and(|a| a.inetd);
+        let mut env = self.base_env.clone();
+        if !inetd {
+            env.push(("LISTEN_FDS".into(), "1".into()));
+            env.push(("LISTEN_FDNAMES".into(), "connection".into()));
+        }
+        env.push(("SOCKHOLD_GENERATION".into(), generation.to_string().into()));
+        // As systemd sets them for Accept=yes services.
+        if let Some(peer) = peer {
+            env.push(("REMOTE_ADDR".into(), peer.ip().to_string().into()));
+            env.push(("REMOTE_PORT".into(), peer.port().to_string().into()));
+        }
+        let spec = ChildSpec {
+            program: self.config.command[0].clone(),
+            args: self.config.command.clone(),
+            env,
+            listen_pid: !inetd,
+        };
+        let result = if inetd {
+            spawn(&spec, &[], Some(conn.as_fd()))
+        } else {
+            spawn(&spec, &[conn.as_fd()], None)
+        };
+        // sockhold's copy of the connection closes here: the child has its own.
+        match result {
+            Ok(pid) => Event::Spawned { generation, pid },
             Err(e) => Event::SpawnFailed { generation, error: e.message, code: e.code },
         }
     }

@@ -6,6 +6,7 @@
 
 #![deny(unsafe_code)]
 
+mod accept;
 mod cli;
 mod control;
 mod ctl;

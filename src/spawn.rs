@@ -119,6 +119,8 @@ struct Prepared {
     sources: Vec<RawFd>,
     /// Scratch space for the child's temporary copies of the listeners.
     moved: Vec<RawFd>,
+    /// A connection to put on fds 0 and 1 (`--inetd`).
+    stdio: Option<RawFd>,
     /// Fds to mark close-on-exec by hand if the kernel has no `close_range`.
     open_fds: Vec<RawFd>,
     empty_set: libc::sigset_t,
@@ -135,6 +137,7 @@ fn prepare(
     spec: &ChildSpec,
     program: &Path,
     listeners: &[BorrowedFd<'_>],
+    stdio: Option<BorrowedFd<'_>>,
 ) -> Result<Prepared, SpawnError> {
     let program = cstring(program.as_os_str().as_bytes(), "the command")?;
     let argv = spec
@@ -177,16 +180,22 @@ fn prepare(
         envp_ptrs,
         sources: listeners.iter().map(|fd| fd.as_raw_fd()).collect(),
         moved: vec![-1; listeners.len()],
+        stdio: stdio.map(|fd| fd.as_raw_fd()),
         open_fds,
         empty_set,
     })
 }
 
-/// Starts `spec` with `listeners` as fds 3.., and returns its pid once it has exec'd.
-pub fn spawn(spec: &ChildSpec, listeners: &[BorrowedFd<'_>]) -> Result<Pid, SpawnError> {
+/// Starts `spec` with `listeners` as fds 3.. (and `stdio`, a connection, as fds 0 and 1 for
+/// `--inetd`), and returns its pid once it has exec'd.
+pub fn spawn(
+    spec: &ChildSpec,
+    listeners: &[BorrowedFd<'_>],
+    stdio: Option<BorrowedFd<'_>>,
+) -> Result<Pid, SpawnError> {
     let path_var = spec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_os_str());
     let program = resolve_program(&spec.program, path_var)?;
-    let mut prepared = prepare(spec, &program, listeners)?;
+    let mut prepared = prepare(spec, &program, listeners, stdio)?;
     let shown = spec.program.to_string_lossy();
     let other = |what: &str, e: Errno| SpawnError {
         code: ExitCode::NOT_EXECUTABLE,
@@ -323,6 +332,14 @@ unsafe fn child(p: &mut Prepared, report: RawFd) -> ! {
         }
         if libc::setpgid(0, 0) != 0 {
             fail(report, Step::ProcessGroup);
+        }
+        // --inetd: the connection becomes stdin and stdout. It is copied above 2 first, in case
+        // sockhold was started with a closed stdin and accept handed out fd 0 or 1.
+        if let Some(conn) = p.stdio {
+            let conn = libc::fcntl(conn, libc::F_DUPFD_CLOEXEC, first_free);
+            if conn < 0 || libc::dup2(conn, 0) < 0 || libc::dup2(conn, 1) < 0 {
+                fail(report, Step::Fds);
+            }
         }
         // First move every listener above the target range, so that no dup2 below overwrites a
         // listener that happens to sit at a later target number.

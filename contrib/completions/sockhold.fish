@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_sockhold_global_optspecs
-    string join \n l/listen= ready= ready-timeout= stop-signal= stop-timeout= restart= notify-access= name= lazy compat-env= control= pid-file= v/verbose q/quiet log-format= h/help V/version
+    string join \n l/listen= ready= ready-timeout= stop-signal= stop-timeout= restart= notify-access= name= accept inetd max-connections= lazy compat-env= control= pid-file= v/verbose q/quiet log-format= h/help V/version
 end
 
 function __fish_sockhold_needs_command
@@ -36,12 +36,15 @@ complete -c sockhold -n "__fish_sockhold_needs_command" -l notify-access -d 'Who
 group\t'Any process in the generation\'s process group'
 all\t'Any process that can reach the socket'"
 complete -c sockhold -n "__fish_sockhold_needs_command" -l name -d 'The instance name, used in logs, as the default LISTEN_FDNAMES entry and in runtime paths [default: the basename of COMMAND]' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l max-connections -d 'With --accept: at most N children at once; further connections wait in the backlog' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l compat-env -d 'Also hand the sockets over the way other tools do, so servers written for them move over unchanged: `einhorn` (EINHORN_FDS as socketmaster sets it, plus EINHORN_FD_COUNT, EINHORN_FD_<i> and EINHORN_MASTER_PID as einhorn does) and/or `server-starter` (SERVER_STARTER_PORT and SERVER_STARTER_GENERATION as Server::Starter sets them)' -r -f -a "einhorn\t'socketmaster\'s and einhorn\'s EINHORN_FDS'
 server-starter\t'Server::Starter\'s SERVER_STARTER_PORT'"
 complete -c sockhold -n "__fish_sockhold_needs_command" -l control -d 'Serve the JSON-lines control protocol on a Unix socket at PATH (mode 0600, in a directory others cannot write to; only root and sockhold\'s own user may use it), for `sockhold ctl`' -r -F
 complete -c sockhold -n "__fish_sockhold_needs_command" -l pid-file -d 'Write sockhold\'s own pid to PATH; removed at exit' -r -F
 complete -c sockhold -n "__fish_sockhold_needs_command" -l log-format -d 'How log lines look: `text` (`sockhold[PID]: message`) or `json` (one object per line with ts, level, pid, name and msg, for log shippers)' -r -f -a "text\t'`sockhold[PID]: message`, warnings and errors marked'
 json\t'One JSON object per line: ts, level, pid, name, msg'"
+complete -c sockhold -n "__fish_sockhold_needs_command" -l accept -d 'One child per connection (systemd\'s Accept=yes, inetd\'s nowait): sockhold accepts on the stream sockets itself and runs COMMAND with the connection as fd 3 (LISTEN_FDS=1, LISTEN_FDNAMES=connection). A reload changes what new connections run; running ones finish'
+complete -c sockhold -n "__fish_sockhold_needs_command" -l inetd -d 'With --accept: the connection is the child\'s stdin and stdout instead of fd 3'
 complete -c sockhold -n "__fish_sockhold_needs_command" -l lazy -d 'Start the first child only when the first connection or datagram arrives on any socket, as a systemd socket unit does; that connection waits in the backlog and is served'
 complete -c sockhold -n "__fish_sockhold_needs_command" -s v -l verbose -d 'Log more (repeat for even more); RUST_LOG also works'
 complete -c sockhold -n "__fish_sockhold_needs_command" -s q -l quiet -d 'Log less: warnings only, or errors only when repeated'

@@ -1,6 +1,7 @@
 //! Integration tests: the real sockhold binary, real sockets, real processes. One test binary,
 //! a module per area.
 
+mod accept;
 mod child;
 mod control;
 mod docs;
