@@ -10,6 +10,15 @@
 //! runs under `systemd-socket-activate -l 127.0.0.1:8080 httpd`, or with
 //! `--bind 127.0.0.1:8080` it binds the port itself.
 
+/// Logs one line to stderr. Unlike `eprintln!`, it never panics: a server must keep serving when
+/// whoever reads its stderr (a log pipe, `logger`) has gone away.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
@@ -166,7 +175,7 @@ fn main() {
     let activation = inherited::take_env(); // before anything else, see there
     let pid = process::id();
     if let Err(e) = run(activation, pid) {
-        eprintln!("httpd[{pid}]: {e:#}");
+        say!("httpd[{pid}]: {e:#}");
         process::exit(1);
     }
 }
@@ -179,7 +188,7 @@ fn run(activation: Activation, pid: u32) -> Result<()> {
             TcpListener::bind(addr).with_context(|| format!("cannot bind {addr}"))?,
         )],
         _ => {
-            eprintln!("usage: httpd [--bind ADDR]  (without --bind: sockets from LISTEN_FDS)");
+            say!("usage: httpd [--bind ADDR]  (without --bind: sockets from LISTEN_FDS)");
             process::exit(2);
         }
     };
@@ -201,7 +210,7 @@ fn run(activation: Activation, pid: u32) -> Result<()> {
         Err(e) => format!("<{e}> (fd {})", l.fd().as_raw_fd()),
     };
     let names: Vec<String> = listeners.iter().map(describe).collect();
-    eprintln!("httpd[{pid}]: serving on {}", names.join(", "));
+    say!("httpd[{pid}]: serving on {}", names.join(", "));
     let wakers: Vec<_> = listeners.iter().map(Listener::waker).collect();
     let acceptors: Vec<_> = (listeners.into_iter())
         .map(|l| {
@@ -236,7 +245,7 @@ fn run(activation: Activation, pid: u32) -> Result<()> {
     while conns.0 > 0 {
         conns = server.conns_changed.wait(conns).unwrap();
     }
-    eprintln!("httpd[{pid}]: drained {} connection(s), exiting", conns.1);
+    say!("httpd[{pid}]: drained {} connection(s), exiting", conns.1);
     Ok(())
 }
 
@@ -277,7 +286,7 @@ fn notify(activation: &Activation, message: &str) {
         socket::sendto(sock.as_raw_fd(), message.as_bytes(), &addr, MsgFlags::empty())
     };
     if let Err(e) = send() {
-        eprintln!("httpd[{}]: cannot notify {path:?}: {e}", process::id());
+        say!("httpd[{}]: cannot notify {path:?}: {e}", process::id());
     }
 }
 
@@ -291,7 +300,7 @@ fn poll_with_stop(server: &Server, fd: BorrowedFd, timeout: PollTimeout) -> (boo
         Err(Errno::EINTR) => return poll_with_stop(server, fd, timeout),
         Err(e) => {
             // ENOMEM and the like: nothing sensible to do but leave as if stopped.
-            eprintln!("httpd[{}]: poll: {e}", server.pid);
+            say!("httpd[{}]: poll: {e}", server.pid);
             return (false, true);
         }
     }
@@ -315,7 +324,7 @@ fn accept_loop(server: &Arc<Server>, listener: Listener) {
         }
         if let Err(e) = listener.accept_and_serve(server) {
             // E.g. EMFILE: back off instead of spinning on a readable listener.
-            eprintln!("httpd[{}]: accept: {e}", server.pid);
+            say!("httpd[{}]: accept: {e}", server.pid);
             thread::sleep(Duration::from_millis(100));
         }
     }

@@ -110,6 +110,8 @@ pub struct ControlServer {
     path: PathBuf,
     /// The socket file's (dev, ino), so that only our own file is removed at exit.
     identity: (u64, u64),
+    /// The directory sockhold created for the socket, removed again at exit if empty.
+    created_dir: Option<PathBuf>,
     clients: BTreeMap<ClientId, Client>,
     next_id: ClientId,
 }
@@ -132,7 +134,8 @@ impl ControlServer {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        if !parent.exists() {
+        let created_dir = (!parent.exists()).then(|| parent.to_path_buf());
+        if created_dir.is_some() {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -170,6 +173,7 @@ impl ControlServer {
             listener,
             path: path.to_path_buf(),
             identity: (meta.dev(), meta.ino()),
+            created_dir,
             clients: BTreeMap::new(),
             next_id: 1,
         })
@@ -418,6 +422,10 @@ impl Drop for ControlServer {
             }
             _ => {}
         }
+        if let Some(dir) = &self.created_dir {
+            // Only if empty: anything else in it is not sockhold's to remove.
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
@@ -478,5 +486,6 @@ mod tests {
         assert!(format!("{err:#}").contains("another sockhold answers"), "{err:#}");
         drop(server);
         assert!(!path.exists(), "removed on drop");
+        assert!(!path.parent().unwrap().exists(), "the directory it created goes too");
     }
 }

@@ -57,10 +57,15 @@ fn ask(args: &CtlArgs, request: &Value) -> Result<Value> {
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     let mut line = request.to_string();
     line.push('\n');
-    (&stream).write_all(line.as_bytes()).with_context(|| format!("failed to send to {shown}"))?;
+    // A refused client (another uid, too many clients) is answered and closed at once: then
+    // the write fails, but the reason is waiting to be read, and it is what the user needs.
+    let sent = (&stream).write_all(line.as_bytes());
     let mut answer = String::new();
     match BufReader::new(&stream).read_line(&mut answer) {
-        Ok(0) => bail!("sockhold at {shown} closed the connection without an answer"),
+        Ok(0) => {
+            sent.with_context(|| format!("failed to send to {shown}"))?;
+            bail!("sockhold at {shown} closed the connection without an answer")
+        }
         Ok(_) => {}
         Err(e)
             if matches!(
@@ -73,7 +78,10 @@ fn ask(args: &CtlArgs, request: &Value) -> Result<Value> {
                 humantime::format_duration(args.timeout)
             )
         }
-        Err(e) => return Err(e).with_context(|| format!("failed to read from {shown}")),
+        Err(e) => {
+            sent.with_context(|| format!("failed to send to {shown}"))?;
+            return Err(e).with_context(|| format!("failed to read from {shown}"));
+        }
     }
     serde_json::from_str(&answer)
         .with_context(|| format!("sockhold sent a malformed answer: {answer:?}"))

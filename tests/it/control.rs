@@ -260,4 +260,6 @@ fn bad_clients_get_an_error_or_are_dropped_and_nothing_else_is_disturbed() {
         0,
         "no child disturbed"
     );
+    s.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(s.exit_code(), 0);
 }

@@ -274,6 +274,13 @@ impl Sockhold {
 impl Drop for Sockhold {
     fn drop(&mut self) {
         if self.status.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            // Ask sockhold to stop first: it knows every child, including ones that print no
+            // fixture line (the example server). SIGKILL after a bound.
+            let _ = kill(self.pid(), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let _ = killpg(self.pid(), Signal::SIGKILL);
             let _ = self.child.wait();
         }
