@@ -173,7 +173,24 @@ fn describe_socket(fd: BorrowedFd<'_>) -> Value {
         },
         Err(_) => ("unknown", String::new()),
     };
-    json!({ "family": family, "type": kind, "listening": listening, "local": local })
+    // The options a listen spec can set, as the kernel reports them (null where one does not
+    // apply to this kind of socket). rcvbuf/sndbuf are the kernel's doubled figures.
+    let device = socket::getsockopt(&fd, sockopt::BindToDevice).ok();
+    let device = device.map(|d| d.to_string_lossy().into_owned()).filter(|d| !d.is_empty());
+    json!({
+        "family": family,
+        "type": kind,
+        "listening": listening,
+        "local": local,
+        "reuseport": socket::getsockopt(&fd, sockopt::ReusePort).ok(),
+        "v6only": socket::getsockopt(&fd, sockopt::Ipv6V6Only).ok(),
+        "freebind": socket::getsockopt(&fd, sockopt::IpFreebind).ok(),
+        "nodelay": socket::getsockopt(&fd, sockopt::TcpNoDelay).ok(),
+        "keepalive": socket::getsockopt(&fd, sockopt::KeepAlive).ok(),
+        "rcvbuf": socket::getsockopt(&fd, sockopt::RcvBuf).ok(),
+        "sndbuf": socket::getsockopt(&fd, sockopt::SndBuf).ok(),
+        "bound_device": device,
+    })
 }
 
 fn describe_fds() -> Vec<Value> {
@@ -274,6 +291,7 @@ fn main() {
                 || k.starts_with("FIXTURE_")
                 || k.starts_with("EINHORN_")
                 || k.starts_with("SERVER_STARTER_")
+                || k.starts_with("REMOTE_")
         })
         .map(|(k, v)| (k, json!(v)))
         .collect();
