@@ -34,10 +34,13 @@ pub struct Cli {
     pub ctl: Option<Sub>,
 
     /// A socket to bind and hand over: a port (8080), ADDR:PORT (127.0.0.1:8080, [::1]:8080),
-    /// tcp://HOST:PORT, tcp4://, tcp6://, or a Unix stream socket (/run/app.sock,
-    /// unix:///run/app.sock); options follow after commas: name=NAME, backlog=N. Repeatable:
-    /// the order is the fd order (3, 4, ...).
-    #[arg(short = 'l', long = "listen", value_name = "SPEC", required = true)]
+    /// tcp://, tcp4://, tcp6://, udp://, udp4://, udp6://HOST:PORT, a Unix socket (/run/app.sock,
+    /// unix://, unixgram://, unixpacket:// with /PATH or @ABSTRACT), or an inherited one to adopt
+    /// (fd://N, systemd://NAME). Options follow after commas: name=, backlog=, v6only=,
+    /// reuseport, freebind, device=, nodelay, keepalive, rcvbuf=, sndbuf=, mode=, owner=, group=,
+    /// nonblock. Repeatable: the order is the fd order (3, 4, ...).
+    /// Without any, sockhold adopts every socket it was itself given under socket activation.
+    #[arg(short = 'l', long = "listen", value_name = "SPEC")]
     pub listen: Vec<ListenSpec>,
 
     /// How a new child proves it is ready: `notify` (it sends READY=1 to $NOTIFY_SOCKET) or
@@ -250,11 +253,24 @@ impl Cli {
             ));
         }
         let name = self.instance_name();
+        let mut listen = self.listen;
+        if listen.is_empty() {
+            // As a drop-in under systemd: adopt every socket sockhold was given, in order,
+            // under the names they had.
+            let inherited = crate::adopt::Inherited::from_env()?;
+            if inherited.fds.is_empty() {
+                return Err("at least one --listen is required, unless sockhold is started with sockets of its own (LISTEN_FDS)".into());
+            }
+            for (fd, fd_name) in inherited.fds {
+                let spec = format!("fd://{fd},name={}", sanitize_fd_name(&fd_name));
+                listen.push(spec.parse().map_err(|e| format!("{e}"))?);
+            }
+        }
         if self.ready_timeout.is_zero() {
             return Err("invalid --ready-timeout: it must be longer than 0".into());
         }
         Ok(Config {
-            listen: self.listen,
+            listen,
             policy: Policy {
                 ready: self.ready,
                 ready_timeout: self.ready_timeout,

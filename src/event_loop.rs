@@ -651,9 +651,10 @@ impl EventLoop {
             }
         };
         // O_NONBLOCK lives on the open file description, shared with every generation: a
-        // previous child may have set it. Give each new child the mode it is promised.
+        // previous child may have changed it. Give each new child the mode it is promised
+        // (blocking, or O_NONBLOCK for a spec with `nonblock`).
         for listener in &self.held.listeners {
-            if let Err(e) = listener.set_nonblocking(false) {
+            if let Err(e) = listener.prepare_for_child() {
                 warn!("{e:#}");
             }
         }

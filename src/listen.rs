@@ -1,17 +1,21 @@
 //! Listen specs and the listening sockets sockhold holds for its children.
 //!
-//! This module owns parsing `--listen` specs (systemd `ListenStream=` forms and
-//! URL forms, with `,option=value` suffixes) into [`ListenSpec`], binding and
-//! holding the listening sockets ([`Listener`]), and removing the Unix socket
-//! files it created. It must never accept, read or poll on a listener: sockhold
-//! only keeps the sockets open and passes them on; only children serve them.
+//! This module owns parsing `--listen` specs into [`ListenSpec`]: the systemd forms of
+//! `ListenStream=` (a bare port, `ADDR:PORT`, `[ADDR]:PORT`, `[ADDR]:PORT%IF`, `/path`,
+//! `@abstract`), URL forms (`tcp://`, `udp://`, `unix://`, `unixgram://`, `unixpacket://`, with
+//! `4`/`6` variants for IP) and the comma-separated options after the address, each checked
+//! against the kind of socket it is given to. It owns binding and holding the sockets
+//! ([`Listener`]): socket options, the Unix socket file (its directory, owner and mode), `listen`
+//! for the kinds that listen, the `O_NONBLOCK` mode a child is promised, and removing the socket
+//! files it created. It must never accept, read or poll on a listener: sockhold only keeps the
+//! sockets open and passes them on; only children serve them.
 
 use std::fmt;
 use std::fs;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -20,21 +24,35 @@ use nix::errno::Errno;
 use nix::fcntl::FcntlArg::{F_GETFL, F_SETFL};
 use nix::fcntl::{OFlag, fcntl};
 use nix::sys::socket::{
-    self, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, UnixAddr, sockopt,
+    self, AddressFamily, Backlog, GetSockOpt, SetSockOpt, SockFlag, SockType, SockaddrStorage,
+    UnixAddr, sockopt,
 };
+use nix::sys::stat::Mode;
+use nix::unistd::{Gid, Group, Uid, User};
 
 /// Longest Unix socket path: `sun_path` holds 108 bytes including the NUL.
 const UNIX_PATH_MAX: usize = 107;
+/// Longest abstract socket name: `sun_path` less its leading NUL.
+const ABSTRACT_NAME_MAX: usize = 107;
 /// Longest name systemd accepts in `LISTEN_FDNAMES`.
 const FD_NAME_MAX: usize = 255;
+/// Longest network interface name (`IFNAMSIZ` less the NUL).
+const IFNAME_MAX: usize = 15;
+/// Largest `rcvbuf=`/`sndbuf=`: setsockopt takes an int.
+const BUFFER_MAX: u64 = i32::MAX as u64;
 
-/// The socket type a spec asks for (datagram and seqpacket come later).
+/// The socket type a spec asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SocketKind {
+    /// TCP, Unix stream (`ListenStream=`).
     Stream,
+    /// UDP, Unix datagram (`ListenDatagram=`): bound, never `listen()`ed.
+    Datagram,
+    /// Unix seqpacket (`ListenSequentialPacket=`).
+    SeqPacket,
 }
 
-/// Which IP family an internet spec may bind (`tcp4://`, `tcp6://`).
+/// Which IP family an internet spec may bind (`tcp4://`, `udp6://`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
     Any,
@@ -52,11 +70,119 @@ pub enum Host {
     Name(String),
 }
 
-/// Where a spec listens.
+/// The interface scope of a link-local IPv6 address: `[fe80::1%eth0]` or `[fe80::1%2]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// An interface index, used as it is (as systemd does).
+    Index(u32),
+    /// An interface name, turned into its index when binding.
+    Name(String),
+}
+
+/// Where a Unix socket lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UnixName {
+    /// A file in the file system, created at bind and removed at exit.
+    Path(PathBuf),
+    /// A name in the abstract namespace (`@name`, Linux): no file, gone with the last holder.
+    Abstract(String),
+}
+
+/// An inherited socket to adopt instead of binding one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Adopt {
+    /// `fd://N`: the fd sockhold inherited at that number.
+    Fd(RawFd),
+    /// `systemd://NAME`: the socket of that name in sockhold's own `LISTEN_FDS`/`LISTEN_FDNAMES`.
+    Systemd(String),
+}
+
+/// The options that can still be applied to a socket that is already bound (adopted); the
+/// others (`reuseport`, `v6only`, `device`, `mode`, ...) only mean something before or at bind.
+const ADOPTABLE_OPTIONS: &[&str] =
+    &["name", "backlog", "nodelay", "keepalive", "rcvbuf", "sndbuf", "nonblock"];
+
+/// Where a spec listens. An adopted socket's kind is known only once it is adopted; the options
+/// given for it are checked against the real socket then.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Address {
-    Tcp { host: Host, port: u16, family: Family },
-    Unix { path: PathBuf, kind: SocketKind },
+    /// A socket sockhold inherited.
+    Adopted(Adopt),
+    /// TCP (`Stream`) or UDP (`Datagram`).
+    Inet {
+        kind: SocketKind,
+        host: Host,
+        port: u16,
+        family: Family,
+        scope: Option<Scope>,
+    },
+    Unix {
+        name: UnixName,
+        kind: SocketKind,
+    },
+}
+
+impl Address {
+    /// The socket type.
+    pub fn kind(&self) -> SocketKind {
+        match self {
+            Address::Inet { kind, .. } | Address::Unix { kind, .. } => *kind,
+            // Unknown until adopted; the adopted listener carries the real one.
+            Address::Adopted(_) => SocketKind::Stream,
+        }
+    }
+
+    fn is_inet(&self) -> bool {
+        matches!(self, Address::Inet { .. })
+    }
+
+    fn is_tcp(&self) -> bool {
+        matches!(self, Address::Inet { kind: SocketKind::Stream, .. })
+    }
+
+    /// Known to be IPv4 before binding: an IPv4 address, or `tcp4://`/`udp4://`.
+    fn is_ipv4(&self) -> bool {
+        match self {
+            Address::Inet { host: Host::Ip(ip), .. } => ip.is_ipv4(),
+            Address::Inet { family, .. } => *family == Family::V4,
+            Address::Unix { .. } | Address::Adopted(_) => false,
+        }
+    }
+
+    /// A Unix socket with a file (not abstract).
+    fn has_file(&self) -> bool {
+        matches!(self, Address::Unix { name: UnixName::Path(_), .. })
+    }
+
+    /// What kind of socket this is, for messages: "TCP", "IPv4 UDP", "abstract Unix datagram".
+    fn kind_name(&self) -> String {
+        match self {
+            Address::Inet { kind, .. } => {
+                let ipv6 = matches!(
+                    self,
+                    Address::Inet { host: Host::Ip(IpAddr::V6(_)), .. }
+                        | Address::Inet { family: Family::V6, .. }
+                );
+                let family = match () {
+                    _ if self.is_ipv4() => "IPv4 ",
+                    _ if ipv6 => "IPv6 ",
+                    _ => "",
+                };
+                let transport = if *kind == SocketKind::Datagram { "UDP" } else { "TCP" };
+                format!("{family}{transport}")
+            }
+            Address::Unix { name, kind } => {
+                let prefix = if matches!(name, UnixName::Abstract(_)) { "abstract " } else { "" };
+                let kind = match kind {
+                    SocketKind::Stream => "stream",
+                    SocketKind::Datagram => "datagram",
+                    SocketKind::SeqPacket => "seqpacket",
+                };
+                format!("{prefix}Unix {kind}")
+            }
+            Address::Adopted(_) => "adopted".into(),
+        }
+    }
 }
 
 /// The `,option=value` part of a spec.
@@ -66,36 +192,302 @@ pub struct ListenOptions {
     pub name: Option<String>,
     /// `backlog=N`: the listen queue length (default: the kernel maximum).
     pub backlog: Option<u32>,
+    /// `v6only=BOOL`: `IPV6_V6ONLY`; unset leaves the kernel's default, except for a bare port,
+    /// which is dual-stack.
+    pub v6only: Option<bool>,
+    /// `reuseport`: `SO_REUSEPORT`, which lets other sockets of the same uid bind the port.
+    pub reuseport: bool,
+    /// `freebind`: `IP_FREEBIND`/`IPV6_FREEBIND`, to bind an address the host does not have (yet).
+    pub freebind: bool,
+    /// `device=IF`: `SO_BINDTODEVICE`.
+    pub device: Option<String>,
+    /// `nodelay`: `TCP_NODELAY`, inherited by accepted connections.
+    pub nodelay: bool,
+    /// `keepalive`: `SO_KEEPALIVE`, inherited by accepted connections.
+    pub keepalive: bool,
+    /// `rcvbuf=SIZE`: `SO_RCVBUF` in bytes (the kernel reports twice as much).
+    pub rcvbuf: Option<usize>,
+    /// `sndbuf=SIZE`: `SO_SNDBUF` in bytes (the kernel reports twice as much).
+    pub sndbuf: Option<usize>,
+    /// `mode=OCTAL`: the Unix socket file's permissions.
+    pub mode: Option<u32>,
+    /// `owner=USER`: the Unix socket file's owner, resolved when parsing.
+    pub owner: Option<Uid>,
+    /// `group=GROUP`: the Unix socket file's group, resolved when parsing.
+    pub group: Option<Gid>,
+    /// `nonblock`: children get the socket with `O_NONBLOCK` set.
+    pub nonblock: bool,
 }
 
 type OptionParser = fn(&mut ListenOptions, Option<&str>) -> Result<(), String>;
 
-/// Options this version understands, each with its parser.
-const KNOWN_OPTIONS: &[(&str, OptionParser)] = &[("name", parse_name), ("backlog", parse_backlog)];
-
-/// Options of the spec that later versions implement, separated by spaces.
-const LATER_OPTIONS: &str =
-    "v6only reuseport freebind device nodelay keepalive rcvbuf sndbuf mode owner group nonblock";
-
-fn parse_name(options: &mut ListenOptions, value: Option<&str>) -> Result<(), String> {
-    let name = value.ok_or("option 'name' needs a value: name=NAME")?;
-    check_fd_name(name).map_err(|e| format!("name {e}"))?;
-    options.name = Some(name.to_owned());
-    Ok(())
+/// One option: how its value is parsed, and which sockets it applies to.
+struct OptionDef {
+    name: &'static str,
+    parse: OptionParser,
+    /// Whether the option makes sense for the socket of this address. A socket adopted rather
+    /// than bound can only be checked once its kind is known.
+    applies: fn(&Address) -> bool,
+    /// The sockets it applies to, for the error message when it does not.
+    applies_to: &'static str,
 }
 
-fn parse_backlog(options: &mut ListenOptions, value: Option<&str>) -> Result<(), String> {
-    let text = value.ok_or("option 'backlog' needs a value: backlog=N")?;
+/// Every option, in the order `--help` and the README list them.
+const OPTIONS: &[OptionDef] = &[
+    OptionDef {
+        name: "name",
+        parse: |o, v| {
+            o.name = Some(parse_name(v)?);
+            Ok(())
+        },
+        applies: |_| true,
+        applies_to: "every socket",
+    },
+    OptionDef {
+        name: "backlog",
+        parse: |o, v| {
+            o.backlog = Some(parse_backlog(v)?);
+            Ok(())
+        },
+        applies: |a| a.kind() != SocketKind::Datagram,
+        applies_to: "TCP, Unix stream and Unix seqpacket sockets",
+    },
+    OptionDef {
+        name: "v6only",
+        parse: |o, v| {
+            o.v6only = Some(parse_bool("v6only", v)?);
+            Ok(())
+        },
+        applies: |a| a.is_inet() && !a.is_ipv4(),
+        applies_to: "IPv6 sockets",
+    },
+    OptionDef {
+        name: "reuseport",
+        parse: |o, v| {
+            o.reuseport = parse_bool("reuseport", v)?;
+            Ok(())
+        },
+        applies: Address::is_inet,
+        applies_to: "TCP and UDP sockets",
+    },
+    OptionDef {
+        name: "freebind",
+        parse: |o, v| {
+            o.freebind = parse_bool("freebind", v)?;
+            Ok(())
+        },
+        applies: Address::is_inet,
+        applies_to: "TCP and UDP sockets",
+    },
+    OptionDef {
+        name: "device",
+        parse: |o, v| {
+            o.device = Some(parse_device(v)?);
+            Ok(())
+        },
+        applies: Address::is_inet,
+        applies_to: "TCP and UDP sockets",
+    },
+    OptionDef {
+        name: "nodelay",
+        parse: |o, v| {
+            o.nodelay = parse_bool("nodelay", v)?;
+            Ok(())
+        },
+        applies: Address::is_tcp,
+        applies_to: "TCP sockets",
+    },
+    OptionDef {
+        name: "keepalive",
+        parse: |o, v| {
+            o.keepalive = parse_bool("keepalive", v)?;
+            Ok(())
+        },
+        applies: Address::is_tcp,
+        applies_to: "TCP sockets",
+    },
+    OptionDef {
+        name: "rcvbuf",
+        parse: |o, v| {
+            o.rcvbuf = Some(parse_size("rcvbuf", v)?);
+            Ok(())
+        },
+        applies: |_| true,
+        applies_to: "every socket",
+    },
+    OptionDef {
+        name: "sndbuf",
+        parse: |o, v| {
+            o.sndbuf = Some(parse_size("sndbuf", v)?);
+            Ok(())
+        },
+        applies: |_| true,
+        applies_to: "every socket",
+    },
+    OptionDef {
+        name: "mode",
+        parse: |o, v| {
+            o.mode = Some(parse_mode(v)?);
+            Ok(())
+        },
+        applies: Address::has_file,
+        applies_to: "Unix sockets with a path; an abstract socket has no file",
+    },
+    OptionDef {
+        name: "owner",
+        parse: |o, v| {
+            o.owner = Some(parse_owner(v)?);
+            Ok(())
+        },
+        applies: Address::has_file,
+        applies_to: "Unix sockets with a path; an abstract socket has no file",
+    },
+    OptionDef {
+        name: "group",
+        parse: |o, v| {
+            o.group = Some(parse_group(v)?);
+            Ok(())
+        },
+        applies: Address::has_file,
+        applies_to: "Unix sockets with a path; an abstract socket has no file",
+    },
+    OptionDef {
+        name: "nonblock",
+        parse: |o, v| {
+            o.nonblock = parse_bool("nonblock", v)?;
+            Ok(())
+        },
+        applies: |_| true,
+        applies_to: "every socket",
+    },
+];
+
+/// The value of an option that needs one; `form` shows how it is written.
+fn value_of<'a>(value: Option<&'a str>, key: &str, form: &str) -> Result<&'a str, String> {
+    value.ok_or_else(|| format!("option '{key}' needs a value: {key}={form}"))
+}
+
+fn parse_name(value: Option<&str>) -> Result<String, String> {
+    let name = value_of(value, "name", "NAME")?;
+    check_fd_name(name).map_err(|e| format!("name {e}"))?;
+    Ok(name.to_owned())
+}
+
+fn parse_backlog(value: Option<&str>) -> Result<u32, String> {
+    let text = value_of(value, "backlog", "N")?;
     match text.parse::<u32>() {
-        Ok(n) if n > 0 && !text.starts_with('+') => options.backlog = Some(n),
-        _ => return Err(format!("backlog must be a positive integer, got '{text}'")),
+        Ok(n) if n > 0 && !text.starts_with('+') => Ok(n),
+        _ => Err(format!("backlog must be a positive integer, got '{text}'")),
     }
-    Ok(())
+}
+
+/// systemd's booleans; a flag without a value means yes.
+fn parse_bool(key: &str, value: Option<&str>) -> Result<bool, String> {
+    let Some(text) = value else { return Ok(true) };
+    match text.to_ascii_lowercase().as_str() {
+        "1" | "yes" | "y" | "true" | "t" | "on" => Ok(true),
+        "0" | "no" | "n" | "false" | "f" | "off" => Ok(false),
+        _ => {
+            Err(format!("{key} must be a boolean (yes/no, true/false, on/off, 1/0), got '{text}'"))
+        }
+    }
+}
+
+fn parse_device(value: Option<&str>) -> Result<String, String> {
+    let name = value_of(value, "device", "IF")?;
+    check_ifname(name)?;
+    Ok(name.to_owned())
+}
+
+/// A size in bytes, with an optional K, M or G suffix (powers of 1024, as systemd's
+/// `ReceiveBuffer=`).
+fn parse_size(key: &str, value: Option<&str>) -> Result<usize, String> {
+    let text = value_of(value, key, "SIZE")?;
+    let (digits, unit) = match text.char_indices().last() {
+        Some((i, 'K')) => (&text[..i], 1 << 10),
+        Some((i, 'M')) => (&text[..i], 1 << 20),
+        Some((i, 'G')) => (&text[..i], 1 << 30),
+        _ => (text, 1),
+    };
+    let bad = || format!("{key} must be a positive size in bytes (65536, 64K, 4M), got '{text}'");
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    match digits.parse::<u64>().ok().and_then(|n| n.checked_mul(unit)) {
+        Some(0) => Err(bad()),
+        Some(n) if n <= BUFFER_MAX => Ok(n as usize),
+        _ => Err(format!("{key} is too large: at most {BUFFER_MAX} bytes, got '{text}'")),
+    }
+}
+
+fn parse_mode(value: Option<&str>) -> Result<u32, String> {
+    let text = value_of(value, "mode", "OCTAL")?;
+    let digits_ok = !text.is_empty() && text.len() <= 5 && text.bytes().all(|b| b.is_ascii_digit());
+    match u32::from_str_radix(text, 8) {
+        Ok(mode) if digits_ok && mode <= 0o7777 => Ok(mode),
+        _ => Err(format!("mode must be an octal number from 0 to 7777, got '{text}'")),
+    }
+}
+
+/// A user name or a numeric uid, as systemd's `SocketUser=`.
+fn parse_owner(value: Option<&str>) -> Result<Uid, String> {
+    let text = value_of(value, "owner", "USER")?;
+    if let Some(id) = parse_id(text, "user")? {
+        return Ok(Uid::from_raw(id));
+    }
+    match User::from_name(text) {
+        Ok(Some(user)) => Ok(user.uid),
+        Ok(None) => Err(format!("unknown user '{text}'")),
+        Err(e) => Err(format!("failed to look up user '{text}': {e}")),
+    }
+}
+
+/// A group name or a numeric gid, as systemd's `SocketGroup=`.
+fn parse_group(value: Option<&str>) -> Result<Gid, String> {
+    let text = value_of(value, "group", "GROUP")?;
+    if let Some(id) = parse_id(text, "group")? {
+        return Ok(Gid::from_raw(id));
+    }
+    match Group::from_name(text) {
+        Ok(Some(group)) => Ok(group.gid),
+        Ok(None) => Err(format!("unknown group '{text}'")),
+        Err(e) => Err(format!("failed to look up group '{text}': {e}")),
+    }
+}
+
+/// A numeric uid or gid, or `None` for a name. `-1` means "leave unchanged" to chown(2): refused.
+fn parse_id(text: &str, what: &str) -> Result<Option<u32>, String> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(None);
+    }
+    match text.parse::<u32>() {
+        Ok(id) if id != u32::MAX => Ok(Some(id)),
+        _ => Err(format!("'{text}' is not a valid {what} id")),
+    }
+}
+
+/// The kernel's rules for an interface name, as systemd checks them.
+fn check_ifname(name: &str) -> Result<(), String> {
+    let valid_char = |b: u8| b.is_ascii_graphic() && !matches!(b, b':' | b'/' | b'%');
+    if name.is_empty() {
+        Err("missing interface name".into())
+    } else if name.len() > IFNAME_MAX
+        || name == "."
+        || name == ".."
+        || !name.bytes().all(valid_char)
+    {
+        Err(format!(
+            "invalid interface name '{name}': at most {IFNAME_MAX} printable characters, no ':', '/' or '%'"
+        ))
+    } else {
+        Ok(())
+    }
 }
 
 impl ListenOptions {
-    /// Parses the comma-separated options that follow the address.
-    fn parse(text: &str) -> Result<Self, String> {
+    /// Parses the comma-separated options that follow the address; returns them with the
+    /// option names in the order given.
+    fn parse(text: &str) -> Result<(Self, Vec<&'static str>), String> {
         let mut options = Self::default();
         let mut seen = Vec::new();
         for item in text.split(',') {
@@ -106,23 +498,43 @@ impl ListenOptions {
             if key.is_empty() {
                 return Err(format!("empty option name in ',{item}'"));
             }
-            if seen.contains(&key) {
+            let Some(def) = OPTIONS.iter().find(|def| def.name == key) else {
+                let known: Vec<_> = OPTIONS.iter().map(|def| def.name).collect();
+                return Err(format!("unknown option '{key}' (known: {})", known.join(", ")));
+            };
+            if seen.contains(&def.name) {
                 return Err(format!("duplicate option '{key}'"));
             }
-            seen.push(key);
-            match KNOWN_OPTIONS.iter().find(|(name, _)| *name == key) {
-                Some((_, parse)) => parse(&mut options, value)?,
-                None if LATER_OPTIONS.split(' ').any(|later| later == key) => {
-                    return Err(format!("option '{key}' is not supported yet"));
-                }
-                None => {
-                    let known: Vec<_> = KNOWN_OPTIONS.iter().map(|(name, _)| *name).collect();
-                    return Err(format!("unknown option '{key}' (known: {})", known.join(", ")));
-                }
-            }
+            seen.push(def.name);
+            (def.parse)(&mut options, value)?;
         }
-        Ok(options)
+        Ok((options, seen))
     }
+}
+
+/// Refuses the first option that makes no sense for the socket of `address`.
+fn check_options_apply(address: &Address, given: &[&str]) -> Result<(), String> {
+    if let Address::Adopted(_) = address {
+        // The rest is checked against the real socket when it is adopted.
+        return match given.iter().find(|name| !ADOPTABLE_OPTIONS.contains(name)) {
+            Some(name) => Err(format!(
+                "option '{name}' cannot be applied to an adopted socket, which is already bound (these can: {})",
+                ADOPTABLE_OPTIONS.join(", ")
+            )),
+            None => Ok(()),
+        };
+    }
+    for def in OPTIONS.iter().filter(|def| given.contains(&def.name)) {
+        if !(def.applies)(address) {
+            let kind = address.kind_name();
+            let article = if kind.starts_with(['I', 'a']) { "an" } else { "a" };
+            return Err(format!(
+                "option '{}' does not apply to {article} {kind} socket (only to {})",
+                def.name, def.applies_to
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// systemd's fdname rules; the error completes "name ...".
@@ -201,67 +613,131 @@ impl FromStr for ListenSpec {
         if text.is_empty() {
             return Err(error("the spec is empty".into()));
         }
-        let (address, options) = match text.split_once(',') {
+        let (address, (options, given)) = match text.split_once(',') {
             Some((address, options)) => (address, ListenOptions::parse(options).map_err(error)?),
-            None => (text, ListenOptions::default()),
+            None => (text, (ListenOptions::default(), Vec::new())),
         };
         let address = parse_address(address).map_err(error)?;
+        check_options_apply(&address, &given).map_err(error)?;
         Ok(Self { text: text.to_owned(), address, options })
     }
 }
 
+const SCHEMES: &str = "tcp, tcp4, tcp6, udp, udp4, udp6, unix, unixgram, unixpacket, fd, systemd";
+
 fn parse_address(s: &str) -> Result<Address, String> {
     if s.starts_with('/') || s.starts_with('@') {
-        return parse_unix_path(s);
+        return parse_unix(s, SocketKind::Stream);
     }
     if let Some((scheme, rest)) = s.split_once("://") {
         return match scheme {
-            "tcp" => parse_host_port(rest, Family::Any),
-            "tcp4" => parse_host_port(rest, Family::V4),
-            "tcp6" => parse_host_port(rest, Family::V6),
-            "unix" if rest.is_empty() => Err("missing path".into()),
-            "unix" => parse_unix_path(rest),
-            "udp" | "udp4" | "udp6" | "unixgram" | "unixpacket" => {
-                Err(format!("'{scheme}' sockets are not supported yet"))
-            }
-            "fd" | "systemd" => Err(format!("'{scheme}://' specs are not supported yet")),
-            _ => Err(format!("unknown scheme '{scheme}' (known: tcp, tcp4, tcp6, unix)")),
+            "tcp" | "tcp4" | "tcp6" | "udp" | "udp4" | "udp6" => parse_inet(rest, scheme),
+            "unix" => parse_unix(rest, SocketKind::Stream),
+            "unixgram" => parse_unix(rest, SocketKind::Datagram),
+            "unixpacket" => parse_unix(rest, SocketKind::SeqPacket),
+            "fd" => match rest.parse::<RawFd>() {
+                Ok(fd) if fd >= 3 => Ok(Address::Adopted(Adopt::Fd(fd))),
+                Ok(fd) => Err(format!("fd {fd} is standard input, output or error, not a socket")),
+                Err(_) => Err(format!("'{rest}' is not an fd number")),
+            },
+            "systemd" => match check_fd_name(rest) {
+                Ok(()) => Ok(Address::Adopted(Adopt::Systemd(rest.to_owned()))),
+                Err(e) => Err(format!("the socket name {e}")),
+            },
+            _ => Err(format!("unknown scheme '{scheme}' (known: {SCHEMES})")),
         };
     }
     if s.is_empty() {
         Err("missing address".into())
-    } else if s.bytes().all(|b| b.is_ascii_digit()) {
-        Ok(Address::Tcp { host: Host::Any, port: parse_port(s)?, family: Family::Any })
-    } else if s.contains('/') {
+    } else if s.starts_with("vsock:") {
+        Err("AF_VSOCK sockets are not supported".into())
+    } else if s.contains('/') && !s.starts_with('[') {
         Err("a Unix socket path must be absolute".into())
     } else {
-        parse_host_port(s, Family::Any)
+        parse_inet(s, "")
     }
 }
 
-fn parse_unix_path(path: &str) -> Result<Address, String> {
-    if path.starts_with('@') {
-        Err("abstract Unix sockets ('@name') are not supported yet".into())
-    } else if !path.starts_with('/') {
-        Err("a Unix socket path must be absolute".into())
-    } else if path.len() > UNIX_PATH_MAX {
-        let len = path.len();
-        Err(format!("the path is {len} bytes long, more than sun_path holds ({UNIX_PATH_MAX})"))
+/// Parses `/path` or `@name` (a Unix socket of `kind`).
+fn parse_unix(s: &str, kind: SocketKind) -> Result<Address, String> {
+    let name = if let Some(name) = s.strip_prefix('@') {
+        if name.is_empty() {
+            return Err("missing abstract socket name after '@'".into());
+        } else if name.len() > ABSTRACT_NAME_MAX {
+            let len = name.len();
+            return Err(format!(
+                "the abstract name is {len} bytes long, more than sun_path holds ({ABSTRACT_NAME_MAX})"
+            ));
+        }
+        UnixName::Abstract(name.to_owned())
+    } else if s.is_empty() {
+        return Err("missing path".into());
+    } else if !s.starts_with('/') {
+        return Err("a Unix socket path must be absolute".into());
+    } else if s.len() > UNIX_PATH_MAX {
+        let len = s.len();
+        return Err(format!(
+            "the path is {len} bytes long, more than sun_path holds ({UNIX_PATH_MAX})"
+        ));
     } else {
-        Ok(Address::Unix { path: path.into(), kind: SocketKind::Stream })
-    }
+        UnixName::Path(s.into())
+    };
+    Ok(Address::Unix { name, kind })
 }
 
-/// Parses `HOST:PORT` or `[IPV6]:PORT`.
-fn parse_host_port(s: &str, family: Family) -> Result<Address, String> {
+/// Parses an internet address after `scheme://` (or with no scheme: TCP): a bare port,
+/// `HOST:PORT`, `[IPV6]:PORT`, with an interface scope either inside the brackets
+/// (`[fe80::1%eth0]:80`, RFC 4007) or after the port (`[fe80::1]:80%eth0`, systemd's form).
+fn parse_inet(s: &str, scheme: &str) -> Result<Address, String> {
+    let (kind, family) = match scheme {
+        "udp" => (SocketKind::Datagram, Family::Any),
+        "udp4" => (SocketKind::Datagram, Family::V4),
+        "udp6" => (SocketKind::Datagram, Family::V6),
+        "tcp4" => (SocketKind::Stream, Family::V4),
+        "tcp6" => (SocketKind::Stream, Family::V6),
+        _ => (SocketKind::Stream, Family::Any),
+    };
     if s.is_empty() {
         return Err("missing host and port".into());
     }
+    let is_port = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if is_port(s) {
+        if family != Family::Any {
+            let any = if family == Family::V4 { "0.0.0.0" } else { "[::]" };
+            return Err(format!("{scheme} needs HOST:PORT, e.g. {scheme}://{any}:{s}"));
+        }
+        return Ok(Address::Inet {
+            kind,
+            host: Host::Any,
+            port: parse_port(s)?,
+            family,
+            scope: None,
+        });
+    }
+    let (s, mut scope) = match s.rsplit_once('%') {
+        Some((head, dev)) if !dev.contains(']') => (head, Some(parse_scope(dev)?)),
+        _ => (s, None),
+    };
+    let scope_error = |scope: &Scope| {
+        let dev = match scope {
+            Scope::Index(i) => i.to_string(),
+            Scope::Name(name) => name.clone(),
+        };
+        format!(
+            "an interface scope ('%{dev}') needs an IPv6 address, as in [fe80::1%{dev}]:80; \
+             use device={dev} to bind to an interface"
+        )
+    };
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let (inside, after) = rest.split_once(']').ok_or("unterminated '[' in IPv6 address")?;
-        if inside.contains('%') {
-            return Err("scoped IPv6 addresses ('[addr%dev]') are not supported yet".into());
-        }
+        let inside = match inside.split_once('%') {
+            Some(_) if scope.is_some() => return Err("more than one interface scope".into()),
+            Some((ip, dev)) => {
+                scope = Some(parse_scope(dev)?);
+                ip
+            }
+            None => inside,
+        };
         let ip: Ipv6Addr =
             inside.parse().map_err(|_| format!("invalid IPv6 address '{inside}'"))?;
         let port = match after.strip_prefix(':') {
@@ -271,6 +747,11 @@ fn parse_host_port(s: &str, family: Family) -> Result<Address, String> {
         };
         (Host::Ip(ip.into()), port)
     } else {
+        if let Some(scope) = &scope
+            && is_port(s)
+        {
+            return Err(scope_error(scope));
+        }
         let (host, port) = s.rsplit_once(':').ok_or("missing port")?;
         if host.contains(':') {
             return Err("an IPv6 address must be in brackets, e.g. [::1]:8080".into());
@@ -285,15 +766,35 @@ fn parse_host_port(s: &str, family: Family) -> Result<Address, String> {
         (host, port)
     };
     let port = parse_port(port)?;
+    if let Some(scope) = &scope
+        && !matches!(host, Host::Ip(IpAddr::V6(_)))
+    {
+        return Err(scope_error(scope));
+    }
     match (family, &host) {
         (Family::V4, Host::Ip(ip @ IpAddr::V6(_))) => {
-            Err(format!("tcp4 needs an IPv4 address, got {ip}"))
+            Err(format!("{scheme} needs an IPv4 address, got {ip}"))
         }
         (Family::V6, Host::Ip(ip @ IpAddr::V4(_))) => {
-            Err(format!("tcp6 needs an IPv6 address, got {ip}"))
+            Err(format!("{scheme} needs an IPv6 address, got {ip}"))
         }
-        _ => Ok(Address::Tcp { host, port, family }),
+        _ => Ok(Address::Inet { kind, host, port, family, scope }),
     }
+}
+
+/// The interface after `%`: an index (digits) or a name.
+fn parse_scope(dev: &str) -> Result<Scope, String> {
+    if dev.is_empty() {
+        return Err("missing interface after '%'".into());
+    }
+    if dev.bytes().all(|b| b.is_ascii_digit()) {
+        return match dev.parse::<u32>() {
+            Ok(index) if index > 0 => Ok(Scope::Index(index)),
+            _ => Err(format!("invalid interface index '{dev}'")),
+        };
+    }
+    check_ifname(dev)?;
+    Ok(Scope::Name(dev.to_owned()))
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -306,7 +807,7 @@ fn parse_port(s: &str) -> Result<u16, String> {
     }
 }
 
-/// A bound, listening socket that sockhold holds for its whole life.
+/// A bound socket that sockhold holds for its whole life.
 #[derive(Debug)]
 pub struct Listener {
     fd: OwnedFd,
@@ -315,33 +816,83 @@ pub struct Listener {
     local: String,
     /// The socket file this listener created, with its (dev, ino).
     unix_file: Option<(PathBuf, u64, u64)>,
+    /// Its type (for an adopted socket, as the kernel reports it).
+    kind: SocketKind,
 }
 
 /// A bound socket, what it is bound to, and the socket file it created.
 type Bound = (OwnedFd, String, Option<(PathBuf, u64, u64)>);
 
 impl Listener {
-    /// Binds the socket (CLOEXEC inside sockhold, `SO_REUSEADDR` for TCP) and
-    /// listens with the spec's backlog, or the kernel maximum (`somaxconn`)
-    /// when unset or above `SOMAXCONN`. `default_name` is used for
+    /// Binds the socket (CLOEXEC inside sockhold, `SO_REUSEADDR` for TCP only), applies the
+    /// spec's options, and listens (except datagram sockets) with the spec's backlog, or the
+    /// kernel maximum (`somaxconn`) when unset or above `SOMAXCONN`. `default_name` is used for
     /// `LISTEN_FDNAMES` when the spec has no `name=`.
     pub fn bind(spec: &ListenSpec, default_name: &str) -> anyhow::Result<Listener> {
+        let options = &spec.options;
+        let mut default_name = sanitize_fd_name(default_name);
+        let mut kind = spec.address.kind();
         let (fd, local, unix_file) = match &spec.address {
-            Address::Tcp { host, port, family } => bind_tcp(host, *port, *family)?,
-            Address::Unix { path, kind } => bind_unix(path, *kind)?,
+            Address::Inet { kind, host, port, family, scope } => {
+                bind_inet(*kind, host, *port, *family, scope.as_ref(), options)?
+            }
+            Address::Unix { name, kind } => bind_unix(name, *kind, options)?,
+            Address::Adopted(from) => {
+                if let Adopt::Systemd(name) = from {
+                    // The child sees the name the socket had: what a systemd unit would give it.
+                    default_name = name.clone();
+                }
+                let (fd, local, adopted_kind) = adopt(from, spec)?;
+                kind = adopted_kind;
+                (fd, local, None)
+            }
         };
-        let name = (spec.options.name.clone()).unwrap_or_else(|| sanitize_fd_name(default_name));
+        let name = (spec.options.name.clone()).unwrap_or(default_name);
         let spec = spec.clone();
-        let listener = Listener { fd, spec, name, local, unix_file };
-        let backlog = (listener.spec.options.backlog)
-            .and_then(|n| Backlog::new(i32::try_from(n).ok()?).ok())
-            .unwrap_or(Backlog::MAXALLOWABLE);
-        if let Err(errno) = socket::listen(&listener.fd, backlog) {
+        let listener = Listener { fd, spec, name, local, unix_file, kind };
+        if let Err(e) = listener.set_up() {
             listener.remove_socket_file();
-            return Err(io::Error::from(errno))
-                .with_context(|| format!("failed to listen on {}", listener.local));
+            return Err(e);
         }
         Ok(listener)
+    }
+
+    /// What follows the bind: the socket file's owner and mode, the options any bound socket
+    /// takes (an adopted one too), and `listen` for the kinds that listen.
+    fn set_up(&self) -> anyhow::Result<()> {
+        let options = &self.spec.options;
+        if let Some((path, dev, ino)) = &self.unix_file {
+            set_file_attributes(path, (*dev, *ino), options)?;
+        }
+        let (fd, local) = (&self.fd, &self.local);
+        let set = |what: &str, result: nix::Result<()>| {
+            os(result).with_context(|| format!("failed to set {what} on {local}"))
+        };
+        if options.nodelay {
+            set("TCP_NODELAY", socket::setsockopt(fd, sockopt::TcpNoDelay, &true))?;
+        }
+        if options.keepalive {
+            set("SO_KEEPALIVE", socket::setsockopt(fd, sockopt::KeepAlive, &true))?;
+        }
+        if let Some(size) = options.rcvbuf {
+            let force = sockopt::RcvBufForce;
+            set_buffer_size(fd, ("rcvbuf", "rmem_max"), size, sockopt::RcvBuf, force, local)?;
+        }
+        if let Some(size) = options.sndbuf {
+            let force = sockopt::SndBufForce;
+            set_buffer_size(fd, ("sndbuf", "wmem_max"), size, sockopt::SndBuf, force, local)?;
+        }
+        // An adopted socket that already listens keeps the backlog it was given, unless the
+        // spec sets one.
+        let listening = socket::getsockopt(fd, sockopt::AcceptConn).unwrap_or(false);
+        if self.kind != SocketKind::Datagram && (!listening || options.backlog.is_some()) {
+            let backlog = (options.backlog)
+                .and_then(|n| Backlog::new(i32::try_from(n).ok()?).ok())
+                .unwrap_or(Backlog::MAXALLOWABLE);
+            os(socket::listen(fd, backlog))
+                .with_context(|| format!("failed to listen on {local}"))?;
+        }
+        Ok(())
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -353,8 +904,9 @@ impl Listener {
         &self.name
     }
 
-    /// What was actually bound, for logs: "127.0.0.1:41234" (the real port
-    /// after port 0), "[::]:8080", "/run/app.sock".
+    /// What was actually bound, for logs: "127.0.0.1:41234" (the real port after port 0),
+    /// "[::]:8080", "/run/app.sock", "@app"; other kinds than stream in URL form:
+    /// "udp://127.0.0.1:53", "unixgram:///run/log.sock", "unixpacket://@app".
     pub fn local_description(&self) -> &str {
         &self.local
     }
@@ -368,6 +920,13 @@ impl Listener {
         flags.set(OFlag::O_NONBLOCK, on);
         os(fcntl(&self.fd, F_SETFL(flags))).with_context(context)?;
         Ok(())
+    }
+
+    /// Gives the socket the mode its spec promises the next child: `O_NONBLOCK` with
+    /// `nonblock`, blocking without. The flag lives on the open file description that every
+    /// generation (and sockhold) shares, so a previous child may have changed it.
+    pub fn prepare_for_child(&self) -> anyhow::Result<()> {
+        self.set_nonblocking(self.spec.options.nonblock)
     }
 
     /// Removes the Unix socket file if sockhold created it and it is still the
@@ -403,40 +962,167 @@ fn os<T>(result: nix::Result<T>) -> io::Result<T> {
 fn new_socket(family: AddressFamily, kind: SocketKind, flags: SockFlag) -> nix::Result<OwnedFd> {
     let ty = match kind {
         SocketKind::Stream => SockType::Stream,
+        SocketKind::Datagram => SockType::Datagram,
+        SocketKind::SeqPacket => SockType::SeqPacket,
     };
     socket::socket(family, ty, flags | SockFlag::SOCK_CLOEXEC, None)
 }
 
-/// Creates and binds a TCP socket. A bare port binds `[::]` dual-stack, or
-/// `0.0.0.0` when the kernel has no IPv6.
-fn bind_tcp(host: &Host, port: u16, family: Family) -> anyhow::Result<Bound> {
-    let addr = match host {
+/// Takes the inherited socket of an `fd://` or `systemd://` spec, checks the spec's options
+/// against what it really is, and describes it.
+fn adopt(from: &Adopt, spec: &ListenSpec) -> anyhow::Result<(OwnedFd, String, SocketKind)> {
+    let raw = match from {
+        Adopt::Fd(fd) => *fd,
+        Adopt::Systemd(name) => {
+            let inherited = crate::adopt::Inherited::from_env().map_err(anyhow::Error::msg)?;
+            inherited.by_name(name).map_err(anyhow::Error::msg)?
+        }
+    };
+    let (fd, sock_type) =
+        crate::adopt::take(raw).with_context(|| format!("cannot adopt {}", spec.text))?;
+    let kind = match sock_type {
+        SockType::Stream => SocketKind::Stream,
+        SockType::Datagram => SocketKind::Datagram,
+        SockType::SeqPacket => SocketKind::SeqPacket,
+        other => {
+            anyhow::bail!("cannot adopt {}: fd {raw} is a socket of type {other:?}", spec.text)
+        }
+    };
+    let addr = socket::getsockname::<SockaddrStorage>(fd.as_raw_fd())
+        .with_context(|| format!("cannot adopt {}: getsockname on fd {raw}", spec.text))?;
+    let real = if let Some(v4) = addr.as_sockaddr_in() {
+        let ip = IpAddr::V4(v4.ip());
+        Address::Inet {
+            kind,
+            host: Host::Ip(ip),
+            port: v4.port(),
+            family: Family::Any,
+            scope: None,
+        }
+    } else if let Some(v6) = addr.as_sockaddr_in6() {
+        let ip = IpAddr::V6(v6.ip());
+        Address::Inet {
+            kind,
+            host: Host::Ip(ip),
+            port: v6.port(),
+            family: Family::Any,
+            scope: None,
+        }
+    } else if let Some(unix) = addr.as_unix_addr() {
+        let name = match (unix.path(), unix.as_abstract()) {
+            (Some(path), _) => UnixName::Path(path.to_path_buf()),
+            (None, Some(name)) => UnixName::Abstract(String::from_utf8_lossy(name).into_owned()),
+            _ => UnixName::Abstract(String::new()),
+        };
+        Address::Unix { name, kind }
+    } else {
+        anyhow::bail!(
+            "cannot adopt {}: fd {raw} is neither an internet nor a Unix socket",
+            spec.text
+        );
+    };
+    if let Some((_, options)) = spec.text.split_once(',') {
+        let (_, given) = ListenOptions::parse(options).map_err(anyhow::Error::msg)?;
+        check_options_apply(&real, &given)
+            .map_err(|e| anyhow::anyhow!("cannot adopt {}: {e}", spec.text))?;
+    }
+    let local = match &real {
+        Address::Inet { host: Host::Ip(ip), port, .. } => {
+            describe_inet(kind, &SocketAddr::new(*ip, *port))
+        }
+        Address::Unix { name, .. } => describe_unix(name, kind),
+        _ => unreachable!("built above"),
+    };
+    log::info!("adopted {} (inherited fd {raw}): {local}", spec.text);
+    Ok((fd, local, kind))
+}
+
+/// An internet address as logs show it: TCP as it is, UDP as a URL.
+fn describe_inet(kind: SocketKind, addr: &impl fmt::Display) -> String {
+    match kind {
+        SocketKind::Datagram => format!("udp://{addr}"),
+        _ => addr.to_string(),
+    }
+}
+
+/// Creates and binds a TCP or UDP socket with the options that must precede `bind`. A bare
+/// port binds `[::]` dual-stack, or `0.0.0.0` when the kernel has no IPv6.
+fn bind_inet(
+    kind: SocketKind,
+    host: &Host,
+    port: u16,
+    family: Family,
+    scope: Option<&Scope>,
+    options: &ListenOptions,
+) -> anyhow::Result<Bound> {
+    let mut addr = match host {
         Host::Any => SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
         Host::Ip(ip) => SocketAddr::new(*ip, port),
         Host::Name(name) => resolve(name, port, family)?,
     };
+    if let (Some(scope), SocketAddr::V6(v6)) = (scope, &mut addr) {
+        let index = match scope {
+            Scope::Index(index) => *index,
+            Scope::Name(name) => {
+                os(nix::net::if_::if_nametoindex(name.as_str())).with_context(|| {
+                    format!("failed to bind {}: no interface '{name}'", describe_inet(kind, v6))
+                })?
+            }
+        };
+        v6.set_scope_id(index);
+    }
     let create = |addr: &SocketAddr| {
         let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
-        new_socket(family, SocketKind::Stream, SockFlag::empty())
+        new_socket(family, kind, SockFlag::empty())
     };
     let (fd, addr) = match create(&addr) {
-        Err(Errno::EAFNOSUPPORT) if *host == Host::Any => {
+        // Without IPv6, a bare port means IPv4 only; unless IPv6 was asked for with v6only.
+        Err(Errno::EAFNOSUPPORT) if *host == Host::Any && options.v6only.is_none() => {
             let any4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
             (create(&any4), any4)
         }
         fd => (fd, addr),
     };
-    let fd = os(fd).with_context(|| format!("failed to create a socket for {addr}"))?;
-    if *host == Host::Any && addr.is_ipv6() {
-        os(socket::setsockopt(&fd, sockopt::Ipv6V6Only, &false))
-            .with_context(|| format!("failed to clear IPV6_V6ONLY on {addr}"))?;
+    let shown = describe_inet(kind, &addr);
+    let fd = os(fd).with_context(|| format!("failed to create a socket for {shown}"))?;
+    let set = |what: &str, result: nix::Result<()>| {
+        os(result).with_context(|| format!("failed to set {what} on {shown}"))
+    };
+    match (addr.is_ipv6(), options.v6only) {
+        (true, Some(v6only)) => {
+            set("IPV6_V6ONLY", socket::setsockopt(&fd, sockopt::Ipv6V6Only, &v6only))?;
+        }
+        (true, None) if *host == Host::Any => {
+            set("IPV6_V6ONLY=0", socket::setsockopt(&fd, sockopt::Ipv6V6Only, &false))?;
+        }
+        (false, Some(_)) => bail!("option 'v6only' needs an IPv6 socket, and {shown} is IPv4"),
+        _ => {}
     }
-    os(socket::setsockopt(&fd, sockopt::ReuseAddr, &true))
-        .with_context(|| format!("failed to set SO_REUSEADDR on {addr}"))?;
+    // TCP: SO_REUSEADDR lets sockhold bind again while connections of a previous holder are in
+    // TIME_WAIT. UDP has no TIME_WAIT, and there SO_REUSEADDR would let any process of any uid
+    // that sets it too bind the same address and port, and take every unicast datagram.
+    if kind == SocketKind::Stream {
+        set("SO_REUSEADDR", socket::setsockopt(&fd, sockopt::ReuseAddr, &true))?;
+    }
+    if options.reuseport {
+        set("SO_REUSEPORT", socket::setsockopt(&fd, sockopt::ReusePort, &true))?;
+    }
+    if options.freebind {
+        // IPV6_FREEBIND (Linux 4.15) sets the same flag as IP_FREEBIND, which the kernel takes
+        // on IPv6 sockets too (nix has only the latter).
+        set("IP_FREEBIND", socket::setsockopt(&fd, sockopt::IpFreebind, &true))?;
+    }
+    if let Some(device) = &options.device {
+        let name = std::ffi::OsString::from(device);
+        set(
+            &format!("SO_BINDTODEVICE={device}"),
+            socket::setsockopt(&fd, sockopt::BindToDevice, &name),
+        )?;
+    }
     os(socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)))
-        .with_context(|| format!("failed to bind {addr}"))?;
+        .with_context(|| format!("failed to bind {shown}"))?;
     let local = socket::getsockname::<SockaddrStorage>(fd.as_raw_fd());
-    let local = local.map_or_else(|_| addr.to_string(), |local| local.to_string());
+    let local = local.map_or(shown, |local| describe_inet(kind, &local));
     Ok((fd, local, None))
 }
 
@@ -452,43 +1138,151 @@ fn resolve(name: &str, port: u16, family: Family) -> anyhow::Result<SocketAddr> 
     found.with_context(|| format!("{}: it has no {wanted}address", context()))
 }
 
-/// Creates and binds a Unix socket at `path`, first removing a stale socket
-/// file, and records the (dev, ino) of the file it creates.
-fn bind_unix(path: &Path, kind: SocketKind) -> anyhow::Result<Bound> {
-    let shown = path.display();
-    remove_stale_socket(path)?;
+/// A Unix socket as logs show it: a stream socket as its path or `@name`, other kinds as URLs.
+fn describe_unix(name: &UnixName, kind: SocketKind) -> String {
+    let scheme = match kind {
+        SocketKind::Stream => "",
+        SocketKind::Datagram => "unixgram://",
+        SocketKind::SeqPacket => "unixpacket://",
+    };
+    match name {
+        UnixName::Path(path) => format!("{scheme}{}", path.display()),
+        UnixName::Abstract(name) => format!("{scheme}@{name}"),
+    }
+}
+
+/// Creates and binds a Unix socket. For a path: first refuses a live socket and removes a stale
+/// one, creates missing parent directories (0755), makes the file no more permissive than
+/// `mode=` from its birth, and records the (dev, ino) of the file it creates.
+fn bind_unix(name: &UnixName, kind: SocketKind, options: &ListenOptions) -> anyhow::Result<Bound> {
+    let shown = describe_unix(name, kind);
+    let path = match name {
+        UnixName::Abstract(abstract_name) => {
+            let fd = os(new_socket(AddressFamily::Unix, kind, SockFlag::empty()))
+                .context("failed to create a Unix socket")?;
+            let addr = os(UnixAddr::new_abstract(abstract_name.as_bytes()))
+                .with_context(|| format!("bad abstract name {shown}"))?;
+            os(socket::bind(fd.as_raw_fd(), &addr))
+                .with_context(|| format!("failed to bind {shown}"))?;
+            return Ok((fd, shown, None));
+        }
+        UnixName::Path(path) => path,
+    };
+    remove_stale_socket(path, kind)?;
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        fs::DirBuilder::new().recursive(true).mode(0o755).create(dir).with_context(|| {
+            format!("failed to create directory '{}' for {shown}", dir.display())
+        })?;
+        log::info!("created directory {} for {shown}", dir.display());
+    }
     let fd = os(new_socket(AddressFamily::Unix, kind, SockFlag::empty()))
         .context("failed to create a Unix socket")?;
-    let addr = os(UnixAddr::new(path)).with_context(|| format!("bad path {shown}"))?;
-    if let Err(errno) = socket::bind(fd.as_raw_fd(), &addr) {
-        let context = match path.parent() {
-            Some(dir) if errno == Errno::ENOENT && !dir.is_dir() => {
-                format!("failed to bind {shown}: directory '{}' does not exist", dir.display())
-            }
-            _ => format!("failed to bind {shown}"),
-        };
-        return Err(io::Error::from(errno)).context(context);
+    if let Some(mode) = options.mode {
+        // bind(2) creates the file with the socket inode's mode less the umask: set it first,
+        // so the file never allows more than asked, even before the chmod that follows bind.
+        os(nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(mode)))
+            .with_context(|| format!("failed to set mode {mode:04o} on a socket for {shown}"))?;
     }
-    let meta = fs::symlink_metadata(path).with_context(|| format!("failed to stat {shown}"))?;
-    Ok((fd, shown.to_string(), Some((path.to_owned(), meta.dev(), meta.ino()))))
+    let addr = os(UnixAddr::new(path)).with_context(|| format!("bad path {shown}"))?;
+    os(socket::bind(fd.as_raw_fd(), &addr)).with_context(|| format!("failed to bind {shown}"))?;
+    let meta =
+        fs::symlink_metadata(path).with_context(|| format!("failed to stat {}", path.display()))?;
+    Ok((fd, shown, Some((path.to_owned(), meta.dev(), meta.ino()))))
+}
+
+/// Sets the owner, group and mode of the socket file sockhold just created, through an
+/// `O_PATH` handle on the file itself, after checking that it is still that inode: a file
+/// swapped in meanwhile (in a directory others can write to) is never changed.
+fn set_file_attributes(
+    path: &Path,
+    (dev, ino): (u64, u64),
+    options: &ListenOptions,
+) -> anyhow::Result<()> {
+    if options.owner.is_none() && options.group.is_none() && options.mode.is_none() {
+        return Ok(());
+    }
+    let shown = path.display();
+    let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let file = os(nix::fcntl::open(path, flags, Mode::empty()))
+        .with_context(|| format!("failed to open {shown}"))?;
+    // An O_PATH fd takes neither fchown nor fchmod; its /proc link reaches the inode itself.
+    let inode = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    let meta = fs::metadata(&inode).with_context(|| format!("failed to stat {shown}"))?;
+    if (meta.dev(), meta.ino()) != (dev, ino) {
+        bail!("'{shown}' was replaced by another file while sockhold set it up");
+    }
+    if options.owner.is_some() || options.group.is_some() {
+        let (uid, gid) = (options.owner.map(Uid::as_raw), options.group.map(Gid::as_raw));
+        std::os::unix::fs::chown(&inode, uid, gid)
+            .with_context(|| format!("failed to change the owner of {shown}"))?;
+    }
+    if let Some(mode) = options.mode {
+        fs::set_permissions(&inode, fs::Permissions::from_mode(mode))
+            .with_context(|| format!("failed to set mode {mode:04o} on {shown}"))?;
+    }
+    Ok(())
+}
+
+/// Sets `SO_RCVBUF` or `SO_SNDBUF` as systemd does. The kernel stores twice the value (room
+/// for its bookkeeping; getsockopt reports the doubled figure), and caps it at
+/// `net.core.rmem_max`/`wmem_max`; past the cap, `SO_*BUFFORCE` needs `CAP_NET_ADMIN`. Without
+/// it, the capped size stays and a warning says so.
+fn set_buffer_size<O, F>(
+    fd: &OwnedFd,
+    (what, sysctl): (&str, &str),
+    size: usize,
+    opt: O,
+    force: F,
+    local: &str,
+) -> anyhow::Result<()>
+where
+    O: SetSockOpt<Val = usize> + GetSockOpt<Val = usize> + Copy,
+    F: SetSockOpt<Val = usize>,
+{
+    let context = || format!("failed to set {what}={size} on {local}");
+    os(socket::setsockopt(fd, opt, &size)).with_context(context)?;
+    let mut got = os(socket::getsockopt(fd, opt)).with_context(context)?;
+    if got < 2 * size && socket::setsockopt(fd, force, &size).is_ok() {
+        got = os(socket::getsockopt(fd, opt)).with_context(context)?;
+    }
+    if got < 2 * size {
+        log::warn!(
+            "{what}={size} on {local}: the kernel allows {} bytes; raise net.core.{sysctl}, \
+             or give sockhold CAP_NET_ADMIN",
+            got / 2
+        );
+    }
+    Ok(())
 }
 
 /// Refuses a path that is not a socket or that a server answers on, and
 /// removes a socket file nobody listens on any more.
-fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+fn remove_stale_socket(path: &Path, kind: SocketKind) -> anyhow::Result<()> {
     let shown = path.display();
     match fs::symlink_metadata(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        // ENOTDIR: a file where a directory should be, which creating the directory reports.
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(Errno::ENOTDIR as i32) =>
+        {
+            return Ok(());
+        }
         Err(e) => return Err(e).with_context(|| format!("failed to stat '{shown}'")),
         Ok(meta) if !meta.file_type().is_socket() => bail!("'{shown}' exists and is not a socket"),
         Ok(_) => {}
     }
-    // Non-blocking, so that a live server with a full backlog (EAGAIN) cannot hang us.
-    let probe = new_socket(AddressFamily::Unix, SocketKind::Stream, SockFlag::SOCK_NONBLOCK);
+    // Non-blocking, so that a live server with a full backlog (EAGAIN) cannot hang us. A probe
+    // of the spec's own kind: a datagram socket "connects" to a live one at once, and a live
+    // socket of another kind answers EPROTOTYPE. Only a file nobody holds refuses.
+    let probe = new_socket(AddressFamily::Unix, kind, SockFlag::SOCK_NONBLOCK);
     let probe = os(probe).context("failed to create a Unix socket")?;
     let addr = os(UnixAddr::new(path)).with_context(|| format!("bad path {shown}"))?;
     match socket::connect(probe.as_raw_fd(), &addr) {
-        Ok(()) | Err(Errno::EAGAIN) => bail!("'{shown}' is in use: a server answers on it"),
+        Ok(()) | Err(Errno::EAGAIN | Errno::EPROTOTYPE) => {
+            bail!("'{shown}' is in use: a server answers on it")
+        }
         Err(Errno::ECONNREFUSED | Errno::ENOENT) => {
             log::info!("removing stale socket file {shown}");
             match fs::remove_file(path) {
@@ -507,46 +1301,92 @@ fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use nix::fcntl::FdFlag;
-    use std::os::unix::net::UnixListener;
+    use std::os::unix::net::{UnixDatagram, UnixListener};
 
     fn parse(text: &str) -> ListenSpec {
         text.parse().unwrap_or_else(|e| panic!("{text}: {e}"))
     }
 
-    fn tcp(host: &str, port: u16, family: Family) -> Address {
-        let host = match host {
+    fn host(host: &str) -> Host {
+        match host {
             "*" => Host::Any,
             _ => host.parse().map_or_else(|_| Host::Name(host.into()), Host::Ip),
-        };
-        Address::Tcp { host, port, family }
+        }
     }
 
-    fn unix(path: &str) -> Address {
-        Address::Unix { path: path.into(), kind: SocketKind::Stream }
+    fn tcp(h: &str, port: u16, family: Family) -> Address {
+        Address::Inet { kind: SocketKind::Stream, host: host(h), port, family, scope: None }
+    }
+
+    fn udp(h: &str, port: u16, family: Family) -> Address {
+        Address::Inet { kind: SocketKind::Datagram, host: host(h), port, family, scope: None }
+    }
+
+    fn scoped(h: &str, port: u16, scope: Scope) -> Address {
+        let kind = SocketKind::Stream;
+        Address::Inet { kind, host: host(h), port, family: Family::Any, scope: Some(scope) }
+    }
+
+    fn unix(path: &str, kind: SocketKind) -> Address {
+        Address::Unix { name: UnixName::Path(path.into()), kind }
+    }
+
+    fn abstract_(name: &str, kind: SocketKind) -> Address {
+        Address::Unix { name: UnixName::Abstract(name.into()), kind }
     }
 
     #[test]
     fn accepted_forms() {
         use Family::{Any, V4, V6};
+        use SocketKind::{Datagram, SeqPacket, Stream};
         let long_path = format!("/{}", "a".repeat(UNIX_PATH_MAX - 1));
+        let long_abstract = format!("@{}", "a".repeat(ABSTRACT_NAME_MAX));
         let cases = [
+            // adoption
+            ("fd://3", Address::Adopted(Adopt::Fd(3))),
+            ("fd://17", Address::Adopted(Adopt::Fd(17))),
+            ("systemd://web", Address::Adopted(Adopt::Systemd("web".into()))),
+            // systemd's ListenStream= forms
             ("8080", tcp("*", 8080, Any)),
             ("0", tcp("*", 0, Any)),
             ("127.0.0.1:8080", tcp("127.0.0.1", 8080, Any)),
             ("0.0.0.0:65535", tcp("0.0.0.0", 65535, Any)),
             ("[::1]:8080", tcp("::1", 8080, Any)),
             ("[::]:80", tcp("::", 80, Any)),
+            ("[fe80::1]:80%eth0", scoped("fe80::1", 80, Scope::Name("eth0".into()))),
+            ("[fe80::1]:80%2", scoped("fe80::1", 80, Scope::Index(2))),
+            ("/run/app.sock", unix("/run/app.sock", Stream)),
+            (&long_path, unix(&long_path, Stream)),
+            ("@app", abstract_("app", Stream)),
+            ("@a/b c", abstract_("a/b c", Stream)),
+            (&long_abstract, abstract_(&long_abstract[1..], Stream)),
+            // scope inside the brackets (RFC 4007, Go)
+            ("[fe80::1%eth0]:80", scoped("fe80::1", 80, Scope::Name("eth0".into()))),
+            ("[fe80::1%12]:0", scoped("fe80::1", 0, Scope::Index(12))),
+            ("[::1%lo]:80", scoped("::1", 80, Scope::Name("lo".into()))),
+            // hostnames
             ("localhost:80", tcp("localhost", 80, Any)),
+            // URL forms
             ("tcp://127.0.0.1:1", tcp("127.0.0.1", 1, Any)),
             ("tcp://[::1]:1", tcp("::1", 1, Any)),
+            ("tcp://8080", tcp("*", 8080, Any)),
             ("tcp://example.com:443", tcp("example.com", 443, Any)),
             ("tcp4://0.0.0.0:0", tcp("0.0.0.0", 0, V4)),
             ("tcp4://localhost:80", tcp("localhost", 80, V4)),
             ("tcp6://[::]:8080", tcp("::", 8080, V6)),
             ("tcp6://my-host.example:0", tcp("my-host.example", 0, V6)),
-            ("/run/app.sock", unix("/run/app.sock")),
-            ("unix:///run/app.sock", unix("/run/app.sock")),
-            (&long_path, unix(&long_path)),
+            ("udp://127.0.0.1:53", udp("127.0.0.1", 53, Any)),
+            ("udp://53", udp("*", 53, Any)),
+            ("udp://[::1]:53", udp("::1", 53, Any)),
+            ("udp4://0.0.0.0:5353", udp("0.0.0.0", 5353, V4)),
+            ("udp4://localhost:0", udp("localhost", 0, V4)),
+            ("udp6://[::]:0", udp("::", 0, V6)),
+            ("unix:///run/app.sock", unix("/run/app.sock", Stream)),
+            ("unix://@app", abstract_("app", Stream)),
+            ("unixgram:///run/log.sock", unix("/run/log.sock", Datagram)),
+            ("unixgram://@log", abstract_("log", Datagram)),
+            ("unixpacket:///run/p.sock", unix("/run/p.sock", SeqPacket)),
+            ("unixpacket://@p", abstract_("p", SeqPacket)),
         ];
         for (text, address) in cases {
             let spec = parse(text);
@@ -554,27 +1394,92 @@ mod tests {
             assert_eq!(spec.options, ListenOptions::default(), "{text}");
             assert_eq!(spec.to_string(), text);
         }
+        let udp_scoped = parse("udp://[fe80::1%eth0]:53").address;
+        let scope = Some(Scope::Name("eth0".into()));
+        let host = host("fe80::1");
+        let (kind, family) = (Datagram, Any);
+        assert_eq!(udp_scoped, Address::Inet { kind, host, port: 53, family, scope });
     }
 
     #[test]
     fn accepted_options() {
         let long_name = "n".repeat(FD_NAME_MAX);
+        let default = ListenOptions::default;
         let cases = [
-            ("8080,name=web", Some("web"), None),
-            ("/run/a.sock,backlog=16", None, Some(16)),
-            ("0,backlog=4294967295,name=a b", Some("a b"), Some(u32::MAX)),
-            (&format!("8080,name={long_name}"), Some(&long_name), None),
+            ("8080,name=web", ListenOptions { name: Some("web".into()), ..default() }),
+            ("/run/a.sock,backlog=16", ListenOptions { backlog: Some(16), ..default() }),
+            (
+                "0,backlog=4294967295,name=a b",
+                ListenOptions { name: Some("a b".into()), backlog: Some(u32::MAX), ..default() },
+            ),
+            (
+                &format!("8080,name={long_name}"),
+                ListenOptions { name: Some(long_name.clone()), ..default() },
+            ),
+            ("[::]:80,v6only=1", ListenOptions { v6only: Some(true), ..default() }),
+            ("[::]:80,v6only=no", ListenOptions { v6only: Some(false), ..default() }),
+            ("80,v6only", ListenOptions { v6only: Some(true), ..default() }),
+            ("udp6://[::]:53,v6only=On", ListenOptions { v6only: Some(true), ..default() }),
+            ("tcp://host.example:80,v6only=t", ListenOptions { v6only: Some(true), ..default() }),
+            ("80,reuseport", ListenOptions { reuseport: true, ..default() }),
+            ("80,reuseport=yes", ListenOptions { reuseport: true, ..default() }),
+            ("80,reuseport=false", default()),
+            ("udp://[::1]:53,reuseport=TRUE", ListenOptions { reuseport: true, ..default() }),
+            ("192.0.2.1:80,freebind", ListenOptions { freebind: true, ..default() }),
+            ("80,device=eth0", ListenOptions { device: Some("eth0".into()), ..default() }),
+            (
+                "udp://53,device=br-lan.10",
+                ListenOptions { device: Some("br-lan.10".into()), ..default() },
+            ),
+            ("80,nodelay", ListenOptions { nodelay: true, ..default() }),
+            ("80,nodelay=0", default()),
+            ("80,keepalive=y", ListenOptions { keepalive: true, ..default() }),
+            ("80,rcvbuf=65536", ListenOptions { rcvbuf: Some(65536), ..default() }),
+            (
+                "80,rcvbuf=64K,sndbuf=4M",
+                ListenOptions { rcvbuf: Some(65536), sndbuf: Some(4 << 20), ..default() },
+            ),
+            ("udp://53,sndbuf=1G", ListenOptions { sndbuf: Some(1 << 30), ..default() }),
+            (
+                "@a,rcvbuf=2147483647",
+                ListenOptions { rcvbuf: Some(i32::MAX as usize), ..default() },
+            ),
+            ("/a.sock,mode=0600", ListenOptions { mode: Some(0o600), ..default() }),
+            ("/a.sock,mode=660", ListenOptions { mode: Some(0o660), ..default() }),
+            ("unixgram:///a,mode=7777", ListenOptions { mode: Some(0o7777), ..default() }),
+            ("unixpacket:///a,mode=0", ListenOptions { mode: Some(0), ..default() }),
+            (
+                "/a.sock,owner=root,group=root",
+                ListenOptions {
+                    owner: Some(Uid::from_raw(0)),
+                    group: Some(Gid::from_raw(0)),
+                    ..default()
+                },
+            ),
+            (
+                "/a.sock,owner=4242,group=4343",
+                ListenOptions {
+                    owner: Some(Uid::from_raw(4242)),
+                    group: Some(Gid::from_raw(4343)),
+                    ..default()
+                },
+            ),
+            ("/a.sock,nonblock", ListenOptions { nonblock: true, ..default() }),
+            ("udp://53,nonblock=1", ListenOptions { nonblock: true, ..default() }),
+            (
+                "@a,nonblock,name=x",
+                ListenOptions { nonblock: true, name: Some("x".into()), ..default() },
+            ),
         ];
-        for (text, name, backlog) in cases {
-            let options = parse(text).options;
-            assert_eq!(options.name.as_deref(), name, "{text}");
-            assert_eq!(options.backlog, backlog, "{text}");
+        for (text, options) in cases {
+            assert_eq!(parse(text).options, options, "{text}");
         }
     }
 
     #[test]
     fn rejected_specs() {
         let long_path = format!("unix:///{}", "a".repeat(UNIX_PATH_MAX));
+        let long_abstract = format!("@{}", "a".repeat(ABSTRACT_NAME_MAX + 1));
         let long_name = format!("8080,name={}", "n".repeat(FD_NAME_MAX + 1));
         let cases = [
             ("", "the spec is empty"),
@@ -594,15 +1499,42 @@ mod tests {
             ("bad host:80", "invalid host 'bad host'"),
             ("tcp4://[::1]:80", "tcp4 needs an IPv4 address, got ::1"),
             ("tcp6://127.0.0.1:80", "tcp6 needs an IPv6 address"),
+            ("udp4://[::]:53", "udp4 needs an IPv4 address, got ::"),
+            ("udp6://0.0.0.0:53", "udp6 needs an IPv6 address, got 0.0.0.0"),
+            ("tcp4://80", "tcp4 needs HOST:PORT, e.g. tcp4://0.0.0.0:80"),
+            ("udp6://53", "udp6 needs HOST:PORT, e.g. udp6://[::]:53"),
+            ("udp://", "missing host and port"),
+            ("udp://127.0.0.1", "missing port"),
+            // interface scopes
+            ("[fe80::1%]:80", "missing interface after '%'"),
+            ("[fe80::1]:80%", "missing interface after '%'"),
+            ("[fe80::1%0]:80", "invalid interface index '0'"),
+            ("[fe80::1%99999999999]:80", "invalid interface index"),
+            ("[fe80::1%a/b]:80", "invalid interface name 'a/b'"),
+            ("[fe80::1%a b]:80", "invalid interface name"),
+            ("[fe80::1%sixteen-chars-long]:80", "at most 15 printable characters"),
+            ("[fe80::1%eth0]:80%eth1", "more than one interface scope"),
+            ("127.0.0.1:80%eth0", "an interface scope ('%eth0') needs an IPv6 address"),
+            ("localhost:80%2", "use device=2 to bind to an interface"),
+            ("8080%eth0", "needs an IPv6 address"),
+            ("[fe80::1%eth0]", "missing port"),
+            // Unix
             ("unix://relative", "a Unix socket path must be absolute"),
             ("run/app.sock", "a Unix socket path must be absolute"),
             ("unix://", "missing path"),
+            ("unixgram://", "missing path"),
+            ("unixpacket://rel", "a Unix socket path must be absolute"),
             (&long_path, "108 bytes long, more than sun_path holds (107)"),
+            ("@", "missing abstract socket name after '@'"),
+            ("unix://@", "missing abstract socket name"),
+            (&long_abstract, "the abstract name is 108 bytes long"),
+            // options: values
             ("x,backlog=abc", "positive integer, got 'abc'"),
             ("8080,backlog=0", "must be a positive integer, got '0'"),
             ("8080,backlog=-1", "backlog must be a positive integer"),
-            ("8080,backlog", "option 'backlog' needs a value"),
+            ("8080,backlog", "option 'backlog' needs a value: backlog=N"),
             ("8080,name=a,name=b", "duplicate option 'name'"),
+            ("8080,nodelay,nodelay=0", "duplicate option 'nodelay'"),
             ("8080,name=", "name must not be empty"),
             ("8080,name=a:b", "name must not contain ':'"),
             ("8080,name=caf\u{e9}", "name must be printable ASCII"),
@@ -610,25 +1542,100 @@ mod tests {
             (&long_name, "name is 256 characters long"),
             ("8080,", "empty option name"),
             ("8080,=x", "empty option name"),
-            ("8080,reuseport", "option 'reuseport' is not supported yet"),
-            ("8080,mode=0600", "option 'mode' is not supported yet"),
-            ("8080,foo", "unknown option 'foo' (known: name, backlog)"),
-            ("udp://0.0.0.0:53", "'udp' sockets are not supported yet"),
-            ("udp6://[::]:53", "'udp6' sockets are not supported yet"),
-            ("unixgram:///a", "'unixgram' sockets are not supported yet"),
-            ("unixpacket:///a", "'unixpacket' sockets are not supported"),
-            ("@name", "abstract Unix sockets ('@name') are not"),
-            ("unix://@name", "abstract Unix sockets"),
-            ("fd://3", "'fd://' specs are not supported yet"),
-            ("systemd://web", "'systemd://' specs are not supported yet"),
-            ("[fe80::1%eth0]:80", "scoped IPv6 addresses"),
-            ("http://x:80", "unknown scheme 'http'"),
+            ("8080,foo", "unknown option 'foo' (known: name, backlog, v6only, reuseport,"),
+            (
+                "8080,reuseport=maybe",
+                "reuseport must be a boolean (yes/no, true/false, on/off, 1/0), got 'maybe'",
+            ),
+            ("8080,v6only=", "v6only must be a boolean"),
+            ("8080,nonblock=2", "nonblock must be a boolean"),
+            ("8080,device", "option 'device' needs a value: device=IF"),
+            ("8080,device=", "missing interface name"),
+            ("8080,device=a:b", "invalid interface name 'a:b'"),
+            ("8080,rcvbuf", "option 'rcvbuf' needs a value: rcvbuf=SIZE"),
+            ("8080,rcvbuf=0", "rcvbuf must be a positive size in bytes (65536, 64K, 4M), got '0'"),
+            ("8080,rcvbuf=K", "rcvbuf must be a positive size"),
+            ("8080,sndbuf=-5", "sndbuf must be a positive size"),
+            ("8080,sndbuf=1.5M", "sndbuf must be a positive size"),
+            ("8080,sndbuf=64k", "sndbuf must be a positive size"),
+            ("8080,rcvbuf=2G", "rcvbuf is too large: at most 2147483647 bytes, got '2G'"),
+            ("8080,rcvbuf=2147483648", "rcvbuf is too large"),
+            ("/a,mode=8", "mode must be an octal number from 0 to 7777, got '8'"),
+            ("/a,mode=10000", "mode must be an octal number"),
+            ("/a,mode=0o600", "mode must be an octal number"),
+            ("/a,mode=", "mode must be an octal number"),
+            ("/a,mode", "option 'mode' needs a value: mode=OCTAL"),
+            ("/a,owner=no-such-user-sockhold", "unknown user 'no-such-user-sockhold'"),
+            ("/a,group=no-such-group-sockhold", "unknown group 'no-such-group-sockhold'"),
+            ("/a,owner=4294967295", "'4294967295' is not a valid user id"),
+            ("/a,group=99999999999", "'99999999999' is not a valid group id"),
+            ("/a,owner", "option 'owner' needs a value: owner=USER"),
+            // options that do not apply to the kind of socket
+            (
+                "udp://53,backlog=5",
+                "option 'backlog' does not apply to a UDP socket (only to TCP, Unix stream and Unix seqpacket sockets)",
+            ),
+            ("unixgram:///a,backlog=5", "'backlog' does not apply to a Unix datagram socket"),
+            (
+                "127.0.0.1:80,v6only",
+                "option 'v6only' does not apply to an IPv4 TCP socket (only to IPv6 sockets)",
+            ),
+            ("tcp4://localhost:80,v6only=0", "does not apply to an IPv4 TCP socket"),
+            ("udp4://0.0.0.0:53,v6only", "does not apply to an IPv4 UDP socket"),
+            ("/a,v6only", "'v6only' does not apply to a Unix stream socket"),
+            (
+                "/a,reuseport",
+                "option 'reuseport' does not apply to a Unix stream socket (only to TCP and UDP sockets)",
+            ),
+            ("@a,freebind", "'freebind' does not apply to an abstract Unix stream socket"),
+            ("unixgram:///a,device=lo", "'device' does not apply to a Unix datagram socket"),
+            (
+                "/a,nodelay",
+                "option 'nodelay' does not apply to a Unix stream socket (only to TCP sockets)",
+            ),
+            ("udp://53,nodelay", "'nodelay' does not apply to a UDP socket"),
+            ("udp://[::1]:53,keepalive", "'keepalive' does not apply to an IPv6 UDP socket"),
+            ("unixpacket:///a,keepalive", "'keepalive' does not apply to a Unix seqpacket socket"),
+            (
+                "8080,mode=0600",
+                "option 'mode' does not apply to a TCP socket (only to Unix sockets with a path; an abstract socket has no file)",
+            ),
+            ("@a,mode=0600", "'mode' does not apply to an abstract Unix stream socket"),
+            (
+                "unixgram://@a,owner=root",
+                "'owner' does not apply to an abstract Unix datagram socket",
+            ),
+            ("udp://53,group=root", "'group' does not apply to a UDP socket"),
+            // not (yet) supported
+            ("fd://2", "fd 2 is standard input, output or error"),
+            ("fd://x", "'x' is not an fd number"),
+            ("fd://", "'' is not an fd number"),
+            ("systemd://", "the socket name must not be empty"),
+            ("systemd://a:b", "must not contain ':'"),
+            ("fd://3,mode=600", "option 'mode' cannot be applied to an adopted socket"),
+            (
+                "systemd://web,reuseport",
+                "option 'reuseport' cannot be applied to an adopted socket",
+            ),
+            ("vsock:2:1234", "AF_VSOCK sockets are not supported"),
+            (
+                "http://x:80",
+                "unknown scheme 'http' (known: tcp, tcp4, tcp6, udp, udp4, udp6, unix, unixgram, unixpacket, fd, systemd)",
+            ),
         ];
         for (text, expected) in cases {
             let error = text.parse::<ListenSpec>().expect_err(text).to_string();
             let prefix = format!("invalid listen spec '{text}': ");
             assert!(error.starts_with(&prefix), "{text}: {error}");
             assert!(error.contains(expected), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn every_option_is_known_to_the_unknown_option_message() {
+        let error = "8080,bogus".parse::<ListenSpec>().unwrap_err().to_string();
+        for def in OPTIONS {
+            assert!(error.contains(def.name), "{}: {error}", def.name);
         }
     }
 
@@ -656,6 +1663,36 @@ mod tests {
         OFlag::from_bits_retain(bits).contains(OFlag::O_NONBLOCK)
     }
 
+    fn get<O: GetSockOpt>(listener: &Listener, opt: O) -> O::Val {
+        socket::getsockopt(&listener.fd(), opt).unwrap()
+    }
+
+    fn errno_of(error: &anyhow::Error) -> Option<i32> {
+        error.root_cause().downcast_ref::<io::Error>().and_then(io::Error::raw_os_error)
+    }
+
+    /// Binds `text` if the host has IPv6; `None` (and a note) if it has not.
+    fn bind_ipv6(text: &str) -> Option<Listener> {
+        match bind(text) {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                let unavailable = [Errno::EAFNOSUPPORT, Errno::EADDRNOTAVAIL].map(|e| e as i32);
+                assert!(unavailable.contains(&errno_of(&e).unwrap_or(0)), "{e:#}");
+                eprintln!("skipping: no IPv6: {e:#}");
+                None
+            }
+        }
+    }
+
+    fn is_root() -> bool {
+        Uid::effective().is_root()
+    }
+
+    /// A unique abstract socket name for this test process.
+    fn abstract_name(tag: &str) -> String {
+        format!("sockhold-unit-{}-{tag}", std::process::id())
+    }
+
     #[test]
     fn tcp_port_zero_gets_a_real_port() {
         let listener = bind("127.0.0.1:0,backlog=8").unwrap();
@@ -664,6 +1701,8 @@ mod tests {
         assert_eq!(listener.name(), "app");
         assert_eq!(listener.spec.text, "127.0.0.1:0,backlog=8");
         assert!(is_cloexec(&listener));
+        assert!(get(&listener, sockopt::ReuseAddr));
+        assert!(!get(&listener, sockopt::ReusePort), "never SO_REUSEPORT unless asked");
         // It listens: the connection waits in the backlog, nobody accepts.
         std::net::TcpStream::connect(listener.local_description()).unwrap();
         assert!(!is_nonblocking(&listener));
@@ -675,21 +1714,26 @@ mod tests {
     }
 
     #[test]
+    fn prepare_for_child_gives_the_mode_the_spec_asks_for() {
+        for (text, nonblock) in [("127.0.0.1:0", false), ("127.0.0.1:0,nonblock", true)] {
+            let listener = bind(text).unwrap();
+            for previous in [true, false] {
+                listener.set_nonblocking(previous).unwrap(); // what a previous child left
+                listener.prepare_for_child().unwrap();
+                assert_eq!(is_nonblocking(&listener), nonblock, "{text} after {previous}");
+            }
+        }
+    }
+
+    #[test]
     fn huge_backlog_means_the_kernel_maximum() {
         bind("127.0.0.1:0,backlog=4000000000,name=big").unwrap();
     }
 
     #[test]
     fn ipv6_loopback() {
-        match bind("[::1]:0") {
-            Ok(listener) => assert!(listener.local_description().starts_with("[::1]:")),
-            Err(e) => {
-                let errno =
-                    e.root_cause().downcast_ref::<io::Error>().and_then(|e| e.raw_os_error());
-                let unavailable = [Errno::EAFNOSUPPORT, Errno::EADDRNOTAVAIL].map(|e| e as i32);
-                assert!(unavailable.contains(&errno.unwrap_or(0)), "{e:#}");
-                eprintln!("skipping: no IPv6 loopback: {e:#}");
-            }
+        if let Some(listener) = bind_ipv6("[::1]:0") {
+            assert!(listener.local_description().starts_with("[::1]:"));
         }
     }
 
@@ -700,10 +1744,40 @@ mod tests {
         let local: SockaddrStorage = socket::getsockname(listener.fd().as_raw_fd()).unwrap();
         if local.as_sockaddr_in6().is_some() {
             assert!(listener.local_description().starts_with("[::]:"));
-            assert!(!socket::getsockopt(&listener.fd(), sockopt::Ipv6V6Only).unwrap());
+            assert!(!get(&listener, sockopt::Ipv6V6Only));
         } else {
             assert!(listener.local_description().starts_with("0.0.0.0:"));
         }
+    }
+
+    #[test]
+    fn v6only_sets_ipv6_v6only_both_ways() {
+        for (text, expected) in [
+            ("0,v6only", true),
+            ("0,v6only=0", false),
+            ("[::]:0,v6only=yes", true),
+            ("[::]:0,v6only=off", false),
+            ("udp://[::]:0,v6only=true", true),
+        ] {
+            if let Some(listener) = bind_ipv6(text) {
+                assert_eq!(get(&listener, sockopt::Ipv6V6Only), expected, "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn v6only_on_a_name_that_resolves_to_ipv4_is_an_error() {
+        // A literal is refused when parsing; a name only once it is resolved.
+        let spec = ListenSpec {
+            text: "name-of-127.0.0.1:0,v6only".into(),
+            address: tcp("127.0.0.1", 0, Family::Any),
+            options: ListenOptions { v6only: Some(true), ..ListenOptions::default() },
+        };
+        let error = Listener::bind(&spec, "app").unwrap_err();
+        assert_eq!(
+            format!("{error:#}"),
+            "option 'v6only' needs an IPv6 socket, and 127.0.0.1:0 is IPv4"
+        );
     }
 
     #[test]
@@ -713,6 +1787,90 @@ mod tests {
         let error = bind(first.local_description()).unwrap_err();
         let expected = format!("failed to bind {}: ", first.local_description());
         assert!(format!("{error:#}").starts_with(&expected), "{error:#}");
+    }
+
+    #[test]
+    fn udp_is_bound_without_so_reuseaddr_and_not_listening() {
+        let listener = bind("udp://127.0.0.1:0,name=dns").unwrap();
+        let local = listener.local_description().to_owned();
+        let addr = local.strip_prefix("udp://").unwrap_or_else(|| panic!("{local}"));
+        assert_ne!(addr, "127.0.0.1:0");
+        assert_eq!(get(&listener, sockopt::SockType), SockType::Datagram);
+        assert!(!get(&listener, sockopt::AcceptConn));
+        assert!(!get(&listener, sockopt::ReuseAddr), "it would let any uid share the port");
+        assert!(is_cloexec(&listener));
+        // A datagram waits in the receive queue for a child.
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"hello", addr).unwrap();
+        let mut buf = [0u8; 16];
+        let (n, _) =
+            socket::recvfrom::<SockaddrStorage>(listener.fd().as_raw_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        // Nobody else can bind the port, not even with SO_REUSEADDR (on UDP, two sockets that
+        // both set it share the port, and the newest one gets every datagram).
+        let error = bind(&format!("udp://{addr}")).unwrap_err();
+        assert!(format!("{error:#}").starts_with(&format!("failed to bind udp://{addr}: ")));
+        let intruder = new_socket(AddressFamily::Inet, SocketKind::Datagram, SockFlag::empty());
+        let intruder = intruder.unwrap();
+        socket::setsockopt(&intruder, sockopt::ReuseAddr, &true).unwrap();
+        let target = SockaddrStorage::from(addr.parse::<SocketAddr>().unwrap());
+        assert_eq!(socket::bind(intruder.as_raw_fd(), &target), Err(Errno::EADDRINUSE));
+        if let Some(v6) = bind_ipv6("udp6://[::1]:0") {
+            assert!(
+                v6.local_description().starts_with("udp://[::1]:"),
+                "{}",
+                v6.local_description()
+            );
+        }
+    }
+
+    #[test]
+    fn every_unix_kind_binds_a_file_and_removes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        for (scheme, ty, listening) in [
+            ("unix", SockType::Stream, true),
+            ("unixgram", SockType::Datagram, false),
+            ("unixpacket", SockType::SeqPacket, true),
+        ] {
+            let path = dir.path().join(format!("{scheme}.sock"));
+            let listener = bind(&format!("{scheme}://{},name=web", path.display())).unwrap();
+            let prefix = if scheme == "unix" { String::new() } else { format!("{scheme}://") };
+            assert_eq!(listener.local_description(), format!("{prefix}{}", path.display()));
+            assert_eq!(get(&listener, sockopt::SockType), ty, "{scheme}");
+            assert_eq!(get(&listener, sockopt::AcceptConn), listening, "{scheme}");
+            assert!(is_cloexec(&listener));
+            assert!(fs::symlink_metadata(&path).unwrap().file_type().is_socket());
+            listener.remove_socket_file();
+            assert!(!path.exists(), "{scheme}");
+        }
+    }
+
+    #[test]
+    fn abstract_sockets_have_no_file_and_refuse_a_second_holder() {
+        for (scheme, ty, listening) in [
+            ("unix", SockType::Stream, true),
+            ("unixgram", SockType::Datagram, false),
+            ("unixpacket", SockType::SeqPacket, true),
+        ] {
+            let name = abstract_name(scheme);
+            let listener = bind(&format!("{scheme}://@{name}")).unwrap();
+            let prefix = if scheme == "unix" { String::new() } else { format!("{scheme}://") };
+            assert_eq!(listener.local_description(), format!("{prefix}@{name}"));
+            assert_eq!(get(&listener, sockopt::SockType), ty, "{scheme}");
+            assert_eq!(get(&listener, sockopt::AcceptConn), listening, "{scheme}");
+            let local: UnixAddr = socket::getsockname(listener.fd().as_raw_fd()).unwrap();
+            assert_eq!(local.as_abstract(), Some(name.as_bytes()), "no trailing NUL in the name");
+            let error = bind(&format!("{scheme}://@{name}")).unwrap_err();
+            let expected = format!("failed to bind {prefix}@{name}: Address already in use");
+            assert!(format!("{error:#}").starts_with(&expected), "{error:#}");
+            listener.remove_socket_file(); // no file: nothing to do
+        }
+        let listener = bind(&format!("@{}", abstract_name("bare"))).unwrap();
+        let addr = UnixAddr::new_abstract(abstract_name("bare").as_bytes()).unwrap();
+        let client =
+            new_socket(AddressFamily::Unix, SocketKind::Stream, SockFlag::empty()).unwrap();
+        socket::connect(client.as_raw_fd(), &addr).unwrap();
+        drop(listener);
     }
 
     #[test]
@@ -745,6 +1903,30 @@ mod tests {
         std::os::unix::net::UnixStream::connect(&path).unwrap();
         listener.remove_socket_file();
         assert!(!path.exists());
+        // The same for a datagram socket's file.
+        drop(UnixDatagram::bind(&path).unwrap());
+        let listener = bind(&format!("unixgram://{}", path.display())).unwrap();
+        assert_eq!(get(&listener, sockopt::SockType), SockType::Datagram);
+        listener.remove_socket_file();
+    }
+
+    #[test]
+    fn a_live_socket_of_any_kind_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("live.sock");
+        let expected = format!("'{}' is in use: a server answers on it", path.display());
+        let live = UnixDatagram::bind(&path).unwrap();
+        for scheme in ["unix", "unixgram", "unixpacket"] {
+            let error = bind(&format!("{scheme}://{}", path.display())).unwrap_err();
+            assert_eq!(format!("{error:#}"), expected, "{scheme} on a live datagram socket");
+        }
+        drop(live);
+        fs::remove_file(&path).unwrap();
+        let _live = UnixListener::bind(&path).unwrap();
+        for scheme in ["unixgram", "unixpacket"] {
+            let error = bind(&format!("{scheme}://{}", path.display())).unwrap_err();
+            assert_eq!(format!("{error:#}"), expected, "{scheme} on a live stream socket");
+        }
     }
 
     #[test]
@@ -760,13 +1942,72 @@ mod tests {
         assert_eq!(fs::read_to_string(&path).unwrap(), "data");
     }
 
+    /// The process umask, from /proc (reading it with umask(2) would change it meanwhile).
+    fn umask() -> u32 {
+        let status = fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find_map(|l| l.strip_prefix("Umask:")).unwrap();
+        u32::from_str_radix(line.trim(), 8).unwrap()
+    }
+
     #[test]
-    fn missing_directory_is_named() {
+    fn missing_directories_are_created_0755() {
         let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("missing");
-        let error = bind(missing.join("a.sock").to_str().unwrap()).unwrap_err();
-        let expected = format!("directory '{}' does not exist", missing.display());
-        assert!(format!("{error:#}").contains(&expected), "{error:#}");
+        let path = dir.path().join("a/b/app.sock");
+        let listener = bind(&format!("unixgram://{}", path.display())).unwrap();
+        for sub in ["a", "a/b"] {
+            let meta = fs::metadata(dir.path().join(sub)).unwrap();
+            assert!(meta.is_dir());
+            assert_eq!(meta.mode() & 0o7777, 0o755 & !umask(), "{sub}");
+        }
+        listener.remove_socket_file();
+        assert!(!path.exists());
+        assert!(dir.path().join("a/b").is_dir(), "directories stay, as systemd leaves them");
+    }
+
+    #[test]
+    fn a_directory_that_cannot_be_created_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("file"), "").unwrap();
+        let path = dir.path().join("file/sub/a.sock");
+        let error = bind(path.to_str().unwrap()).unwrap_err();
+        let expected = format!(
+            "failed to create directory '{}' for {}",
+            dir.path().join("file/sub").display(),
+            path.display()
+        );
+        assert!(format!("{error:#}").starts_with(&expected), "{error:#}");
+    }
+
+    #[test]
+    fn mode_owner_and_group_of_the_socket_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (uid, gid) = (Uid::effective().as_raw(), Gid::effective().as_raw());
+        // mode= more open than the umask allows, and one less open than the default.
+        for (scheme, mode) in [("unix", 0o666), ("unixgram", 0o600), ("unixpacket", 0o640)] {
+            let path = dir.path().join(format!("{scheme}.sock"));
+            let text =
+                format!("{scheme}://{},mode={mode:o},owner={uid},group={gid}", path.display());
+            let listener = bind(&text).unwrap();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            assert_eq!(meta.mode() & 0o7777, mode, "{text}");
+            assert_eq!((meta.uid(), meta.gid()), (uid, gid), "{text}");
+            listener.remove_socket_file();
+        }
+        if !is_root() {
+            eprintln!("skipping chown to another user: not root");
+            return;
+        }
+        let path = dir.path().join("other.sock");
+        let listener =
+            bind(&format!("{},owner=4242,group=4343,mode=0660", path.display())).unwrap();
+        let meta = fs::symlink_metadata(&path).unwrap();
+        assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o7777), (4242, 4343, 0o660));
+        listener.remove_socket_file();
+        let path = dir.path().join("group-only.sock");
+        let listener = bind(&format!("{},group=4343", path.display())).unwrap();
+        let meta = fs::symlink_metadata(&path).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (uid, 4343), "owner= unset leaves the owner");
+        listener.remove_socket_file();
     }
 
     #[test]
@@ -778,5 +2019,132 @@ mod tests {
         fs::write(&path, "someone else's").unwrap();
         listener.remove_socket_file();
         assert_eq!(fs::read_to_string(&path).unwrap(), "someone else's");
+    }
+
+    #[test]
+    fn nodelay_and_keepalive_reach_accepted_connections() {
+        let listener = bind("127.0.0.1:0,nodelay,keepalive").unwrap();
+        assert!(get(&listener, sockopt::TcpNoDelay));
+        assert!(get(&listener, sockopt::KeepAlive));
+        let _client = std::net::TcpStream::connect(listener.local_description()).unwrap();
+        let std_listener = std::net::TcpListener::from(listener.fd().try_clone_to_owned().unwrap());
+        let (conn, _) = std_listener.accept().unwrap();
+        assert!(socket::getsockopt(&conn, sockopt::TcpNoDelay).unwrap(), "inherited by accept");
+        assert!(socket::getsockopt(&conn, sockopt::KeepAlive).unwrap(), "inherited by accept");
+        let plain = bind("127.0.0.1:0").unwrap();
+        assert!(!get(&plain, sockopt::TcpNoDelay) && !get(&plain, sockopt::KeepAlive));
+    }
+
+    #[test]
+    fn reuseport_lets_a_second_socket_share_the_port() {
+        let first = bind("127.0.0.1:0,reuseport").unwrap();
+        assert!(get(&first, sockopt::ReusePort));
+        let second = bind(&format!("{},reuseport", first.local_description())).unwrap();
+        assert_eq!(first.local_description(), second.local_description());
+        let first = bind("udp://127.0.0.1:0,reuseport").unwrap();
+        bind(&format!("{},reuseport", first.local_description())).unwrap();
+    }
+
+    /// Whether the kernel lets anyone bind addresses the host does not have.
+    fn nonlocal_bind_allowed(version: &str) -> bool {
+        let path = format!("/proc/sys/net/{version}/ip_nonlocal_bind");
+        fs::read_to_string(path).is_ok_and(|v| v.trim() != "0")
+    }
+
+    #[test]
+    fn freebind_binds_an_address_the_host_does_not_have() {
+        // TEST-NET-3 and the IPv6 documentation prefix: never a local address.
+        let listener = bind("203.0.113.7:0,freebind").unwrap();
+        assert!(get(&listener, sockopt::IpFreebind));
+        assert!(listener.local_description().starts_with("203.0.113.7:"));
+        if !nonlocal_bind_allowed("ipv4") {
+            let error = bind("203.0.113.7:0").unwrap_err();
+            assert_eq!(errno_of(&error), Some(Errno::EADDRNOTAVAIL as i32), "{error:#}");
+        }
+        if let Some(v6) = bind_ipv6("udp://[2001:db8::7]:0,freebind") {
+            assert!(get(&v6, sockopt::IpFreebind));
+            if !nonlocal_bind_allowed("ipv6") {
+                let error = bind("udp://[2001:db8::7]:0").unwrap_err();
+                assert_eq!(errno_of(&error), Some(Errno::EADDRNOTAVAIL as i32), "{error:#}");
+            }
+        }
+    }
+
+    #[test]
+    fn device_binds_to_the_interface() {
+        match bind("127.0.0.1:0,device=lo") {
+            Ok(listener) => {
+                let device = get(&listener, sockopt::BindToDevice);
+                assert_eq!(device.to_str(), Some("lo"));
+            }
+            // Before Linux 5.7, SO_BINDTODEVICE needs CAP_NET_RAW.
+            Err(e) if errno_of(&e) == Some(Errno::EPERM as i32) => eprintln!("skipping: {e:#}"),
+            Err(e) => panic!("{e:#}"),
+        }
+        let error = bind("udp://127.0.0.1:0,device=nosuchdev0").unwrap_err();
+        let message = format!("{error:#}");
+        assert!(
+            message.starts_with("failed to set SO_BINDTODEVICE=nosuchdev0 on udp://127.0.0.1:0: "),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn buffer_sizes_are_what_the_kernel_reports_doubled() {
+        let listener = bind("udp://127.0.0.1:0,rcvbuf=64K,sndbuf=100000").unwrap();
+        assert_eq!(get(&listener, sockopt::RcvBuf), 2 * 65536);
+        assert_eq!(get(&listener, sockopt::SndBuf), 2 * 100000);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.sock");
+        let listener = bind(&format!("{},rcvbuf=50000,sndbuf=60000", path.display())).unwrap();
+        assert_eq!(get(&listener, sockopt::RcvBuf), 100000);
+        assert_eq!(get(&listener, sockopt::SndBuf), 120000);
+        listener.remove_socket_file();
+        // Past net.core.rmem_max: SO_RCVBUFFORCE when privileged, else the cap and a warning.
+        let max: usize = fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .map_or(212992, |v| v.trim().parse().unwrap());
+        let size = max + 4096;
+        let listener = bind(&format!("127.0.0.1:0,rcvbuf={size}")).unwrap();
+        let got = get(&listener, sockopt::RcvBuf);
+        assert!(got == 2 * size || got == 2 * max, "{got} for {size}, max {max}");
+    }
+
+    /// An interface with a link-local IPv6 address, and its index, from /proc/net/if_inet6.
+    fn link_local_interface() -> Option<(Ipv6Addr, String, u32)> {
+        let table = fs::read_to_string("/proc/net/if_inet6").ok()?;
+        table.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [hex, index, _, scope, _, name] = fields[..] else { return None };
+            if scope != "20" {
+                return None; // not link-local
+            }
+            let bits = u128::from_str_radix(hex, 16).ok()?;
+            Some((Ipv6Addr::from(bits), name.to_owned(), u32::from_str_radix(index, 16).ok()?))
+        })
+    }
+
+    #[test]
+    fn scoped_ipv6_by_name_and_by_index() {
+        let Some((ip, name, index)) = link_local_interface() else {
+            eprintln!("skipping: no interface with a link-local IPv6 address");
+            return;
+        };
+        for text in [
+            format!("[{ip}%{name}]:0"),
+            format!("[{ip}%{index}]:0"),
+            format!("[{ip}]:0%{name}"),
+            format!("udp://[{ip}%{name}]:0"),
+        ] {
+            let listener = bind(&text).unwrap_or_else(|e| panic!("{text}: {e:#}"));
+            let local: SockaddrStorage = socket::getsockname(listener.fd().as_raw_fd()).unwrap();
+            let local = local.as_sockaddr_in6().unwrap();
+            assert_eq!((local.ip(), local.scope_id()), (ip, index), "{text}");
+            assert!(listener.local_description().contains(&format!("%{index}]:")), "{text}");
+        }
+        // A link-local address needs its scope: without it the kernel refuses.
+        let error = bind(&format!("[{ip}]:0")).unwrap_err();
+        assert_eq!(errno_of(&error), Some(Errno::EINVAL as i32), "{error:#}");
+        let error = bind(&format!("[{ip}%nosuchdev0]:0")).unwrap_err();
+        assert!(format!("{error:#}").contains("no interface 'nosuchdev0'"), "{error:#}");
     }
 }

@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 mod accept;
+mod adopt;
 mod cli;
 mod control;
 mod ctl;

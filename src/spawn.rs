@@ -69,6 +69,26 @@ pub fn adopt_received_fd(raw: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(raw) }
 }
 
+/// Borrows fd `raw`, which sockhold inherited, if it is open.
+pub fn borrow_inherited_fd(raw: RawFd) -> nix::Result<BorrowedFd<'static>> {
+    nix::fcntl::fcntl(
+        // SAFETY: F_GETFD on any number is harmless; it only tells whether the fd is open.
+        unsafe { BorrowedFd::borrow_raw(raw) },
+        nix::fcntl::FcntlArg::F_GETFD,
+    )?;
+    // SAFETY: the fd is open (checked above) and sockhold never closes an inherited fd it has
+    // not adopted, so it stays valid for as long as sockhold runs.
+    Ok(unsafe { BorrowedFd::borrow_raw(raw) })
+}
+
+/// Takes ownership of fd `raw`, which sockhold inherited and adopts as a listener (`fd://N`,
+/// `systemd://NAME`), so that it is closed with the listener.
+pub fn adopt_inherited_fd(raw: RawFd) -> OwnedFd {
+    // SAFETY: `raw` was checked open by `borrow_inherited_fd`; it was handed to sockhold by its
+    // parent, and each fd is adopted once (the caller takes each spec's fd once).
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
+
 /// Finds `program` as execvp would: as a path if it contains `/`, else in `path_var`.
 pub fn resolve_program(program: &OsStr, path_var: Option<&OsStr>) -> Result<PathBuf, SpawnError> {
     let shown = program.to_string_lossy();

@@ -24,7 +24,7 @@ function __fish_sockhold_using_subcommand
     contains -- $cmd[1] $argv
 end
 
-complete -c sockhold -n "__fish_sockhold_needs_command" -s l -l listen -d 'A socket to bind and hand over: a port (8080), ADDR:PORT (127.0.0.1:8080, [::1]:8080), tcp://HOST:PORT, tcp4://, tcp6://, or a Unix stream socket (/run/app.sock, unix:///run/app.sock); options follow after commas: name=NAME, backlog=N. Repeatable: the order is the fd order (3, 4, ...)' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -s l -l listen -d 'A socket to bind and hand over: a port (8080), ADDR:PORT (127.0.0.1:8080, [::1]:8080), tcp://, tcp4://, tcp6://, udp://, udp4://, udp6://HOST:PORT, a Unix socket (/run/app.sock, unix://, unixgram://, unixpacket:// with /PATH or @ABSTRACT), or an inherited one to adopt (fd://N, systemd://NAME). Options follow after commas: name=, backlog=, v6only=, reuseport, freebind, device=, nodelay, keepalive, rcvbuf=, sndbuf=, mode=, owner=, group=, nonblock. Repeatable: the order is the fd order (3, 4, ...). Without any, sockhold adopts every socket it was itself given under socket activation' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l ready -d 'How a new child proves it is ready: `notify` (it sends READY=1 to $NOTIFY_SOCKET) or `delay:DUR` (it is still running after DUR)' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l ready-timeout -d 'A new child that is not ready by then is killed; the old one keeps serving' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l stop-signal -d 'The signal that asks a child to stop (TERM, SIGTERM or 15)' -r

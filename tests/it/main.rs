@@ -2,10 +2,12 @@
 //! a module per area.
 
 mod accept;
+mod adopt;
 mod child;
 mod control;
 mod docs;
 mod exit_codes;
 mod lifecycle;
 mod load;
+mod sockets;
 mod support;
