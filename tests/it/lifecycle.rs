@@ -292,3 +292,35 @@ fn lazy_starts_the_first_child_on_the_first_connection_which_it_serves() {
     s.signal(SIGTERM);
     assert_eq!(s.exit_code(), 0);
 }
+
+#[test]
+fn lazy_starts_on_the_first_datagram_and_leaves_it_for_the_child() {
+    let fixture = fixture();
+    #[rustfmt::skip]
+    let mut s = start(&["--lazy", "-l", "udp://127.0.0.1:0", "--ready", "notify", "--", &fixture, "--ready"]);
+    let line = s.expect_log("listening on udp://127.0.0.1:");
+    let port: u16 = line
+        .split("udp://127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    s.expect_manager("READY=1 while waiting", |m| m.contains("waiting for the first connection"));
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.send_to(b"wake up", ("127.0.0.1", port)).unwrap();
+    let start = s.expect_event("start", 1);
+    assert_eq!(start["fds"][3]["socket"]["type"], "dgram");
+    // sockhold never reads from the socket: the datagram still waits in its queue for the child.
+    let queued = std::process::Command::new("ss")
+        .args(["-u", "-a", "-n", "-H", &format!("sport = :{port}")])
+        .output()
+        .expect("ss");
+    let queued = String::from_utf8_lossy(&queued.stdout);
+    let recv_q: u64 = queued.split_whitespace().nth(1).and_then(|q| q.parse().ok()).unwrap_or(0);
+    assert!(recv_q > 0, "the waking datagram is still queued: {queued}");
+    s.signal(SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+}
