@@ -8,16 +8,11 @@ use nix::sys::signal::Signal::{SIGHUP, SIGTERM};
 
 use crate::support::*;
 
-fn port_from_log(s: &mut Sockhold) -> u16 {
-    let line = s.expect_log("listening on 127.0.0.1:");
-    line.split("127.0.0.1:").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
-}
-
 #[test]
 fn each_connection_gets_a_child_with_the_connection_as_fd_3() {
     let mut s =
         start(&["--accept", "--max-connections", "2", "-l", "127.0.0.1:0", "--", &fixture()]);
-    let port = port_from_log(&mut s);
+    let port = s.listening_port("127.0.0.1:");
     s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
     let first = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let start = s.expect("a connection child", |v| v["event"] == "start");
@@ -60,7 +55,7 @@ fn each_connection_gets_a_child_with_the_connection_as_fd_3() {
 fn inetd_puts_the_connection_on_stdin_and_stdout() {
     let script = "read line; echo \"got $line from $REMOTE_ADDR, LISTEN_FDS=${LISTEN_FDS:-unset}\"";
     let mut s = start(&["--accept", "--inetd", "-l", "127.0.0.1:0", "--", "/bin/sh", "-c", script]);
-    let port = port_from_log(&mut s);
+    let port = s.listening_port("127.0.0.1:");
     for round in 0..3 {
         let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
         conn.set_read_timeout(Some(TIMEOUT)).unwrap();

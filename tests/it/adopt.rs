@@ -54,33 +54,12 @@ fn under_systemd_socket_activate_by_name() {
     // systemd-socket-activate takes no port 0: borrow a free port for a moment.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
-    let bin = sockhold_bin();
-    let mut s = start_with(&[], |cmd| {
-        let mut outer = std::process::Command::new("systemd-socket-activate");
-        outer.args(["-l", &addr, "--fdname=web", "-E", "NOTIFY_SOCKET", "-E", "RUST_LOG"]);
-        outer.arg(&bin).args([
-            "-l",
-            "systemd://web",
-            "--ready",
-            "notify",
-            "--",
-            &fixture(),
-            "--ready",
-            "--serve",
-        ]);
-        for (k, v) in cmd.get_envs() {
-            if let Some(v) = v {
-                outer.env(k, v);
-            }
-        }
-        use std::os::unix::process::CommandExt;
-        outer
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .process_group(0);
-        *cmd = outer;
-    });
+    let fixture = fixture();
+    #[rustfmt::skip]
+    let mut s = start_under_socket_activate(
+        &["-l", &addr, "--fdname=web"],
+        &["-l", "systemd://web", "--ready", "notify", "--", &fixture, "--ready", "--serve"],
+    );
     // It waits for a first connection before it execs sockhold; that connection is served.
     s.expect_log(&format!("Listening on {addr}"));
     let first = std::thread::spawn(move || http_get(port));
@@ -108,16 +87,7 @@ fn under_another_sockhold() {
         "-l", "127.0.0.1:0,name=outer", "--ready", "notify", "--",
         &bin, "-l", "systemd://outer", "--ready", "notify", "--", &fixture, "--ready", "--serve",
     ]);
-    let line = s.expect_log("listening on 127.0.0.1:");
-    let port: u16 = line
-        .split("127.0.0.1:")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let port = s.listening_port("127.0.0.1:");
     let start = s.expect_event("start", 1);
     assert_eq!(start["env"]["LISTEN_FDNAMES"], "outer");
     assert_eq!(start["env"]["LISTEN_PID"], pid_of(&start).to_string().as_str());
@@ -137,25 +107,11 @@ fn under_another_sockhold() {
 fn without_listen_it_adopts_every_socket_it_was_given() {
     let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let (web, admin) = (format!("127.0.0.1:{}", free()), format!("127.0.0.1:{}", free()));
-    let bin = sockhold_bin();
-    let (web_arg, admin_arg) = (web.clone(), admin.clone());
-    let mut s = start_with(&[], move |cmd| {
-        let mut outer = std::process::Command::new("systemd-socket-activate");
-        outer.args(["-l", &web_arg, "-l", &admin_arg, "--fdname=web:admin", "-E", "NOTIFY_SOCKET"]);
-        outer.arg(&bin).args(["--ready", "notify", "--", &fixture(), "--ready"]);
-        for (k, v) in cmd.get_envs() {
-            if let Some(v) = v {
-                outer.env(k, v);
-            }
-        }
-        use std::os::unix::process::CommandExt;
-        outer
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .process_group(0);
-        *cmd = outer;
-    });
+    let fixture = fixture();
+    let mut s = start_under_socket_activate(
+        &["-l", &web, "-l", &admin, "--fdname=web:admin"],
+        &["--ready", "notify", "--", &fixture, "--ready"],
+    );
     s.expect_log(&format!("Listening on {admin}"));
     let port: u16 = web.rsplit(':').next().unwrap().parse().unwrap();
     let _wake = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();

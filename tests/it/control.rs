@@ -156,16 +156,7 @@ fn bad_clients_get_an_error_or_are_dropped_and_nothing_else_is_disturbed() {
     let mut s = start(&[
         "-l", "127.0.0.1:0", "--ready", "notify", "--control", &control_arg, "--", &httpd,
     ]);
-    let listening = s.expect_log("listening on 127.0.0.1:");
-    let port: u16 = listening
-        .split("127.0.0.1:")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let port = s.listening_port("127.0.0.1:");
     s.expect_ready();
 
     // A load runs throughout; none of what follows may fail one of its requests.

@@ -13,13 +13,7 @@ fn zero_failed_requests_across_25_reloads_under_load() {
     let httpd = example("httpd").to_string_lossy().into_owned();
     let mut s =
         start(&["-l", "127.0.0.1:0", "--ready", "notify", "--stop-timeout", "10s", "--", &httpd]);
-    let listening = s.expect_log("listening on 127.0.0.1:");
-    let port: u16 = listening
-        .split("127.0.0.1:")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {listening}"));
+    let port = s.listening_port("127.0.0.1:");
     s.expect_ready();
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -365,3 +365,38 @@ impl Sockhold {
         self.expect_manager("READY=1", |m| m.starts_with("READY=1"))
     }
 }
+
+impl Sockhold {
+    /// Waits for sockhold's "listening on PREFIXPORT" log line and returns the port, e.g. with
+    /// the prefix "127.0.0.1:" or "udp://127.0.0.1:".
+    pub fn listening_port(&mut self, prefix: &str) -> u16 {
+        let line = self.expect_log(&format!("listening on {prefix}"));
+        let rest = line.split(prefix).nth(1).unwrap_or_default();
+        rest.split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line}"))
+    }
+}
+
+/// Starts `systemd-socket-activate ACTIVATE_ARGS sockhold SOCKHOLD_ARGS`, which binds the
+/// sockets and execs sockhold (same pid) on the first connection, with the harness's
+/// environment, output capture and process group.
+pub fn start_under_socket_activate(activate: &[&str], sockhold: &[&str]) -> Sockhold {
+    let bin = sockhold_bin();
+    start_with(&[], |cmd| {
+        let mut outer = Command::new("systemd-socket-activate");
+        outer
+            .args(activate)
+            .args(["-E", "NOTIFY_SOCKET", "-E", "RUST_LOG"])
+            .arg(&bin)
+            .args(sockhold);
+        for (k, v) in cmd.get_envs() {
+            if let Some(v) = v {
+                outer.env(k, v);
+            }
+        }
+        outer.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+        *cmd = outer;
+    })
+}
