@@ -792,6 +792,10 @@ fn dockerfile_copies_what_the_build_needs() {
     if root.join("build.rs").exists() || manifest.lines().any(|l| l.trim().starts_with("build")) {
         needed.push("build.rs");
     }
+    // Cargo refuses a manifest whose [[bench]] or [[test]] targets are missing.
+    if manifest.contains("[[bench]]") {
+        needed.push("benches");
+    }
     for item in needed {
         assert!(
             dockerfile.lines().any(|l| l.starts_with("COPY ") && l.contains(item)),
