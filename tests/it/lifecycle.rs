@@ -221,6 +221,9 @@ fn idle_sockhold_does_not_wake_up() {
     let mut s = start_fixture(&[], &["--ready"]);
     s.expect_event("start", 1);
     s.expect_ready();
+    // The fixture follows READY=1 with a BARRIER=1 and reports once sockhold has answered it:
+    // after that, nothing more is on its way to sockhold.
+    s.expect_event("ready-sent", 1);
     let pid = s.pid();
     // Every wakeup from poll ends in a voluntary context switch when sockhold sleeps again;
     // preemption while it runs (nonvoluntary) is the machine's business, not a wakeup.
