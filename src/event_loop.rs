@@ -235,22 +235,18 @@ impl EventLoop {
             Some(path) => Some(ControlServer::bind(path)?),
             None => None,
         };
-        let acceptors = match &config.accept {
-            Some(_) => held.listeners.iter().map(Acceptor::new).collect::<Result<Vec<_>>>()?,
-            None => Vec::new(),
-        };
-        let brain = match &config.accept {
-            None => Brain::Generations(Supervisor::new(config.policy.clone())),
+        let (brain, acceptors) = match &config.accept {
+            None => (Brain::Generations(Supervisor::new(config.policy.clone())), Vec::new()),
             Some(accept) => {
                 // Only sockhold accepts on them in this mode: non-blocking, so that a
                 // connection that vanished between poll and accept never blocks the loop.
                 for listener in &held.listeners {
                     listener.set_nonblocking(true)?;
                 }
-                Brain::PerConnection(AcceptSupervisor::new(
-                    config.policy.clone(),
-                    accept.max_connections,
-                ))
+                let acceptors =
+                    held.listeners.iter().map(Acceptor::new).collect::<Result<Vec<_>>>()?;
+                let brain = AcceptSupervisor::new(config.policy.clone(), accept.max_connections);
+                (Brain::PerConnection(brain), acceptors)
             }
         };
         Ok(EventLoop {

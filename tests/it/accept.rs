@@ -77,9 +77,8 @@ fn accept_refuses_what_does_not_fit() {
         (vec!["--accept", "--max-connections", "0", "-l", "127.0.0.1:0", "--", &fixture], "0"),
         (vec!["--accept", "--lazy", "-l", "127.0.0.1:0", "--", &fixture], "--lazy"),
     ] {
-        let out = std::process::Command::new(sockhold_bin()).args(&args).output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        let (code, stderr) = run_to_end(&args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }

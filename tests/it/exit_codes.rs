@@ -1,15 +1,8 @@
 //! Every exit code sockhold promises, and the messages that go with the usage errors.
 
-use std::process::Command;
-
 use nix::sys::signal::Signal::{SIGKILL, SIGTERM};
 
 use crate::support::*;
-
-fn run_to_end(args: &[&str]) -> (i32, String) {
-    let out = Command::new(sockhold_bin()).args(args).output().expect("run sockhold");
-    (out.status.code().expect("exit code"), String::from_utf8_lossy(&out.stderr).into_owned())
-}
 
 #[test]
 fn usage_errors_exit_2_and_name_the_input() {

@@ -485,11 +485,6 @@ fn socket_files_keep_inode_and_mode_across_a_reload() {
 
 // ---- malformed specs ----
 
-fn run_to_end(args: &[&str]) -> (i32, String) {
-    let out = Command::new(sockhold_bin()).args(args).output().expect("run sockhold");
-    (out.status.code().expect("exit code"), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
 #[test]
 fn malformed_specs_exit_2_and_name_the_spec() {
     let fixture = fixture();

@@ -400,3 +400,9 @@ pub fn start_under_socket_activate(activate: &[&str], sockhold: &[&str]) -> Sock
         *cmd = outer;
     })
 }
+
+/// Runs sockhold to its end (for usage and start-up errors): its exit code and stderr.
+pub fn run_to_end(args: &[&str]) -> (i32, String) {
+    let out = Command::new(sockhold_bin()).args(args).output().expect("run sockhold");
+    (out.status.code().expect("exit code"), String::from_utf8_lossy(&out.stderr).into_owned())
+}
