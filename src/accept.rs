@@ -91,8 +91,8 @@ impl AcceptSupervisor {
     pub fn step(&mut self, event: Event, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
         match event {
-            Event::Start | Event::Notify { .. } | Event::Timer => {}
-            Event::Spawned { generation, pid } => {
+            Event::Start | Event::Notify { .. } | Event::ProbeDone { .. } | Event::Timer => {}
+            Event::Spawned { unit: generation, pid } => {
                 info!("connection child started (pid {pid}, generation {generation})");
                 let child = Child { generation, since: now, kill_at: None, killed: false };
                 self.children.insert(pid, child);
@@ -196,6 +196,11 @@ mod tests {
             stop_timeout: Duration::from_secs(5),
             restart: RestartPolicy::OnFailure,
             notify_access: NotifyAccess::Group,
+            probe_delay: Duration::ZERO,
+            probe_interval: Duration::from_millis(100),
+            watchdog: None,
+            workers: 1,
+            reload_strategy: crate::supervisor::ReloadStrategy::Rolling,
         }
     }
 
@@ -206,8 +211,8 @@ mod tests {
         let pid = Pid::from_raw;
         let mut a = AcceptSupervisor::new(policy(), Some(2));
         assert!(a.accepting());
-        a.step(Event::Spawned { generation: 1, pid: pid(10) }, at(0));
-        a.step(Event::Spawned { generation: 1, pid: pid(11) }, at(0));
+        a.step(Event::Spawned { unit: 1, pid: pid(10) }, at(0));
+        a.step(Event::Spawned { unit: 1, pid: pid(11) }, at(0));
         assert!(!a.accepting(), "at --max-connections: the rest wait in the backlog");
         a.step(Event::Exited { pid: pid(10), status: ChildStatus::Exited(0) }, at(1));
         assert!(a.accepting());

@@ -10,7 +10,7 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 use nix::sys::signal::Signal;
 
 use crate::listen::{ListenSpec, fd_name_is_valid, sanitize_fd_name};
-use crate::supervisor::{NotifyAccess, Policy, ReadyMode, RestartPolicy};
+use crate::supervisor::{NotifyAccess, Policy, ReadyMode, ReloadStrategy, RestartPolicy};
 
 /// Hold a service's listening sockets and run its server as a child that inherits them, under
 /// the systemd socket-activation protocol (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES).
@@ -43,14 +43,48 @@ pub struct Cli {
     #[arg(short = 'l', long = "listen", value_name = "SPEC")]
     pub listen: Vec<ListenSpec>,
 
-    /// How a new child proves it is ready: `notify` (it sends READY=1 to $NOTIFY_SOCKET) or
-    /// `delay:DUR` (it is still running after DUR).
+    /// How a new child proves it is ready: `notify` (it sends READY=1 to $NOTIFY_SOCKET),
+    /// `delay:DUR` (it is still running after DUR), `http:PATH` (GET PATH on its private
+    /// `health` listener, the fd after the --listen ones, answers 2xx) or `exec:CMD` (CMD, split
+    /// into words as a shell would but run without one, exits 0; it gets SOCKHOLD_CHILD_PID and
+    /// SOCKHOLD_GENERATION). Probes are retried per --probe-delay, --probe-interval and
+    /// --probe-timeout until --ready-timeout.
     #[arg(long, value_name = "MODE", default_value = "delay:1s", value_parser = parse_ready)]
     pub ready: ReadyMode,
 
     /// A new child that is not ready by then is killed; the old one keeps serving.
     #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
     pub ready_timeout: Duration,
+
+    /// With --ready http: or exec:, the wait between a child's start and its first probe.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub probe_delay: Option<Duration>,
+
+    /// With --ready http: or exec:, the wait between the end of a failed probe and the next.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub probe_interval: Option<Duration>,
+
+    /// With --ready http: or exec:, how long one probe may take before it counts as failed
+    /// (an exec: probe is then killed).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub probe_timeout: Option<Duration>,
+
+    /// A serving child must send WATCHDOG=1 at least this often (it gets WATCHDOG_USEC and
+    /// WATCHDOG_PID); on a miss it gets SIGABRT, then SIGKILL after --stop-timeout, and is
+    /// restarted as after a crash. WATCHDOG=trigger fires it, WATCHDOG_USEC= changes it.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub watchdog: Option<Duration>,
+
+    /// Run N children per generation, all on the same sockets. A worker that crashes is
+    /// replaced alone.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: u32,
+
+    /// How a reload replaces the workers: `rolling` (one new worker ready, then one old one
+    /// stopped and gone, then the next: never more than N+1 alive) or `all-at-once` (N new
+    /// ready, then the N old stopped).
+    #[arg(long, value_name = "S", value_enum, default_value_t = ReloadStrategy::Rolling)]
+    pub reload_strategy: ReloadStrategy,
 
     /// The signal that asks a child to stop (TERM, SIGTERM or 15).
     #[arg(long, value_name = "SIG", default_value = "TERM", value_parser = parse_signal)]
@@ -80,7 +114,7 @@ pub struct Cli {
     /// stream sockets itself and runs COMMAND with the connection as fd 3 (LISTEN_FDS=1,
     /// LISTEN_FDNAMES=connection). A reload changes what new connections run; running ones
     /// finish.
-    #[arg(long, conflicts_with_all = ["lazy", "compat_env"])]
+    #[arg(long, conflicts_with_all = ["lazy", "compat_env", "watchdog", "workers", "reload_strategy"])]
     pub accept: bool,
 
     /// With --accept: the connection is the child's stdin and stdout instead of fd 3.
@@ -220,6 +254,8 @@ pub struct Config {
     pub compat_env: Vec<CompatEnv>,
     /// Per-connection mode, if chosen.
     pub accept: Option<AcceptConfig>,
+    /// With a probing ready mode: how long one probe may take.
+    pub probe_timeout: Duration,
     /// argv of the child; never empty.
     pub command: Vec<OsString>,
 }
@@ -269,6 +305,27 @@ impl Cli {
         if self.ready_timeout.is_zero() {
             return Err("invalid --ready-timeout: it must be longer than 0".into());
         }
+        let probe_flags = [
+            ("--probe-delay", self.probe_delay),
+            ("--probe-interval", self.probe_interval),
+            ("--probe-timeout", self.probe_timeout),
+        ];
+        if !self.ready.probes()
+            && let Some((flag, _)) = probe_flags.iter().find(|(_, v)| v.is_some())
+        {
+            return Err(format!("{flag} applies only to --ready http:PATH or --ready exec:CMD"));
+        }
+        if self.probe_timeout.is_some_and(|d| d.is_zero()) {
+            return Err("invalid --probe-timeout: it must be longer than 0".into());
+        }
+        if self.watchdog.is_some_and(|d| d.is_zero()) {
+            return Err(
+                "invalid --watchdog: it must be longer than 0 (leave it out to turn it off)".into(),
+            );
+        }
+        if self.accept && self.ready.probes() {
+            return Err("--ready http: and exec: do not apply to --accept, whose children serve one connection each".into());
+        }
         Ok(Config {
             listen,
             policy: Policy {
@@ -278,7 +335,13 @@ impl Cli {
                 stop_timeout: self.stop_timeout,
                 restart: self.restart,
                 notify_access: self.notify_access,
+                probe_delay: self.probe_delay.unwrap_or(Duration::ZERO),
+                probe_interval: self.probe_interval.unwrap_or(DEFAULT_PROBE_INTERVAL),
+                watchdog: self.watchdog,
+                workers: self.workers as usize,
+                reload_strategy: self.reload_strategy,
             },
+            probe_timeout: self.probe_timeout.unwrap_or(DEFAULT_PROBE_TIMEOUT),
             name,
             pid_file: self.pid_file,
             control: self.control,
@@ -316,16 +379,90 @@ pub fn parse_signal(text: &str) -> Result<Signal, String> {
     name.parse::<Signal>().map_err(|_| bad())
 }
 
-/// Parses `notify` or `delay:DUR`.
+/// The wait between probes unless --probe-interval says otherwise.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// How long one probe may take unless --probe-timeout says otherwise.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Parses `notify`, `delay:DUR`, `http:PATH` or `exec:CMD`.
 pub fn parse_ready(text: &str) -> Result<ReadyMode, String> {
+    const MODES: &str = "use notify, delay:DUR, http:PATH or exec:CMD";
     match text.split_once(':') {
         None if text == "notify" => Ok(ReadyMode::Notify),
         Some(("delay", dur)) => parse_duration(dur).map(ReadyMode::Delay),
-        Some((mode @ ("http" | "exec"), _)) => {
-            Err(format!("ready mode '{mode}:' is not supported yet; use notify or delay:DUR"))
+        Some(("http", path)) => {
+            if !path.starts_with('/') {
+                return Err(format!("invalid ready mode '{text}': the path must start with '/'"));
+            }
+            if path.chars().any(|c| c.is_ascii_whitespace() || c.is_ascii_control()) {
+                return Err(format!(
+                    "invalid ready mode '{text}': the path must not contain spaces or control characters"
+                ));
+            }
+            Ok(ReadyMode::Http(path.to_string()))
         }
-        _ => Err(format!("'{text}' is not a ready mode; use notify or delay:DUR")),
+        Some(("exec", command)) => match split_command(command) {
+            Ok(argv) if argv.is_empty() => {
+                Err(format!("invalid ready mode '{text}': the command is empty"))
+            }
+            Ok(argv) => Ok(ReadyMode::Exec(argv)),
+            Err(e) => Err(format!("invalid ready mode '{text}': {e}")),
+        },
+        _ => Err(format!("'{text}' is not a ready mode; {MODES}")),
     }
+}
+
+/// Splits a command line into words as a POSIX shell would, without expanding anything:
+/// blanks separate words, `'...'` is literal, `"..."` keeps blanks and takes `\"`, `\\`, `\$`
+/// and `` \` `` as escapes, and `\` outside quotes escapes the next character.
+pub fn split_command(text: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            ' ' | '\t' | '\n' => {
+                if let Some(w) = word.take() {
+                    words.push(w);
+                }
+            }
+            '\'' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => w.push(c),
+                        None => return Err("a single quote is not closed".into()),
+                    }
+                }
+            }
+            '"' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c @ ('"' | '\\' | '$' | '`')) => w.push(c),
+                            Some(c) => {
+                                w.push('\\');
+                                w.push(c);
+                            }
+                            None => return Err("a double quote is not closed".into()),
+                        },
+                        Some(c) => w.push(c),
+                        None => return Err("a double quote is not closed".into()),
+                    }
+                }
+            }
+            '\\' => match chars.next() {
+                Some(c) => word.get_or_insert_with(String::new).push(c),
+                None => return Err("the command ends with a lone backslash".into()),
+            },
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    Ok(words)
 }
 
 #[cfg(test)]
@@ -400,9 +537,40 @@ mod tests {
     #[test]
     fn ready_modes() {
         assert_eq!(parse_ready("notify"), Ok(ReadyMode::Notify));
+        assert_eq!(parse_ready("http:/healthz"), Ok(ReadyMode::Http("/healthz".into())));
+        assert_eq!(parse_ready("http:/h?x=1"), Ok(ReadyMode::Http("/h?x=1".into())));
+        assert!(parse_ready("http:healthz").unwrap_err().contains("must start with '/'"));
+        assert!(parse_ready("http:/a b").unwrap_err().contains("spaces"));
+        assert_eq!(
+            parse_ready("exec:curl -fs 'http://x/ a'"),
+            Ok(ReadyMode::Exec(vec!["curl".into(), "-fs".into(), "http://x/ a".into()]))
+        );
+        assert!(parse_ready("exec:").unwrap_err().contains("the command is empty"));
+        assert!(parse_ready("exec:sh -c 'x").unwrap_err().contains("single quote is not closed"));
+        assert!(parse_ready("probe:x").unwrap_err().contains("is not a ready mode"));
         assert_eq!(parse_ready("delay:250ms"), Ok(ReadyMode::Delay(Duration::from_millis(250))));
         assert!(parse_ready("delay:x").unwrap_err().contains("'x' is not a duration"));
-        assert!(parse_ready("http:/health").unwrap_err().contains("not supported yet"));
         assert!(parse_ready("sleep").unwrap_err().contains("'sleep' is not a ready mode"));
+    }
+
+    #[test]
+    fn split_command_table() {
+        let ok: &[(&str, &[&str])] = &[
+            ("a b  c", &["a", "b", "c"]),
+            ("  lead trail  ", &["lead", "trail"]),
+            ("sh -c 'test -e \"$X\"'", &["sh", "-c", "test -e \"$X\""]),
+            ("a\\ b", &["a b"]),
+            ("\"x \\\"y\\\" \\n\"", &["x \"y\" \\n"]),
+            ("''", &[""]),
+            ("a''b", &["ab"]),
+            ("", &[]),
+        ];
+        for (input, want) in ok {
+            let want: Vec<String> = want.iter().map(|w| w.to_string()).collect();
+            assert_eq!(split_command(input), Ok(want), "{input:?}");
+        }
+        for bad in ["'open", "\"open", "trailing\\", "\"esc\\"] {
+            assert!(split_command(bad).is_err(), "{bad:?} must be refused");
+        }
     }
 }

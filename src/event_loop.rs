@@ -31,9 +31,12 @@ use crate::control::{ClientId, ControlServer, Request, Token, error_answer};
 use crate::exit::{ChildStatus, ExitCode};
 use crate::listen::Listener;
 use crate::notify::{Manager, NotifySocket};
+use crate::probe::Probe;
 use crate::signals::{FORWARDED, Signals};
 use crate::spawn::{ChildSpec, spawn};
-use crate::supervisor::{Action, Event, GenerationInfo, ManagerMessage, Supervisor, signal_name};
+use crate::supervisor::{
+    Action, Event, GenerationInfo, ManagerMessage, ReadyMode, Supervisor, signal_name,
+};
 
 /// Environment variables of sockhold's own that must not reach a child: they describe sockhold's
 /// sockets and manager, not the child's (a stale `LISTEN_PIDFDID` makes libsystemd ignore every
@@ -87,7 +90,7 @@ impl Brain {
     /// connection's.
     fn serving_pids(&self) -> Vec<Pid> {
         match self {
-            Brain::Generations(s) => s.serving_pid().into_iter().collect(),
+            Brain::Generations(s) => s.serving_pids(),
             Brain::PerConnection(a) => a.live_pids().into_iter().map(|(_, pid)| pid).collect(),
         }
     }
@@ -106,7 +109,12 @@ pub struct EventLoop {
     held: Held,
     signals: Signals,
     brain: Brain,
+    /// The notify socket of every live unit, by unit key.
     notify: BTreeMap<u64, NotifySocket>,
+    /// With `--ready http:`: the address of each starting unit's private health listener.
+    health: BTreeMap<u64, std::net::SocketAddr>,
+    /// Readiness probes in flight, by unit key.
+    probes: BTreeMap<u64, Probe>,
     manager: Option<Manager>,
     base_env: Vec<(OsString, OsString)>,
     control: Option<ControlServer>,
@@ -261,6 +269,8 @@ impl EventLoop {
             signals,
             brain,
             notify: BTreeMap::new(),
+            health: BTreeMap::new(),
+            probes: BTreeMap::new(),
             manager,
             base_env,
         })
@@ -320,11 +330,14 @@ impl EventLoop {
     /// Blocks in poll until a signal, a notify datagram or the next deadline, and queues what
     /// happened.
     fn wait(&mut self, pending: &mut VecDeque<Event>) -> Result<()> {
-        let deadline =
-            [self.brain.next_deadline(), self.control.as_ref().and_then(|c| c.next_deadline())]
-                .into_iter()
-                .flatten()
-                .min();
+        let deadline = [
+            self.brain.next_deadline(),
+            self.control.as_ref().and_then(|c| c.next_deadline()),
+            self.probes.values().map(|p| p.deadline).min(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let timeout = match deadline {
             None => PollTimeout::NONE,
             Some(deadline) => {
@@ -334,7 +347,7 @@ impl EventLoop {
                 PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
             }
         };
-        let (signal_ready, control_ready, notify_ready, first_connection, connections) = {
+        let (signal_ready, control_ready, notify_ready, first_connection, connections, probed) = {
             let ids: Vec<u64> = self.notify.keys().copied().collect();
             let control_set =
                 self.control.as_ref().map(ControlServer::poll_set).unwrap_or_default();
@@ -352,6 +365,17 @@ impl EventLoop {
             let acceptors: &[Acceptor] = if accepting { &self.acceptors } else { &[] };
             let first_acceptor = fds.len();
             fds.extend(acceptors.iter().map(|a| PollFd::new(a.fd(), PollFlags::POLLIN)));
+            // HTTP probes waiting on their connection.
+            let first_probe = fds.len();
+            let probe_set: Vec<(u64, PollFd<'_>)> = self
+                .probes
+                .iter()
+                .filter_map(|(&unit, p)| {
+                    p.poll_fd().map(|(fd, flags)| (unit, PollFd::new(fd, flags)))
+                })
+                .collect();
+            let probe_units: Vec<u64> = probe_set.iter().map(|(unit, _)| *unit).collect();
+            fds.extend(probe_set.into_iter().map(|(_, fd)| fd));
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => return Err(e).context("poll failed"),
@@ -374,8 +398,29 @@ impl EventLoop {
                 fds[1 + control_set.len() + ids.len()..first_acceptor].iter().any(readable);
             let connections: Vec<usize> =
                 (0..acceptors.len()).filter(|i| readable(&fds[first_acceptor + i])).collect();
-            (readable(&fds[0]), control_ready, notify_ready, first_connection, connections)
+            let probed: Vec<u64> = probe_units
+                .iter()
+                .zip(&fds[first_probe..])
+                .filter(|(_, fd)| readable(fd))
+                .map(|(unit, _)| *unit)
+                .collect();
+            (readable(&fds[0]), control_ready, notify_ready, first_connection, connections, probed)
         };
+        for unit in probed {
+            let outcome = self.probes.get_mut(&unit).and_then(Probe::on_ready);
+            if let Some(result) = outcome {
+                self.probes.remove(&unit);
+                pending.push_back(Event::ProbeDone { unit, result });
+            }
+        }
+        let now = Instant::now();
+        let timed_out: Vec<u64> =
+            self.probes.iter().filter(|(_, p)| p.deadline <= now).map(|(&unit, _)| unit).collect();
+        for unit in timed_out {
+            if let Some(probe) = self.probes.remove(&unit) {
+                pending.push_back(Event::ProbeDone { unit, result: Err(probe.time_out()) });
+            }
+        }
         for i in connections {
             // One connection per listener and wake-up: the supervisor counts the child before
             // the next poll decides whether to accept more.
@@ -407,13 +452,13 @@ impl EventLoop {
                 }
             }
         }
-        for generation in notify_ready {
-            let Some(socket) = self.notify.get(&generation) else {
+        for unit in notify_ready {
+            let Some(socket) = self.notify.get(&unit) else {
                 continue;
             };
             for received in socket.receive_all() {
                 pending.push_back(Event::Notify {
-                    generation,
+                    unit,
                     sender: received.sender,
                     sender_pgid: received.sender_pgid,
                     message: received.message,
@@ -500,17 +545,32 @@ impl EventLoop {
                 |(i, l)| json!({ "fd": 3 + i, "name": l.name(), "address": l.local_description() }),
             )
             .collect();
-        let generations: Vec<Value> = self
-            .brain
-            .generations()
+        // One entry per generation, its processes (workers) listed in it; the generation's
+        // state is the most alive of theirs, so a half-replaced generation still shows serving.
+        let units = self.brain.generations();
+        let mut ids: Vec<u64> = units.iter().map(|u| u.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let rank = |state: &str| {
+            ["serving", "starting", "stopping", "killed"].iter().position(|s| *s == state)
+        };
+        let generations: Vec<Value> = ids
             .into_iter()
-            .map(|g| {
+            .map(|id| {
+                let of: Vec<&GenerationInfo> = units.iter().filter(|u| u.id == id).collect();
+                let state = of.iter().map(|u| u.state).min_by_key(|s| rank(s)).unwrap_or("?");
+                let since = of.iter().map(|u| u.since).min().unwrap_or(now);
+                let workers: Vec<Value> = of
+                    .iter()
+                    .map(|u| json!({ "pid": u.pid.map(|p| p.as_raw()), "state": u.state, "since": at(u.since) }))
+                    .collect();
                 json!({
-                    "id": g.id,
-                    "pids": g.pid.map(|p| vec![p.as_raw()]).unwrap_or_default(),
-                    "state": g.state,
-                    "since": at(g.since),
-                    "status": g.status,
+                    "id": id,
+                    "pids": of.iter().filter_map(|u| u.pid).map(|p| p.as_raw()).collect::<Vec<_>>(),
+                    "state": state,
+                    "since": at(since),
+                    "status": of.iter().find_map(|u| u.status.clone()),
+                    "workers": workers,
                 })
             })
             .collect();
@@ -547,6 +607,18 @@ impl EventLoop {
                     break;
                 }
             };
+            if let Some(unit) = self.probe_of(pid) {
+                let probe = self.probes.remove(&unit).expect("probe_of found it");
+                let result = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(status) => match ChildStatus::from_wait(status) {
+                        Some((_, status)) => probe.exited(&status),
+                        None => continue,
+                    },
+                    Err(e) => Err(format!("cannot collect the probe command: {e}")),
+                };
+                pending.push_back(Event::ProbeDone { unit, result });
+                continue;
+            }
             if leaders.contains(&pid) {
                 match killpg(pid, Signal::SIGKILL) {
                     Ok(()) | Err(Errno::ESRCH) => {}
@@ -570,11 +642,16 @@ impl EventLoop {
     /// Carries out one action; returns the exit code when it is `Exit`.
     fn perform(&mut self, action: Action, pending: &mut VecDeque<Event>) -> Option<ExitCode> {
         match action {
-            Action::Spawn { generation } => {
+            Action::Spawn { unit, generation } => {
                 // Answered at once, ahead of anything else queued: the supervisor counts on
                 // knowing the pid before the next event.
-                let event = self.spawn_generation(generation);
+                let event = self.spawn_unit(unit, generation);
                 pending.push_front(event);
+            }
+            Action::Probe { unit, pid, generation } => {
+                if let Err(error) = self.start_probe(unit, pid, generation) {
+                    pending.push_back(Event::ProbeDone { unit, result: Err(error) });
+                }
             }
             Action::Signal { pid, signal } => {
                 debug!("sending SIG{} to pid {pid}", signal_name(signal));
@@ -589,8 +666,12 @@ impl EventLoop {
                     warn!("failed to send SIG{} to process group {pgid}: {e}", signal_name(signal))
                 }
             },
-            Action::Release { generation } => {
-                self.notify.remove(&generation);
+            Action::Release { unit } => {
+                self.notify.remove(&unit);
+                self.health.remove(&unit);
+                if let Some(probe) = self.probes.remove(&unit) {
+                    probe.kill();
+                }
             }
             Action::Manager(message) => {
                 if let Some(manager) = &self.manager {
@@ -633,18 +714,52 @@ impl EventLoop {
         }
     }
 
-    fn spawn_generation(&mut self, generation: u64) -> Event {
+    /// The unit whose exec probe has this pid.
+    fn probe_of(&self, pid: Pid) -> Option<u64> {
+        self.probes.iter().find(|(_, p)| p.pid() == Some(pid)).map(|(&unit, _)| unit)
+    }
+
+    /// Starts one readiness probe of a unit.
+    fn start_probe(&mut self, unit: u64, pid: Pid, generation: u64) -> Result<(), String> {
+        let now = Instant::now();
+        let timeout = self.config.probe_timeout;
+        let probe = match &self.config.policy.ready {
+            ReadyMode::Http(path) => {
+                let addr = self.health.get(&unit).ok_or("no health listener")?;
+                Probe::http(*addr, path, timeout, now)?
+            }
+            ReadyMode::Exec(argv) => {
+                let env = [
+                    ("SOCKHOLD_CHILD_PID".to_string(), pid.to_string()),
+                    ("SOCKHOLD_GENERATION".to_string(), generation.to_string()),
+                ];
+                Probe::exec(argv, &env, timeout, now)?
+            }
+            ReadyMode::Notify | ReadyMode::Delay(_) => return Err("nothing to probe".into()),
+        };
+        debug!("probing generation {generation} (pid {pid})");
+        self.probes.insert(unit, probe);
+        Ok(())
+    }
+
+    fn spawn_unit(&mut self, unit: u64, generation: u64) -> Event {
+        let failed = |error: String| Event::SpawnFailed { unit, error, code: ExitCode::FAILURE };
         let runtime_dir = self.held.runtime_dir.as_ref().expect("created in new");
-        let socket_path = runtime_dir.join(format!("notify-{generation}.sock"));
+        let socket_path = runtime_dir.join(format!("notify-{unit}.sock"));
         let socket = match NotifySocket::bind(&socket_path) {
             Ok(s) => s,
-            Err(e) => {
-                return Event::SpawnFailed {
-                    generation,
-                    error: format!("{e:#}"),
-                    code: ExitCode::FAILURE,
-                };
-            }
+            Err(e) => return failed(format!("{e:#}")),
+        };
+        // --ready http: the child's own health listener, the fd after the held ones. sockhold
+        // keeps only its address: once the child has it, a probe there reaches that child alone.
+        let health = match self.config.policy.ready {
+            ReadyMode::Http(_) => match std::net::TcpListener::bind(("127.0.0.1", 0))
+                .and_then(|l| l.local_addr().map(|a| (l, a)))
+            {
+                Ok(pair) => Some(pair),
+                Err(e) => return failed(format!("failed to bind a health listener: {e}")),
+            },
+            _ => None,
         };
         // O_NONBLOCK lives on the open file description, shared with every generation: a
         // previous child may have changed it. Give each new child the mode it is promised
@@ -654,14 +769,21 @@ impl EventLoop {
                 warn!("{e:#}");
             }
         }
-        let spec = self.child_spec(generation, socket.path());
-        let fds: Vec<BorrowedFd<'_>> = self.held.listeners.iter().map(Listener::fd).collect();
+        let spec = self.child_spec(generation, socket.path(), health.is_some());
+        let mut fds: Vec<BorrowedFd<'_>> = self.held.listeners.iter().map(Listener::fd).collect();
+        if let Some((listener, _)) = &health {
+            use std::os::fd::AsFd;
+            fds.push(listener.as_fd());
+        }
         match spawn(&spec, &fds, None) {
             Ok(pid) => {
-                self.notify.insert(generation, socket);
-                Event::Spawned { generation, pid }
+                self.notify.insert(unit, socket);
+                if let Some((_, addr)) = health {
+                    self.health.insert(unit, addr);
+                }
+                Event::Spawned { unit, pid }
             }
-            Err(e) => Event::SpawnFailed { generation, error: e.message, code: e.code },
+            Err(e) => Event::SpawnFailed { unit, error: e.message, code: e.code },
         }
     }
 
@@ -693,6 +815,7 @@ impl EventLoop {
             args: self.config.command.clone(),
             env,
             listen_pid: !inetd,
+            watchdog_pid: false,
         };
         let result = if inetd {
             spawn(&spec, &[], Some(conn.as_fd()))
@@ -701,26 +824,33 @@ impl EventLoop {
         };
         // sockhold's copy of the connection closes here: the child has its own.
         match result {
-            Ok(pid) => Event::Spawned { generation, pid },
-            Err(e) => Event::SpawnFailed { generation, error: e.message, code: e.code },
+            Ok(pid) => Event::Spawned { unit: generation, pid },
+            Err(e) => Event::SpawnFailed { unit: generation, error: e.message, code: e.code },
         }
     }
 
-    fn child_spec(&self, generation: u64, notify_path: &Path) -> ChildSpec {
+    fn child_spec(&self, generation: u64, notify_path: &Path, health: bool) -> ChildSpec {
         let mut env = self.base_env.clone();
-        if !self.held.listeners.is_empty() {
-            let names: Vec<&str> = self.held.listeners.iter().map(Listener::name).collect();
-            env.push(("LISTEN_FDS".into(), self.held.listeners.len().to_string().into()));
+        let mut names: Vec<&str> = self.held.listeners.iter().map(Listener::name).collect();
+        if health {
+            names.push("health");
+        }
+        if !names.is_empty() {
+            env.push(("LISTEN_FDS".into(), names.len().to_string().into()));
             env.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
         }
         env.push(("NOTIFY_SOCKET".into(), notify_path.into()));
         env.push(("SOCKHOLD_GENERATION".into(), generation.to_string().into()));
+        if let Some(period) = self.config.policy.watchdog {
+            env.push(("WATCHDOG_USEC".into(), period.as_micros().to_string().into()));
+        }
         env.extend(self.compat_env(generation));
         ChildSpec {
             program: self.config.command[0].clone(),
             args: self.config.command.clone(),
             env,
-            listen_pid: !self.held.listeners.is_empty(),
+            listen_pid: !names.is_empty(),
+            watchdog_pid: self.config.policy.watchdog.is_some(),
         }
     }
 }

@@ -15,6 +15,7 @@ mod event_loop;
 mod exit;
 mod listen;
 mod notify;
+mod probe;
 mod signals;
 mod spawn;
 mod supervisor;

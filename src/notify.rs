@@ -46,6 +46,14 @@ pub struct NotifyMessage {
     pub barrier: bool,
     /// `ERRNO=N`.
     pub errno: Option<i32>,
+    /// `WATCHDOG=1`: the watchdog is fed.
+    pub watchdog: bool,
+    /// `WATCHDOG=trigger`: the child asks for its watchdog to fire now.
+    pub watchdog_trigger: bool,
+    /// `WATCHDOG_USEC=N`: the child's new watchdog period (0 turns it off).
+    pub watchdog_usec: Option<u64>,
+    /// `EXTEND_TIMEOUT_USEC=N`: the current start or stop deadline is at least N µs away.
+    pub extend_timeout_usec: Option<u64>,
 }
 
 impl NotifyMessage {
@@ -65,6 +73,13 @@ impl NotifyMessage {
                 "BARRIER" => message.barrier |= value == "1",
                 "STATUS" => message.status = Some(value.to_string()),
                 "ERRNO" => message.errno = value.parse().ok(),
+                "WATCHDOG" => match value {
+                    "1" => message.watchdog = true,
+                    "trigger" => message.watchdog_trigger = true,
+                    _ => {}
+                },
+                "WATCHDOG_USEC" => message.watchdog_usec = value.parse().ok(),
+                "EXTEND_TIMEOUT_USEC" => message.extend_timeout_usec = value.parse().ok(),
                 _ => {}
             }
         }
@@ -284,6 +299,18 @@ mod tests {
                 NotifyMessage { status: Some("last".into()), ..Default::default() },
             ),
             (b"\xff\xfeREADY=1\nREADY=1", ready.clone()),
+            (b"WATCHDOG=1", NotifyMessage { watchdog: true, ..Default::default() }),
+            (b"WATCHDOG=trigger", NotifyMessage { watchdog_trigger: true, ..Default::default() }),
+            (b"WATCHDOG=2", NotifyMessage::default()),
+            (
+                b"WATCHDOG_USEC=2000000\nEXTEND_TIMEOUT_USEC=5000000",
+                NotifyMessage {
+                    watchdog_usec: Some(2_000_000),
+                    extend_timeout_usec: Some(5_000_000),
+                    ..Default::default()
+                },
+            ),
+            (b"WATCHDOG_USEC=-1\nEXTEND_TIMEOUT_USEC=x", NotifyMessage::default()),
         ];
         for (input, want) in cases {
             assert_eq!(

@@ -32,6 +32,7 @@ use crate::exit::ExitCode;
 /// Room for the decimal digits of any pid (pid_t is 32-bit; 20 digits fit even a 64-bit one).
 const PID_DIGITS: usize = 20;
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+const WATCHDOG_PID_PREFIX: &[u8] = b"WATCHDOG_PID=";
 
 /// What one child is started with.
 #[derive(Clone, Debug)]
@@ -44,6 +45,9 @@ pub struct ChildSpec {
     pub env: Vec<(OsString, OsString)>,
     /// Whether to set `LISTEN_PID` (only when there are sockets to hand over).
     pub listen_pid: bool,
+    /// Whether to set `WATCHDOG_PID` (with `--watchdog`), which, like `LISTEN_PID`, only the
+    /// child can know.
+    pub watchdog_pid: bool,
 }
 
 /// Why a child could not be started.
@@ -135,6 +139,8 @@ struct Prepared {
     _envp: Vec<CString>,
     /// `LISTEN_PID=` followed by room for the digits and a NUL; the child fills it in.
     listen_pid: Vec<u8>,
+    /// `WATCHDOG_PID=` and its room, the same way.
+    watchdog_pid: Vec<u8>,
     envp_ptrs: Vec<*const libc::c_char>,
     sources: Vec<RawFd>,
     /// Scratch space for the child's temporary copies of the listeners.
@@ -179,9 +185,14 @@ fn prepare(
         .collect::<Result<Vec<_>, _>>()?;
     let mut listen_pid = LISTEN_PID_PREFIX.to_vec();
     listen_pid.resize(LISTEN_PID_PREFIX.len() + PID_DIGITS + 1, 0);
+    let mut watchdog_pid = WATCHDOG_PID_PREFIX.to_vec();
+    watchdog_pid.resize(WATCHDOG_PID_PREFIX.len() + PID_DIGITS + 1, 0);
     let mut envp_ptrs: Vec<_> = envp.iter().map(|e| e.as_ptr()).collect();
     if spec.listen_pid {
         envp_ptrs.push(listen_pid.as_ptr().cast());
+    }
+    if spec.watchdog_pid {
+        envp_ptrs.push(watchdog_pid.as_ptr().cast());
     }
     envp_ptrs.push(std::ptr::null());
     let open_fds = std::fs::read_dir("/proc/self/fd")
@@ -197,6 +208,7 @@ fn prepare(
         argv_ptrs,
         _envp: envp,
         listen_pid,
+        watchdog_pid,
         envp_ptrs,
         sources: listeners.iter().map(|fd| fd.as_raw_fd()).collect(),
         moved: vec![-1; listeners.len()],
@@ -395,7 +407,9 @@ unsafe fn child(p: &mut Prepared, report: RawFd) -> ! {
                 libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
             }
         }
-        write_pid(&mut p.listen_pid[LISTEN_PID_PREFIX.len()..], libc::getpid());
+        let pid = libc::getpid();
+        write_pid(&mut p.listen_pid[LISTEN_PID_PREFIX.len()..], pid);
+        write_pid(&mut p.watchdog_pid[WATCHDOG_PID_PREFIX.len()..], pid);
         libc::execve(p.program.as_ptr(), p.argv_ptrs.as_ptr(), p.envp_ptrs.as_ptr());
         fail(report, Step::Exec)
     }

@@ -1,12 +1,16 @@
 //! The supervisor's decisions, as a pure state machine.
 //!
 //! [`Supervisor::step`] takes one [`Event`] (a signal, a child that started or exited, a notify
-//! message, the passing of time) and returns the [`Action`]s to carry out. It owns every decision
-//! of the lifecycle: when to spawn a generation, when a new generation counts as ready, which
-//! generation to stop, when to SIGKILL, when to restart and with what backoff, when to give up,
-//! and the exit code. It must not make a syscall, read the clock or touch a file: the event loop
-//! turns syscalls into events and actions back into syscalls, so every rule here is unit-tested
-//! as a table of events and expected actions.
+//! message, a probe's answer, the passing of time) and returns the [`Action`]s to carry out. It
+//! owns every decision of the lifecycle: when to spawn, when a new child counts as ready, which
+//! child to stop, when to SIGKILL, when the watchdog fires, when to restart and with what
+//! backoff, when to give up, and the exit code. It must not make a syscall, read the clock or
+//! touch a file: the event loop turns syscalls into events and actions back into syscalls, so
+//! every rule here is unit-tested as a table of events and expected actions.
+//!
+//! A *generation* is what one start or reload runs: `--workers` processes (units) of the same
+//! command, all numbered with the generation's number. Each unit has a key of its own, which the
+//! event loop uses for the unit's notify socket, health listener and probes.
 
 use std::time::{Duration, Instant};
 
@@ -26,27 +30,38 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// This many starts in a row that never became ready, with nothing serving, end sockhold.
 pub const START_LIMIT: u32 = 5;
 
-/// How a new generation proves it is ready.
+/// How a new child proves it is ready.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReadyMode {
-    /// sd_notify `READY=1` on the generation's private notify socket.
+    /// sd_notify `READY=1` on the child's private notify socket.
     Notify,
     /// Alive for this long.
     Delay(Duration),
+    /// `GET PATH` on the child's private `health` listener answers 2xx.
+    Http(String),
+    /// The command (argv) exits 0.
+    Exec(Vec<String>),
+}
+
+impl ReadyMode {
+    /// Whether readiness is found out by probing (`http:` and `exec:`).
+    pub fn probes(&self) -> bool {
+        matches!(self, ReadyMode::Http(_) | ReadyMode::Exec(_))
+    }
 }
 
 /// Whose notify messages count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum NotifyAccess {
-    /// Only the generation's main process.
+    /// Only the child's main process.
     Main,
-    /// Any process in the generation's process group.
+    /// Any process in the child's process group.
     Group,
     /// Any process that can reach the socket.
     All,
 }
 
-/// What to do when the serving child exits by itself.
+/// What to do when a serving child exits by itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum RestartPolicy {
     /// Restart unless it exited with status 0.
@@ -57,21 +72,41 @@ pub enum RestartPolicy {
     Never,
 }
 
+/// How a reload replaces the workers of a generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReloadStrategy {
+    /// One new worker, ready, then one old worker stopped and gone, then the next: never more
+    /// than N+1 workers of this reload alive.
+    Rolling,
+    /// N new workers; when all are ready, the N old ones are stopped.
+    AllAtOnce,
+}
+
 /// The part of the configuration the decisions depend on.
 #[derive(Clone, Debug)]
 pub struct Policy {
     /// How readiness is proven.
     pub ready: ReadyMode,
-    /// How long a new generation has to become ready.
+    /// How long a new child has to become ready.
     pub ready_timeout: Duration,
+    /// With a probing ready mode: the wait before the first probe.
+    pub probe_delay: Duration,
+    /// With a probing ready mode: the wait between the end of one probe and the next.
+    pub probe_interval: Duration,
     /// The signal that asks a child to stop.
     pub stop_signal: Signal,
     /// How long a stopping child has before its process group is SIGKILLed.
     pub stop_timeout: Duration,
-    /// What to do when the serving child exits by itself.
+    /// What to do when a serving child exits by itself.
     pub restart: RestartPolicy,
     /// Whose notify messages count.
     pub notify_access: NotifyAccess,
+    /// A serving child must send `WATCHDOG=1` at least this often.
+    pub watchdog: Option<Duration>,
+    /// Children per generation.
+    pub workers: usize,
+    /// How a reload replaces them.
+    pub reload_strategy: ReloadStrategy,
 }
 
 /// Something that happened, as the event loop saw it.
@@ -83,23 +118,25 @@ pub enum Event {
     Reload,
     /// A stop was asked for: by whom, for the log ("received SIGTERM", "ctl stop").
     Stop(String),
-    /// A signal to pass on to the serving child.
+    /// A signal to pass on to the serving children.
     Forward(Signal),
-    /// A generation's process was started.
-    Spawned { generation: u64, pid: Pid },
-    /// A generation's process could not be started (command not found, not executable, ...).
-    SpawnFailed { generation: u64, error: String, code: ExitCode },
+    /// A unit's process was started.
+    Spawned { unit: u64, pid: Pid },
+    /// A unit's process could not be started (command not found, not executable, ...).
+    SpawnFailed { unit: u64, error: String, code: ExitCode },
     /// A child process ended and was reaped.
     Exited { pid: Pid, status: ChildStatus },
-    /// A datagram arrived on a generation's notify socket.
+    /// A datagram arrived on a unit's notify socket.
     Notify {
-        generation: u64,
+        unit: u64,
         /// The sender's pid, from `SCM_CREDENTIALS`.
         sender: Pid,
         /// The sender's process group, if it could be read.
         sender_pgid: Option<Pid>,
         message: NotifyMessage,
     },
+    /// A readiness probe of a unit ended: `Ok` if it found the child ready, else why not.
+    ProbeDone { unit: u64, result: Result<(), String> },
     /// Time passed; deadlines that are due fire on every step, this event only wakes them.
     Timer,
 }
@@ -120,14 +157,16 @@ pub enum ManagerMessage {
 /// Something for the event loop to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Start the process of a new generation; answer with `Spawned` or `SpawnFailed`.
-    Spawn { generation: u64 },
-    /// Send a signal to a generation's main process.
+    /// Start the process of a new unit of `generation`; answer with `Spawned` or `SpawnFailed`.
+    Spawn { unit: u64, generation: u64 },
+    /// Send a signal to a unit's main process.
     Signal { pid: Pid, signal: Signal },
-    /// Send a signal to a generation's whole process group.
+    /// Send a signal to a unit's whole process group.
     SignalGroup { pgid: Pid, signal: Signal },
-    /// A generation is gone: release what the loop holds for it (its notify socket).
-    Release { generation: u64 },
+    /// Probe whether unit `unit` (main process `pid`) is ready; answer with `ProbeDone`.
+    Probe { unit: u64, pid: Pid, generation: u64 },
+    /// A unit is gone: release what the loop holds for it (its notify socket, its probe).
+    Release { unit: u64 },
     /// Tell sockhold's own service manager.
     Manager(ManagerMessage),
     /// A reload began by starting this generation: every reload request not yet started is
@@ -140,7 +179,7 @@ pub enum Action {
     Exit(ExitCode),
 }
 
-/// Why a generation was started.
+/// Why a unit was started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Purpose {
     Initial,
@@ -148,38 +187,51 @@ enum Purpose {
     Restart,
 }
 
-/// Where a generation is in its life.
+/// Where a unit is in its life.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum GenState {
+enum UnitState {
     /// Asked for, not yet forked (only between an `Action::Spawn` and its answer).
     Spawning,
     /// Running, not yet ready.
-    Starting { ready_deadline: Instant, ready_at: Option<Instant> },
-    /// Ready: the generation that serves.
-    Serving,
+    Starting {
+        ready_deadline: Instant,
+        /// With `delay:`: when it counts as ready.
+        ready_at: Option<Instant>,
+        /// With a probe: when to send the next one (`None` while one runs).
+        probe_at: Option<Instant>,
+        /// Why the last probe failed, for the message if it never succeeds.
+        last_probe: Option<String>,
+    },
+    /// Ready: it serves. `watchdog_at` is when its watchdog fires unless fed.
+    Serving { watchdog_at: Option<Instant> },
     /// Asked to stop; SIGKILL at the deadline.
     Stopping { kill_at: Instant, signal: Signal },
     /// SIGKILLed; waiting to reap it.
     Killed,
 }
 
-/// One generation: a child process started on the held sockets.
+/// One unit: a child process of a generation, started on the held sockets.
 #[derive(Clone, Debug)]
-struct Generation {
-    id: u64,
+struct Unit {
+    key: u64,
+    generation: u64,
     pid: Option<Pid>,
     purpose: Purpose,
-    state: GenState,
+    state: UnitState,
     /// When it entered its current state.
     since: Instant,
     /// The last `STATUS=` it sent.
     status_text: Option<String>,
+    /// Its watchdog period: `--watchdog`, or what it asked for with `WATCHDOG_USEC=`.
+    watchdog: Option<Duration>,
+    /// Its watchdog fired: its end is a crash, whatever it was sent.
+    crashed: bool,
 }
 
-/// What the outside may know of one generation (for `ctl status`).
+/// What the outside may know of one unit (for `ctl status`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GenerationInfo {
-    /// Its number.
+    /// The number of its generation.
     pub id: u64,
     /// Its main process, once forked.
     pub pid: Option<Pid>,
@@ -195,12 +247,20 @@ pub struct GenerationInfo {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     Running,
-    /// Stopping every child; exit with `code` when none is left, or with the status of
-    /// generation `final_generation` if that one ends uncleanly.
+    /// Stopping every child; exit with `code` when none is left, or with the status of a unit
+    /// of generation `final_generation` that ends uncleanly.
     ShuttingDown {
         code: ExitCode,
         final_generation: Option<u64>,
     },
+}
+
+/// A reload in progress.
+#[derive(Clone, Copy, Debug)]
+struct Reload {
+    generation: u64,
+    /// Rolling: the old unit the last step stopped; the next step waits until it is gone.
+    waiting_for: Option<u64>,
 }
 
 /// The supervisor's whole state.
@@ -208,16 +268,21 @@ enum Mode {
 pub struct Supervisor {
     policy: Policy,
     mode: Mode,
-    generations: Vec<Generation>,
-    next_id: u64,
+    units: Vec<Unit>,
+    next_unit: u64,
+    next_generation: u64,
+    reload: Option<Reload>,
     /// A reload asked for while another was in progress.
     reload_pending: bool,
-    /// When to start a new generation after a crash or failed start.
+    /// When to start units to replace ones that crashed or failed to start.
     restart_at: Option<Instant>,
     backoff: Duration,
     failed_starts: u32,
-    /// Generations started to replace one that crashed or failed to start.
+    /// Units started to replace one that crashed or failed to start.
     restarts: u64,
+    /// Workers that exited and are not to be replaced (`--restart never`, or `on-failure` and
+    /// status 0).
+    retired: usize,
 }
 
 impl Supervisor {
@@ -226,31 +291,35 @@ impl Supervisor {
         Supervisor {
             policy,
             mode: Mode::Running,
-            generations: Vec::new(),
-            next_id: 1,
+            units: Vec::new(),
+            next_unit: 1,
+            next_generation: 1,
+            reload: None,
             reload_pending: false,
             restart_at: None,
             backoff: BACKOFF_START,
             failed_starts: 0,
             restarts: 0,
+            retired: 0,
         }
     }
 
     /// The earliest deadline the event loop must wake up for, if any.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let generation_deadlines = self.generations.iter().filter_map(|g| match g.state {
-            GenState::Starting { ready_deadline, ready_at, .. } => {
-                Some(ready_at.map_or(ready_deadline, |at| at.min(ready_deadline)))
+        let unit_deadlines = self.units.iter().flat_map(|u| match u.state {
+            UnitState::Starting { ready_deadline, ready_at, probe_at, .. } => {
+                [Some(ready_deadline), ready_at, probe_at]
             }
-            GenState::Stopping { kill_at, .. } => Some(kill_at),
-            _ => None,
+            UnitState::Stopping { kill_at, .. } => [Some(kill_at), None, None],
+            UnitState::Serving { watchdog_at } => [watchdog_at, None, None],
+            _ => [None, None, None],
         });
-        generation_deadlines.chain(self.restart_at).min()
+        unit_deadlines.flatten().chain(self.restart_at).min()
     }
 
-    /// Every live process, by generation: `(generation, pid)`.
+    /// Every live process: `(generation, pid)`.
     pub fn live_pids(&self) -> Vec<(u64, Pid)> {
-        self.generations.iter().filter_map(|g| g.pid.map(|p| (g.id, p))).collect()
+        self.units.iter().filter_map(|u| u.pid.map(|p| (u.generation, p))).collect()
     }
 
     /// Handles one event at time `now` and returns what to do, in order.
@@ -262,86 +331,113 @@ impl Supervisor {
         out
     }
 
-    fn serving(&self) -> Option<&Generation> {
-        self.generations.iter().find(|g| matches!(g.state, GenState::Serving))
+    fn is_serving(u: &Unit) -> bool {
+        matches!(u.state, UnitState::Serving { .. })
     }
 
-    fn starting(&self) -> Option<&Generation> {
-        self.generations
-            .iter()
-            .find(|g| matches!(g.state, GenState::Spawning | GenState::Starting { .. }))
+    fn is_starting(u: &Unit) -> bool {
+        matches!(u.state, UnitState::Spawning | UnitState::Starting { .. })
     }
 
-    fn index_of(&self, id: u64) -> Option<usize> {
-        self.generations.iter().position(|g| g.id == id)
+    fn serving(&self) -> impl Iterator<Item = &Unit> {
+        self.units.iter().filter(|u| Self::is_serving(u))
+    }
+
+    fn starting(&self) -> Option<&Unit> {
+        self.units.iter().find(|u| Self::is_starting(u))
+    }
+
+    fn count(&self, generation: u64, pred: fn(&Unit) -> bool) -> usize {
+        self.units.iter().filter(|u| u.generation == generation && pred(u)).count()
+    }
+
+    fn index_of(&self, key: u64) -> Option<usize> {
+        self.units.iter().position(|u| u.key == key)
+    }
+
+    /// How many workers should be serving.
+    fn wanted(&self) -> usize {
+        self.policy.workers.saturating_sub(self.retired)
     }
 
     fn handle(&mut self, event: Event, now: Instant, out: &mut Vec<Action>) {
         match event {
-            Event::Start => self.start_generation(Purpose::Initial, now, out),
+            Event::Start => {
+                let generation = self.new_generation();
+                info!("starting generation {generation}");
+                for _ in 0..self.policy.workers {
+                    self.spawn_unit(generation, Purpose::Initial, now, out);
+                }
+            }
             Event::Reload => self.reload(now, out),
             Event::Stop(why) => self.shut_down(ExitCode::SUCCESS, &why, now, out),
-            Event::Forward(signal) => match self.serving() {
-                Some(g) => {
-                    let pid = g.pid.expect("a serving generation has a pid");
+            Event::Forward(signal) => {
+                let serving: Vec<(u64, Pid)> =
+                    self.serving().filter_map(|u| u.pid.map(|p| (u.generation, p))).collect();
+                if serving.is_empty() {
+                    warn!("no serving child to forward SIG{} to; dropped", signal_name(signal));
+                }
+                for (generation, pid) in serving {
                     info!(
-                        "forwarding SIG{} to generation {} (pid {pid})",
-                        signal_name(signal),
-                        g.id
+                        "forwarding SIG{} to generation {generation} (pid {pid})",
+                        signal_name(signal)
                     );
                     out.push(Action::Signal { pid, signal });
                 }
-                None => warn!("no serving child to forward SIG{} to; dropped", signal_name(signal)),
-            },
-            Event::Spawned { generation, pid } => self.spawned(generation, pid, now, out),
-            Event::SpawnFailed { generation, error, code } => {
-                let Some(i) = self.index_of(generation) else {
+            }
+            Event::Spawned { unit, pid } => self.spawned(unit, pid, now, out),
+            Event::SpawnFailed { unit, error, code } => {
+                let Some(i) = self.index_of(unit) else {
                     return;
                 };
-                let g = self.generations.remove(i);
-                error!("generation {generation} could not be started: {error}");
-                if g.purpose == Purpose::Initial {
+                let u = self.units.remove(i);
+                error!("generation {} could not be started: {error}", u.generation);
+                if u.purpose == Purpose::Initial {
                     // The command itself is wrong: nothing to retry, say so and exit 126/127.
                     self.shut_down(code, "the command could not be started", now, out);
                 } else {
-                    self.start_failed(&g, error, None, code, now, out);
+                    self.start_failed(&u, error, None, code, now, out);
                 }
             }
             Event::Exited { pid, status } => self.exited(pid, status, now, out),
-            Event::Notify { generation, sender, sender_pgid, message } => {
-                self.notified(generation, sender, sender_pgid, message, now, out)
+            Event::Notify { unit, sender, sender_pgid, message } => {
+                self.notified(unit, sender, sender_pgid, message, now, out)
             }
+            Event::ProbeDone { unit, result } => self.probed(unit, result, now, out),
             Event::Timer => {}
         }
     }
 
-    fn start_generation(&mut self, purpose: Purpose, now: Instant, out: &mut Vec<Action>) {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.restart_at = None;
-        match purpose {
-            Purpose::Initial => info!("starting generation {id}"),
-            Purpose::Reload => {
-                info!("reload: starting generation {id}");
-                out.push(Action::ReloadStarted { generation: id });
-                out.push(Action::Manager(ManagerMessage::Reloading(format!(
-                    "reloading: starting generation {id}"
-                ))));
-            }
-            Purpose::Restart => {
-                info!("restarting: starting generation {id}");
-                self.restarts += 1;
-            }
+    fn new_generation(&mut self) -> u64 {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        generation
+    }
+
+    fn spawn_unit(
+        &mut self,
+        generation: u64,
+        purpose: Purpose,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let key = self.next_unit;
+        self.next_unit += 1;
+        if purpose == Purpose::Restart {
+            self.restarts += 1;
         }
-        self.generations.push(Generation {
-            id,
+        self.units.push(Unit {
+            key,
+            generation,
             pid: None,
             purpose,
-            state: GenState::Spawning,
+            state: UnitState::Spawning,
             since: now,
             status_text: None,
+            watchdog: self.policy.watchdog,
+            crashed: false,
         });
-        out.push(Action::Spawn { generation: id });
+        out.push(Action::Spawn { unit: key, generation });
     }
 
     fn reload(&mut self, now: Instant, out: &mut Vec<Action>) {
@@ -351,47 +447,108 @@ impl Supervisor {
                 generation: None,
                 result: Err("sockhold is stopping".into()),
             });
-        } else if let Some(g) = self.starting() {
+            return;
+        }
+        let busy = self.reload.map(|r| r.generation).or(self.starting().map(|u| u.generation));
+        if let Some(generation) = busy {
             if !self.reload_pending {
                 info!(
-                    "reload requested while generation {} is starting; one more reload will follow",
-                    g.id
+                    "reload requested while generation {generation} is starting; one more reload will follow"
                 );
             }
             self.reload_pending = true;
-        } else {
-            self.start_generation(Purpose::Reload, now, out);
+            return;
+        }
+        self.start_reload(now, out);
+    }
+
+    fn start_reload(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let generation = self.new_generation();
+        info!("reload: starting generation {generation}");
+        out.push(Action::ReloadStarted { generation });
+        out.push(Action::Manager(ManagerMessage::Reloading(format!(
+            "reloading: starting generation {generation}"
+        ))));
+        // The reload brings every worker up to date: it replaces any that crashed, too.
+        self.restart_at = None;
+        self.retired = 0;
+        self.reload = Some(Reload { generation, waiting_for: None });
+        let first = match self.policy.reload_strategy {
+            ReloadStrategy::Rolling => 1,
+            ReloadStrategy::AllAtOnce => self.policy.workers,
+        };
+        for _ in 0..first {
+            self.spawn_unit(generation, Purpose::Reload, now, out);
         }
     }
 
-    fn spawned(&mut self, id: u64, pid: Pid, now: Instant, out: &mut Vec<Action>) {
-        let Some(i) = self.index_of(id) else { return };
+    /// Moves the reload in progress on: the next rolling step, or its end once the new
+    /// generation has all its workers serving.
+    fn advance_reload(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let Some(reload) = self.reload else { return };
+        if self.mode != Mode::Running {
+            return;
+        }
+        let generation = reload.generation;
+        if self.count(generation, Self::is_serving) >= self.policy.workers {
+            // Whatever old worker still serves (one the strategy did not reach) stops now.
+            let old: Vec<usize> = (0..self.units.len())
+                .filter(|&i| {
+                    Self::is_serving(&self.units[i]) && self.units[i].generation != generation
+                })
+                .collect();
+            for i in old {
+                self.stop_unit(i, self.policy.stop_signal, now, out);
+            }
+            self.reload = None;
+            out.push(Action::ReloadDone { generation: Some(generation), result: Ok(()) });
+            self.announce_serving(generation, out);
+            self.follow_pending_reload(now, out);
+            return;
+        }
+        if self.policy.reload_strategy == ReloadStrategy::Rolling
+            && reload.waiting_for.is_none()
+            && self.count(generation, Self::is_starting) == 0
+        {
+            info!(
+                "reload: starting worker {} of {} of generation {generation}",
+                self.count(generation, Self::is_serving) + 1,
+                self.policy.workers
+            );
+            self.spawn_unit(generation, Purpose::Reload, now, out);
+        }
+    }
+
+    fn spawned(&mut self, key: u64, pid: Pid, now: Instant, out: &mut Vec<Action>) {
+        let Some(i) = self.index_of(key) else { return };
         let ready_at = match self.policy.ready {
-            ReadyMode::Notify => None,
             ReadyMode::Delay(d) => Some(now + d),
+            _ => None,
         };
+        let probe_at = self.policy.ready.probes().then(|| now + self.policy.probe_delay);
         let ready_deadline = now + self.policy.ready_timeout;
-        self.generations[i].pid = Some(pid);
-        self.set_state(i, GenState::Starting { ready_deadline, ready_at }, now);
-        info!("generation {id} started (pid {pid})");
+        self.units[i].pid = Some(pid);
+        let starting = UnitState::Starting { ready_deadline, ready_at, probe_at, last_probe: None };
+        self.set_state(i, starting, now);
+        info!("generation {} started (pid {pid})", self.units[i].generation);
         if let Mode::ShuttingDown { .. } = self.mode {
             // A stop arrived between the decision to spawn and the fork: stop it too.
-            self.stop_generation(i, self.policy.stop_signal, now, out);
+            self.stop_unit(i, self.policy.stop_signal, now, out);
         }
     }
 
     fn notified(
         &mut self,
-        id: u64,
+        key: u64,
         sender: Pid,
         sender_pgid: Option<Pid>,
         message: NotifyMessage,
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        let Some(i) = self.index_of(id) else { return };
-        let g = &mut self.generations[i];
-        let Some(pid) = g.pid else { return };
+        let Some(i) = self.index_of(key) else { return };
+        let u = &mut self.units[i];
+        let (generation, Some(pid)) = (u.generation, u.pid) else { return };
         let allowed = match self.policy.notify_access {
             NotifyAccess::Main => sender == pid,
             NotifyAccess::Group => sender == pid || sender_pgid == Some(pid),
@@ -399,7 +556,7 @@ impl Supervisor {
         };
         if !allowed {
             warn!(
-                "generation {id}: ignoring notify message from pid {sender}, which --notify-access {} does not allow",
+                "generation {generation}: ignoring notify message from pid {sender}, which --notify-access {} does not allow",
                 match self.policy.notify_access {
                     NotifyAccess::Main => "main",
                     NotifyAccess::Group => "group",
@@ -409,20 +566,52 @@ impl Supervisor {
             return;
         }
         if let Some(text) = &message.status {
-            info!("generation {id} (pid {pid}): status: {text}");
-            g.status_text = Some(text.clone());
-            if matches!(g.state, GenState::Serving) {
+            info!("generation {generation} (pid {pid}): status: {text}");
+            u.status_text = Some(text.clone());
+            if matches!(u.state, UnitState::Serving { .. }) {
                 out.push(Action::Manager(ManagerMessage::Status(format!(
-                    "generation {id}: {text}"
+                    "generation {generation}: {text}"
                 ))));
             }
         }
+        if let Some(usec) = message.extend_timeout_usec {
+            let until = now + Duration::from_micros(usec);
+            match &mut u.state {
+                UnitState::Starting { ready_deadline, .. } => {
+                    *ready_deadline = (*ready_deadline).max(until);
+                    debug!("generation {generation} (pid {pid}) extended its start timeout");
+                }
+                UnitState::Stopping { kill_at, .. } => {
+                    *kill_at = (*kill_at).max(until);
+                    debug!("generation {generation} (pid {pid}) extended its stop timeout");
+                }
+                _ => {}
+            }
+        }
+        if let Some(usec) = message.watchdog_usec {
+            u.watchdog = (usec > 0).then(|| Duration::from_micros(usec));
+            info!(
+                "generation {generation} (pid {pid}) set its watchdog to {}",
+                u.watchdog.map_or("off".to_string(), |d| humantime::format_duration(d).to_string())
+            );
+            if let UnitState::Serving { watchdog_at } = &mut u.state {
+                *watchdog_at = u.watchdog.map(|d| now + d);
+            }
+        }
+        if let UnitState::Serving { watchdog_at } = &mut u.state {
+            if message.watchdog_trigger {
+                warn!("generation {generation} (pid {pid}) triggered its watchdog");
+                *watchdog_at = Some(now);
+            } else if message.watchdog && watchdog_at.is_some() {
+                *watchdog_at = u.watchdog.map(|d| now + d);
+            }
+        }
         if message.ready {
-            if !matches!(g.state, GenState::Starting { .. }) {
-                debug!("generation {id} (pid {pid}) sent READY=1 again; nothing to do");
+            if !matches!(u.state, UnitState::Starting { .. }) {
+                debug!("generation {generation} (pid {pid}) sent READY=1 again; nothing to do");
             } else if self.policy.ready != ReadyMode::Notify {
                 debug!(
-                    "generation {id} sent READY=1, but --ready is not notify; waiting for the delay"
+                    "generation {generation} sent READY=1, but --ready is not notify; waiting for its own test"
                 );
             } else if self.mode == Mode::Running {
                 self.promote(i, now, out);
@@ -430,96 +619,159 @@ impl Supervisor {
         }
     }
 
-    /// Generation `i` is ready: it serves, the one before it stops.
-    fn promote(&mut self, i: usize, now: Instant, out: &mut Vec<Action>) {
-        let g = &self.generations[i];
-        let (id, pid, purpose) = (g.id, g.pid.expect("a starting generation has a pid"), g.purpose);
-        self.set_state(i, GenState::Serving, now);
-        self.failed_starts = 0;
-        let old = self
-            .generations
-            .iter()
-            .position(|g| matches!(g.state, GenState::Serving) && g.id != id);
-        match old {
-            Some(j) => {
-                let old_id = self.generations[j].id;
-                info!("generation {id} (pid {pid}) is ready; stopping generation {old_id}");
-                self.stop_generation(j, self.policy.stop_signal, now, out);
+    fn probed(
+        &mut self,
+        key: u64,
+        result: Result<(), String>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(i) = self.index_of(key) else { return };
+        let interval = self.policy.probe_interval;
+        let u = &mut self.units[i];
+        let UnitState::Starting { probe_at, last_probe, .. } = &mut u.state else { return };
+        match result {
+            Ok(()) if self.mode == Mode::Running => self.promote(i, now, out),
+            Ok(()) => {}
+            Err(why) => {
+                debug!("generation {} (pid {:?}): not ready yet: {why}", u.generation, u.pid);
+                *last_probe = Some(why);
+                *probe_at = Some(now + interval);
             }
-            None => info!("generation {id} (pid {pid}) is ready"),
         }
-        if purpose == Purpose::Reload {
-            out.push(Action::ReloadDone { generation: Some(id), result: Ok(()) });
+    }
+
+    /// Unit `i` is ready: it serves, and the reload it belongs to moves on.
+    fn promote(&mut self, i: usize, now: Instant, out: &mut Vec<Action>) {
+        let u = &self.units[i];
+        let (generation, pid) = (u.generation, u.pid.expect("a starting unit has a pid"));
+        let watchdog_at = u.watchdog.map(|d| now + d);
+        self.set_state(i, UnitState::Serving { watchdog_at }, now);
+        self.failed_starts = 0;
+        match self.reload {
+            Some(reload) if reload.generation == generation => {
+                let old = self
+                    .units
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, u)| Self::is_serving(u) && u.generation != generation)
+                    .min_by_key(|(_, u)| u.generation)
+                    .map(|(j, u)| (j, u.key, u.generation));
+                match (self.policy.reload_strategy, old) {
+                    (ReloadStrategy::Rolling, Some((j, old_key, old_generation))) => {
+                        info!(
+                            "generation {generation} (pid {pid}) is ready; stopping a worker of generation {old_generation}"
+                        );
+                        self.stop_unit(j, self.policy.stop_signal, now, out);
+                        if self.policy.workers > 1 {
+                            self.reload = Some(Reload { generation, waiting_for: Some(old_key) });
+                        }
+                    }
+                    _ => info!("generation {generation} (pid {pid}) is ready"),
+                }
+                self.advance_reload(now, out);
+            }
+            _ => {
+                info!("generation {generation} (pid {pid}) is ready");
+                if self.count(generation, Self::is_serving) >= self.wanted() {
+                    self.announce_serving(generation, out);
+                }
+                self.follow_pending_reload(now, out);
+            }
         }
-        let status =
-            match &self.generations.iter().find(|g| g.id == id).and_then(|g| g.status_text.clone())
-            {
-                Some(text) => format!("serving: generation {id} (pid {pid}): {text}"),
-                None => format!("serving: generation {id} (pid {pid})"),
-            };
+    }
+
+    /// Tells the manager that `generation` serves.
+    fn announce_serving(&self, generation: u64, out: &mut Vec<Action>) {
+        let units: Vec<&Unit> = self.serving().filter(|u| u.generation == generation).collect();
+        let pids: Vec<String> = units.iter().filter_map(|u| u.pid).map(|p| p.to_string()).collect();
+        let what = match pids.as_slice() {
+            [one] => format!("pid {one}"),
+            many => format!("pids {}", many.join(",")),
+        };
+        let status = match units.iter().find_map(|u| u.status_text.as_ref()) {
+            Some(text) => format!("serving: generation {generation} ({what}): {text}"),
+            None => format!("serving: generation {generation} ({what})"),
+        };
         out.push(Action::Manager(ManagerMessage::Ready(status)));
-        self.follow_pending_reload(now, out);
     }
 
     fn follow_pending_reload(&mut self, now: Instant, out: &mut Vec<Action>) {
-        if self.reload_pending && self.mode == Mode::Running && self.starting().is_none() {
+        if self.reload_pending
+            && self.mode == Mode::Running
+            && self.reload.is_none()
+            && self.starting().is_none()
+        {
             self.reload_pending = false;
             info!("starting the reload that was requested during the last one");
-            self.start_generation(Purpose::Reload, now, out);
+            self.start_reload(now, out);
         }
     }
 
-    /// Sends the stop signal to generation `i` and arms its SIGKILL deadline.
-    fn stop_generation(&mut self, i: usize, signal: Signal, now: Instant, out: &mut Vec<Action>) {
-        let g = &self.generations[i];
-        let Some(pid) = g.pid else { return };
-        match g.state {
-            GenState::Stopping { .. } | GenState::Killed => return,
-            _ => {}
+    /// Sends `signal` to unit `i` and arms its SIGKILL deadline.
+    fn stop_unit(&mut self, i: usize, signal: Signal, now: Instant, out: &mut Vec<Action>) {
+        let u = &self.units[i];
+        let Some(pid) = u.pid else { return };
+        if matches!(u.state, UnitState::Stopping { .. } | UnitState::Killed) {
+            return;
         }
         out.push(Action::Signal { pid, signal });
-        self.set_state(
-            i,
-            GenState::Stopping { kill_at: now + self.policy.stop_timeout, signal },
-            now,
-        );
+        let stopping = UnitState::Stopping { kill_at: now + self.policy.stop_timeout, signal };
+        self.set_state(i, stopping, now);
     }
 
-    fn set_state(&mut self, i: usize, state: GenState, now: Instant) {
-        let g = &mut self.generations[i];
-        g.state = state;
-        g.since = now;
+    fn set_state(&mut self, i: usize, state: UnitState, now: Instant) {
+        let u = &mut self.units[i];
+        u.state = state;
+        u.since = now;
     }
 
-    /// Generation `failed` did not become ready. `status` is the child's own exit status if it
+    /// Unit `failed` did not become ready. `status` is the child's own exit status if it
     /// exited; `code` is what sockhold exits with if it gives up.
     fn start_failed(
         &mut self,
-        failed: &Generation,
+        failed: &Unit,
         reason: String,
         status: Option<ChildStatus>,
         code: ExitCode,
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        let purpose = failed.purpose;
-        if purpose == Purpose::Reload {
-            let result = Err(reason.clone());
-            out.push(Action::ReloadDone { generation: Some(failed.id), result });
+        let generation = failed.generation;
+        let of_reload = self.reload.is_some_and(|r| r.generation == generation);
+        if of_reload {
+            self.reload = None;
+            self.abandon_reload(generation, now, out);
+            out.push(Action::ReloadDone {
+                generation: Some(generation),
+                result: Err(reason.clone()),
+            });
         }
         if self.mode != Mode::Running {
             return;
         }
-        if let Some(serving) = self.serving() {
-            warn!("reload failed: {reason}; generation {} keeps serving", serving.id);
+        let serving: Vec<u64> = {
+            let mut g: Vec<u64> = self.serving().map(|u| u.generation).collect();
+            g.dedup();
+            g
+        };
+        if of_reload && !serving.is_empty() {
+            let list = serving.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+            let which = if serving.len() == 1 { "generation" } else { "generations" };
+            warn!("reload failed: {reason}; {which} {list} keeps serving");
             out.push(Action::Manager(ManagerMessage::Ready(format!(
-                "serving: generation {}; last reload failed: {reason}",
-                serving.id
+                "serving: {which} {list}; last reload failed: {reason}"
             ))));
             self.follow_pending_reload(now, out);
             return;
         }
-        if purpose == Purpose::Reload {
+        if !serving.is_empty() {
+            // A replacement worker failed while the others serve: try again later.
+            warn!("{reason}; trying again");
+            self.schedule_restart(now, out);
+            return;
+        }
+        if of_reload {
             // The manager heard RELOADING=1 for this start: end its reload, even though
             // nothing serves until the restart below succeeds.
             out.push(Action::Manager(ManagerMessage::Ready(format!(
@@ -541,93 +793,200 @@ impl Supervisor {
             self.shut_down(code, "too many failed starts", now, out);
             return;
         }
-        if self.reload_pending {
+        if self.reload_pending && self.starting().is_none() {
             // Someone asked for a new version since this one started: try it now.
             self.reload_pending = false;
-            self.start_generation(Purpose::Reload, now, out);
+            self.start_reload(now, out);
             return;
         }
         self.schedule_restart(now, out);
     }
 
+    /// A reload failed: its units that are not ready are killed; with all-at-once, the ready
+    /// ones stop too, so that the old generation is whole again. A rolling reload keeps the
+    /// workers it already replaced.
+    fn abandon_reload(&mut self, generation: u64, now: Instant, out: &mut Vec<Action>) {
+        for i in 0..self.units.len() {
+            let u = &self.units[i];
+            if u.generation != generation {
+                continue;
+            }
+            match (&u.state, u.pid) {
+                (UnitState::Starting { .. }, Some(pid)) => {
+                    self.set_state(i, UnitState::Killed, now);
+                    out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
+                }
+                (UnitState::Serving { .. }, Some(_))
+                    if self.policy.reload_strategy == ReloadStrategy::AllAtOnce =>
+                {
+                    self.stop_unit(i, self.policy.stop_signal, now, out);
+                }
+                _ => {}
+            }
+        }
+        let replaced = self.count(generation, Self::is_serving);
+        if replaced > 0 {
+            warn!(
+                "generation {generation} keeps the {replaced} of {} workers it already replaced",
+                self.policy.workers
+            );
+        }
+    }
+
     fn schedule_restart(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.restart_at.is_some() {
+            return;
+        }
         let delay = self.backoff;
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
         self.restart_at = Some(now + delay);
         info!("restarting in {}", humantime::format_duration(delay));
         out.push(Action::Manager(ManagerMessage::Status(format!(
-            "no child serving; restarting in {}",
+            "{} serving; restarting in {}",
+            if self.serving().next().is_some() { "not every worker" } else { "no child" },
             humantime::format_duration(delay)
         ))));
     }
 
-    fn exited(&mut self, pid: Pid, status: ChildStatus, now: Instant, out: &mut Vec<Action>) {
-        let Some(i) = self.generations.iter().position(|g| g.pid == Some(pid)) else {
-            debug!("reaped pid {pid}, which is no generation's main process: {status}");
+    /// Starts the units that are missing: as workers of the newest generation that still runs,
+    /// or as a new generation when none does.
+    fn restart_missing(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.restart_at = None;
+        let running = self.units.iter().filter(|u| Self::is_serving(u) || Self::is_starting(u));
+        let missing = self.wanted().saturating_sub(running.count());
+        if missing == 0 {
             return;
+        }
+        let newest = self
+            .units
+            .iter()
+            .filter(|u| Self::is_serving(u) || Self::is_starting(u))
+            .map(|u| u.generation)
+            .max();
+        let generation = match newest {
+            Some(g) => g,
+            None => self.new_generation(),
         };
-        let g = self.generations.remove(i);
-        out.push(Action::Release { generation: g.id });
-        let id = g.id;
-        match g.state {
-            GenState::Spawning => {}
-            GenState::Starting { .. } => {
-                let reason =
-                    format!("generation {id} (pid {pid}) exited before it was ready: {status}");
-                warn!("{reason}");
-                self.start_failed(&g, reason, Some(status), status.exit_code(), now, out);
-            }
-            GenState::Serving => {
-                let since = g.since;
-                warn!("generation {id} (pid {pid}) exited by itself: {status}");
-                if self.mode != Mode::Running {
-                } else if let Some(next) = self.starting() {
-                    info!("generation {} is starting and will take over", next.id);
-                } else if let Some(code) = self.ends_service(status) {
-                    self.shut_down(code, "the child exited and is not to be restarted", now, out);
-                } else {
-                    if now.duration_since(since) >= STABLE_AFTER {
-                        self.backoff = BACKOFF_START;
-                    }
-                    self.schedule_restart(now, out);
-                }
-            }
-            GenState::Stopping { signal, .. } => {
-                info!("generation {id} (pid {pid}) stopped: {status}");
-                self.record_final_status(id, status, Some(signal));
-            }
-            GenState::Killed => {
-                info!("generation {id} (pid {pid}) was killed: {status}");
-                self.record_final_status(id, status, None);
-            }
+        info!("restarting: starting generation {generation}");
+        for _ in 0..missing {
+            self.spawn_unit(generation, Purpose::Restart, now, out);
         }
     }
 
-    /// Whether the serving child's own exit ends sockhold under the restart policy, and how.
+    fn exited(&mut self, pid: Pid, status: ChildStatus, now: Instant, out: &mut Vec<Action>) {
+        let Some(i) = self.units.iter().position(|u| u.pid == Some(pid)) else {
+            debug!("reaped pid {pid}, which is no child's main process: {status}");
+            return;
+        };
+        let u = self.units.remove(i);
+        out.push(Action::Release { unit: u.key });
+        let generation = u.generation;
+        let mut waited_for = false;
+        if let Some(reload) = &mut self.reload
+            && reload.waiting_for == Some(u.key)
+        {
+            reload.waiting_for = None;
+            waited_for = true;
+        }
+        match u.state {
+            UnitState::Spawning => {}
+            UnitState::Starting { .. } => {
+                let reason = format!(
+                    "generation {generation} (pid {pid}) exited before it was ready: {status}"
+                );
+                warn!("{reason}");
+                self.start_failed(&u, reason, Some(status), status.exit_code(), now, out);
+            }
+            UnitState::Serving { .. } => {
+                warn!("generation {generation} (pid {pid}) exited by itself: {status}");
+                self.crashed(&u, status, now, out);
+            }
+            UnitState::Stopping { .. } | UnitState::Killed if u.crashed => {
+                warn!(
+                    "generation {generation} (pid {pid}) ended after its watchdog fired: {status}"
+                );
+                self.crashed(&u, status, now, out);
+            }
+            UnitState::Stopping { signal, .. } => {
+                info!("generation {generation} (pid {pid}) stopped: {status}");
+                self.record_final_status(generation, status, Some(signal));
+            }
+            UnitState::Killed => {
+                info!("generation {generation} (pid {pid}) was killed: {status}");
+                self.record_final_status(generation, status, None);
+            }
+        }
+        if waited_for {
+            self.advance_reload(now, out);
+        }
+    }
+
+    /// A serving unit ended by itself (or by its watchdog): replace it, or end sockhold.
+    fn crashed(&mut self, u: &Unit, status: ChildStatus, now: Instant, out: &mut Vec<Action>) {
+        if self.mode != Mode::Running {
+            self.record_final_status(u.generation, status, None);
+            return;
+        }
+        if let Some(reload) = self.reload {
+            // The reload in progress brings up a full generation; it replaces this one too.
+            info!("generation {} is starting and will take over", reload.generation);
+            self.advance_reload(now, out);
+            return;
+        }
+        if let Some(code) = self.ends_service(status) {
+            self.retired += 1;
+            if self.wanted() == 0 || self.serving().next().is_none() {
+                self.shut_down(code, "the child exited and is not to be restarted", now, out);
+            } else {
+                info!("not replacing it; {} workers remain", self.wanted());
+            }
+            return;
+        }
+        let running = self.units.iter().filter(|u| Self::is_serving(u) || Self::is_starting(u));
+        if running.count() >= self.wanted() {
+            if let Some(next) = self.starting() {
+                info!("generation {} is starting and will take over", next.generation);
+            }
+            return;
+        }
+        if now.duration_since(u.since) >= STABLE_AFTER && !u.crashed {
+            self.backoff = BACKOFF_START;
+        }
+        self.schedule_restart(now, out);
+    }
+
+    /// Whether a serving child's own exit ends its worker under the restart policy, and how.
     fn ends_service(&self, status: ChildStatus) -> Option<ExitCode> {
         match self.policy.restart {
             RestartPolicy::Never => {
-                info!("--restart never: sockhold ends with the child's status");
+                info!("--restart never: not restarted; its status is sockhold's");
                 Some(status.exit_code())
             }
             RestartPolicy::OnFailure if status.success() => {
-                info!("the child exited with status 0 and --restart is on-failure: sockhold ends");
+                info!("the child exited with status 0 and --restart is on-failure: not restarted");
                 Some(ExitCode::SUCCESS)
             }
             _ => None,
         }
     }
 
-    /// At shutdown, the generation that served decides the exit code: 0 if it exited 0 or died of
-    /// the stop signal it was sent, else its own status.
-    fn record_final_status(&mut self, id: u64, status: ChildStatus, stop_signal: Option<Signal>) {
+    /// At shutdown, the generation that served decides the exit code: 0 if its units exited 0
+    /// or died of the stop signal they were sent, else the first unclean status.
+    fn record_final_status(
+        &mut self,
+        generation: u64,
+        status: ChildStatus,
+        stop_signal: Option<Signal>,
+    ) {
         if let Mode::ShuttingDown { final_generation: Some(f), .. } = self.mode
-            && f == id
+            && f == generation
         {
             let clean =
                 status.success() || (stop_signal.is_some() && status.signal() == stop_signal);
-            let code = if clean { ExitCode::SUCCESS } else { status.exit_code() };
-            self.mode = Mode::ShuttingDown { code, final_generation: None };
+            if !clean {
+                let code = status.exit_code();
+                self.mode = Mode::ShuttingDown { code, final_generation: None };
+            }
         }
     }
 
@@ -637,105 +996,136 @@ impl Supervisor {
             info!("already stopping");
             return;
         }
-        let final_generation = self.serving().or(self.starting()).map(|g| g.id);
+        let final_generation =
+            self.serving().map(|u| u.generation).max().or(self.starting().map(|u| u.generation));
         self.mode = Mode::ShuttingDown { code, final_generation };
         self.restart_at = None;
         let stopping = || Err("sockhold is stopping".to_string());
-        if let Some(g) = self.starting().filter(|g| g.purpose == Purpose::Reload) {
-            out.push(Action::ReloadDone { generation: Some(g.id), result: stopping() });
+        if let Some(reload) = self.reload.take() {
+            out.push(Action::ReloadDone {
+                generation: Some(reload.generation),
+                result: stopping(),
+            });
         }
         if self.reload_pending {
             out.push(Action::ReloadDone { generation: None, result: stopping() });
         }
         self.reload_pending = false;
-        if self.generations.is_empty() {
+        if self.units.is_empty() {
             info!("stopping ({why})");
         } else {
             let stop = signal_name(self.policy.stop_signal);
             info!("stopping ({why}): sending SIG{stop} to every child");
         }
         out.push(Action::Manager(ManagerMessage::Stopping("stopping".into())));
-        for i in 0..self.generations.len() {
-            self.stop_generation(i, self.policy.stop_signal, now, out);
+        for i in 0..self.units.len() {
+            self.stop_unit(i, self.policy.stop_signal, now, out);
         }
     }
 
     fn exit_if_done(&mut self, out: &mut Vec<Action>) {
         if let Mode::ShuttingDown { code, .. } = self.mode
-            && self.generations.is_empty()
+            && self.units.is_empty()
         {
             out.push(Action::Exit(code));
         }
     }
 
     fn fire_deadlines(&mut self, now: Instant, out: &mut Vec<Action>) {
-        for i in 0..self.generations.len() {
-            let g = &self.generations[i];
-            let (id, Some(pid)) = (g.id, g.pid) else {
+        let mut i = 0;
+        while i < self.units.len() {
+            let u = &self.units[i];
+            let (key, generation, Some(pid)) = (u.key, u.generation, u.pid) else {
+                i += 1;
                 continue;
             };
-            match g.state {
-                GenState::Starting { ready_at: Some(at), .. }
-                    if at <= now && self.mode == Mode::Running =>
-                {
+            let running = self.mode == Mode::Running;
+            match &u.state {
+                UnitState::Starting { ready_at: Some(at), .. } if *at <= now && running => {
                     self.promote(i, now, out);
                 }
-                GenState::Starting { ready_deadline, .. } if ready_deadline <= now => {
-                    let waited = humantime::format_duration(ready_deadline.duration_since(g.since));
-                    let reason =
-                        format!("generation {id} (pid {pid}) was not ready within {waited}");
+                UnitState::Starting { ready_deadline, last_probe, .. }
+                    if *ready_deadline <= now =>
+                {
+                    let waited = humantime::format_duration(ready_deadline.duration_since(u.since));
+                    let mut reason = format!(
+                        "generation {generation} (pid {pid}) was not ready within {waited}"
+                    );
+                    if let Some(why) = last_probe {
+                        reason.push_str(&format!(" (last probe: {why})"));
+                    }
                     warn!("{reason}; killing its process group");
-                    let failed = g.clone();
-                    self.set_state(i, GenState::Killed, now);
+                    let failed = u.clone();
+                    self.set_state(i, UnitState::Killed, now);
                     out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
                     self.start_failed(&failed, reason, None, ExitCode::FAILURE, now, out);
                 }
-                GenState::Stopping { kill_at, .. } if kill_at <= now => {
+                UnitState::Starting { probe_at: Some(at), .. } if *at <= now && running => {
+                    if let UnitState::Starting { probe_at, .. } = &mut self.units[i].state {
+                        *probe_at = None;
+                    }
+                    out.push(Action::Probe { unit: key, pid, generation });
+                }
+                UnitState::Serving { watchdog_at: Some(at) } if *at <= now && running => {
+                    let period = u
+                        .watchdog
+                        .map_or("0s".into(), |d| humantime::format_duration(d).to_string());
+                    error!(
+                        "generation {generation} (pid {pid}) missed its watchdog (no WATCHDOG=1 within {period}); sending SIGABRT"
+                    );
+                    out.push(Action::Manager(ManagerMessage::Status(format!(
+                        "generation {generation} (pid {pid}) missed its watchdog"
+                    ))));
+                    self.units[i].crashed = true;
+                    self.stop_unit(i, Signal::SIGABRT, now, out);
+                }
+                UnitState::Stopping { kill_at, .. } if *kill_at <= now => {
                     warn!(
-                        "generation {id} (pid {pid}) did not stop within {}; sending SIGKILL to its process group",
+                        "generation {generation} (pid {pid}) did not stop within {}; sending SIGKILL to its process group",
                         humantime::format_duration(self.policy.stop_timeout)
                     );
-                    self.set_state(i, GenState::Killed, now);
+                    self.set_state(i, UnitState::Killed, now);
                     out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
                 }
                 _ => {}
             }
+            i += 1;
         }
         if let Some(at) = self.restart_at
             && at <= now
             && self.mode == Mode::Running
         {
-            self.start_generation(Purpose::Restart, now, out);
+            self.restart_missing(now, out);
         }
     }
 
-    /// Every generation, oldest first, for `ctl status`.
+    /// Every unit, oldest first, for `ctl status`.
     pub fn generations(&self) -> Vec<GenerationInfo> {
-        self.generations
+        self.units
             .iter()
-            .map(|g| GenerationInfo {
-                id: g.id,
-                pid: g.pid,
-                state: match g.state {
-                    GenState::Spawning | GenState::Starting { .. } => "starting",
-                    GenState::Serving => "serving",
-                    GenState::Stopping { .. } => "stopping",
-                    GenState::Killed => "killed",
+            .map(|u| GenerationInfo {
+                id: u.generation,
+                pid: u.pid,
+                state: match u.state {
+                    UnitState::Spawning | UnitState::Starting { .. } => "starting",
+                    UnitState::Serving { .. } => "serving",
+                    UnitState::Stopping { .. } => "stopping",
+                    UnitState::Killed => "killed",
                 },
-                since: g.since,
-                status: g.status_text.clone(),
+                since: u.since,
+                status: u.status_text.clone(),
             })
             .collect()
     }
 
-    /// How many generations were started to replace one that crashed or failed to start.
+    /// How many units were started to replace one that crashed or failed to start.
     pub fn restarts(&self) -> u64 {
         self.restarts
     }
 
-    /// The main process of the serving generation, if one serves.
-    pub fn serving_pid(&self) -> Option<Pid> {
-        self.serving().and_then(|g| g.pid)
+    /// The main processes of the serving units.
+    pub fn serving_pids(&self) -> Vec<Pid> {
+        self.serving().filter_map(|u| u.pid).collect()
     }
 }
 
@@ -759,6 +1149,11 @@ mod tests {
             stop_timeout: Duration::from_secs(30),
             restart: RestartPolicy::OnFailure,
             notify_access: NotifyAccess::Group,
+            probe_delay: Duration::ZERO,
+            probe_interval: Duration::from_millis(100),
+            watchdog: None,
+            workers: 1,
+            reload_strategy: ReloadStrategy::Rolling,
         }
     }
 
@@ -768,7 +1163,7 @@ mod tests {
 
     fn ready_from(generation: u64, sender: i32) -> Event {
         Event::Notify {
-            generation,
+            unit: generation,
             sender: pid(sender),
             sender_pgid: Some(pid(sender)),
             message: NotifyMessage { ready: true, ..Default::default() },
@@ -788,7 +1183,8 @@ mod tests {
     }
 
     fn spawn(generation: u64) -> Action {
-        Action::Spawn { generation }
+        // With one worker, every unit is a generation of its own: their numbers match.
+        Action::Spawn { unit: generation, generation }
     }
 
     fn reload_started(generation: u64) -> Action {
@@ -824,7 +1220,7 @@ mod tests {
     fn started() -> Vec<(u64, Event, Vec<Action>)> {
         vec![
             (0, Event::Start, vec![spawn(1)]),
-            (0, Event::Spawned { generation: 1, pid: pid(100) }, vec![]),
+            (0, Event::Spawned { unit: 1, pid: pid(100) }, vec![]),
             (10, ready_from(1, 100), vec![]),
         ]
     }
@@ -843,12 +1239,12 @@ mod tests {
             started(),
             vec![
                 (20, Event::Reload, vec![reload_started(2), spawn(2)]),
-                (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
+                (20, Event::Spawned { unit: 2, pid: pid(200) }, vec![]),
                 (30, ready_from(2, 200), vec![sig(100, SIGTERM), done_ok(2)]),
                 (
                     40,
                     exited(100, ChildStatus::Signaled(SIGTERM)),
-                    vec![Action::Release { generation: 1 }],
+                    vec![Action::Release { unit: 1 }],
                 ),
             ],
         );
@@ -861,7 +1257,7 @@ mod tests {
             started(),
             vec![
                 (20, Event::Reload, vec![reload_started(2), spawn(2)]),
-                (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
+                (20, Event::Spawned { unit: 2, pid: pid(200) }, vec![]),
                 (25, ready_from(1, 100), vec![]),
                 // The old generation still serves: a forwarded signal goes to it.
                 (26, Event::Forward(SIGUSR1), vec![sig(100, SIGUSR1)]),
@@ -885,10 +1281,10 @@ mod tests {
             let t0 = Instant::now();
             let mut sup = Supervisor::new(p);
             sup.step(Event::Start, t0);
-            sup.step(Event::Spawned { generation: 1, pid: pid(100) }, t0);
+            sup.step(Event::Spawned { unit: 1, pid: pid(100) }, t0);
             let message = NotifyMessage { ready: true, ..Default::default() };
             let event = Event::Notify {
-                generation: 1,
+                unit: 1,
                 sender: pid(sender),
                 sender_pgid: sender_pgid.map(pid),
                 message,
@@ -906,7 +1302,7 @@ mod tests {
             started(),
             vec![
                 (20, Event::Reload, vec![reload_started(2), spawn(2)]),
-                (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
+                (20, Event::Spawned { unit: 2, pid: pid(200) }, vec![]),
                 (21, Event::Reload, vec![]),
                 (22, Event::Reload, vec![]),
                 (23, Event::Reload, vec![]),
@@ -915,7 +1311,7 @@ mod tests {
                     ready_from(2, 200),
                     vec![sig(100, SIGTERM), done_ok(2), reload_started(3), spawn(3)],
                 ),
-                (30, Event::Spawned { generation: 3, pid: pid(300) }, vec![]),
+                (30, Event::Spawned { unit: 3, pid: pid(300) }, vec![]),
                 (40, ready_from(3, 300), vec![sig(200, SIGTERM), done_ok(3)]),
             ],
         );
@@ -929,12 +1325,12 @@ mod tests {
             started(),
             vec![
                 (20, Event::Reload, vec![reload_started(2), spawn(2)]),
-                (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
+                (20, Event::Spawned { unit: 2, pid: pid(200) }, vec![]),
                 (
                     25,
                     exited(200, ChildStatus::Exited(3)),
                     vec![
-                        Action::Release { generation: 2 },
+                        Action::Release { unit: 2 },
                         done_err(2, &reason),
                         Action::Manager(ManagerMessage::Ready(format!(
                             "serving: generation 1; last reload failed: {reason}"
@@ -954,13 +1350,13 @@ mod tests {
             started(),
             vec![
                 (20, Event::Reload, vec![reload_started(2), spawn(2)]),
-                (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
+                (20, Event::Spawned { unit: 2, pid: pid(200) }, vec![]),
                 (60_019, Event::Timer, vec![]),
                 (60_020, Event::Timer, vec![group_kill(200), done_err(2, &reason)]),
                 (
                     60_030,
                     exited(200, ChildStatus::Signaled(SIGKILL)),
-                    vec![Action::Release { generation: 2 }],
+                    vec![Action::Release { unit: 2 }],
                 ),
                 (60_040, Event::Forward(SIGUSR1), vec![sig(100, SIGUSR1)]),
             ],
@@ -974,14 +1370,14 @@ mod tests {
             started(),
             vec![
                 (20, Event::Reload, vec![reload_started(2), spawn(2)]),
-                (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
+                (20, Event::Spawned { unit: 2, pid: pid(200) }, vec![]),
                 (30, ready_from(2, 200), vec![sig(100, SIGTERM), done_ok(2)]),
                 (30_029, Event::Timer, vec![]),
                 (30_030, Event::Timer, vec![group_kill(100)]),
                 (
                     30_040,
                     exited(100, ChildStatus::Signaled(SIGKILL)),
-                    vec![Action::Release { generation: 1 }],
+                    vec![Action::Release { unit: 1 }],
                 ),
             ],
         );
@@ -994,18 +1390,18 @@ mod tests {
             started(),
             vec![
                 (20, Event::Reload, vec![reload_started(2), spawn(2)]),
-                (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
+                (20, Event::Spawned { unit: 2, pid: pid(200) }, vec![]),
                 (
                     25,
                     Event::Stop("received SIGTERM".into()),
                     vec![done_err(2, "sockhold is stopping"), sig(100, SIGTERM), sig(200, SIGTERM)],
                 ),
                 (26, ready_from(2, 200), vec![]),
-                (27, exited(200, ChildStatus::Exited(0)), vec![Action::Release { generation: 2 }]),
+                (27, exited(200, ChildStatus::Exited(0)), vec![Action::Release { unit: 2 }]),
                 (
                     28,
                     exited(100, ChildStatus::Signaled(SIGTERM)),
-                    vec![Action::Release { generation: 1 }, Action::Exit(ExitCode::SUCCESS)],
+                    vec![Action::Release { unit: 1 }, Action::Exit(ExitCode::SUCCESS)],
                 ),
             ],
         );
@@ -1027,7 +1423,7 @@ mod tests {
                     (
                         30,
                         exited(100, status),
-                        vec![Action::Release { generation: 1 }, Action::Exit(ExitCode(want))],
+                        vec![Action::Release { unit: 1 }, Action::Exit(ExitCode(want))],
                     ),
                 ],
             );
@@ -1040,7 +1436,7 @@ mod tests {
         let mut rows = with(
             started(),
             vec![
-                (20, exited(100, ChildStatus::Exited(1)), vec![Action::Release { generation: 1 }]),
+                (20, exited(100, ChildStatus::Exited(1)), vec![Action::Release { unit: 1 }]),
                 (119, Event::Timer, vec![]),
                 (120, Event::Timer, vec![spawn(2)]),
             ],
@@ -1050,23 +1446,23 @@ mod tests {
         let mut delay = 200;
         for generation in 2..=5u64 {
             let p = generation as i32 * 100;
-            rows.push((t, Event::Spawned { generation, pid: pid(p) }, vec![]));
+            rows.push((t, Event::Spawned { unit: generation, pid: pid(p) }, vec![]));
             rows.push((
                 t + 1,
                 exited(p, ChildStatus::Exited(1)),
-                vec![Action::Release { generation }],
+                vec![Action::Release { unit: generation }],
             ));
             t += 1 + delay;
             rows.push((t - 1, Event::Timer, vec![]));
             rows.push((t, Event::Timer, vec![spawn(generation + 1)]));
             delay *= 2;
         }
-        rows.push((t, Event::Spawned { generation: 6, pid: pid(600) }, vec![]));
+        rows.push((t, Event::Spawned { unit: 6, pid: pid(600) }, vec![]));
         // The fifth failed start in a row ends sockhold with the child's status.
         rows.push((
             t + 1,
             exited(600, ChildStatus::Exited(4)),
-            vec![Action::Release { generation: 6 }, Action::Exit(ExitCode(4))],
+            vec![Action::Release { unit: 6 }, Action::Exit(ExitCode(4))],
         ));
         run(policy(ReadyMode::Notify), &rows);
     }
@@ -1116,7 +1512,7 @@ mod tests {
                 (
                     0,
                     Event::SpawnFailed {
-                        generation: 1,
+                        unit: 1,
                         error: "not found".into(),
                         code: ExitCode::NOT_FOUND,
                     },
@@ -1131,7 +1527,7 @@ mod tests {
                 (
                     20,
                     Event::SpawnFailed {
-                        generation: 2,
+                        unit: 2,
                         error: "not found".into(),
                         code: ExitCode::NOT_FOUND,
                     },
@@ -1149,7 +1545,7 @@ mod tests {
             policy(ReadyMode::Delay(Duration::from_millis(500))),
             &[
                 (0, Event::Start, vec![spawn(1)]),
-                (0, Event::Spawned { generation: 1, pid: pid(100) }, vec![]),
+                (0, Event::Spawned { unit: 1, pid: pid(100) }, vec![]),
                 (100, ready_from(1, 100), vec![]),
                 (499, Event::Timer, vec![]),
                 (
@@ -1179,7 +1575,7 @@ mod tests {
                         spawn(2),
                     ],
                 ),
-                (20, Event::Spawned { generation: 2, pid: pid(200) }, vec![]),
+                (20, Event::Spawned { unit: 2, pid: pid(200) }, vec![]),
                 (
                     30,
                     ready_from(2, 200),
@@ -1210,7 +1606,7 @@ mod tests {
         let mut sup = Supervisor::new(policy(ReadyMode::Delay(Duration::from_secs(2))));
         assert_eq!(sup.next_deadline(), None, "nothing running: no wakeup");
         sup.step(Event::Start, t0);
-        sup.step(Event::Spawned { generation: 1, pid: pid(100) }, t0);
+        sup.step(Event::Spawned { unit: 1, pid: pid(100) }, t0);
         assert_eq!(sup.next_deadline(), Some(t0 + Duration::from_secs(2)));
         sup.step(Event::Timer, t0 + Duration::from_secs(2));
         assert_eq!(sup.next_deadline(), None, "serving and idle: no wakeup");

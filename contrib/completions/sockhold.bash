@@ -86,7 +86,7 @@ _sockhold() {
 
     case "${cmd}" in
         sockhold)
-            opts="-l -v -q -h -V --listen --ready --ready-timeout --stop-signal --stop-timeout --restart --notify-access --name --accept --inetd --max-connections --lazy --compat-env --control --pid-file --verbose --quiet --log-format --help --version ctl help"
+            opts="-l -v -q -h -V --listen --ready --ready-timeout --probe-delay --probe-interval --probe-timeout --watchdog --workers --reload-strategy --stop-signal --stop-timeout --restart --notify-access --name --accept --inetd --max-connections --lazy --compat-env --control --pid-file --verbose --quiet --log-format --help --version ctl help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -106,6 +106,30 @@ _sockhold() {
                     ;;
                 --ready-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --probe-delay)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --probe-interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --probe-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --watchdog)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --workers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --reload-strategy)
+                    COMPREPLY=($(compgen -W "rolling all-at-once" -- "${cur}"))
                     return 0
                     ;;
                 --stop-signal)

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_sockhold_global_optspecs
-    string join \n l/listen= ready= ready-timeout= stop-signal= stop-timeout= restart= notify-access= name= accept inetd max-connections= lazy compat-env= control= pid-file= v/verbose q/quiet log-format= h/help V/version
+    string join \n l/listen= ready= ready-timeout= probe-delay= probe-interval= probe-timeout= watchdog= workers= reload-strategy= stop-signal= stop-timeout= restart= notify-access= name= accept inetd max-connections= lazy compat-env= control= pid-file= v/verbose q/quiet log-format= h/help V/version
 end
 
 function __fish_sockhold_needs_command
@@ -25,15 +25,22 @@ function __fish_sockhold_using_subcommand
 end
 
 complete -c sockhold -n "__fish_sockhold_needs_command" -s l -l listen -d 'A socket to bind and hand over: a port (8080), ADDR:PORT (127.0.0.1:8080, [::1]:8080), tcp://, tcp4://, tcp6://, udp://, udp4://, udp6://HOST:PORT, a Unix socket (/run/app.sock, unix://, unixgram://, unixpacket:// with /PATH or @ABSTRACT), or an inherited one to adopt (fd://N, systemd://NAME). Options follow after commas: name=, backlog=, v6only=, reuseport, freebind, device=, nodelay, keepalive, rcvbuf=, sndbuf=, mode=, owner=, group=, nonblock. Repeatable: the order is the fd order (3, 4, ...). Without any, sockhold adopts every socket it was itself given under socket activation' -r
-complete -c sockhold -n "__fish_sockhold_needs_command" -l ready -d 'How a new child proves it is ready: `notify` (it sends READY=1 to $NOTIFY_SOCKET) or `delay:DUR` (it is still running after DUR)' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l ready -d 'How a new child proves it is ready: `notify` (it sends READY=1 to $NOTIFY_SOCKET), `delay:DUR` (it is still running after DUR), `http:PATH` (GET PATH on its private `health` listener, the fd after the --listen ones, answers 2xx) or `exec:CMD` (CMD, split into words as a shell would but run without one, exits 0; it gets SOCKHOLD_CHILD_PID and SOCKHOLD_GENERATION). Probes are retried per --probe-delay, --probe-interval and --probe-timeout until --ready-timeout' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l ready-timeout -d 'A new child that is not ready by then is killed; the old one keeps serving' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l probe-delay -d 'With --ready http: or exec:, the wait between a child\'s start and its first probe' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l probe-interval -d 'With --ready http: or exec:, the wait between the end of a failed probe and the next' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l probe-timeout -d 'With --ready http: or exec:, how long one probe may take before it counts as failed (an exec: probe is then killed)' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l watchdog -d 'A serving child must send WATCHDOG=1 at least this often (it gets WATCHDOG_USEC and WATCHDOG_PID); on a miss it gets SIGABRT, then SIGKILL after --stop-timeout, and is restarted as after a crash. WATCHDOG=trigger fires it, WATCHDOG_USEC= changes it' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l workers -d 'Run N children per generation, all on the same sockets. A worker that crashes is replaced alone' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l reload-strategy -d 'How a reload replaces the workers: `rolling` (one new worker ready, then one old one stopped and gone, then the next: never more than N+1 alive) or `all-at-once` (N new ready, then the N old stopped)' -r -f -a "rolling\t'One new worker, ready, then one old worker stopped and gone, then the next: never more than N+1 workers of this reload alive'
+all-at-once\t'N new workers; when all are ready, the N old ones are stopped'"
 complete -c sockhold -n "__fish_sockhold_needs_command" -l stop-signal -d 'The signal that asks a child to stop (TERM, SIGTERM or 15)' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l stop-timeout -d 'A child that has not exited this long after the stop signal gets SIGKILL, with its whole process group' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l restart -d 'What to do when the serving child exits by itself: restart it (with backoff from 100ms to 30s) unless it exited 0, always restart it, or never (sockhold ends with its status)' -r -f -a "on-failure\t'Restart unless it exited with status 0'
 always\t'Always restart'
 never\t'Never restart: sockhold ends with the child\'s status'"
-complete -c sockhold -n "__fish_sockhold_needs_command" -l notify-access -d 'Whose notify messages count: the child\'s main process, any process in its process group, or anyone who can reach the socket' -r -f -a "main\t'Only the generation\'s main process'
-group\t'Any process in the generation\'s process group'
+complete -c sockhold -n "__fish_sockhold_needs_command" -l notify-access -d 'Whose notify messages count: the child\'s main process, any process in its process group, or anyone who can reach the socket' -r -f -a "main\t'Only the child\'s main process'
+group\t'Any process in the child\'s process group'
 all\t'Any process that can reach the socket'"
 complete -c sockhold -n "__fish_sockhold_needs_command" -l name -d 'The instance name, used in logs, as the default LISTEN_FDNAMES entry and in runtime paths [default: the basename of COMMAND]' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l max-connections -d 'With --accept: at most N children at once; further connections wait in the backlog' -r
