@@ -1611,4 +1611,354 @@ mod tests {
         sup.step(Event::Timer, t0 + Duration::from_secs(2));
         assert_eq!(sup.next_deadline(), None, "serving and idle: no wakeup");
     }
+
+    fn notify(unit: u64, sender: i32, message: NotifyMessage) -> Event {
+        Event::Notify { unit, sender: pid(sender), sender_pgid: Some(pid(sender)), message }
+    }
+
+    fn workers(n: usize, strategy: ReloadStrategy) -> Policy {
+        let mut p = policy(ReadyMode::Notify);
+        p.workers = n;
+        p.reload_strategy = strategy;
+        p
+    }
+
+    /// Drives a supervisor as the event loop would, with children that start at once, get
+    /// ready when told, and exit as soon as they are signalled; counts the children alive.
+    struct Sim {
+        sup: Supervisor,
+        t0: Instant,
+        ms: u64,
+        /// Live pid -> (unit, generation).
+        alive: std::collections::BTreeMap<i32, (u64, u64)>,
+        max_alive: usize,
+        done: Vec<Result<(), String>>,
+        /// Children that got the stop signal and exit at the next `settle`.
+        signalled: Vec<i32>,
+    }
+
+    impl Sim {
+        fn new(policy: Policy) -> Sim {
+            let mut sim = Sim {
+                sup: Supervisor::new(policy),
+                t0: Instant::now(),
+                ms: 0,
+                alive: Default::default(),
+                max_alive: 0,
+                done: Vec::new(),
+                signalled: Vec::new(),
+            };
+            sim.feed(Event::Start);
+            sim
+        }
+
+        fn feed(&mut self, event: Event) {
+            let mut queue = std::collections::VecDeque::from([event]);
+            while let Some(event) = queue.pop_front() {
+                let now = self.t0 + Duration::from_millis(self.ms);
+                for action in self.sup.step(event, now) {
+                    match action {
+                        Action::Spawn { unit, generation } => {
+                            let p = 1000 + unit as i32;
+                            self.alive.insert(p, (unit, generation));
+                            self.max_alive = self.max_alive.max(self.alive.len());
+                            queue.push_front(Event::Spawned { unit, pid: pid(p) });
+                        }
+                        Action::Signal { pid: p, .. } | Action::SignalGroup { pgid: p, .. } => {
+                            self.signalled.push(p.as_raw())
+                        }
+                        Action::ReloadDone { result, .. } => self.done.push(result),
+                        _ => {}
+                    }
+                }
+            }
+        }
+
+        /// Every starting child of `generation` sends READY=1, one at a time, and every
+        /// signalled child exits, until nothing changes.
+        fn settle(&mut self, generation: u64) {
+            loop {
+                self.ms += 1;
+                if let Some(p) = self.signalled.pop() {
+                    if self.alive.remove(&p).is_some() {
+                        self.feed(exited(p, ChildStatus::Signaled(SIGTERM)));
+                    }
+                    continue;
+                }
+                let starting = self.sup.units.iter().find(|u| {
+                    u.generation == generation && matches!(u.state, UnitState::Starting { .. })
+                });
+                let Some(u) = starting.map(|u| (u.key, u.pid.expect("forked").as_raw())) else {
+                    break;
+                };
+                self.feed(ready_from(u.0, u.1));
+            }
+        }
+
+        fn serving_generations(&self) -> Vec<u64> {
+            self.sup.serving().map(|u| u.generation).collect()
+        }
+    }
+
+    #[test]
+    fn workers_start_together_and_the_manager_hears_ready_once_all_serve() {
+        let mut sup = Supervisor::new(workers(3, ReloadStrategy::Rolling));
+        let t0 = Instant::now();
+        let spawns = sup.step(Event::Start, t0);
+        assert_eq!(
+            spawns,
+            (1..=3).map(|u| Action::Spawn { unit: u, generation: 1 }).collect::<Vec<_>>()
+        );
+        for u in 1..=3 {
+            sup.step(Event::Spawned { unit: u, pid: pid(100 + u as i32) }, t0);
+        }
+        let ready = |a: &Vec<Action>| {
+            a.iter().any(|a| matches!(a, Action::Manager(ManagerMessage::Ready(_))))
+        };
+        assert!(!ready(&sup.step(ready_from(1, 101), t0)));
+        assert!(!ready(&sup.step(ready_from(2, 102), t0)));
+        let last = sup.step(ready_from(3, 103), t0);
+        assert!(ready(&last), "{last:?}");
+        assert!(last.contains(&Action::Manager(ManagerMessage::Ready(
+            "serving: generation 1 (pids 101,102,103)".into()
+        ))));
+        assert_eq!(sup.serving_pids(), vec![pid(101), pid(102), pid(103)]);
+    }
+
+    #[test]
+    fn a_rolling_reload_replaces_one_worker_at_a_time_with_at_most_n_plus_one_alive() {
+        for n in [1, 2, 4] {
+            let mut sim = Sim::new(workers(n, ReloadStrategy::Rolling));
+            sim.settle(1);
+            assert_eq!(sim.serving_generations(), vec![1; n]);
+            for round in 0..3u64 {
+                sim.max_alive = sim.alive.len();
+                sim.feed(Event::Reload);
+                sim.settle(2 + round);
+                assert_eq!(sim.serving_generations(), vec![2 + round; n], "n={n}");
+                assert_eq!(sim.alive.len(), n, "every old worker is gone");
+                assert!(sim.max_alive <= n + 1, "n={n}: {} alive at once", sim.max_alive);
+            }
+            assert_eq!(sim.done, vec![Ok(()); 3]);
+        }
+    }
+
+    #[test]
+    fn an_all_at_once_reload_stops_the_old_workers_only_when_every_new_one_is_ready() {
+        let mut sim = Sim::new(workers(3, ReloadStrategy::AllAtOnce));
+        sim.settle(1);
+        sim.feed(Event::Reload);
+        assert_eq!(sim.alive.len(), 6, "three new workers start together");
+        for key in [4, 5] {
+            sim.feed(ready_from(key, 1000 + key as i32));
+            assert!(sim.signalled.is_empty(), "no old worker stops before all new are ready");
+        }
+        sim.feed(ready_from(6, 1006));
+        let mut stopped = sim.signalled.clone();
+        stopped.sort();
+        assert_eq!(stopped, vec![1001, 1002, 1003]);
+        assert_eq!(sim.done, vec![Ok(())]);
+    }
+
+    #[test]
+    fn a_failed_rolling_reload_keeps_what_it_replaced_and_the_old_workers_serve_on() {
+        let mut sim = Sim::new(workers(3, ReloadStrategy::Rolling));
+        sim.settle(1);
+        sim.feed(Event::Reload);
+        // The first new worker (unit 4) gets ready and replaces an old one.
+        sim.feed(ready_from(4, 1004));
+        let p = sim.signalled.pop().expect("one old worker stopped");
+        sim.alive.remove(&p);
+        sim.feed(exited(p, ChildStatus::Signaled(SIGTERM)));
+        // The second new worker (unit 5) dies before it is ready.
+        sim.alive.remove(&1005);
+        sim.feed(exited(1005, ChildStatus::Exited(3)));
+        assert_eq!(
+            sim.done,
+            vec![Err("generation 2 (pid 1005) exited before it was ready: exit status 3".into())]
+        );
+        let mut serving = sim.serving_generations();
+        serving.sort();
+        assert_eq!(serving, vec![1, 1, 2], "two old workers and the replaced one serve");
+        assert!(sim.signalled.is_empty(), "nothing else is stopped");
+        // The next reload replaces them all.
+        sim.feed(Event::Reload);
+        sim.settle(3);
+        assert_eq!(sim.serving_generations(), vec![3, 3, 3]);
+    }
+
+    #[test]
+    fn a_failed_all_at_once_reload_kills_and_stops_every_new_worker() {
+        let mut sim = Sim::new(workers(2, ReloadStrategy::AllAtOnce));
+        sim.settle(1);
+        sim.feed(Event::Reload);
+        sim.feed(ready_from(3, 1003));
+        sim.alive.remove(&1004);
+        sim.feed(exited(1004, ChildStatus::Exited(1)));
+        assert_eq!(sim.signalled, vec![1003], "the new worker that was ready stops too");
+        assert!(matches!(sim.done.as_slice(), [Err(_)]));
+        sim.settle(2);
+        assert_eq!(sim.serving_generations(), vec![1, 1]);
+    }
+
+    #[test]
+    fn a_crashed_worker_is_replaced_alone_in_its_generation_after_the_backoff() {
+        let rows = vec![
+            (
+                0,
+                Event::Start,
+                vec![
+                    Action::Spawn { unit: 1, generation: 1 },
+                    Action::Spawn { unit: 2, generation: 1 },
+                ],
+            ),
+            (0, Event::Spawned { unit: 1, pid: pid(100) }, vec![]),
+            (0, Event::Spawned { unit: 2, pid: pid(200) }, vec![]),
+            (10, ready_from(1, 100), vec![]),
+            (10, ready_from(2, 200), vec![]),
+            (20, exited(200, ChildStatus::Exited(1)), vec![Action::Release { unit: 2 }]),
+            (119, Event::Timer, vec![]),
+            (120, Event::Timer, vec![Action::Spawn { unit: 3, generation: 1 }]),
+            (120, Event::Spawned { unit: 3, pid: pid(300) }, vec![]),
+            (130, ready_from(3, 300), vec![]),
+            // A reload now replaces both, as generation 2.
+            (140, Event::Reload, vec![reload_started(2), Action::Spawn { unit: 4, generation: 2 }]),
+        ];
+        let sup = run(workers(2, ReloadStrategy::Rolling), &rows);
+        assert_eq!(sup.restarts(), 1);
+    }
+
+    #[test]
+    fn http_and_exec_readiness_probe_until_one_succeeds() {
+        let mut p = policy(ReadyMode::Http("/healthz".into()));
+        p.probe_delay = Duration::from_millis(5);
+        let probe =
+            |unit: u64, p: i32, generation: u64| Action::Probe { unit, pid: pid(p), generation };
+        let failed =
+            |unit| Event::ProbeDone { unit, result: Err("the health check answered 500".into()) };
+        let ok = |unit| Event::ProbeDone { unit, result: Ok(()) };
+        let rows = vec![
+            (0, Event::Start, vec![spawn(1)]),
+            (0, Event::Spawned { unit: 1, pid: pid(100) }, vec![]),
+            (4, Event::Timer, vec![]),
+            (5, Event::Timer, vec![probe(1, 100, 1)]),
+            // READY=1 does not count with http: readiness.
+            (6, ready_from(1, 100), vec![]),
+            (7, ok(1), vec![]),
+            (20, Event::Reload, vec![reload_started(2), spawn(2)]),
+            (20, Event::Spawned { unit: 2, pid: pid(200) }, vec![]),
+            (25, Event::Timer, vec![probe(2, 200, 2)]),
+            (26, failed(2), vec![]),
+            (125, Event::Timer, vec![]),
+            (126, Event::Timer, vec![probe(2, 200, 2)]),
+            (127, ok(2), vec![sig(100, SIGTERM), done_ok(2)]),
+        ];
+        run(p.clone(), &rows);
+
+        p.ready_timeout = Duration::from_secs(1);
+        let rows = vec![
+            (0, Event::Start, vec![spawn(1)]),
+            (0, Event::Spawned { unit: 1, pid: pid(100) }, vec![]),
+            (5, Event::Timer, vec![probe(1, 100, 1)]),
+            (6, ok(1), vec![]),
+            (20, Event::Reload, vec![reload_started(2), spawn(2)]),
+            (20, Event::Spawned { unit: 2, pid: pid(200) }, vec![]),
+            (25, Event::Timer, vec![probe(2, 200, 2)]),
+            (26, failed(2), vec![]),
+            (
+                1020,
+                Event::Timer,
+                vec![
+                    group_kill(200),
+                    done_err(
+                        2,
+                        "generation 2 (pid 200) was not ready within 1s (last probe: the health check answered 500)",
+                    ),
+                ],
+            ),
+        ];
+        run(p, &rows);
+    }
+
+    #[test]
+    fn a_missed_watchdog_aborts_the_child_and_restarts_it_as_after_a_crash() {
+        let mut p = policy(ReadyMode::Notify);
+        p.watchdog = Some(Duration::from_secs(1));
+        let fed = NotifyMessage { watchdog: true, ..Default::default() };
+        let rows = with(
+            started(),
+            vec![
+                (500, notify(1, 100, fed.clone()), vec![]),
+                (1499, Event::Timer, vec![]),
+                (1500, Event::Timer, vec![sig(100, Signal::SIGABRT)]),
+                // Stopped (SIGSTOP) children do not die of SIGABRT: SIGKILL at --stop-timeout.
+                (31_500, Event::Timer, vec![group_kill(100)]),
+                (
+                    31_510,
+                    exited(100, ChildStatus::Signaled(SIGKILL)),
+                    vec![Action::Release { unit: 1 }],
+                ),
+                (31_610, Event::Timer, vec![spawn(2)]),
+            ],
+        );
+        let sup = run(p.clone(), &rows);
+        assert_eq!(sup.restarts(), 1);
+
+        // WATCHDOG=trigger fires at once; WATCHDOG_USEC= changes the period.
+        let rows = with(
+            started(),
+            vec![
+                (
+                    20,
+                    notify(
+                        1,
+                        100,
+                        NotifyMessage { watchdog_usec: Some(5_000_000), ..Default::default() },
+                    ),
+                    vec![],
+                ),
+                (1100, Event::Timer, vec![]),
+                (5019, Event::Timer, vec![]),
+                (5020, Event::Timer, vec![sig(100, Signal::SIGABRT)]),
+            ],
+        );
+        run(p.clone(), &rows);
+        let rows = with(
+            started(),
+            vec![(
+                20,
+                notify(1, 100, NotifyMessage { watchdog_trigger: true, ..Default::default() }),
+                vec![sig(100, Signal::SIGABRT)],
+            )],
+        );
+        run(p.clone(), &rows);
+        // Before it is ready, a child has no watchdog: its ready timeout covers it.
+        let rows = vec![
+            (0, Event::Start, vec![spawn(1)]),
+            (0, Event::Spawned { unit: 1, pid: pid(100) }, vec![]),
+            (5000, Event::Timer, vec![]),
+        ];
+        run(p, &rows);
+    }
+
+    #[test]
+    fn extend_timeout_usec_pushes_the_ready_and_stop_deadlines() {
+        let mut p = policy(ReadyMode::Notify);
+        p.ready_timeout = Duration::from_secs(1);
+        p.stop_timeout = Duration::from_secs(1);
+        let extend = |usec| NotifyMessage { extend_timeout_usec: Some(usec), ..Default::default() };
+        let rows = vec![
+            (0, Event::Start, vec![spawn(1)]),
+            (0, Event::Spawned { unit: 1, pid: pid(100) }, vec![]),
+            (900, notify(1, 100, extend(3_000_000)), vec![]),
+            (1000, Event::Timer, vec![]),
+            (3899, Event::Timer, vec![]),
+            (3900, ready_from(1, 100), vec![]),
+            (4000, Event::Stop("test".into()), vec![sig(100, SIGTERM)]),
+            (4500, notify(1, 100, extend(2_000_000)), vec![]),
+            (5000, Event::Timer, vec![]),
+            (6500, Event::Timer, vec![group_kill(100)]),
+        ];
+        run(p, &rows);
+    }
 }
