@@ -9,6 +9,13 @@
 //! served it, so a reload can be watched with `curl -i`. Outside sockhold it
 //! runs under `systemd-socket-activate -l 127.0.0.1:8080 httpd`, or with
 //! `--bind 127.0.0.1:8080` it binds the port itself.
+//!
+//! It serves every socket it is given, so it answers sockhold's `health`
+//! listener (`--ready http:/healthz`) like any other: `GET /healthz` answers
+//! 200, or the status given with `--health-status`. With a watchdog
+//! (`WATCHDOG_USEC` and `WATCHDOG_PID` set to its pid) it sends `WATCHDOG=1`
+//! twice per period. `--no-notify` makes it a server that knows nothing of
+//! sd_notify: it never writes to `$NOTIFY_SOCKET`.
 
 /// Logs one line to stderr. Unlike `eprintln!`, it never panics: a server must keep serving when
 /// whoever reads its stderr (a log pipe, `logger`) has gone away.
@@ -45,6 +52,7 @@ const MAX_HEAD: usize = 16 * 1024;
 const IDLE_SECS: i64 = 30;
 
 /// The socket-activation variables, read once at startup.
+#[derive(Clone)]
 struct Activation {
     listen_fds: Option<OsString>,
     listen_pid: Option<OsString>,
@@ -162,6 +170,8 @@ impl Listener {
 struct Server {
     pid: u32,
     generation: String,
+    /// What `GET /healthz` answers.
+    health_status: u16,
     /// Read end of the stop pipe: written once and never drained, so it stays
     /// readable and every thread that polls it sees the stop.
     stop: OwnedFd,
@@ -181,16 +191,33 @@ fn main() {
 }
 
 fn run(activation: Activation, pid: u32) -> Result<()> {
-    let args: Vec<String> = env::args().skip(1).collect();
-    let listeners = match &args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        [] => listeners_from_env(&activation, pid)?,
-        ["--bind", addr] => vec![Listener::Tcp(
-            TcpListener::bind(addr).with_context(|| format!("cannot bind {addr}"))?,
-        )],
-        _ => {
-            say!("usage: httpd [--bind ADDR]  (without --bind: sockets from LISTEN_FDS)");
-            process::exit(2);
+    let usage = || -> ! {
+        say!(
+            "usage: httpd [--bind ADDR] [--no-notify] [--health-status CODE]  \
+             (without --bind: sockets from LISTEN_FDS)"
+        );
+        process::exit(2);
+    };
+    let (mut bind, mut use_notify, mut health_status) = (None, true, 200u16);
+    let mut args = env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--bind" => bind = Some(args.next().unwrap_or_else(|| usage())),
+            "--no-notify" => use_notify = false,
+            "--health-status" => {
+                let code = args.next().and_then(|c| c.parse().ok());
+                health_status = code.filter(|c| (100..600).contains(c)).unwrap_or_else(|| usage());
+            }
+            _ => usage(),
         }
+    }
+    let activation =
+        if use_notify { activation } else { Activation { notify_socket: None, ..activation } };
+    let listeners = match bind {
+        None => listeners_from_env(&activation, pid)?,
+        Some(addr) => vec![Listener::Tcp(
+            TcpListener::bind(&addr).with_context(|| format!("cannot bind {addr}"))?,
+        )],
     };
     // Registered before READY=1, so that a SIGTERM right after it starts a
     // drain instead of killing us with connections in flight.
@@ -199,6 +226,7 @@ fn run(activation: Activation, pid: u32) -> Result<()> {
     let server = Arc::new(Server {
         pid,
         generation: env::var("SOCKHOLD_GENERATION").unwrap_or_else(|_| "-".into()),
+        health_status,
         stop,
         stopping: AtomicBool::new(false),
         conns: Mutex::new((0, 0)),
@@ -222,6 +250,21 @@ fn run(activation: Activation, pid: u32) -> Result<()> {
     // meanwhile wait in the kernel's queue, so we are ready now.
     let status = format!("READY=1\nSTATUS=serving on {} socket(s)", acceptors.len());
     notify(&activation, &status);
+    // sd_watchdog_enabled(): only if the watchdog is meant for this process.
+    let watchdog_usec = env::var("WATCHDOG_USEC").ok().and_then(|v| v.parse::<u64>().ok());
+    let watchdog_pid = env::var("WATCHDOG_PID").ok().and_then(|v| v.parse::<u32>().ok());
+    if let (Some(usec), Some(p), Some(_)) = (watchdog_usec, watchdog_pid, &activation.notify_socket)
+        && p == pid
+        && usec > 0
+    {
+        let activation = activation.clone();
+        thread::spawn(move || {
+            loop {
+                notify(&activation, "WATCHDOG=1");
+                thread::sleep(Duration::from_micros(usec / 2));
+            }
+        });
+    }
 
     signals.forever().next();
     notify(&activation, "STOPPING=1");
@@ -401,6 +444,7 @@ fn read_head(reader: &mut impl BufRead) -> Result<Option<Vec<String>>, HeadError
 }
 
 struct Request {
+    target: String,
     http10: bool,
     head_only: bool,
     body_length: u64,
@@ -428,8 +472,14 @@ fn parse_request(lines: &[String]) -> Result<Request, u16> {
         return Err(400);
     }
     let head_only = method == "HEAD";
-    let mut req =
-        Request { http10, head_only, body_length: 0, keep_alive: !http10, expect_continue: false };
+    let mut req = Request {
+        target: target.to_string(),
+        http10,
+        head_only,
+        body_length: 0,
+        keep_alive: !http10,
+        expect_continue: false,
+    };
     let (mut has_host, mut length) = (false, None);
     for line in &lines[1..] {
         let (name, value) = line.split_once(':').ok_or(400u16)?;
@@ -509,7 +559,8 @@ fn handle_request<S: Read + Write + AsFd>(
         (true, true) => "Connection: keep-alive\r\n",
         (true, false) => "",
     };
-    respond(server, reader.get_mut(), 200, connection, req.head_only)?;
+    let code = if req.target == "/healthz" { server.health_status } else { 200 };
+    respond(server, reader.get_mut(), code, connection, req.head_only)?;
     Ok(keep_alive)
 }
 
@@ -526,7 +577,10 @@ fn respond(
         400 => ("Bad Request", "bad request\n".into()),
         431 => ("Request Header Fields Too Large", "request head too large\n".into()),
         501 => ("Not Implemented", "transfer-encoding is not supported\n".into()),
-        _ => ("HTTP Version Not Supported", "HTTP version not supported\n".into()),
+        505 => ("HTTP Version Not Supported", "HTTP version not supported\n".into()),
+        500 => ("Internal Server Error", "unhealthy\n".into()),
+        503 => ("Service Unavailable", "unhealthy\n".into()),
+        _ => ("Status", format!("status {code}\n")),
     };
     let mut response = format!(
         "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\

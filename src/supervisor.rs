@@ -490,7 +490,11 @@ impl Supervisor {
             return;
         }
         let generation = reload.generation;
-        if self.count(generation, Self::is_serving) >= self.policy.workers {
+        // A rolling reload of several workers ends when the last old worker it stopped is gone,
+        // so that a reload right after it cannot have N+2 alive.
+        if self.count(generation, Self::is_serving) >= self.policy.workers
+            && reload.waiting_for.is_none()
+        {
             // Whatever old worker still serves (one the strategy did not reach) stops now.
             let old: Vec<usize> = (0..self.units.len())
                 .filter(|&i| {
@@ -659,8 +663,9 @@ impl Supervisor {
                     .map(|(j, u)| (j, u.key, u.generation));
                 match (self.policy.reload_strategy, old) {
                     (ReloadStrategy::Rolling, Some((j, old_key, old_generation))) => {
+                        let old = if self.policy.workers == 1 { "" } else { "a worker of " };
                         info!(
-                            "generation {generation} (pid {pid}) is ready; stopping a worker of generation {old_generation}"
+                            "generation {generation} (pid {pid}) is ready; stopping {old}generation {old_generation}"
                         );
                         self.stop_unit(j, self.policy.stop_signal, now, out);
                         if self.policy.workers > 1 {
