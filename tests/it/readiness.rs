@@ -30,13 +30,12 @@ fn status(control: &Path) -> Value {
     serde_json::from_slice(&out.stdout).expect("status is JSON")
 }
 
+/// What one load client saw: successes, failures, the pids that answered.
+type Tally = (u64, Vec<String>, BTreeSet<i32>);
+
 /// Load from `threads` clients, one new connection per request, until `stop`; returns the
 /// successes, the failures and the pids that answered.
-fn load(
-    port: u16,
-    threads: usize,
-    stop: &Arc<AtomicBool>,
-) -> Vec<std::thread::JoinHandle<(u64, Vec<String>, BTreeSet<i32>)>> {
+fn load(port: u16, threads: usize, stop: &Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<Tally>> {
     (0..threads)
         .map(|_| {
             let stop = Arc::clone(stop);
@@ -57,9 +56,7 @@ fn load(
         .collect()
 }
 
-fn finish(
-    clients: Vec<std::thread::JoinHandle<(u64, Vec<String>, BTreeSet<i32>)>>,
-) -> (u64, Vec<String>, BTreeSet<i32>) {
+fn finish(clients: Vec<std::thread::JoinHandle<Tally>>) -> Tally {
     let (mut ok, mut failures, mut pids) = (0, Vec::new(), BTreeSet::new());
     for client in clients {
         let (o, f, p) = client.join().expect("client thread");
