@@ -11,3 +11,4 @@ mod lifecycle;
 mod load;
 mod sockets;
 mod support;
+mod world;
