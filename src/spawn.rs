@@ -8,9 +8,9 @@
 //! fds 3..3+N-1 with close-on-exec cleared, marks every other fd close-on-exec, writes its own pid
 //! into `LISTEN_PID`, drops to `--user`'s groups, gid and uid (in that order: setuid first would
 //! leave it unable to drop root's groups), enters `--chdir` (after the drop, so the directory is
-//! checked with the user's rights), and execs. A failed exec (or failed setup) is reported to the parent through
-//! a close-on-exec pipe, as std's `Command` does, so the parent can say "command not found" instead
-//! of seeing a child exit 127.
+//! checked with the user's rights), and execs. A failed exec (or failed setup) is reported to the
+//! parent through a close-on-exec pipe, as std's `Command` does, so the parent can say "command
+//! not found" or "cannot chdir to DIR" instead of seeing a child exit 127.
 //!
 //! This module must not decide anything about the lifecycle; it starts one process and says how
 //! that went.
@@ -163,8 +163,9 @@ struct Prepared {
     /// Fds to mark close-on-exec by hand if the kernel has no `close_range`.
     open_fds: Vec<RawFd>,
     empty_set: libc::sigset_t,
-    /// `--user`: groups, gid, uid; and whether setgroups is needed (only root may, and only root
-    /// has groups of its own to shed).
+    /// `--user`: groups, gid, uid; and whether to call setgroups. A sockhold that is not root
+    /// and runs children as itself skips it (it needs CAP_SETGID, and the child keeps
+    /// sockhold's groups); for any other user it is called, and fails loudly without rights.
     ids: Option<(Vec<libc::gid_t>, libc::gid_t, libc::uid_t, bool)>,
     /// `--chdir`.
     chdir: Option<CString>,
@@ -217,7 +218,8 @@ fn prepare(
     unsafe { libc::sigemptyset(&mut empty_set) };
     let ids = spec.user.as_ref().map(|u| {
         let groups = u.groups.iter().map(|g| g.as_raw()).collect();
-        (groups, u.gid.as_raw(), u.uid.as_raw(), nix::unistd::geteuid().is_root())
+        let euid = nix::unistd::geteuid();
+        (groups, u.gid.as_raw(), u.uid.as_raw(), euid.is_root() || u.uid != euid)
     });
     let chdir = match &spec.chdir {
         Some(dir) => Some(cstring(dir.as_os_str().as_bytes(), "the --chdir directory")?),
