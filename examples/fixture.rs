@@ -1,8 +1,9 @@
 //! The test fixture child: run by sockhold's integration tests as the supervised COMMAND, it
-//! reports what it sees as JSON lines on stdout (its fds, environment and signal state at start,
-//! then every signal it receives) and behaves as its arguments say (send READY=1, ignore SIGTERM,
-//! exit with a code, serve HTTP, send notify messages on demand). Every line carries its pid and
-//! its `SOCKHOLD_GENERATION`, so a test can tell the generations apart.
+//! reports what it sees as JSON lines on stdout (its fds, environment, signal state, ids, groups
+//! and working directory at start, then every signal it receives) and behaves as its arguments
+//! say (send READY=1, ignore SIGTERM, exit with a code, serve HTTP, send notify messages on
+//! demand, try to get root back). Every line carries its pid and its `SOCKHOLD_GENERATION`, so a
+//! test can tell the generations apart.
 
 use std::io::{IoSlice, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -31,6 +32,7 @@ struct Args {
     notify_on_usr1: Option<String>,
     fork_notify_ready: bool,
     set_nonblock: bool,
+    try_regain_root: bool,
 }
 
 fn generation() -> Option<String> {
@@ -81,6 +83,7 @@ fn parse_args() -> Args {
             }
             "--fork-notify-ready" => args.fork_notify_ready = true,
             "--set-nonblock" => args.set_nonblock = true,
+            "--try-regain-root" => args.try_regain_root = true,
             "--send-notify" => {
                 // Helper mode: send one message from this (other) process, then exit.
                 let text = value("--send-notify");
@@ -292,6 +295,7 @@ fn main() {
                 || k.starts_with("EINHORN_")
                 || k.starts_with("SERVER_STARTER_")
                 || k.starts_with("REMOTE_")
+                || k.starts_with("WORLD_")
         })
         .map(|(k, v)| (k, json!(v)))
         .collect();
@@ -306,6 +310,12 @@ fn main() {
             "sigblk": sigblk,
             "sigign": sigign,
             "fds": fds,
+            // Real, effective, saved and filesystem ids, and the supplementary groups, as the
+            // kernel reports them.
+            "uid": proc_status_field("Uid:"),
+            "gid": proc_status_field("Gid:"),
+            "groups": proc_status_field("Groups:"),
+            "cwd": std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default(),
         }),
     );
 
@@ -316,6 +326,25 @@ fn main() {
         let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).expect("F_GETFL"));
         fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).expect("F_SETFL");
         report("set-nonblock", json!({}));
+    }
+    if args.try_regain_root {
+        // A child that dropped its privileges must not get them back.
+        let describe = |r: nix::Result<()>| match r {
+            Ok(()) => "ok".to_string(),
+            Err(e) => format!("{e}"),
+        };
+        let setgid = describe(nix::unistd::setgid(nix::unistd::Gid::from_raw(0)));
+        let setuid = describe(nix::unistd::setuid(nix::unistd::Uid::from_raw(0)));
+        let setgroups = describe(nix::unistd::setgroups(&[nix::unistd::Gid::from_raw(0)]));
+        report(
+            "regain-root",
+            json!({
+                "setuid": setuid,
+                "setgid": setgid,
+                "setgroups": setgroups,
+                "uid": proc_status_field("Uid:"),
+            }),
+        );
     }
     if args.serve {
         serve();

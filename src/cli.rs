@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use nix::sys::signal::Signal;
 
+use crate::child_env::{ChildWorld, EnvFile, UserSpec, parse_env_assignment};
 use crate::listen::{ListenSpec, fd_name_is_valid, sanitize_fd_name};
 use crate::supervisor::{NotifyAccess, Policy, ReadyMode, ReloadStrategy, RestartPolicy};
 
@@ -147,6 +148,30 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub pid_file: Option<PathBuf>,
 
+    /// Run the children as USER (a name or uid) with its primary group, or GROUP (a name or gid),
+    /// and its supplementary groups: setgroups, setgid, setuid in that order, in the child only.
+    /// sockhold keeps its own rights and binds the sockets itself. Looked up again at every
+    /// spawn.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub user: Option<UserSpec>,
+
+    /// The children's working directory, entered after the --user change (so with the user's
+    /// rights). A relative COMMAND path is then found from DIR.
+    #[arg(long, value_name = "DIR")]
+    pub chdir: Option<PathBuf>,
+
+    /// Set K=V in the children's environment; repeatable. Wins over --env-file and sockhold's
+    /// own environment. LISTEN_*, NOTIFY_SOCKET, SOCKHOLD_* and WATCHDOG_* are sockhold's.
+    #[arg(long, value_name = "K=V", value_parser = parse_env_assignment)]
+    pub env: Vec<(String, String)>,
+
+    /// Add the KEY=VALUE lines of PATH to the children's environment (systemd's
+    /// EnvironmentFile= syntax: # and ; comments, optional `export`, quoted values); repeatable,
+    /// later files win. Read again at every reload; a bad file fails that reload. -PATH: a
+    /// missing file is no error.
+    #[arg(long, value_name = "PATH", allow_hyphen_values = true)]
+    pub env_file: Vec<EnvFile>,
+
     /// Log more (repeat for even more); RUST_LOG also works.
     #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,
@@ -256,6 +281,8 @@ pub struct Config {
     pub accept: Option<AcceptConfig>,
     /// With a probing ready mode: how long one probe may take.
     pub probe_timeout: Duration,
+    /// The child's user, directory and extra environment.
+    pub world: ChildWorld,
     /// argv of the child; never empty.
     pub command: Vec<OsString>,
 }
@@ -302,6 +329,13 @@ impl Cli {
                 listen.push(spec.parse().map_err(|e| format!("{e}"))?);
             }
         }
+        let world = ChildWorld {
+            user: self.user,
+            chdir: self.chdir,
+            env: self.env,
+            env_files: self.env_file,
+        };
+        world.check()?;
         if self.ready_timeout.is_zero() {
             return Err("invalid --ready-timeout: it must be longer than 0".into());
         }
@@ -351,6 +385,7 @@ impl Cli {
                 inetd: self.inetd,
                 max_connections: self.max_connections.map(|n| n as usize),
             }),
+            world,
             command: self.command,
         })
     }

@@ -234,7 +234,7 @@ impl EventLoop {
             held.listeners.push(listener);
         }
         let signals = Signals::install()?;
-        held.runtime_dir = Some(make_runtime_dir(&config.name)?);
+        held.runtime_dir = Some(make_runtime_dir(&config.name, config.world.user.is_some())?);
         if let Some(path) = &config.pid_file {
             write_pid_file(path)?;
             held.pid_file = Some(path.clone());
@@ -769,7 +769,10 @@ impl EventLoop {
                 warn!("{e:#}");
             }
         }
-        let spec = self.child_spec(generation, socket.path(), health.is_some());
+        let mut spec = self.child_spec(generation, socket.path(), health.is_some());
+        if let Err(error) = self.config.world.apply(&mut spec, Some(socket.path())) {
+            return failed(error);
+        }
         let mut fds: Vec<BorrowedFd<'_>> = self.held.listeners.iter().map(Listener::fd).collect();
         if let Some((listener, _)) = &health {
             use std::os::fd::AsFd;
@@ -810,13 +813,18 @@ impl EventLoop {
             env.push(("REMOTE_ADDR".into(), peer.ip().to_string().into()));
             env.push(("REMOTE_PORT".into(), peer.port().to_string().into()));
         }
-        let spec = ChildSpec {
+        let mut spec = ChildSpec {
             program: self.config.command[0].clone(),
             args: self.config.command.clone(),
             env,
             listen_pid: !inetd,
             watchdog_pid: false,
+            user: None,
+            chdir: None,
         };
+        if let Err(error) = self.config.world.apply(&mut spec, None) {
+            return Event::SpawnFailed { unit: generation, error, code: ExitCode::FAILURE };
+        }
         let result = if inetd {
             spawn(&spec, &[], Some(conn.as_fd()))
         } else {
@@ -851,6 +859,8 @@ impl EventLoop {
             env,
             listen_pid: !names.is_empty(),
             watchdog_pid: self.config.policy.watchdog.is_some(),
+            user: None,
+            chdir: None,
         }
     }
 }
@@ -906,13 +916,14 @@ impl EventLoop {
 /// Creates a private directory for the notify sockets: under `$RUNTIME_DIRECTORY` (set by
 /// systemd), `$XDG_RUNTIME_DIR`, `/run` for root, else `$TMPDIR` or `/tmp`. Its name is
 /// random, so two instances never collide and nobody can plant a socket there first.
-fn make_runtime_dir(name: &str) -> Result<PathBuf> {
+/// `$XDG_RUNTIME_DIR` belongs to sockhold's user alone (0700): not for children run as another.
+fn make_runtime_dir(name: &str, other_user: bool) -> Result<PathBuf> {
     let from_env = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from);
     // systemd sets RUNTIME_DIRECTORY to a ':'-separated list when a unit has several.
     let first = |p: PathBuf| p.to_str().and_then(|s| s.split(':').next()).map(PathBuf::from);
     let base = from_env("RUNTIME_DIRECTORY")
         .and_then(first)
-        .or_else(|| from_env("XDG_RUNTIME_DIR"))
+        .or_else(|| from_env("XDG_RUNTIME_DIR").filter(|_| !other_user))
         .or_else(|| {
             nix::unistd::geteuid().is_root().then(|| PathBuf::from("/run")).filter(|p| p.is_dir())
         })

@@ -8,6 +8,7 @@
 
 mod accept;
 mod adopt;
+mod child_env;
 mod cli;
 mod control;
 mod ctl;

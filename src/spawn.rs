@@ -6,9 +6,11 @@
 //! resets every signal disposition and empties its signal mask (sockhold's handlers and blocked
 //! signals must not leak into the service), becomes its own process group, moves the listeners to
 //! fds 3..3+N-1 with close-on-exec cleared, marks every other fd close-on-exec, writes its own pid
-//! into `LISTEN_PID`, and execs. A failed exec (or failed setup) is reported to the parent through
-//! a close-on-exec pipe, as std's `Command` does, so the parent can say "command not found" instead
-//! of seeing a child exit 127.
+//! into `LISTEN_PID`, drops to `--user`'s groups, gid and uid (in that order: setuid first would
+//! leave it unable to drop root's groups), enters `--chdir` (after the drop, so the directory is
+//! checked with the user's rights), and execs. A failed exec (or failed setup) is reported to the
+//! parent through a close-on-exec pipe, as std's `Command` does, so the parent can say "command
+//! not found" or "cannot chdir to DIR" instead of seeing a child exit 127.
 //!
 //! This module must not decide anything about the lifecycle; it starts one process and says how
 //! that went.
@@ -25,7 +27,7 @@ use nix::fcntl::OFlag;
 use nix::libc;
 use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
 use nix::sys::wait::waitpid;
-use nix::unistd::{AccessFlags, ForkResult, Pid, access, fork, pipe2, setpgid};
+use nix::unistd::{AccessFlags, ForkResult, Gid, Pid, Uid, access, fork, pipe2, setpgid};
 
 use crate::exit::ExitCode;
 
@@ -48,6 +50,23 @@ pub struct ChildSpec {
     /// Whether to set `WATCHDOG_PID` (with `--watchdog`), which, like `LISTEN_PID`, only the
     /// child can know.
     pub watchdog_pid: bool,
+    /// The user to run as (`--user`), resolved before the spawn.
+    pub user: Option<Credentials>,
+    /// The working directory to enter (`--chdir`).
+    pub chdir: Option<PathBuf>,
+}
+
+/// Who a child runs as: looked up in the parent, taken on by the child alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    /// The user's name (or the uid as given, for a uid without a name), for messages.
+    pub user: String,
+    /// The uid.
+    pub uid: Uid,
+    /// The primary gid.
+    pub gid: Gid,
+    /// Every supplementary group, as `getgrouplist(3)` gives them.
+    pub groups: Vec<Gid>,
 }
 
 /// Why a child could not be started.
@@ -150,6 +169,12 @@ struct Prepared {
     /// Fds to mark close-on-exec by hand if the kernel has no `close_range`.
     open_fds: Vec<RawFd>,
     empty_set: libc::sigset_t,
+    /// `--user`: groups, gid, uid; and whether to call setgroups. A sockhold that is not root
+    /// and runs children as itself skips it (it needs CAP_SETGID, and the child keeps
+    /// sockhold's groups); for any other user it is called, and fails loudly without rights.
+    ids: Option<(Vec<libc::gid_t>, libc::gid_t, libc::uid_t, bool)>,
+    /// `--chdir`.
+    chdir: Option<CString>,
 }
 
 fn cstring(bytes: &[u8], what: &str) -> Result<CString, SpawnError> {
@@ -202,7 +227,18 @@ fn prepare(
     let mut empty_set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: empty_set is a valid sigset_t to initialise.
     unsafe { libc::sigemptyset(&mut empty_set) };
+    let ids = spec.user.as_ref().map(|u| {
+        let groups = u.groups.iter().map(|g| g.as_raw()).collect();
+        let euid = nix::unistd::geteuid();
+        (groups, u.gid.as_raw(), u.uid.as_raw(), euid.is_root() || u.uid != euid)
+    });
+    let chdir = match &spec.chdir {
+        Some(dir) => Some(cstring(dir.as_os_str().as_bytes(), "the --chdir directory")?),
+        None => None,
+    };
     Ok(Prepared {
+        ids,
+        chdir,
         program,
         _argv: argv,
         argv_ptrs,
@@ -257,13 +293,22 @@ pub fn spawn(
                 None => Ok(child),
                 Some((step, errno)) => {
                     let _ = waitpid(child, None);
-                    let code = match errno {
-                        Errno::ENOENT | Errno::ENOTDIR => ExitCode::NOT_FOUND,
+                    let code = match (step, errno) {
+                        (Step::Groups | Step::SetGid | Step::SetUid | Step::Chdir, _) => {
+                            ExitCode::FAILURE
+                        }
+                        (_, Errno::ENOENT | Errno::ENOTDIR) => ExitCode::NOT_FOUND,
                         _ => ExitCode::NOT_EXECUTABLE,
                     };
                     let message = match step {
                         Step::Exec => {
                             format!("failed to execute '{}': {}", program.display(), errno.desc())
+                        }
+                        Step::Groups | Step::SetGid | Step::SetUid | Step::Chdir => {
+                            format!(
+                                "failed to start '{shown}': {}",
+                                world_failure(spec, step, errno)
+                            )
                         }
                         step => format!(
                             "failed to start '{shown}': {} in the child: {}",
@@ -296,6 +341,10 @@ enum Step {
     ProcessGroup = 2,
     Fds = 3,
     Exec = 4,
+    Groups = 5,
+    SetGid = 6,
+    SetUid = 7,
+    Chdir = 8,
 }
 
 impl Step {
@@ -305,6 +354,35 @@ impl Step {
             Step::ProcessGroup => "setpgid",
             Step::Fds => "setting up the listening fds",
             Step::Exec => "execve",
+            Step::Groups => "setgroups",
+            Step::SetGid => "setgid",
+            Step::SetUid => "setuid",
+            Step::Chdir => "chdir",
+        }
+    }
+}
+
+/// Says which `--user` or `--chdir` step failed, naming the value it was given.
+fn world_failure(spec: &ChildSpec, step: Step, errno: Errno) -> String {
+    let user = spec.user.as_ref();
+    let name = user.map(|u| u.user.as_str()).unwrap_or_default();
+    let why = errno.desc();
+    match step {
+        Step::Groups => format!("cannot set the supplementary groups of user {name}: {why}"),
+        Step::SetGid => format!(
+            "cannot setgid({}) for user {name}: {why}",
+            user.map(|u| u.gid.as_raw()).unwrap_or_default()
+        ),
+        Step::SetUid => format!(
+            "cannot setuid({}) to user {name}: {why}",
+            user.map(|u| u.uid.as_raw()).unwrap_or_default()
+        ),
+        _ => {
+            let dir = spec.chdir.as_deref().unwrap_or(Path::new("")).display();
+            match user {
+                Some(_) => format!("cannot chdir to {dir} as user {name}: {why}"),
+                None => format!("cannot chdir to {dir}: {why}"),
+            }
         }
     }
 }
@@ -328,6 +406,10 @@ fn read_report(report: &OwnedFd) -> Option<(Step, Errno)> {
         1 => Step::Signals,
         2 => Step::ProcessGroup,
         3 => Step::Fds,
+        5 => Step::Groups,
+        6 => Step::SetGid,
+        7 => Step::SetUid,
+        8 => Step::Chdir,
         _ => Step::Exec,
     };
     Some((step, Errno::from_raw(i32::from_ne_bytes(buf[4..].try_into().expect("4 bytes")))))
@@ -406,6 +488,28 @@ unsafe fn child(p: &mut Prepared, report: RawFd) -> ! {
             for &fd in &p.moved {
                 libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
             }
+        }
+        // --user: groups, then gid, then uid. The reverse fails (no rights left to change the
+        // gid) or leaves root's supplementary groups, which would let the service read what
+        // group root can. setuid as root sets the real, effective and saved uid, so the child
+        // cannot get root back.
+        if let Some((groups, gid, uid, set_groups)) = &p.ids {
+            if *set_groups && libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
+                fail(report, Step::Groups);
+            }
+            if libc::setgid(*gid) != 0 {
+                fail(report, Step::SetGid);
+            }
+            if libc::setuid(*uid) != 0 {
+                fail(report, Step::SetUid);
+            }
+        }
+        // After the drop, so a directory the user may not enter fails here and not in the
+        // service.
+        if let Some(dir) = &p.chdir
+            && libc::chdir(dir.as_ptr()) != 0
+        {
+            fail(report, Step::Chdir);
         }
         let pid = libc::getpid();
         write_pid(&mut p.listen_pid[LISTEN_PID_PREFIX.len()..], pid);

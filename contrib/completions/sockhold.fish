@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_sockhold_global_optspecs
-    string join \n l/listen= ready= ready-timeout= probe-delay= probe-interval= probe-timeout= watchdog= workers= reload-strategy= stop-signal= stop-timeout= restart= notify-access= name= accept inetd max-connections= lazy compat-env= control= pid-file= v/verbose q/quiet log-format= h/help V/version
+    string join \n l/listen= ready= ready-timeout= probe-delay= probe-interval= probe-timeout= watchdog= workers= reload-strategy= stop-signal= stop-timeout= restart= notify-access= name= accept inetd max-connections= lazy compat-env= control= pid-file= user= chdir= env= env-file= v/verbose q/quiet log-format= h/help V/version
 end
 
 function __fish_sockhold_needs_command
@@ -48,6 +48,10 @@ complete -c sockhold -n "__fish_sockhold_needs_command" -l compat-env -d 'Also h
 server-starter\t'Server::Starter\'s SERVER_STARTER_PORT'"
 complete -c sockhold -n "__fish_sockhold_needs_command" -l control -d 'Serve the JSON-lines control protocol on a Unix socket at PATH (mode 0600, in a directory others cannot write to; only root and sockhold\'s own user may use it), for `sockhold ctl`' -r -F
 complete -c sockhold -n "__fish_sockhold_needs_command" -l pid-file -d 'Write sockhold\'s own pid to PATH; removed at exit' -r -F
+complete -c sockhold -n "__fish_sockhold_needs_command" -l user -d 'Run the children as USER (a name or uid) with its primary group, or GROUP (a name or gid), and its supplementary groups: setgroups, setgid, setuid in that order, in the child only. sockhold keeps its own rights and binds the sockets itself. Looked up again at every spawn' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l chdir -d 'The children\'s working directory, entered after the --user change (so with the user\'s rights). A relative COMMAND path is then found from DIR' -r -F
+complete -c sockhold -n "__fish_sockhold_needs_command" -l env -d 'Set K=V in the children\'s environment; repeatable. Wins over --env-file and sockhold\'s own environment. LISTEN_*, NOTIFY_SOCKET, SOCKHOLD_* and WATCHDOG_* are sockhold\'s' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l env-file -d 'Add the KEY=VALUE lines of PATH to the children\'s environment (systemd\'s EnvironmentFile= syntax: # and ; comments, optional `export`, quoted values); repeatable, later files win. Read again at every reload; a bad file fails that reload. -PATH: a missing file is no error' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l log-format -d 'How log lines look: `text` (`sockhold[PID]: message`) or `json` (one object per line with ts, level, pid, name and msg, for log shippers)' -r -f -a "text\t'`sockhold[PID]: message`, warnings and errors marked'
 json\t'One JSON object per line: ts, level, pid, name, msg'"
 complete -c sockhold -n "__fish_sockhold_needs_command" -l accept -d 'One child per connection (systemd\'s Accept=yes, inetd\'s nowait): sockhold accepts on the stream sockets itself and runs COMMAND with the connection as fd 3 (LISTEN_FDS=1, LISTEN_FDNAMES=connection). A reload changes what new connections run; running ones finish'

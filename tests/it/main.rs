@@ -12,3 +12,4 @@ mod load;
 mod readiness;
 mod sockets;
 mod support;
+mod world;
