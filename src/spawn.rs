@@ -1,7 +1,7 @@
 //! Starting a child: fork, set up exactly what a child gets, exec. The only module with `unsafe`.
 //!
-//! Everything is prepared before `fork` (argv, envp with a fixed-width `LISTEN_PID` slot, the fd
-//! plan, the signal set), because between `fork` and `execve` the child may only make
+//! Everything is prepared before `fork` (argv, envp with fixed-width `LISTEN_PID` and
+//! `WATCHDOG_PID` slots, the fd plan, the signal set), because between `fork` and `execve` the child may only make
 //! async-signal-safe calls: no allocation, no locks, no Rust I/O. The child then:
 //! resets every signal disposition and empties its signal mask (sockhold's handlers and blocked
 //! signals must not leak into the service), becomes its own process group, moves the listeners to
