@@ -196,6 +196,7 @@ mod tests {
             stop_timeout: Duration::from_secs(5),
             restart: RestartPolicy::OnFailure,
             notify_access: NotifyAccess::Group,
+            max_draining: crate::supervisor::MAX_DRAINING,
         }
     }
 

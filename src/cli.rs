@@ -10,7 +10,7 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 use nix::sys::signal::Signal;
 
 use crate::listen::{ListenSpec, fd_name_is_valid, sanitize_fd_name};
-use crate::supervisor::{NotifyAccess, Policy, ReadyMode, RestartPolicy};
+use crate::supervisor::{MAX_DRAINING, NotifyAccess, Policy, ReadyMode, RestartPolicy};
 
 /// Hold a service's listening sockets and run its server as a child that inherits them, under
 /// the systemd socket-activation protocol (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES).
@@ -60,6 +60,13 @@ pub struct Cli {
     /// process group.
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
     pub stop_timeout: Duration,
+
+    /// At most N old generations drain at once (stopped but still finishing their
+    /// connections): when a reload would leave more, the oldest is SIGKILLed early with its
+    /// process group. Bounds what quick successive reloads leave behind when clients hold
+    /// connections open.
+    #[arg(long, value_name = "N", default_value_t = MAX_DRAINING, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_draining: usize,
 
     /// What to do when the serving child exits by itself: restart it (with backoff from 100ms
     /// to 30s) unless it exited 0, always restart it, or never (sockhold ends with its status).
@@ -278,6 +285,7 @@ impl Cli {
                 stop_timeout: self.stop_timeout,
                 restart: self.restart,
                 notify_access: self.notify_access,
+                max_draining: self.max_draining,
             },
             name,
             pid_file: self.pid_file,

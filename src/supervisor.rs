@@ -25,6 +25,8 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// This many starts in a row that never became ready, with nothing serving, end sockhold.
 pub const START_LIMIT: u32 = 5;
+/// The default of `--max-draining`: old generations allowed to drain at once.
+pub const MAX_DRAINING: usize = 8;
 
 /// How a new generation proves it is ready.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +74,9 @@ pub struct Policy {
     pub restart: RestartPolicy,
     /// Whose notify messages count.
     pub notify_access: NotifyAccess,
+    /// At most this many old generations drain (stopping) at once; a promotion that would leave
+    /// more SIGKILLs the oldest.
+    pub max_draining: usize,
 }
 
 /// Something that happened, as the event loop saw it.
@@ -445,6 +450,7 @@ impl Supervisor {
                 let old_id = self.generations[j].id;
                 info!("generation {id} (pid {pid}) is ready; stopping generation {old_id}");
                 self.stop_generation(j, self.policy.stop_signal, now, out);
+                self.cap_draining(now, out);
             }
             None => info!("generation {id} (pid {pid}) is ready"),
         }
@@ -483,6 +489,26 @@ impl Supervisor {
             GenState::Stopping { kill_at: now + self.policy.stop_timeout, signal },
             now,
         );
+    }
+
+    /// Old generations that hold long-lived connections (keep-alive, websockets, streams) can
+    /// drain for all of `--stop-timeout`; reloads in quick succession would pile them up, each
+    /// with its memory and fds. Past `--max-draining`, the oldest draining ones are SIGKILLed
+    /// with their process groups, their connections reset.
+    fn cap_draining(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let max = self.policy.max_draining;
+        let draining = |g: &&Generation| matches!(g.state, GenState::Stopping { .. });
+        while self.generations.iter().filter(draining).count() > max {
+            let Some(i) = self.generations.iter().position(|g| draining(&g)) else { break };
+            let (id, pid) = (self.generations[i].id, self.generations[i].pid);
+            let Some(pid) = pid else { break };
+            warn!(
+                "generation {id} (pid {pid}) is still draining with {max} newer generations \
+                 draining too (--max-draining {max}); sending SIGKILL to its process group"
+            );
+            self.set_state(i, GenState::Killed, now);
+            out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
+        }
     }
 
     fn set_state(&mut self, i: usize, state: GenState, now: Instant) {
@@ -759,6 +785,7 @@ mod tests {
             stop_timeout: Duration::from_secs(30),
             restart: RestartPolicy::OnFailure,
             notify_access: NotifyAccess::Group,
+            max_draining: MAX_DRAINING,
         }
     }
 
@@ -1202,6 +1229,84 @@ mod tests {
             ],
         );
         run(policy(ReadyMode::Notify), &rows);
+    }
+
+    /// A reload at `at` ms that starts generation `id` (pid `id * 100`) and makes it ready,
+    /// stopping generation `id - 1`: the rows, with `more` actions expected on its promotion.
+    fn reload_rows(at: u64, id: u64, more: Vec<Action>) -> Vec<(u64, Event, Vec<Action>)> {
+        let p = id as i32 * 100;
+        let mut promoted = vec![sig(p - 100, SIGTERM)];
+        promoted.extend(more);
+        promoted.push(done_ok(id));
+        vec![
+            (at, Event::Reload, vec![reload_started(id), spawn(id)]),
+            (at, Event::Spawned { generation: id, pid: pid(p) }, vec![]),
+            (at + 1, ready_from(id, p), promoted),
+        ]
+    }
+
+    fn capped(max_draining: usize) -> Policy {
+        let mut p = policy(ReadyMode::Notify);
+        p.max_draining = max_draining;
+        p
+    }
+
+    #[test]
+    fn max_draining_kills_the_oldest_draining_generation_early() {
+        let mut rows = started();
+        // Generations 1 and 2 ignore the stop signal and drain: two may.
+        rows.extend(reload_rows(20, 2, vec![]));
+        rows.extend(reload_rows(30, 3, vec![]));
+        // A third would drain: the oldest, generation 1, is killed with its group.
+        rows.extend(reload_rows(40, 4, vec![group_kill(100)]));
+        rows.push((
+            45,
+            exited(100, ChildStatus::Signaled(SIGKILL)),
+            vec![Action::Release { generation: 1 }],
+        ));
+        // Generation 2 finishes draining by itself: room for one more without a kill.
+        rows.push((
+            50,
+            exited(200, ChildStatus::Exited(0)),
+            vec![Action::Release { generation: 2 }],
+        ));
+        rows.extend(reload_rows(60, 5, vec![]));
+        rows.extend(reload_rows(70, 6, vec![group_kill(300)]));
+        let sup = run(capped(2), &rows);
+        let states: Vec<_> = sup.generations().iter().map(|g| (g.id, g.state)).collect();
+        assert_eq!(
+            states,
+            [(3, "killed"), (4, "stopping"), (5, "stopping"), (6, "serving")],
+            "at most two draining"
+        );
+    }
+
+    #[test]
+    fn max_draining_one_keeps_only_the_last_generation_draining() {
+        let mut rows = started();
+        rows.extend(reload_rows(20, 2, vec![]));
+        rows.extend(reload_rows(30, 3, vec![group_kill(100)]));
+        rows.extend(reload_rows(40, 4, vec![group_kill(200)]));
+        // A killed generation that is slow to be reaped does not count as draining.
+        rows.extend(reload_rows(50, 5, vec![group_kill(300)]));
+        run(capped(1), &rows);
+    }
+
+    #[test]
+    fn max_draining_does_not_apply_at_shutdown() {
+        let mut rows = started();
+        rows.extend(reload_rows(20, 2, vec![]));
+        // Generation 3 is starting when the stop comes: all three stop, none is killed early.
+        rows.push((30, Event::Reload, vec![reload_started(3), spawn(3)]));
+        rows.push((30, Event::Spawned { generation: 3, pid: pid(300) }, vec![]));
+        rows.push((
+            40,
+            Event::Stop("received SIGTERM".into()),
+            vec![done_err(3, "sockhold is stopping"), sig(200, SIGTERM), sig(300, SIGTERM)],
+        ));
+        let sup = run(capped(1), &rows);
+        let stopping = sup.generations().iter().filter(|g| g.state == "stopping").count();
+        assert_eq!(stopping, 3, "{:?}", sup.generations());
     }
 
     #[test]
