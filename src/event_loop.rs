@@ -591,6 +591,7 @@ impl EventLoop {
             },
             Action::Release { generation } => {
                 self.notify.remove(&generation);
+                self.repair_listeners();
             }
             Action::Manager(message) => {
                 if let Some(manager) = &self.manager {
@@ -646,6 +647,7 @@ impl EventLoop {
                 };
             }
         };
+        self.repair_listeners();
         // O_NONBLOCK lives on the open file description, shared with every generation: a
         // previous child may have changed it. Give each new child the mode it is promised
         // (blocking, or O_NONBLOCK for a spec with `nonblock`).
@@ -726,6 +728,22 @@ impl EventLoop {
 }
 
 impl EventLoop {
+    /// Repairs every listener a child has shut down ([`Listener::ensure_listening`]): before a
+    /// generation starts, so that it gets sockets that listen, and when one has ended (often
+    /// the one that broke it), so that the generations still running accept again. With
+    /// `--accept`, children never get the listeners, and sockhold's acceptors hold copies that
+    /// a replaced socket would leave behind.
+    fn repair_listeners(&mut self) {
+        if !self.acceptors.is_empty() {
+            return;
+        }
+        for listener in &mut self.held.listeners {
+            if let Err(e) = listener.ensure_listening() {
+                log::error!("{e:#}");
+            }
+        }
+    }
+
     /// The variables of `--compat-env`: the same fds, described as other tools describe them.
     fn compat_env(&self, generation: u64) -> Vec<(OsString, OsString)> {
         let mut env: Vec<(OsString, OsString)> = Vec::new();
