@@ -2,7 +2,8 @@
 //! reports what it sees as JSON lines on stdout (its fds, environment, signal state, ids, groups
 //! and working directory at start, then every signal it receives) and behaves as its arguments
 //! say (send READY=1, ignore SIGTERM, exit with a code, serve HTTP, send notify messages on
-//! demand, try to get root back). Every line carries its pid and its `SOCKHOLD_GENERATION`, so a
+//! demand, try to get root back, hold connections open and drain them, double-fork a daemon, shut
+//! the shared listener down). Every line carries its pid and its `SOCKHOLD_GENERATION`, so a
 //! test can tell the generations apart.
 
 use std::io::{IoSlice, Read, Write};
@@ -33,6 +34,10 @@ struct Args {
     fork_notify_ready: bool,
     set_nonblock: bool,
     try_regain_root: bool,
+    daemon: bool,
+    hold: bool,
+    shutdown_listener_gens: Vec<String>,
+    shutdown_listener_on_usr1: bool,
 }
 
 fn generation() -> Option<String> {
@@ -84,6 +89,32 @@ fn parse_args() -> Args {
             "--fork-notify-ready" => args.fork_notify_ready = true,
             "--set-nonblock" => args.set_nonblock = true,
             "--try-regain-root" => args.try_regain_root = true,
+            "--daemon" => args.daemon = true,
+            "--hold" => args.hold = true,
+            "--shutdown-listener-gen" => {
+                args.shutdown_listener_gens.push(value("--shutdown-listener-gen"))
+            }
+            "--shutdown-listener-on-usr1" => args.shutdown_listener_on_usr1 = true,
+            "--daemon-fork" => {
+                // Helper mode, the middle of a double fork: start the daemon and exit at once,
+                // leaving it orphaned but in the generation's process group.
+                let exe = std::env::current_exe().expect("own path");
+                let spawned = std::process::Command::new(exe).arg("--daemon-body").spawn();
+                std::process::exit(if spawned.is_ok() { 0 } else { 1 });
+            }
+            "--daemon-body" => {
+                // Helper mode, the daemon: report, then live until killed.
+                report(
+                    "daemon",
+                    json!({
+                        "ppid": nix::unistd::getppid().as_raw(),
+                        "pgid": nix::unistd::getpgrp().as_raw(),
+                    }),
+                );
+                loop {
+                    std::thread::park();
+                }
+            }
             "--send-notify" => {
                 // Helper mode: send one message from this (other) process, then exit.
                 let text = value("--send-notify");
@@ -268,6 +299,104 @@ fn serve() {
     });
 }
 
+/// Shuts the inherited listener down for every holder, as Gazelle did under Server::Starter,
+/// and reports whether it still listens.
+fn shutdown_listener() {
+    let Some(fd) = borrow(3) else { return };
+    let result = socket::shutdown(fd.as_raw_fd(), socket::Shutdown::Both);
+    let listening = socket::getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false);
+    let error = result.err().map(|e| e.to_string());
+    report("shutdown-listener", json!({ "listening": listening, "error": error }));
+}
+
+/// Starts a daemon the classic way, by a double fork, and waits for the middle process only:
+/// the daemon keeps this process's group and is nobody's child here.
+fn start_daemon() {
+    let exe = std::env::current_exe().expect("own path");
+    match std::process::Command::new(exe).arg("--daemon-fork").status() {
+        Ok(status) if status.success() => {}
+        other => report("daemon-failed", json!({ "error": format!("{other:?}") })),
+    }
+}
+
+/// `--hold`: connections held open, as a server with keep-alive or websocket clients.
+struct Hold {
+    /// Connections accepted and not yet closed by their peer.
+    open: std::sync::Mutex<usize>,
+    /// Set by SIGTERM: stop accepting, exit when the last connection closes.
+    draining: std::sync::atomic::AtomicBool,
+    /// Written on SIGTERM, to wake the accepting thread out of poll.
+    wake: OwnedFd,
+}
+
+impl Hold {
+    /// Accepts on fd 3 until draining; each connection answers every line it gets with
+    /// "PID GENERATION" until its peer closes it.
+    fn start() -> std::sync::Arc<Hold> {
+        let (wake_read, wake) = nix::unistd::pipe2(OFlag::O_CLOEXEC).expect("pipe");
+        let hold = std::sync::Arc::new(Hold {
+            open: std::sync::Mutex::new(0),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            wake,
+        });
+        let listener = borrow(3).expect("fd 3");
+        let accepting = std::sync::Arc::clone(&hold);
+        std::thread::spawn(move || {
+            loop {
+                let mut pfd = [
+                    PollFd::new(listener, PollFlags::POLLIN),
+                    PollFd::new(wake_read.as_fd(), PollFlags::POLLIN),
+                ];
+                if poll(&mut pfd, PollTimeout::NONE).is_err() {
+                    continue;
+                }
+                if pfd[1].any().unwrap_or(false) {
+                    report("stopped-accepting", json!({}));
+                    return;
+                }
+                let Ok(conn) = socket::accept(listener.as_raw_fd()) else {
+                    continue;
+                };
+                *accepting.open.lock().expect("lock") += 1;
+                let stream = std::net::TcpStream::from(own(conn));
+                let serving = std::sync::Arc::clone(&accepting);
+                std::thread::spawn(move || serving.serve(stream));
+            }
+        });
+        hold
+    }
+
+    fn serve(&self, stream: std::net::TcpStream) {
+        use std::io::BufRead;
+        let answer = format!("{} {}\n", std::process::id(), generation().unwrap_or_default());
+        let mut writer = &stream;
+        for line in std::io::BufReader::new(&stream).lines() {
+            if line.is_err() || writer.write_all(answer.as_bytes()).is_err() {
+                break;
+            }
+        }
+        let mut open = self.open.lock().expect("lock");
+        *open -= 1;
+        self.exit_if_drained(*open);
+    }
+
+    /// SIGTERM: stop accepting; exit once no connection is left.
+    fn drain(&self) {
+        self.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = nix::unistd::write(&self.wake, b"x");
+        let open = self.open.lock().expect("lock");
+        report("draining", json!({ "open": *open }));
+        self.exit_if_drained(*open);
+    }
+
+    fn exit_if_drained(&self, open: usize) {
+        if open == 0 && self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            report("exit", json!({ "code": 0 }));
+            std::process::exit(0);
+        }
+    }
+}
+
 fn main() {
     // 1. Signal state and fds first, before this process changes anything.
     let sigblk = proc_status_field("SigBlk:");
@@ -349,6 +478,13 @@ fn main() {
     if args.serve {
         serve();
     }
+    let hold = args.hold.then(Hold::start);
+    if args.daemon {
+        start_daemon();
+    }
+    if in_gen(&args.shutdown_listener_gens) {
+        shutdown_listener();
+    }
     if let Some(status) = &args.status {
         notify(&format!("STATUS={status}"));
     }
@@ -382,11 +518,19 @@ fn main() {
         let name = name.strip_prefix("SIG").unwrap_or(name);
         report("signal", json!({ "signal": name }));
         match signal {
+            SIGTERM | SIGINT if hold.is_some() => {
+                if let Some(hold) = &hold {
+                    hold.drain();
+                }
+            }
             SIGTERM | SIGINT if !ignore_term => {
                 report("exit", json!({ "code": 0 }));
                 std::process::exit(0);
             }
             SIGUSR1 => {
+                if args.shutdown_listener_on_usr1 {
+                    shutdown_listener();
+                }
                 if let Some(text) = &args.notify_on_usr1 {
                     let barrier = notify(text);
                     report("notified", json!({ "text": text, "barrier": barrier }));

@@ -201,6 +201,7 @@ mod tests {
             watchdog: None,
             workers: 1,
             reload_strategy: crate::supervisor::ReloadStrategy::Rolling,
+            max_draining: crate::supervisor::MAX_DRAINING,
         }
     }
 

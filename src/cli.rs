@@ -11,7 +11,9 @@ use nix::sys::signal::Signal;
 
 use crate::child_env::{ChildWorld, EnvFile, UserSpec, parse_env_assignment};
 use crate::listen::{ListenSpec, fd_name_is_valid, sanitize_fd_name};
-use crate::supervisor::{NotifyAccess, Policy, ReadyMode, ReloadStrategy, RestartPolicy};
+use crate::supervisor::{
+    MAX_DRAINING, NotifyAccess, Policy, ReadyMode, ReloadStrategy, RestartPolicy,
+};
 
 /// Hold a service's listening sockets and run its server as a child that inherits them, under
 /// the systemd socket-activation protocol (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES).
@@ -95,6 +97,13 @@ pub struct Cli {
     /// process group.
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
     pub stop_timeout: Duration,
+
+    /// At most N old generations drain at once (stopped but still finishing their
+    /// connections): when a reload would leave more, the oldest is SIGKILLed early with its
+    /// process group. Bounds what quick successive reloads leave behind when clients hold
+    /// connections open.
+    #[arg(long, value_name = "N", default_value_t = MAX_DRAINING, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_draining: usize,
 
     /// What to do when the serving child exits by itself: restart it (with backoff from 100ms
     /// to 30s) unless it exited 0, always restart it, or never (sockhold ends with its status).
@@ -374,6 +383,7 @@ impl Cli {
                 watchdog: self.watchdog,
                 workers: self.workers as usize,
                 reload_strategy: self.reload_strategy,
+                max_draining: self.max_draining,
             },
             probe_timeout: self.probe_timeout.unwrap_or(DEFAULT_PROBE_TIMEOUT),
             name,

@@ -672,6 +672,7 @@ impl EventLoop {
                 if let Some(probe) = self.probes.remove(&unit) {
                     probe.kill();
                 }
+                self.repair_listeners();
             }
             Action::Manager(message) => {
                 if let Some(manager) = &self.manager {
@@ -761,6 +762,7 @@ impl EventLoop {
             },
             _ => None,
         };
+        self.repair_listeners();
         // O_NONBLOCK lives on the open file description, shared with every generation: a
         // previous child may have changed it. Give each new child the mode it is promised
         // (blocking, or O_NONBLOCK for a spec with `nonblock`).
@@ -866,6 +868,22 @@ impl EventLoop {
 }
 
 impl EventLoop {
+    /// Repairs every listener a child has shut down ([`Listener::ensure_listening`]): before a
+    /// generation starts, so that it gets sockets that listen, and when one has ended (often
+    /// the one that broke it), so that the generations still running accept again. With
+    /// `--accept`, children never get the listeners, and sockhold's acceptors hold copies that
+    /// a replaced socket would leave behind.
+    fn repair_listeners(&mut self) {
+        if !self.acceptors.is_empty() {
+            return;
+        }
+        for listener in &mut self.held.listeners {
+            if let Err(e) = listener.ensure_listening() {
+                log::error!("{e:#}");
+            }
+        }
+    }
+
     /// The variables of `--compat-env`: the same fds, described as other tools describe them.
     fn compat_env(&self, generation: u64) -> Vec<(OsString, OsString)> {
         let mut env: Vec<(OsString, OsString)> = Vec::new();

@@ -7,8 +7,9 @@
 //! against the kind of socket it is given to. It owns binding and holding the sockets
 //! ([`Listener`]): socket options, the Unix socket file (its directory, owner and mode), `listen`
 //! for the kinds that listen, the `O_NONBLOCK` mode a child is promised, and removing the socket
-//! files it created. It must never accept, read or poll on a listener: sockhold only keeps the
-//! sockets open and passes them on; only children serve them.
+//! files it created, and repairing a listener a child has shut down. It must never accept, read
+//! or wait on a listener: sockhold only keeps the sockets open and passes them on; only children
+//! serve them.
 
 use std::fmt;
 use std::fs;
@@ -818,6 +819,9 @@ pub struct Listener {
     unix_file: Option<(PathBuf, u64, u64)>,
     /// Its type (for an adopted socket, as the kernel reports it).
     kind: SocketKind,
+    /// For an internet socket, the address it was bound to, port included: a `shutdown(2)` can
+    /// release a port the kernel chose, and repairing the socket binds it there again.
+    inet_addr: Option<SockaddrStorage>,
 }
 
 /// A bound socket, what it is bound to, and the socket file it created.
@@ -849,11 +853,18 @@ impl Listener {
         };
         let name = (spec.options.name.clone()).unwrap_or(default_name);
         let spec = spec.clone();
-        let listener = Listener { fd, spec, name, local, unix_file, kind };
+        let mut listener = Listener { fd, spec, name, local, unix_file, kind, inet_addr: None };
         if let Err(e) = listener.set_up() {
             listener.remove_socket_file();
             return Err(e);
         }
+        listener.inet_addr =
+            socket::getsockname::<SockaddrStorage>(listener.fd.as_raw_fd()).ok().filter(|a| {
+                matches!(
+                    socket::SockaddrLike::family(a),
+                    Some(AddressFamily::Inet | AddressFamily::Inet6)
+                )
+            });
         Ok(listener)
     }
 
@@ -886,12 +897,97 @@ impl Listener {
         // spec sets one.
         let listening = socket::getsockopt(fd, sockopt::AcceptConn).unwrap_or(false);
         if self.kind != SocketKind::Datagram && (!listening || options.backlog.is_some()) {
-            let backlog = (options.backlog)
-                .and_then(|n| Backlog::new(i32::try_from(n).ok()?).ok())
-                .unwrap_or(Backlog::MAXALLOWABLE);
-            os(socket::listen(fd, backlog))
+            os(socket::listen(fd, self.backlog()))
                 .with_context(|| format!("failed to listen on {local}"))?;
         }
+        Ok(())
+    }
+
+    /// The spec's backlog, or the kernel maximum.
+    fn backlog(&self) -> Backlog {
+        (self.spec.options.backlog)
+            .and_then(|n| Backlog::new(i32::try_from(n).ok()?).ok())
+            .unwrap_or(Backlog::MAXALLOWABLE)
+    }
+
+    /// Checks that a listener of a kind that listens still does, and repairs it if not; returns
+    /// whether it had to. A child can break the one socket every generation shares:
+    /// `shutdown(2)` with `SHUT_RD` on a TCP listener stops it listening (and releases a port the
+    /// kernel chose), and on a Unix listener refuses every connection from then on (how
+    /// Server::Starter and Gazelle lost their port). Until someone notices, every client is
+    /// refused. A TCP socket is repaired in place: bound again to its address if the port was
+    /// released, then `listen(2)` again, so every generation that holds it, an old one still
+    /// serving too, accepts again. A shut-down Unix socket cannot listen again: a new one is
+    /// bound in its place, and the generations started from then on get it. Logs a warning
+    /// that names the listener.
+    pub fn ensure_listening(&mut self) -> anyhow::Result<bool> {
+        if self.kind == SocketKind::Datagram || (self.accepts_connections() && !self.shut_down()) {
+            return Ok(false);
+        }
+        let local = self.local.clone();
+        log::warn!("{local} no longer listens (did a child shut it down?); repairing it");
+        match self.inet_addr {
+            Some(addr) => self.listen_again(&addr)?,
+            None => self.replace()?,
+        }
+        if !self.accepts_connections() {
+            bail!("{local} still does not listen after the repair");
+        }
+        log::warn!("{local} listens again");
+        Ok(true)
+    }
+
+    /// `SO_ACCEPTCONN`: whether the socket is in the listening state.
+    fn accepts_connections(&self) -> bool {
+        socket::getsockopt(&self.fd, sockopt::AcceptConn).unwrap_or(false)
+    }
+
+    /// Whether a Unix listener was shut down: it still says it listens, but its poll state shows
+    /// the shutdown (`POLLHUP` after `SHUT_RDWR`, `POLLRDHUP` after `SHUT_RD`). A zero-timeout
+    /// look at the state, never a wait for connections.
+    fn shut_down(&self) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let rdhup = PollFlags::from_bits_retain(nix::libc::POLLRDHUP);
+        let mut fds = [PollFd::new(self.fd.as_fd(), rdhup)];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            // nix knows no POLLRDHUP, and gives no flags at all when the kernel set a bit it
+            // does not know: here, that can only be the POLLRDHUP asked for.
+            Ok(n) if n > 0 => fds[0].revents().is_none_or(|r| r.contains(PollFlags::POLLHUP)),
+            _ => false,
+        }
+    }
+
+    /// Makes a TCP socket listen again on the same open file description, on its port.
+    fn listen_again(&self, addr: &SockaddrStorage) -> anyhow::Result<()> {
+        let local = &self.local;
+        // The shutdown released the port if the kernel had chosen it (bound to port 0): bind it
+        // again, or listen(2) would pick another. EINVAL: the socket is still bound.
+        match socket::bind(self.fd.as_raw_fd(), addr) {
+            Ok(()) | Err(Errno::EINVAL) => {}
+            Err(e) => return os(Err(e)).with_context(|| format!("failed to bind {local} again")),
+        }
+        os(socket::listen(&self.fd, self.backlog()))
+            .with_context(|| format!("failed to listen on {local} again"))?;
+        let now = socket::getsockname::<SockaddrStorage>(self.fd.as_raw_fd()).ok();
+        if now.as_ref() != Some(addr) {
+            bail!("{local} listens again, but on {}", now.map_or("?".into(), |a| a.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Binds a new socket from the spec in place of this one (for the same Unix path, after
+    /// checking that nothing answers on it any more).
+    fn replace(&mut self) -> anyhow::Result<()> {
+        if matches!(self.spec.address, Address::Adopted(_)) {
+            bail!(
+                "cannot re-create {}: it was inherited ({}), not bound by sockhold",
+                self.local,
+                self.spec.text
+            );
+        }
+        let fresh = Listener::bind(&self.spec, &self.name)
+            .with_context(|| format!("failed to re-create {}", self.local))?;
+        *self = fresh;
         Ok(())
     }
 
@@ -2146,5 +2242,59 @@ mod tests {
         assert_eq!(errno_of(&error), Some(Errno::EINVAL as i32), "{error:#}");
         let error = bind(&format!("[{ip}%nosuchdev0]:0")).unwrap_err();
         assert!(format!("{error:#}").contains("no interface 'nosuchdev0'"), "{error:#}");
+    }
+
+    /// A copy of the listener, as a child holds it, shut down as Server::Starter's Gazelle did.
+    fn shut_down_a_copy(listener: &Listener) -> OwnedFd {
+        let copy = nix::unistd::dup(listener.fd()).unwrap();
+        socket::shutdown(copy.as_raw_fd(), socket::Shutdown::Both).unwrap();
+        copy
+    }
+
+    #[test]
+    fn a_shut_down_tcp_listener_listens_again_on_the_same_socket_and_port() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        // Port 0: the shutdown releases the port the kernel chose. A fixed port stays bound.
+        for text in ["127.0.0.1:0".to_string(), format!("127.0.0.1:{}", free.port())] {
+            let mut listener = bind(&text).unwrap();
+            let addr: SocketAddr = listener.local_description().parse().unwrap();
+            let raw = listener.fd().as_raw_fd();
+            assert!(!listener.ensure_listening().unwrap(), "{text}: nothing to repair");
+            let copy = shut_down_a_copy(&listener);
+            assert!(!get(&listener, sockopt::AcceptConn), "{text}: the shutdown stopped it");
+            assert!(std::net::TcpStream::connect(addr).is_err(), "{text}: refused meanwhile");
+            assert!(listener.ensure_listening().unwrap(), "{text}: repaired");
+            assert_eq!(listener.fd().as_raw_fd(), raw, "{text}: the same socket");
+            let local: SockaddrStorage = socket::getsockname(raw).unwrap();
+            assert_eq!(local.as_sockaddr_in().map(|a| a.port()), Some(addr.port()), "{text}");
+            let _client = std::net::TcpStream::connect(addr).unwrap();
+            // The child's copy is the same socket: it accepts the connection.
+            let copy = std::net::TcpListener::from(copy);
+            copy.accept().unwrap_or_else(|e| panic!("{text}: the child's copy accepts: {e}"));
+            assert!(!listener.ensure_listening().unwrap(), "{text}: repaired once");
+        }
+    }
+
+    #[test]
+    fn a_shut_down_unix_listener_is_replaced_by_a_new_socket_on_the_same_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.sock");
+        let mut listener = bind(&format!("unix://{}", path.display())).unwrap();
+        let copy = shut_down_a_copy(&listener);
+        let refused = std::os::unix::net::UnixStream::connect(&path).unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(Errno::ECONNREFUSED as i32));
+        assert!(listener.ensure_listening().unwrap(), "repaired");
+        let _client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        assert!(!listener.ensure_listening().unwrap(), "repaired once");
+        drop(copy);
+        listener.remove_socket_file();
+        assert!(!path.exists(), "the new socket file is the one sockhold removes");
+    }
+
+    #[test]
+    fn datagram_sockets_are_never_repaired() {
+        let mut listener = bind("udp://127.0.0.1:0").unwrap();
+        let _ = socket::shutdown(listener.fd().as_raw_fd(), socket::Shutdown::Both);
+        assert!(!listener.ensure_listening().unwrap());
     }
 }

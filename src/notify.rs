@@ -233,14 +233,22 @@ impl Manager {
         Ok(Manager { fd, addr, target: notify_socket.to_string() })
     }
 
-    /// Sends one message; a failure is logged, never fatal (the manager may be gone).
+    /// Sends one message; a failure is logged, never fatal (the manager may be gone). Never
+    /// blocks: a manager that stops reading fills its queue after a few datagrams (the kernel
+    /// queues `net.unix.max_dgram_qlen`, 10 by default), and a blocking send would then freeze
+    /// the one loop that reaps, stops and kills children. The message is dropped instead.
     pub fn send(&self, message: &ManagerMessage) {
         let text = format_manager_message(message, monotonic_usec());
         let iov = [IoSlice::new(text.as_bytes())];
-        if let Err(e) =
-            socket::sendmsg(self.fd.as_raw_fd(), &iov, &[], MsgFlags::empty(), Some(&self.addr))
-        {
-            warn!("failed to notify the service manager at {}: {e}", self.target);
+        let flags = MsgFlags::MSG_DONTWAIT;
+        match socket::sendmsg(self.fd.as_raw_fd(), &iov, &[], flags, Some(&self.addr)) {
+            Ok(_) => {}
+            Err(Errno::EAGAIN) => warn!(
+                "the service manager at {} is not reading its notify socket; dropped {:?}",
+                self.target,
+                text.trim_end()
+            ),
+            Err(e) => warn!("failed to notify the service manager at {}: {e}", self.target),
         }
     }
 }
@@ -333,6 +341,27 @@ mod tests {
         for (message, want) in cases {
             assert_eq!(format_manager_message(&message, 42), want);
         }
+    }
+
+    #[test]
+    fn a_manager_that_does_not_read_never_blocks_the_sender() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("manager.sock");
+        let receiver = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        let manager = Manager::new(path.to_str().expect("utf-8")).expect("manager");
+        // Far more than the kernel queues for a receiver that never reads.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for _ in 0..100 {
+                manager.send(&ManagerMessage::Status("busy".into()));
+            }
+            let _ = done.send(());
+        });
+        let waited = finished.recv_timeout(std::time::Duration::from_secs(10));
+        assert!(waited.is_ok(), "send blocked on a manager that does not read");
+        let mut buf = [0u8; 64];
+        let n = receiver.recv(&mut buf).expect("the first messages were queued");
+        assert_eq!(&buf[..n], b"STATUS=busy\n");
     }
 
     #[test]

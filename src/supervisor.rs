@@ -29,6 +29,8 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// This many starts in a row that never became ready, with nothing serving, end sockhold.
 pub const START_LIMIT: u32 = 5;
+/// The default of `--max-draining`: old generations allowed to drain at once.
+pub const MAX_DRAINING: usize = 8;
 
 /// How a new child proves it is ready.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,6 +109,9 @@ pub struct Policy {
     pub workers: usize,
     /// How a reload replaces them.
     pub reload_strategy: ReloadStrategy,
+    /// At most this many old generations drain (stopping) at once; a promotion that would leave
+    /// more SIGKILLs the oldest.
+    pub max_draining: usize,
 }
 
 /// Something that happened, as the event loop saw it.
@@ -504,6 +509,7 @@ impl Supervisor {
             for i in old {
                 self.stop_unit(i, self.policy.stop_signal, now, out);
             }
+            self.cap_draining(now, out);
             self.reload = None;
             out.push(Action::ReloadDone { generation: Some(generation), result: Ok(()) });
             self.announce_serving(generation, out);
@@ -668,6 +674,7 @@ impl Supervisor {
                             "generation {generation} (pid {pid}) is ready; stopping {old}generation {old_generation}"
                         );
                         self.stop_unit(j, self.policy.stop_signal, now, out);
+                        self.cap_draining(now, out);
                         if self.policy.workers > 1 {
                             self.reload = Some(Reload { generation, waiting_for: Some(old_key) });
                         }
@@ -723,6 +730,41 @@ impl Supervisor {
         out.push(Action::Signal { pid, signal });
         let stopping = UnitState::Stopping { kill_at: now + self.policy.stop_timeout, signal };
         self.set_state(i, stopping, now);
+    }
+
+    /// Old generations that hold long-lived connections (keep-alive, websockets, streams) can
+    /// drain for all of `--stop-timeout`; reloads in quick succession would pile them up, each
+    /// with its memory and fds. Past `--max-draining` generations, every draining unit of the
+    /// oldest one is SIGKILLed with its process group, its connections reset.
+    fn cap_draining(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let max = self.policy.max_draining;
+        loop {
+            let mut draining: Vec<u64> = self
+                .units
+                .iter()
+                .filter(|u| matches!(u.state, UnitState::Stopping { .. }) && !u.crashed)
+                .map(|u| u.generation)
+                .collect();
+            draining.sort_unstable();
+            draining.dedup();
+            if draining.len() <= max {
+                break;
+            }
+            let oldest = draining[0];
+            for i in 0..self.units.len() {
+                let u = &self.units[i];
+                if u.generation != oldest || !matches!(u.state, UnitState::Stopping { .. }) {
+                    continue;
+                }
+                let Some(pid) = u.pid else { continue };
+                warn!(
+                    "generation {oldest} (pid {pid}) is still draining with {max} newer generations \
+                     draining too (--max-draining {max}); sending SIGKILL to its process group"
+                );
+                self.set_state(i, UnitState::Killed, now);
+                out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
+            }
+        }
     }
 
     fn set_state(&mut self, i: usize, state: UnitState, now: Instant) {
@@ -1159,6 +1201,7 @@ mod tests {
             watchdog: None,
             workers: 1,
             reload_strategy: ReloadStrategy::Rolling,
+            max_draining: MAX_DRAINING,
         }
     }
 
@@ -1603,6 +1646,80 @@ mod tests {
             ],
         );
         run(policy(ReadyMode::Notify), &rows);
+    }
+
+    /// A reload at `at` ms that starts generation `id` (pid `id * 100`) and makes it ready,
+    /// stopping generation `id - 1`: the rows, with `more` actions expected on its promotion.
+    fn reload_rows(at: u64, id: u64, more: Vec<Action>) -> Vec<(u64, Event, Vec<Action>)> {
+        let p = id as i32 * 100;
+        let mut promoted = vec![sig(p - 100, SIGTERM)];
+        promoted.extend(more);
+        promoted.push(done_ok(id));
+        vec![
+            (at, Event::Reload, vec![reload_started(id), spawn(id)]),
+            (at, Event::Spawned { unit: id, pid: pid(p) }, vec![]),
+            (at + 1, ready_from(id, p), promoted),
+        ]
+    }
+
+    fn capped(max_draining: usize) -> Policy {
+        let mut p = policy(ReadyMode::Notify);
+        p.max_draining = max_draining;
+        p
+    }
+
+    #[test]
+    fn max_draining_kills_the_oldest_draining_generation_early() {
+        let mut rows = started();
+        // Generations 1 and 2 ignore the stop signal and drain: two may.
+        rows.extend(reload_rows(20, 2, vec![]));
+        rows.extend(reload_rows(30, 3, vec![]));
+        // A third would drain: the oldest, generation 1, is killed with its group.
+        rows.extend(reload_rows(40, 4, vec![group_kill(100)]));
+        rows.push((
+            45,
+            exited(100, ChildStatus::Signaled(SIGKILL)),
+            vec![Action::Release { unit: 1 }],
+        ));
+        // Generation 2 finishes draining by itself: room for one more without a kill.
+        rows.push((50, exited(200, ChildStatus::Exited(0)), vec![Action::Release { unit: 2 }]));
+        rows.extend(reload_rows(60, 5, vec![]));
+        rows.extend(reload_rows(70, 6, vec![group_kill(300)]));
+        let sup = run(capped(2), &rows);
+        let states: Vec<_> = sup.generations().iter().map(|g| (g.id, g.state)).collect();
+        assert_eq!(
+            states,
+            [(3, "killed"), (4, "stopping"), (5, "stopping"), (6, "serving")],
+            "at most two draining"
+        );
+    }
+
+    #[test]
+    fn max_draining_one_keeps_only_the_last_generation_draining() {
+        let mut rows = started();
+        rows.extend(reload_rows(20, 2, vec![]));
+        rows.extend(reload_rows(30, 3, vec![group_kill(100)]));
+        rows.extend(reload_rows(40, 4, vec![group_kill(200)]));
+        // A killed generation that is slow to be reaped does not count as draining.
+        rows.extend(reload_rows(50, 5, vec![group_kill(300)]));
+        run(capped(1), &rows);
+    }
+
+    #[test]
+    fn max_draining_does_not_apply_at_shutdown() {
+        let mut rows = started();
+        rows.extend(reload_rows(20, 2, vec![]));
+        // Generation 3 is starting when the stop comes: all three stop, none is killed early.
+        rows.push((30, Event::Reload, vec![reload_started(3), spawn(3)]));
+        rows.push((30, Event::Spawned { unit: 3, pid: pid(300) }, vec![]));
+        rows.push((
+            40,
+            Event::Stop("received SIGTERM".into()),
+            vec![done_err(3, "sockhold is stopping"), sig(200, SIGTERM), sig(300, SIGTERM)],
+        ));
+        let sup = run(capped(1), &rows);
+        let stopping = sup.generations().iter().filter(|g| g.state == "stopping").count();
+        assert_eq!(stopping, 3, "{:?}", sup.generations());
     }
 
     #[test]

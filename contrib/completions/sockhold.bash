@@ -86,7 +86,7 @@ _sockhold() {
 
     case "${cmd}" in
         sockhold)
-            opts="-l -v -q -h -V --listen --ready --ready-timeout --probe-delay --probe-interval --probe-timeout --watchdog --workers --reload-strategy --stop-signal --stop-timeout --restart --notify-access --name --accept --inetd --max-connections --lazy --compat-env --control --pid-file --user --chdir --env --env-file --verbose --quiet --log-format --help --version ctl help"
+            opts="-l -v -q -h -V --listen --ready --ready-timeout --probe-delay --probe-interval --probe-timeout --watchdog --workers --reload-strategy --stop-signal --stop-timeout --max-draining --restart --notify-access --name --accept --inetd --max-connections --lazy --compat-env --control --pid-file --user --chdir --env --env-file --verbose --quiet --log-format --help --version ctl help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -137,6 +137,10 @@ _sockhold() {
                     return 0
                     ;;
                 --stop-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-draining)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -7,6 +7,7 @@ mod child;
 mod control;
 mod docs;
 mod exit_codes;
+mod faults;
 mod lifecycle;
 mod load;
 mod readiness;
