@@ -401,14 +401,24 @@ impl Cli {
     }
 }
 
-/// Parses `500ms`, `2s`, `1m30s`, `1h`; a bare number is seconds, as in systemd.
+/// The longest duration accepted, `100y` as humantime counts years (365.25 days). Far longer
+/// than any timeout anyone means, and far shorter than what overflows a deadline: sockhold adds
+/// durations to `Instant::now()`, which panicked on `--stop-timeout 18446744073709551615`.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
+/// Parses `500ms`, `2s`, `1m30s`, `1h`; a bare number is seconds, as in systemd. At most
+/// [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    if let Ok(secs) = text.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
+    let duration = match text.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(text)
+            .map_err(|e| format!("'{text}' is not a duration ({e}); use e.g. 500ms, 2s, 1m30s"))?,
+    };
+    if duration > MAX_DURATION {
+        return Err(format!("'{text}' is too long a duration: at most 100y"));
     }
-    humantime::parse_duration(text)
-        .map_err(|e| format!("'{text}' is not a duration ({e}); use e.g. 500ms, 2s, 1m30s"))
+    Ok(duration)
 }
 
 /// Parses `TERM`, `SIGTERM`, `term` or `15`.
@@ -559,6 +569,22 @@ mod tests {
             let err = parse_duration(bad).unwrap_err();
             assert!(err.contains(&format!("'{}'", bad.trim())), "{bad}: {err}");
         }
+    }
+
+    /// Found by src/fuzz.rs (its first failing input was 9223372036854769541): these parsed,
+    /// and sockhold then panicked adding them to `Instant::now()` for a deadline.
+    #[test]
+    fn durations_too_long_for_a_deadline_are_refused() {
+        for huge in
+            ["9223372036854769541", "18446744073709551615", "584542046090y", "213503982334601d"]
+        {
+            let err = parse_duration(huge).unwrap_err();
+            assert!(err.contains(&format!("'{huge}' is too long a duration")), "{huge}: {err}");
+        }
+        assert_eq!(parse_duration("100y"), Ok(MAX_DURATION));
+        assert_eq!(parse_duration("3155760000"), Ok(MAX_DURATION));
+        assert!(parse_duration("3155760001").unwrap_err().contains("at most 100y"));
+        assert!(parse_ready("delay:18446744073709551615").unwrap_err().contains("at most 100y"));
     }
 
     #[test]

@@ -14,6 +14,8 @@ mod control;
 mod ctl;
 mod event_loop;
 mod exit;
+#[cfg(test)]
+mod fuzz;
 mod listen;
 mod notify;
 mod probe;

@@ -22,6 +22,10 @@ fn usage_errors_exit_2_and_name_the_input() {
         ),
         (vec!["-l", "8080", "--stop-signal", "NOPE", "--", &fixture], "'NOPE' is not a signal"),
         (vec!["-l", "8080", "--stop-timeout", "soon", "--", &fixture], "'soon' is not a duration"),
+        (
+            vec!["-l", "8080", "--stop-timeout", "18446744073709551615", "--", &fixture],
+            "'18446744073709551615' is too long a duration",
+        ),
         (vec!["-l", "8080", "--restart", "sometimes", "--", &fixture], "sometimes"),
         (vec!["-l", "8080", "--name", "a:b", "--", &fixture], "invalid --name 'a:b'"),
     ] {
