@@ -550,6 +550,10 @@ mod notify {
         Barrier,
         Status(String),
         Errno(Option<i32>),
+        Watchdog,
+        WatchdogTrigger,
+        WatchdogUsec(Option<u64>),
+        ExtendTimeout(Option<u64>),
     }
 
     /// Numbers of every size, and things that are not numbers, for the numeric assignments.
@@ -569,8 +573,6 @@ mod notify {
     fn ignored_line() -> impl Strategy<Value = Vec<u8>> {
         const UNUSED: &[&str] = &[
             "MAINPID",
-            "WATCHDOG_USEC",
-            "EXTEND_TIMEOUT_USEC",
             "MONOTONIC_USEC",
             "FDSTORE",
             "FDSTOREREMOVE",
@@ -628,6 +630,23 @@ mod notify {
             }),
             number()
                 .prop_map(|n| (format!("ERRNO={n}").into_bytes(), Effect::Errno(n.parse().ok()))),
+            prop_oneof![Just("1"), Just("trigger"), Just("0"), Just("TRIGGER"), Just("")].prop_map(
+                |v| {
+                    let effect = match v {
+                        "1" => Effect::Watchdog,
+                        "trigger" => Effect::WatchdogTrigger,
+                        _ => Effect::Nothing,
+                    };
+                    (format!("WATCHDOG={v}").into_bytes(), effect)
+                }
+            ),
+            number().prop_map(|n| {
+                (format!("WATCHDOG_USEC={n}").into_bytes(), Effect::WatchdogUsec(n.parse().ok()))
+            }),
+            number().prop_map(|n| {
+                let effect = Effect::ExtendTimeout(n.parse().ok());
+                (format!("EXTEND_TIMEOUT_USEC={n}").into_bytes(), effect)
+            }),
             ignored_line().prop_map(|line| (line, Effect::Nothing)),
         ]
     }
@@ -695,6 +714,10 @@ mod notify {
                     Effect::Barrier => want.barrier = true,
                     Effect::Status(status) => want.status = Some(status),
                     Effect::Errno(errno) => want.errno = errno,
+                    Effect::Watchdog => want.watchdog = true,
+                    Effect::WatchdogTrigger => want.watchdog_trigger = true,
+                    Effect::WatchdogUsec(usec) => want.watchdog_usec = usec,
+                    Effect::ExtendTimeout(usec) => want.extend_timeout_usec = usec,
                 }
             }
             prop_assert_eq!(message.ready, want.ready);
@@ -703,6 +726,10 @@ mod notify {
             prop_assert_eq!(message.barrier, want.barrier);
             prop_assert_eq!(message.status, want.status);
             prop_assert_eq!(message.errno, want.errno);
+            prop_assert_eq!(message.watchdog, want.watchdog);
+            prop_assert_eq!(message.watchdog_trigger, want.watchdog_trigger);
+            prop_assert_eq!(message.watchdog_usec, want.watchdog_usec);
+            prop_assert_eq!(message.extend_timeout_usec, want.extend_timeout_usec);
         }
 
         /// Unknown lines anywhere in a datagram change nothing in it.
