@@ -556,6 +556,10 @@ impl EventLoop {
             match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
                 Ok(status) => {
                     if let Some((pid, status)) = ChildStatus::from_wait(status) {
+                        if !leaders.contains(&pid) {
+                            // Re-parented to sockhold (PID 1, --subreaper): reaped, never a zombie.
+                            info!("reaped orphan pid {pid}: {status}");
+                        }
                         pending.push_back(Event::Exited { pid, status });
                     }
                 }

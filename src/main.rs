@@ -13,6 +13,7 @@ mod control;
 mod ctl;
 mod event_loop;
 mod exit;
+mod init;
 mod listen;
 mod notify;
 mod signals;
@@ -53,7 +54,10 @@ fn main() {
             std::process::exit(ExitCode::USAGE.0);
         }
     };
-    let code = match event_loop::EventLoop::new(config).and_then(event_loop::EventLoop::run) {
+    let code = match init::apply(&config)
+        .and_then(|()| event_loop::EventLoop::new(config))
+        .and_then(event_loop::EventLoop::run)
+    {
         Ok(code) => code,
         Err(err) => {
             log::error!("{err:#}");

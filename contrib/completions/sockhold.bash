@@ -86,7 +86,7 @@ _sockhold() {
 
     case "${cmd}" in
         sockhold)
-            opts="-l -v -q -h -V --listen --ready --ready-timeout --stop-signal --stop-timeout --restart --notify-access --name --accept --inetd --max-connections --lazy --compat-env --control --pid-file --verbose --quiet --log-format --help --version ctl help"
+            opts="-l -v -q -h -V --listen --ready --ready-timeout --stop-signal --stop-timeout --restart --notify-access --name --accept --inetd --max-connections --lazy --compat-env --control --pid-file --subreaper --on-supervisor-death --upgrade-binary --verbose --quiet --log-format --help --version ctl help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -141,6 +141,14 @@ _sockhold() {
                     return 0
                     ;;
                 --pid-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --on-supervisor-death)
+                    COMPREPLY=($(compgen -W "keep stop kill" -- "${cur}"))
+                    return 0
+                    ;;
+                --upgrade-binary)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -9,5 +9,6 @@ mod docs;
 mod exit_codes;
 mod lifecycle;
 mod load;
+mod pid1;
 mod sockets;
 mod support;
