@@ -10,6 +10,8 @@
 //!
 //! It must not make lifecycle decisions: those belong to [`Supervisor::step`].
 
+mod handover;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
 use std::os::fd::BorrowedFd;
@@ -46,6 +48,7 @@ fn is_stripped(name: &str) -> bool {
         || name.starts_with("WATCHDOG_")
         || name.starts_with("EINHORN_")
         || name.starts_with("SERVER_STARTER_")
+        || name.starts_with("SOCKHOLD_UPGRADE_")
 }
 
 /// What decides: the generation supervisor, or the per-connection one with `--accept`.
@@ -119,6 +122,8 @@ pub struct EventLoop {
     lazy_waiting: bool,
     /// With `--accept`: the listeners sockhold accepts on itself.
     acceptors: Vec<Acceptor>,
+    /// Self-upgrade: who asked, where from, how the last one went.
+    upgrade: handover::Upgrades,
 }
 
 /// A listener sockhold accepts on itself (`--accept`): a copy of the held fd, as std's type.
@@ -263,6 +268,7 @@ impl EventLoop {
             notify: BTreeMap::new(),
             manager,
             base_env,
+            upgrade: handover::Upgrades::at_start(),
         })
     }
 
@@ -288,7 +294,11 @@ impl EventLoop {
 
     fn serve(&mut self) -> Result<ExitCode> {
         let mut pending = VecDeque::new();
-        if self.lazy_waiting {
+        if self.upgrade.resumed {
+            // Taken over from the previous program: the children run. Reap the ones that ended
+            // during the change (their SIGCHLD may have been merged into one already read).
+            self.reap(&mut pending);
+        } else if self.lazy_waiting {
             info!("--lazy: the first connection or datagram starts generation 1");
             if let Some(manager) = &self.manager {
                 manager.send(&ManagerMessage::Ready(
@@ -313,6 +323,7 @@ impl EventLoop {
                     }
                 }
             }
+            self.upgrade_if_asked();
             self.wait(&mut pending)?;
         }
     }
@@ -400,7 +411,8 @@ impl EventLoop {
                     Signal::SIGTERM | Signal::SIGINT => pending
                         .push_back(Event::Stop(format!("received SIG{}", signal_name(signal)))),
                     Signal::SIGUSR2 => {
-                        warn!("received SIGUSR2: self-upgrade is not supported yet; ignored")
+                        info!("received SIGUSR2: upgrading in place");
+                        self.upgrade.ask(None);
                     }
                     s if FORWARDED.contains(&s) => pending.push_back(Event::Forward(s)),
                     s => debug!("ignoring SIG{}", signal_name(s)),
@@ -469,7 +481,9 @@ impl EventLoop {
                 }
             },
             Request::Upgrade => {
-                error_answer("upgrade is not supported by this version of sockhold")
+                // Answered by the new program, or here if the upgrade fails.
+                self.upgrade.ask(Some(client));
+                return;
             }
         };
         if let Some(control) = &mut self.control {
@@ -524,6 +538,7 @@ impl EventLoop {
             "generations": generations,
             "restarts": self.brain.restarts(),
             "last_reload": self.last_reload,
+            "upgrades": self.upgrade.status(),
         })
     }
 

@@ -1216,3 +1216,194 @@ mod tests {
         assert_eq!(sup.next_deadline(), None, "serving and idle: no wakeup");
     }
 }
+
+/// Self-upgrade: the supervisor's whole state as JSON, and back. Every instant is written as
+/// signed microseconds from the moment of the snapshot (negative: in the past), because an
+/// `Instant` means nothing outside the process; the monotonic clock itself survives execve, so
+/// the deadlines that run keep running.
+impl Supervisor {
+    /// The state to hand over, or why there is nothing safe to hand over now.
+    pub fn snapshot(&self, now: Instant) -> Result<serde_json::Value, String> {
+        use serde_json::json;
+        if self.mode != Mode::Running {
+            return Err("sockhold is stopping".into());
+        }
+        let us = |t: Instant| micros_from(t, now);
+        let mut generations = Vec::new();
+        for g in &self.generations {
+            let state = match &g.state {
+                GenState::Spawning => return Err(format!("generation {} is being spawned", g.id)),
+                GenState::Starting { ready_deadline, ready_at } => json!({
+                    "name": "starting",
+                    "ready_deadline_us": us(*ready_deadline),
+                    "ready_at_us": ready_at.map(us),
+                }),
+                GenState::Serving => json!({ "name": "serving" }),
+                GenState::Stopping { kill_at, signal } => json!({
+                    "name": "stopping",
+                    "kill_at_us": us(*kill_at),
+                    "signal": *signal as i32,
+                }),
+                GenState::Killed => json!({ "name": "killed" }),
+            };
+            generations.push(json!({
+                "id": g.id,
+                "pid": g.pid.map(Pid::as_raw),
+                "purpose": match g.purpose {
+                    Purpose::Initial => "initial",
+                    Purpose::Reload => "reload",
+                    Purpose::Restart => "restart",
+                },
+                "state": state,
+                "since_us": us(g.since),
+                "status": g.status_text,
+            }));
+        }
+        Ok(json!({
+            "generations": generations,
+            "next_id": self.next_id,
+            "reload_pending": self.reload_pending,
+            "restart_at_us": self.restart_at.map(us),
+            "backoff_us": self.backoff.as_micros() as u64,
+            "failed_starts": self.failed_starts,
+            "restarts": self.restarts,
+        }))
+    }
+
+    /// A supervisor that goes on from `state`, a [`Supervisor::snapshot`] taken `elapsed` ago.
+    pub fn restore(
+        policy: Policy,
+        state: &serde_json::Value,
+        now: Instant,
+        elapsed: Duration,
+    ) -> Result<Supervisor, String> {
+        let bad = |what: &str| format!("the supervisor state has no valid {what}");
+        let at = |v: &serde_json::Value, what: &str| {
+            v.as_i64().map(|us| instant_at(us, now, elapsed)).ok_or_else(|| bad(what))
+        };
+        let u64_of = |v: &serde_json::Value, what: &str| v.as_u64().ok_or_else(|| bad(what));
+        let mut generations = Vec::new();
+        for g in state["generations"].as_array().ok_or_else(|| bad("generations"))? {
+            let s = &g["state"];
+            let gen_state = match s["name"].as_str() {
+                Some("starting") => GenState::Starting {
+                    ready_deadline: at(&s["ready_deadline_us"], "ready deadline")?,
+                    ready_at: match &s["ready_at_us"] {
+                        serde_json::Value::Null => None,
+                        v => Some(at(v, "ready time")?),
+                    },
+                },
+                Some("serving") => GenState::Serving,
+                Some("stopping") => GenState::Stopping {
+                    kill_at: at(&s["kill_at_us"], "kill deadline")?,
+                    signal: s["signal"]
+                        .as_i64()
+                        .and_then(|n| Signal::try_from(n as i32).ok())
+                        .ok_or_else(|| bad("stop signal"))?,
+                },
+                Some("killed") => GenState::Killed,
+                _ => return Err(bad("generation state")),
+            };
+            let pid = g["pid"].as_i64().and_then(|p| i32::try_from(p).ok()).ok_or_else(|| bad("pid"))?;
+            generations.push(Generation {
+                id: u64_of(&g["id"], "generation id")?,
+                pid: Some(Pid::from_raw(pid)),
+                purpose: match g["purpose"].as_str() {
+                    Some("initial") => Purpose::Initial,
+                    Some("reload") => Purpose::Reload,
+                    Some("restart") => Purpose::Restart,
+                    _ => return Err(bad("purpose")),
+                },
+                state: gen_state,
+                since: at(&g["since_us"], "since")?,
+                status_text: g["status"].as_str().map(str::to_string),
+            });
+        }
+        Ok(Supervisor {
+            policy,
+            mode: Mode::Running,
+            generations,
+            next_id: u64_of(&state["next_id"], "next id")?,
+            reload_pending: state["reload_pending"].as_bool().ok_or_else(|| bad("reload_pending"))?,
+            restart_at: match &state["restart_at_us"] {
+                serde_json::Value::Null => None,
+                v => Some(at(v, "restart time")?),
+            },
+            backoff: Duration::from_micros(u64_of(&state["backoff_us"], "backoff")?),
+            failed_starts: u64_of(&state["failed_starts"], "failed starts")? as u32,
+            restarts: u64_of(&state["restarts"], "restarts")?,
+        })
+    }
+}
+
+/// `t` as signed microseconds from `now`.
+fn micros_from(t: Instant, now: Instant) -> i64 {
+    match t.checked_duration_since(now) {
+        Some(ahead) => ahead.as_micros() as i64,
+        None => -(now.duration_since(t).as_micros() as i64),
+    }
+}
+
+/// The instant `us` microseconds from a moment `elapsed` before `now`.
+fn instant_at(us: i64, now: Instant, elapsed: Duration) -> Instant {
+    let then = now.checked_sub(elapsed).unwrap_or(now);
+    let offset = Duration::from_micros(us.unsigned_abs());
+    if us >= 0 { then + offset } else { then.checked_sub(offset).unwrap_or(then) }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+
+    use Signal::SIGTERM;
+
+    #[test]
+    fn snapshot_and_restore_keep_every_generation_and_deadline() {
+        let policy = Policy {
+            ready: ReadyMode::Notify,
+            ready_timeout: Duration::from_secs(60),
+            stop_signal: SIGTERM,
+            stop_timeout: Duration::from_secs(30),
+            restart: RestartPolicy::OnFailure,
+            notify_access: NotifyAccess::Group,
+        };
+        let t0 = Instant::now();
+        let mut s = Supervisor::new(policy.clone());
+        s.step(Event::Start, t0);
+        s.step(Event::Spawned { generation: 1, pid: Pid::from_raw(101) }, t0);
+        let ready = NotifyMessage { ready: true, status: Some("up".into()), ..Default::default() };
+        let notify = |generation, pid| Event::Notify {
+            generation,
+            sender: Pid::from_raw(pid),
+            sender_pgid: None,
+            message: ready.clone(),
+        };
+        s.step(notify(1, 101), t0);
+        let t1 = t0 + Duration::from_secs(1);
+        s.step(Event::Reload, t1);
+        s.step(Event::Spawned { generation: 2, pid: Pid::from_raw(102) }, t1);
+        s.step(notify(2, 102), t1);
+        // Generation 1 is stopping (SIGKILL due at t1+30s); a third generation is starting.
+        let t2 = t1 + Duration::from_secs(2);
+        s.step(Event::Reload, t2);
+        s.step(Event::Spawned { generation: 3, pid: Pid::from_raw(103) }, t2);
+        s.step(Event::Reload, t2);
+        let t3 = t2 + Duration::from_secs(1);
+        let state = s.snapshot(t3).expect("snapshot");
+        // Restored 100ms later, by a clock that went on.
+        let t4 = t3 + Duration::from_millis(100);
+        let r = Supervisor::restore(policy, &state, t4, Duration::from_millis(100)).expect("restore");
+        assert_eq!(r.generations(), s.generations());
+        assert_eq!(r.next_deadline(), s.next_deadline());
+        assert_eq!(r.next_id, 4);
+        assert!(r.reload_pending);
+        assert_eq!(r.snapshot(t3).expect("again"), state, "a round trip changes nothing");
+        // The restored one goes on deciding: generation 1's SIGKILL comes at its deadline.
+        let mut r = r;
+        let actions = r.step(Event::Timer, t1 + Duration::from_secs(30));
+        assert!(actions.contains(&Action::SignalGroup { pgid: Pid::from_raw(101), signal: Signal::SIGKILL }));
+        // A stopping supervisor hands nothing over.
+        r.step(Event::Stop("test".into()), t4);
+        assert_eq!(r.snapshot(t4).unwrap_err(), "sockhold is stopping");
+    }
+}
