@@ -42,8 +42,9 @@ fn main() {
     };
     let cli = match (cli::Cli::try_parse(), incoming) {
         (Ok(cli), incoming) => (cli, incoming),
-        (Err(e), Some(incoming)) => incoming
-            .roll_back(&format!("the new program refuses the command line: {}", e.render())),
+        (Err(e), Some(incoming)) => {
+            incoming.roll_back(&format!("the new program refuses the command line: {}", e.render()))
+        }
         // --help and --version go to stdout and exit 0, as clap prints them.
         (Err(e), None) if !e.use_stderr() => e.exit(),
         (Err(e), None) => {
@@ -65,7 +66,9 @@ fn main() {
     }
     let config = match (cli.into_config(), incoming) {
         (Ok(config), incoming) => (config, incoming),
-        (Err(message), Some(incoming)) => incoming.roll_back(&message),
+        (Err(message), Some(incoming)) => {
+            incoming.roll_back(&format!("the new program refuses the command line: {message}"))
+        }
         (Err(message), None) => {
             eprintln!("sockhold: error: {message}");
             std::process::exit(ExitCode::USAGE.0);

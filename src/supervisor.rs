@@ -1218,7 +1218,7 @@ mod tests {
 }
 
 /// Self-upgrade: the supervisor's whole state as JSON, and back. Every instant is written as
-/// signed microseconds from the moment of the snapshot (negative: in the past), because an
+/// signed nanoseconds from the moment of the snapshot (negative: in the past), because an
 /// `Instant` means nothing outside the process; the monotonic clock itself survives execve, so
 /// the deadlines that run keep running.
 impl Supervisor {
@@ -1228,20 +1228,20 @@ impl Supervisor {
         if self.mode != Mode::Running {
             return Err("sockhold is stopping".into());
         }
-        let us = |t: Instant| micros_from(t, now);
+        let ns = |t: Instant| nanos_from(t, now);
         let mut generations = Vec::new();
         for g in &self.generations {
             let state = match &g.state {
                 GenState::Spawning => return Err(format!("generation {} is being spawned", g.id)),
                 GenState::Starting { ready_deadline, ready_at } => json!({
                     "name": "starting",
-                    "ready_deadline_us": us(*ready_deadline),
-                    "ready_at_us": ready_at.map(us),
+                    "ready_deadline_ns": ns(*ready_deadline),
+                    "ready_at_ns": ready_at.map(ns),
                 }),
                 GenState::Serving => json!({ "name": "serving" }),
                 GenState::Stopping { kill_at, signal } => json!({
                     "name": "stopping",
-                    "kill_at_us": us(*kill_at),
+                    "kill_at_ns": ns(*kill_at),
                     "signal": *signal as i32,
                 }),
                 GenState::Killed => json!({ "name": "killed" }),
@@ -1255,7 +1255,7 @@ impl Supervisor {
                     Purpose::Restart => "restart",
                 },
                 "state": state,
-                "since_us": us(g.since),
+                "since_ns": ns(g.since),
                 "status": g.status_text,
             }));
         }
@@ -1263,8 +1263,8 @@ impl Supervisor {
             "generations": generations,
             "next_id": self.next_id,
             "reload_pending": self.reload_pending,
-            "restart_at_us": self.restart_at.map(us),
-            "backoff_us": self.backoff.as_micros() as u64,
+            "restart_at_ns": self.restart_at.map(ns),
+            "backoff_ns": self.backoff.as_nanos() as u64,
             "failed_starts": self.failed_starts,
             "restarts": self.restarts,
         }))
@@ -1279,7 +1279,7 @@ impl Supervisor {
     ) -> Result<Supervisor, String> {
         let bad = |what: &str| format!("the supervisor state has no valid {what}");
         let at = |v: &serde_json::Value, what: &str| {
-            v.as_i64().map(|us| instant_at(us, now, elapsed)).ok_or_else(|| bad(what))
+            v.as_i64().map(|ns| instant_at(ns, now, elapsed)).ok_or_else(|| bad(what))
         };
         let u64_of = |v: &serde_json::Value, what: &str| v.as_u64().ok_or_else(|| bad(what));
         let mut generations = Vec::new();
@@ -1287,15 +1287,15 @@ impl Supervisor {
             let s = &g["state"];
             let gen_state = match s["name"].as_str() {
                 Some("starting") => GenState::Starting {
-                    ready_deadline: at(&s["ready_deadline_us"], "ready deadline")?,
-                    ready_at: match &s["ready_at_us"] {
+                    ready_deadline: at(&s["ready_deadline_ns"], "ready deadline")?,
+                    ready_at: match &s["ready_at_ns"] {
                         serde_json::Value::Null => None,
                         v => Some(at(v, "ready time")?),
                     },
                 },
                 Some("serving") => GenState::Serving,
                 Some("stopping") => GenState::Stopping {
-                    kill_at: at(&s["kill_at_us"], "kill deadline")?,
+                    kill_at: at(&s["kill_at_ns"], "kill deadline")?,
                     signal: s["signal"]
                         .as_i64()
                         .and_then(|n| Signal::try_from(n as i32).ok())
@@ -1304,7 +1304,8 @@ impl Supervisor {
                 Some("killed") => GenState::Killed,
                 _ => return Err(bad("generation state")),
             };
-            let pid = g["pid"].as_i64().and_then(|p| i32::try_from(p).ok()).ok_or_else(|| bad("pid"))?;
+            let pid =
+                g["pid"].as_i64().and_then(|p| i32::try_from(p).ok()).ok_or_else(|| bad("pid"))?;
             generations.push(Generation {
                 id: u64_of(&g["id"], "generation id")?,
                 pid: Some(Pid::from_raw(pid)),
@@ -1315,7 +1316,7 @@ impl Supervisor {
                     _ => return Err(bad("purpose")),
                 },
                 state: gen_state,
-                since: at(&g["since_us"], "since")?,
+                since: at(&g["since_ns"], "since")?,
                 status_text: g["status"].as_str().map(str::to_string),
             });
         }
@@ -1324,31 +1325,33 @@ impl Supervisor {
             mode: Mode::Running,
             generations,
             next_id: u64_of(&state["next_id"], "next id")?,
-            reload_pending: state["reload_pending"].as_bool().ok_or_else(|| bad("reload_pending"))?,
-            restart_at: match &state["restart_at_us"] {
+            reload_pending: state["reload_pending"]
+                .as_bool()
+                .ok_or_else(|| bad("reload_pending"))?,
+            restart_at: match &state["restart_at_ns"] {
                 serde_json::Value::Null => None,
                 v => Some(at(v, "restart time")?),
             },
-            backoff: Duration::from_micros(u64_of(&state["backoff_us"], "backoff")?),
+            backoff: Duration::from_nanos(u64_of(&state["backoff_ns"], "backoff")?),
             failed_starts: u64_of(&state["failed_starts"], "failed starts")? as u32,
             restarts: u64_of(&state["restarts"], "restarts")?,
         })
     }
 }
 
-/// `t` as signed microseconds from `now`.
-fn micros_from(t: Instant, now: Instant) -> i64 {
+/// `t` as signed nanoseconds from `now`.
+fn nanos_from(t: Instant, now: Instant) -> i64 {
     match t.checked_duration_since(now) {
-        Some(ahead) => ahead.as_micros() as i64,
-        None => -(now.duration_since(t).as_micros() as i64),
+        Some(ahead) => ahead.as_nanos() as i64,
+        None => -(now.duration_since(t).as_nanos() as i64),
     }
 }
 
-/// The instant `us` microseconds from a moment `elapsed` before `now`.
-fn instant_at(us: i64, now: Instant, elapsed: Duration) -> Instant {
+/// The instant `ns` nanoseconds from a moment `elapsed` before `now`.
+fn instant_at(ns: i64, now: Instant, elapsed: Duration) -> Instant {
     let then = now.checked_sub(elapsed).unwrap_or(now);
-    let offset = Duration::from_micros(us.unsigned_abs());
-    if us >= 0 { then + offset } else { then.checked_sub(offset).unwrap_or(then) }
+    let offset = Duration::from_nanos(ns.unsigned_abs());
+    if ns >= 0 { then + offset } else { then.checked_sub(offset).unwrap_or(then) }
 }
 
 #[cfg(test)]
@@ -1392,7 +1395,8 @@ mod snapshot_tests {
         let state = s.snapshot(t3).expect("snapshot");
         // Restored 100ms later, by a clock that went on.
         let t4 = t3 + Duration::from_millis(100);
-        let r = Supervisor::restore(policy, &state, t4, Duration::from_millis(100)).expect("restore");
+        let r =
+            Supervisor::restore(policy, &state, t4, Duration::from_millis(100)).expect("restore");
         assert_eq!(r.generations(), s.generations());
         assert_eq!(r.next_deadline(), s.next_deadline());
         assert_eq!(r.next_id, 4);
@@ -1401,7 +1405,12 @@ mod snapshot_tests {
         // The restored one goes on deciding: generation 1's SIGKILL comes at its deadline.
         let mut r = r;
         let actions = r.step(Event::Timer, t1 + Duration::from_secs(30));
-        assert!(actions.contains(&Action::SignalGroup { pgid: Pid::from_raw(101), signal: Signal::SIGKILL }));
+        assert!(
+            actions.contains(&Action::SignalGroup {
+                pgid: Pid::from_raw(101),
+                signal: Signal::SIGKILL
+            })
+        );
         // A stopping supervisor hands nothing over.
         r.step(Event::Stop("test".into()), t4);
         assert_eq!(r.snapshot(t4).unwrap_err(), "sockhold is stopping");

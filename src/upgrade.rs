@@ -46,7 +46,10 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Answers `--upgrade-check`: the state format this program reads, and its version.
 pub fn answer_check() -> ! {
-    println!("{}", json!({ "sockhold_state_format": STATE_FORMAT, "version": env!("CARGO_PKG_VERSION") }));
+    println!(
+        "{}",
+        json!({ "sockhold_state_format": STATE_FORMAT, "version": env!("CARGO_PKG_VERSION") })
+    );
     std::process::exit(0)
 }
 
@@ -104,10 +107,9 @@ pub fn check_target(target: &Path) -> Result<String, String> {
         Some(other) => refuse(format!(
             "it reads upgrade state format {other}, and this sockhold writes format {STATE_FORMAT}"
         )),
-        None => refuse(format!(
-            "its answer to {CHECK_FLAG} is not a state format: {:?}",
-            text.trim()
-        )),
+        None => {
+            refuse(format!("its answer to {CHECK_FLAG} is not a state format: {:?}", text.trim()))
+        }
     }
 }
 
@@ -141,16 +143,18 @@ pub fn exec(target: &Path, mut state: Value, fds: &[RawFd]) -> Result<Infallible
         .map_err(|e| format!("cannot keep a handle on the running binary: {e}"))?;
     state["format"] = json!(STATE_FORMAT);
     state["old_exe_fd"] = json!(old_exe.as_raw_fd());
-    let memfd = nix::sys::memfd::memfd_create(
-        c"sockhold-upgrade",
-        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-    )
-    .map_err(|e| format!("cannot create a memfd for the state: {e}"))?;
+    // The command line as sockhold was started, as bytes (an argument need not be UTF-8): going
+    // back must not use the new program's, which a wrapper script may have changed.
+    let args: Vec<Vec<u8>> = std::env::args_os().map(OsStringExt::into_vec).collect();
+    state["argv"] = json!(args);
+    let memfd =
+        nix::sys::memfd::memfd_create(c"sockhold-upgrade", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(|e| format!("cannot create a memfd for the state: {e}"))?;
     let mut file = std::fs::File::from(memfd);
     file.write_all(state.to_string().as_bytes())
         .map_err(|e| format!("cannot write the state: {e}"))?;
     let path = cstring(target.as_os_str().as_bytes())?;
-    let argv = std::env::args_os().map(|a| cstring(a.as_bytes())).collect::<Result<Vec<_>, _>>()?;
+    let argv = args.iter().map(|a| cstring(a)).collect::<Result<Vec<_>, _>>()?;
     let env = environment(&[(FD_VAR, file.as_raw_fd().to_string())])?;
 
     let mut passed: Vec<RawFd> = fds.to_vec();
@@ -216,7 +220,8 @@ impl Incoming {
 
     fn read(text: &std::ffi::OsStr) -> Result<Incoming, String> {
         let bad = |why: String| format!("{FD_VAR}={}: {why}", text.to_string_lossy());
-        let raw: RawFd = text.to_str().and_then(|t| t.parse().ok()).ok_or_else(|| bad("not an fd".into()))?;
+        let raw: RawFd =
+            text.to_str().and_then(|t| t.parse().ok()).ok_or_else(|| bad("not an fd".into()))?;
         crate::spawn::borrow_inherited_fd(raw).map_err(|e| bad(format!("not open: {e}")))?;
         let memfd = crate::spawn::adopt_inherited_fd(raw);
         let mut bytes = Vec::new();
@@ -277,8 +282,17 @@ impl Incoming {
         };
         let attempt = (|| -> Result<Infallible, String> {
             let fd = crate::spawn::borrow_inherited_fd(old).map_err(|e| e.to_string())?;
-            let argv =
-                std::env::args_os().map(|a| cstring(a.as_bytes())).collect::<Result<Vec<_>, _>>()?;
+            let argv = self.state["argv"]
+                .as_array()
+                .ok_or("the state has no command line")?
+                .iter()
+                .map(|arg| {
+                    let bytes: Option<Vec<u8>> = arg.as_array().and_then(|a| {
+                        a.iter().map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok())).collect()
+                    });
+                    cstring(&bytes.ok_or("the state's command line is malformed")?)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             let oneline: String = reason.chars().map(|c| if c == '\n' { ' ' } else { c }).collect();
             let env = environment(&[
                 (FD_VAR, self.memfd.as_raw_fd().to_string()),
@@ -296,7 +310,9 @@ impl Incoming {
         let me = std::process::id();
         eprintln!("sockhold[{me}]: error: {reason}");
         for pid in state_pids(&self.state) {
-            eprintln!("sockhold[{me}]: error: killing process group {pid}: nothing can supervise it any more");
+            eprintln!(
+                "sockhold[{me}]: error: killing process group {pid}: nothing can supervise it any more"
+            );
             let _ = killpg(pid, Signal::SIGKILL);
         }
         std::process::exit(crate::exit::ExitCode::FAILURE.0)

@@ -23,7 +23,7 @@ use crate::control::{ClientId, ControlServer, error_answer};
 use crate::listen::Listener;
 use crate::notify::{Manager, NotifySocket};
 use crate::signals::Signals;
-use crate::supervisor::{ManagerMessage, Supervisor};
+use crate::supervisor::Supervisor;
 use crate::upgrade::{self, Incoming};
 
 /// What the event loop keeps about upgrades, across upgrades.
@@ -97,7 +97,11 @@ impl EventLoop {
     }
 
     /// Checks `target`, writes the state and execs it; returns only if that failed.
-    fn hand_over(&mut self, target: &Path, asked: &[Option<ClientId>]) -> Result<Infallible, String> {
+    fn hand_over(
+        &mut self,
+        target: &Path,
+        asked: &[Option<ClientId>],
+    ) -> Result<Infallible, String> {
         let Brain::Generations(supervisor) = &self.brain else {
             return Err("self-upgrade is not supported with --accept".into());
         };
@@ -136,13 +140,17 @@ impl EventLoop {
         let client_fd = |id: ClientId| self.control.as_ref().and_then(|c| c.client_fd(id));
         for id in asked.iter().flatten() {
             if let Some(fd) = client_fd(*id) {
-                let entry = clients.entry(fd).or_insert_with(|| json!({ "fd": fd, "upgrade": 0, "reloads": [] }));
+                let entry = clients
+                    .entry(fd)
+                    .or_insert_with(|| json!({ "fd": fd, "upgrade": 0, "reloads": [] }));
                 entry["upgrade"] = json!(entry["upgrade"].as_u64().unwrap_or(0) + 1);
             }
         }
         for (id, generation) in &self.reload_waiters {
             if let Some(fd) = client_fd(*id) {
-                let entry = clients.entry(fd).or_insert_with(|| json!({ "fd": fd, "upgrade": 0, "reloads": [] }));
+                let entry = clients
+                    .entry(fd)
+                    .or_insert_with(|| json!({ "fd": fd, "upgrade": 0, "reloads": [] }));
                 if let Some(list) = entry["reloads"].as_array_mut() {
                     list.push(json!(generation));
                 }
@@ -213,7 +221,8 @@ impl EventLoop {
         let mut notify = Vec::new();
         for entry in list("notify") {
             let fd = fd_of(&entry, "a notify socket")?;
-            let generation = entry["generation"].as_u64().ok_or("a notify socket without a generation")?;
+            let generation =
+                entry["generation"].as_u64().ok_or("a notify socket without a generation")?;
             let path = entry["path"].as_str().ok_or("a notify socket without a path")?;
             notify.push((generation, fd, PathBuf::from(path)));
             adopted.push(fd);
@@ -229,9 +238,12 @@ impl EventLoop {
                 clients.push((fd, client));
             }
         }
-        let runtime_dir = state["runtime_dir"].as_str().ok_or("the state has no runtime directory")?;
+        let runtime_dir =
+            state["runtime_dir"].as_str().ok_or("the state has no runtime directory")?;
         let manager = match std::env::var("NOTIFY_SOCKET") {
-            Ok(path) if !path.is_empty() => Some(Manager::new(&path).map_err(|e| format!("{e:#}"))?),
+            Ok(path) if !path.is_empty() => {
+                Some(Manager::new(&path).map_err(|e| format!("{e:#}"))?)
+            }
             _ => None,
         };
         let signals = Signals::install().map_err(|e| format!("{e:#}"))?;
@@ -279,7 +291,8 @@ impl EventLoop {
         let answer = match &incoming.failed {
             None => {
                 upgrades.count += 1;
-                upgrades.last = json!({ "ok": true, "binary": target, "version": version, "at": now_text() });
+                upgrades.last =
+                    json!({ "ok": true, "binary": target, "version": version, "at": now_text() });
                 info!(
                     "upgraded in place: version {version} from {target} took over from version {} (pid {} unchanged)",
                     state["from_version"].as_str().unwrap_or("?"),
@@ -316,13 +329,8 @@ impl EventLoop {
         for id in upgrade_askers {
             event_loop.answer_client(id, &answer);
         }
-        if let Some(manager) = &event_loop.manager {
-            let text = match answer["ok"].as_bool() {
-                Some(true) => format!("upgraded in place to version {version}"),
-                _ => format!("upgrade failed; version {version} goes on"),
-            };
-            manager.send(&ManagerMessage::Status(text));
-        }
+        // Nothing for the service manager: the main pid and the readiness it knows are unchanged,
+        // and a send to a manager whose queue is full would block here, signals still blocked.
         Ok((event_loop, adopted))
     }
 }

@@ -12,3 +12,4 @@ mod load;
 mod pid1;
 mod sockets;
 mod support;
+mod upgrade;
