@@ -328,12 +328,14 @@ fn twenty_upgrades_leave_sockhold_with_the_same_fds() {
         "notify",
         "--control",
         control.to_str().unwrap(),
+        "--on-supervisor-death",
+        "kill",
         "--",
         &fixture,
         "--ready",
     ]);
     let pid = s.pid().as_raw();
-    s.expect_event("start", 1);
+    let child = pid_of(&s.expect_event("start", 1));
     s.expect_ready();
     let fds = || -> Vec<String> {
         let mut kinds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -361,6 +363,9 @@ fn twenty_upgrades_leave_sockhold_with_the_same_fds() {
     wait_until("sockhold holds the fds it held before", || fds() == before);
     eprintln!("fds: {before:?}; {rss_before} before 20 upgrades, {} after", rss());
     assert_eq!(status(&control)["upgrades"]["count"], 20);
+    // An execve of sockhold is not its death: the death signal never fired.
+    assert!(!process_dead(child), "the child outlived 20 upgrades");
+    assert!(!s.seen(|v| v["event"] == "exit"), "the child did not exit");
     s.signal(SIGTERM);
     assert_eq!(s.exit_code(), 0);
 }
