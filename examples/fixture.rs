@@ -3,7 +3,7 @@
 //! and working directory at start, then every signal it receives) and behaves as its arguments
 //! say (send READY=1, ignore SIGTERM, exit with a code, serve HTTP, send notify messages on
 //! demand, try to get root back, hold connections open and drain them, double-fork a daemon, shut
-//! the shared listener down). Every line carries its pid and its `SOCKHOLD_GENERATION`, so a
+//! the shared listener down, leave orphans behind). Every line carries its pid and its `SOCKHOLD_GENERATION`, so a
 //! test can tell the generations apart.
 
 use std::io::{IoSlice, Read, Write};
@@ -38,6 +38,8 @@ struct Args {
     hold: bool,
     shutdown_listener_gens: Vec<String>,
     shutdown_listener_on_usr1: bool,
+    orphans: u32,
+    lingering_orphan: bool,
 }
 
 fn generation() -> Option<String> {
@@ -122,10 +124,60 @@ fn parse_args() -> Args {
                 report("helper-notified", json!({ "barrier": barrier }));
                 std::process::exit(0);
             }
+            "--orphans" => {
+                args.orphans = value("--orphans").parse().unwrap_or_else(|_| usage("bad --orphans"))
+            }
+            "--lingering-orphan" => args.lingering_orphan = true,
+            "--spawn-orphan" => {
+                // Helper mode: start a grandchild and exit at once without waiting for it, so
+                // that it is orphaned, as a double-forking daemon's first child does.
+                let kind = value("--spawn-orphan");
+                let exe = std::env::current_exe().expect("own path");
+                let spawned = std::process::Command::new(exe)
+                    .args(["--be-orphan", &kind, "--orphan-of", &std::process::id().to_string()])
+                    .spawn();
+                std::process::exit(if spawned.is_ok() { 0 } else { 1 });
+            }
+            "--be-orphan" => {
+                let kind = value("--be-orphan");
+                let _ = it.next();
+                let parent = it.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+                be_orphan(&kind, nix::unistd::Pid::from_raw(parent))
+            }
             other => usage(&format!("unknown argument '{other}'")),
         }
     }
     args
+}
+
+/// The orphaned grandchild: waits until its parent is gone and it has been re-parented, says
+/// who adopted it, then exits (`exit`: a zombie for the adopter to reap) or stays (`linger`: a
+/// daemon left in the generation's process group).
+fn be_orphan(kind: &str, parent: nix::unistd::Pid) -> ! {
+    // `parent` is the helper's pid as it said, not getppid(): the helper may be gone already.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // No event tells a process that it was re-parented: poll, bounded.
+    while nix::unistd::getppid() == parent && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let ppid = nix::unistd::getppid().as_raw();
+    let pgid = nix::unistd::getpgrp().as_raw();
+    report("orphan", json!({ "kind": kind, "ppid": ppid, "pgid": pgid }));
+    if kind == "linger" {
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    std::process::exit(0)
+}
+
+/// Runs `--spawn-orphan KIND` and waits for it: its child is left an orphan.
+fn make_orphan(kind: &str) {
+    let exe = std::env::current_exe().expect("own path");
+    let status = std::process::Command::new(exe).args(["--spawn-orphan", kind]).status();
+    if !status.is_ok_and(|s| s.success()) {
+        report("orphan-failed", json!({ "kind": kind }));
+    }
 }
 
 fn notify_socket() -> Option<(OwnedFd, UnixAddr)> {
@@ -484,6 +536,12 @@ fn main() {
     }
     if in_gen(&args.shutdown_listener_gens) {
         shutdown_listener();
+    }
+    for _ in 0..args.orphans {
+        make_orphan("exit");
+    }
+    if args.lingering_orphan {
+        make_orphan("linger");
     }
     if let Some(status) = &args.status {
         notify(&format!("STATUS={status}"));

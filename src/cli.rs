@@ -29,7 +29,7 @@ use crate::supervisor::{
     override_usage = "sockhold [OPTIONS] -l SPEC [-l SPEC ...] [--] COMMAND [ARG ...]\n       sockhold ctl [--control PATH] status [--json] | reload | stop | signal SIG | upgrade",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    after_help = "Signals: HUP reloads; TERM and INT stop; USR1, WINCH, QUIT, ALRM, TTIN and TTOU are forwarded to the serving child.\nExit status: 0 clean stop, 1 runtime failure, 2 usage error, 126/127 command not executable/found, else the child's code or 128+N.\nSee sockhold(1) for listen specs and the full lifecycle."
+    after_help = "Signals: HUP reloads; TERM and INT stop; USR2 upgrades sockhold in place; USR1, WINCH, QUIT, ALRM, TTIN and TTOU are forwarded to the serving child.\nExit status: 0 clean stop, 1 runtime failure, 2 usage error, 126/127 command not executable/found, else the child's code or 128+N.\nSee sockhold(1) for listen specs and the full lifecycle."
 )]
 pub struct Cli {
     /// Talk to a running sockhold (see `sockhold ctl --help`).
@@ -181,6 +181,22 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", allow_hyphen_values = true)]
     pub env_file: Vec<EnvFile>,
 
+    /// Adopt and reap every orphaned descendant (a daemon that double-forked, a worker whose
+    /// parent died), as an init does. Automatic when sockhold runs as PID 1.
+    #[arg(long)]
+    pub subreaper: bool,
+
+    /// What the children do if sockhold itself dies without stopping them (SIGKILL, the OOM
+    /// killer): `keep` serving on the sockets they hold until someone stops them, `stop` (they
+    /// get --stop-signal) or `kill` (they get SIGKILL). A self-upgrade is not a death.
+    #[arg(long, value_name = "WHAT", value_enum, default_value_t = OnSupervisorDeath::Keep)]
+    pub on_supervisor_death: OnSupervisorDeath,
+
+    /// The program SIGUSR2 and `ctl upgrade` re-execute in place (same pid, sockets and
+    /// children kept) [default: the path sockhold was started from].
+    #[arg(long, value_name = "PATH")]
+    pub upgrade_binary: Option<PathBuf>,
+
     /// Log more (repeat for even more); RUST_LOG also works.
     #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,
@@ -211,6 +227,17 @@ pub enum CompatEnv {
     Einhorn,
     /// Server::Starter's SERVER_STARTER_PORT.
     ServerStarter,
+}
+
+/// What the children do when sockhold dies without stopping them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnSupervisorDeath {
+    /// Keep serving on the sockets they hold (they have their own copies).
+    Keep,
+    /// Get the --stop-signal from the kernel (PR_SET_PDEATHSIG).
+    Stop,
+    /// Get SIGKILL from the kernel (PR_SET_PDEATHSIG).
+    Kill,
 }
 
 /// The shape of log lines.
@@ -265,7 +292,8 @@ pub enum CtlRequest {
         #[arg(value_name = "SIG", value_parser = parse_signal)]
         signal: Signal,
     },
-    /// Re-execute sockhold's binary in place (not supported by this version).
+    /// Re-execute sockhold's binary (or its --upgrade-binary) in place: same pid, same sockets,
+    /// same children. Exits 1 with the reason if the new program is refused.
     Upgrade,
 }
 
@@ -294,6 +322,12 @@ pub struct Config {
     pub world: ChildWorld,
     /// argv of the child; never empty.
     pub command: Vec<OsString>,
+    /// Become a child subreaper (`--subreaper`, or sockhold is PID 1).
+    pub subreaper: bool,
+    /// The signal the kernel sends each child when sockhold dies, if any.
+    pub death_signal: Option<Signal>,
+    /// What SIGUSR2 and `ctl upgrade` execute, if not sockhold's own path.
+    pub upgrade_binary: Option<PathBuf>,
 }
 
 /// `--accept` and its companions.
@@ -397,6 +431,13 @@ impl Cli {
             }),
             world,
             command: self.command,
+            subreaper: self.subreaper || nix::unistd::getpid().as_raw() == 1,
+            death_signal: match self.on_supervisor_death {
+                OnSupervisorDeath::Keep => None,
+                OnSupervisorDeath::Stop => Some(self.stop_signal),
+                OnSupervisorDeath::Kill => Some(Signal::SIGKILL),
+            },
+            upgrade_binary: self.upgrade_binary,
         })
     }
 }

@@ -179,6 +179,63 @@ impl ControlServer {
         })
     }
 
+    /// Self-upgrade: the listening socket as the state names it.
+    pub fn handover(&self) -> Value {
+        use std::os::fd::AsRawFd;
+        json!({
+            "fd": self.listener.as_raw_fd(),
+            "path": self.path,
+            "dev": self.identity.0,
+            "ino": self.identity.1,
+            "created_dir": self.created_dir,
+        })
+    }
+
+    /// The fd of a client, to hand it over to the new program with its pending request.
+    pub fn client_fd(&self, id: ClientId) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.clients.get(&id).map(|c| c.stream.as_raw_fd())
+    }
+
+    /// Takes over a control socket from a [`ControlServer::handover`] entry. The fd must have
+    /// been checked open.
+    pub fn take_handover(state: &Value) -> Result<ControlServer> {
+        let fd = state["fd"].as_i64().and_then(|f| std::os::fd::RawFd::try_from(f).ok());
+        let fd = fd.context("the control socket has no fd")?;
+        let path = state["path"].as_str().context("the control socket has no path")?;
+        let identity = (state["dev"].as_u64().unwrap_or(0), state["ino"].as_u64().unwrap_or(0));
+        let listener = UnixListener::from(crate::spawn::adopt_inherited_fd(fd));
+        listener.set_nonblocking(true).context("failed to make the control socket non-blocking")?;
+        Ok(ControlServer {
+            listener,
+            path: PathBuf::from(path),
+            identity,
+            created_dir: state["created_dir"].as_str().map(PathBuf::from),
+            clients: BTreeMap::new(),
+            next_id: 1,
+        })
+    }
+
+    /// Takes over a client (fd `raw`, checked open) that waits for the answer to `outstanding`
+    /// requests the old program accepted.
+    pub fn take_client(&mut self, raw: std::os::fd::RawFd, outstanding: usize) -> ClientId {
+        let stream = UnixStream::from(crate::spawn::adopt_inherited_fd(raw));
+        let _ = stream.set_nonblocking(true);
+        let id = self.next_id;
+        self.next_id += 1;
+        let client = Client {
+            stream,
+            input: Vec::new(),
+            output: Vec::new(),
+            deadline: None,
+            outstanding,
+            read_closed: false,
+            closing: false,
+        };
+        self.clients.insert(id, client);
+        id
+    }
+
     /// The fds to poll, with what each stands for and the events wanted.
     pub fn poll_set(&self) -> Vec<(BorrowedFd<'_>, PollFlags, Token)> {
         let mut set = vec![(self.listener.as_fd(), PollFlags::POLLIN, Token::Listener)];

@@ -43,7 +43,13 @@ pub fn run(args: &CtlArgs) -> Result<()> {
         CtlRequest::Signal { signal } => {
             writeln!(out, "sent SIG{} to pid {}", signal_name(*signal), answer["pid"])?
         }
-        CtlRequest::Upgrade => writeln!(out, "upgraded")?,
+        CtlRequest::Upgrade => writeln!(
+            out,
+            "upgraded in place: sockhold {} from {} runs, pid {} unchanged",
+            answer["version"].as_str().unwrap_or("?"),
+            answer["binary"].as_str().unwrap_or("?"),
+            answer["pid"]
+        )?,
     }
     Ok(())
 }
@@ -140,6 +146,26 @@ pub fn format_status(status: &Value) -> String {
             last["error"].as_str().unwrap_or("?")
         )
     };
+    let upgrades = &status["upgrades"];
+    let last = &upgrades["last"];
+    if last.is_object() {
+        out += &if last["ok"] == true {
+            format!(
+                "upgrades: {}, last at {} to version {} from {}\n",
+                upgrades["count"],
+                last["at"].as_str().unwrap_or("?"),
+                last["version"].as_str().unwrap_or("?"),
+                last["binary"].as_str().unwrap_or("?")
+            )
+        } else {
+            format!(
+                "upgrades: {}, last failed at {}: {}\n",
+                upgrades["count"],
+                last["at"].as_str().unwrap_or("?"),
+                last["error"].as_str().unwrap_or("?")
+            )
+        };
+    }
     out
 }
 

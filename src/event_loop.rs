@@ -10,6 +10,8 @@
 //!
 //! It must not make lifecycle decisions: those belong to [`Supervisor::step`].
 
+mod handover;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
 use std::os::fd::BorrowedFd;
@@ -49,6 +51,7 @@ fn is_stripped(name: &str) -> bool {
         || name.starts_with("WATCHDOG_")
         || name.starts_with("EINHORN_")
         || name.starts_with("SERVER_STARTER_")
+        || name.starts_with("SOCKHOLD_UPGRADE_")
 }
 
 /// What decides: the generation supervisor, or the per-connection one with `--accept`.
@@ -127,6 +130,8 @@ pub struct EventLoop {
     lazy_waiting: bool,
     /// With `--accept`: the listeners sockhold accepts on itself.
     acceptors: Vec<Acceptor>,
+    /// Self-upgrade: who asked, where from, how the last one went.
+    upgrade: handover::Upgrades,
 }
 
 /// A listener sockhold accepts on itself (`--accept`): a copy of the held fd, as std's type.
@@ -273,6 +278,7 @@ impl EventLoop {
             probes: BTreeMap::new(),
             manager,
             base_env,
+            upgrade: handover::Upgrades::at_start(),
         })
     }
 
@@ -298,7 +304,11 @@ impl EventLoop {
 
     fn serve(&mut self) -> Result<ExitCode> {
         let mut pending = VecDeque::new();
-        if self.lazy_waiting {
+        if self.upgrade.resumed {
+            // Taken over from the previous program: the children run. Reap the ones that ended
+            // during the change (their SIGCHLD may have been merged into one already read).
+            self.reap(&mut pending);
+        } else if self.lazy_waiting {
             info!("--lazy: the first connection or datagram starts generation 1");
             if let Some(manager) = &self.manager {
                 manager.send(&ManagerMessage::Ready(
@@ -323,6 +333,7 @@ impl EventLoop {
                     }
                 }
             }
+            self.upgrade_if_asked();
             self.wait(&mut pending)?;
         }
     }
@@ -445,7 +456,8 @@ impl EventLoop {
                     Signal::SIGTERM | Signal::SIGINT => pending
                         .push_back(Event::Stop(format!("received SIG{}", signal_name(signal)))),
                     Signal::SIGUSR2 => {
-                        warn!("received SIGUSR2: self-upgrade is not supported yet; ignored")
+                        info!("received SIGUSR2: upgrading in place");
+                        self.upgrade.ask(None);
                     }
                     s if FORWARDED.contains(&s) => pending.push_back(Event::Forward(s)),
                     s => debug!("ignoring SIG{}", signal_name(s)),
@@ -514,7 +526,9 @@ impl EventLoop {
                 }
             },
             Request::Upgrade => {
-                error_answer("upgrade is not supported by this version of sockhold")
+                // Answered by the new program, or here if the upgrade fails.
+                self.upgrade.ask(Some(client));
+                return;
             }
         };
         if let Some(control) = &mut self.control {
@@ -584,6 +598,7 @@ impl EventLoop {
             "generations": generations,
             "restarts": self.brain.restarts(),
             "last_reload": self.last_reload,
+            "upgrades": self.upgrade.status(),
         })
     }
 
@@ -628,6 +643,10 @@ impl EventLoop {
             match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
                 Ok(status) => {
                     if let Some((pid, status)) = ChildStatus::from_wait(status) {
+                        if !leaders.contains(&pid) {
+                            // Re-parented to sockhold (PID 1, --subreaper): reaped, never a zombie.
+                            info!("reaped orphan pid {pid}: {status}");
+                        }
                         pending.push_back(Event::Exited { pid, status });
                     }
                 }

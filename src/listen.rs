@@ -1049,6 +1049,77 @@ impl Listener {
     }
 }
 
+/// Self-upgrade: a held listener as the state names it, and back in the new program.
+impl Listener {
+    /// What the new program needs to hold this listener as it is: its fd number and the rest.
+    pub fn handover(&self) -> serde_json::Value {
+        serde_json::json!({
+            "fd": self.fd.as_raw_fd(),
+            "spec": self.spec.text,
+            "name": self.name,
+            "local": self.local,
+            "unix_file": self.unix_file.as_ref().map(|(path, dev, ino)| {
+                serde_json::json!({ "path": path, "dev": dev, "ino": ino })
+            }),
+            "kind": match self.kind {
+                SocketKind::Stream => "stream",
+                SocketKind::Datagram => "datagram",
+                SocketKind::SeqPacket => "seqpacket",
+            },
+        })
+    }
+
+    /// Checks a [`Listener::handover`] entry: its spec parses and its fd is an open socket.
+    /// Returns the fd number; nothing is taken over yet.
+    pub fn check_handover(state: &serde_json::Value) -> Result<RawFd, String> {
+        let fd = state["fd"].as_i64().and_then(|f| RawFd::try_from(f).ok());
+        let fd = fd.ok_or("a listener without an fd")?;
+        let text = state["spec"].as_str().ok_or("a listener without a spec")?;
+        text.parse::<ListenSpec>().map_err(|e| e.to_string())?;
+        let borrowed = crate::spawn::borrow_inherited_fd(fd)
+            .map_err(|e| format!("listener fd {fd} ({text}) is not open: {e}"))?;
+        socket::getsockopt(&borrowed, sockopt::SockType)
+            .map_err(|e| format!("listener fd {fd} ({text}) is not a socket: {e}"))?;
+        Ok(fd)
+    }
+
+    /// Takes over a listener checked by [`Listener::check_handover`].
+    pub fn take_handover(state: &serde_json::Value) -> Listener {
+        let fd = state["fd"].as_i64().unwrap_or(-1) as RawFd;
+        let text = state["spec"].as_str().unwrap_or_default();
+        let spec = text.parse::<ListenSpec>().expect("checked by check_handover");
+        let string = |key: &str| state[key].as_str().unwrap_or_default().to_string();
+        let unix_file = state["unix_file"].as_object().and_then(|f| {
+            Some((
+                PathBuf::from(f.get("path")?.as_str()?),
+                f.get("dev")?.as_u64()?,
+                f.get("ino")?.as_u64()?,
+            ))
+        });
+        let kind = match state["kind"].as_str() {
+            Some("datagram") => SocketKind::Datagram,
+            Some("seqpacket") => SocketKind::SeqPacket,
+            _ => SocketKind::Stream,
+        };
+        let fd = crate::spawn::adopt_inherited_fd(fd);
+        let inet_addr = socket::getsockname::<SockaddrStorage>(fd.as_raw_fd()).ok().filter(|a| {
+            matches!(
+                socket::SockaddrLike::family(a),
+                Some(AddressFamily::Inet | AddressFamily::Inet6)
+            )
+        });
+        Listener {
+            fd,
+            spec,
+            name: string("name"),
+            local: string("local"),
+            unix_file,
+            kind,
+            inet_addr,
+        }
+    }
+}
+
 /// Converts nix's errors to std's, whose message anyhow shows as
 /// "Permission denied (os error 13)".
 fn os<T>(result: nix::Result<T>) -> io::Result<T> {

@@ -16,12 +16,14 @@ mod event_loop;
 mod exit;
 #[cfg(test)]
 mod fuzz;
+mod init;
 mod listen;
 mod notify;
 mod probe;
 mod signals;
 mod spawn;
 mod supervisor;
+mod upgrade;
 
 use std::io::Write;
 
@@ -30,15 +32,31 @@ use clap::Parser;
 use crate::exit::ExitCode;
 
 fn main() {
-    let cli = match cli::Cli::try_parse() {
-        Ok(cli) => cli,
+    if std::env::args_os().nth(1).is_some_and(|a| a == upgrade::CHECK_FLAG) {
+        upgrade::answer_check();
+    }
+    // Exec'd by a self-upgrade: from here on, every failure goes back to the old program.
+    let incoming = match upgrade::Incoming::from_env() {
+        None => None,
+        Some(Ok(incoming)) => Some(incoming),
+        Some(Err(e)) => {
+            eprintln!("sockhold: error: {e}");
+            std::process::exit(ExitCode::FAILURE.0);
+        }
+    };
+    let cli = match (cli::Cli::try_parse(), incoming) {
+        (Ok(cli), incoming) => (cli, incoming),
+        (Err(e), Some(incoming)) => {
+            incoming.roll_back(&format!("the new program refuses the command line: {}", e.render()))
+        }
         // --help and --version go to stdout and exit 0, as clap prints them.
-        Err(e) if !e.use_stderr() => e.exit(),
-        Err(e) => {
+        (Err(e), None) if !e.use_stderr() => e.exit(),
+        (Err(e), None) => {
             eprint!("sockhold: {}", e.render());
             std::process::exit(ExitCode::USAGE.0);
         }
     };
+    let (cli, incoming) = cli;
     init_logging(&cli);
     if let Some(cli::Sub::Ctl(args)) = &cli.ctl {
         let code = match ctl::run(args) {
@@ -50,14 +68,24 @@ fn main() {
         };
         std::process::exit(code.0);
     }
-    let config = match cli.into_config() {
-        Ok(config) => config,
-        Err(message) => {
+    let config = match (cli.into_config(), incoming) {
+        (Ok(config), incoming) => (config, incoming),
+        (Err(message), Some(incoming)) => {
+            incoming.roll_back(&format!("the new program refuses the command line: {message}"))
+        }
+        (Err(message), None) => {
             eprintln!("sockhold: error: {message}");
             std::process::exit(ExitCode::USAGE.0);
         }
     };
-    let code = match event_loop::EventLoop::new(config).and_then(event_loop::EventLoop::run) {
+    let started = match config {
+        (config, None) => init::apply(&config).and_then(|()| event_loop::EventLoop::new(config)),
+        (config, Some(incoming)) => match init::apply(&config) {
+            Ok(()) => Ok(event_loop::EventLoop::resume(config, incoming)),
+            Err(e) => incoming.roll_back(&format!("{e:#}")),
+        },
+    };
+    let code = match started.and_then(event_loop::EventLoop::run) {
         Ok(code) => code,
         Err(err) => {
             log::error!("{err:#}");

@@ -126,6 +126,12 @@ impl NotifySocket {
         Ok(NotifySocket { fd, path: path.to_path_buf() })
     }
 
+    /// Takes over the notify socket a self-upgrade handed over (fd `raw`, bound at `path`).
+    /// The caller has checked that `raw` is open.
+    pub fn take_handover(raw: std::os::fd::RawFd, path: PathBuf) -> NotifySocket {
+        NotifySocket { fd: crate::spawn::adopt_inherited_fd(raw), path }
+    }
+
     /// The path children get as `NOTIFY_SOCKET`.
     pub fn path(&self) -> &Path {
         &self.path

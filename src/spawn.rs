@@ -21,6 +21,7 @@ use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -35,6 +36,15 @@ use crate::exit::ExitCode;
 const PID_DIGITS: usize = 20;
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
 const WATCHDOG_PID_PREFIX: &[u8] = b"WATCHDOG_PID=";
+
+/// The signal the kernel sends every child when sockhold dies (`--on-supervisor-death`), or 0.
+/// A process-wide choice made once at start, like the subreaper bit.
+static DEATH_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// Sets the signal every child started from now on gets when sockhold dies; `None`: none.
+pub fn set_death_signal(signal: Option<nix::sys::signal::Signal>) {
+    DEATH_SIGNAL.store(signal.map_or(0, |s| s as i32), Ordering::Relaxed);
+}
 
 /// What one child is started with.
 #[derive(Clone, Debug)]
@@ -175,6 +185,10 @@ struct Prepared {
     ids: Option<(Vec<libc::gid_t>, libc::gid_t, libc::uid_t, bool)>,
     /// `--chdir`.
     chdir: Option<CString>,
+    /// `PR_SET_PDEATHSIG`'s signal, or 0.
+    death_signal: libc::c_int,
+    /// sockhold's pid, to tell whether it died before the death signal was armed.
+    parent: libc::pid_t,
 }
 
 fn cstring(bytes: &[u8], what: &str) -> Result<CString, SpawnError> {
@@ -251,6 +265,8 @@ fn prepare(
         stdio: stdio.map(|fd| fd.as_raw_fd()),
         open_fds,
         empty_set,
+        death_signal: DEATH_SIGNAL.load(Ordering::Relaxed),
+        parent: std::process::id() as libc::pid_t,
     })
 }
 
@@ -345,6 +361,7 @@ enum Step {
     SetGid = 6,
     SetUid = 7,
     Chdir = 8,
+    DeathSignal = 9,
 }
 
 impl Step {
@@ -358,6 +375,7 @@ impl Step {
             Step::SetGid => "setgid",
             Step::SetUid => "setuid",
             Step::Chdir => "chdir",
+            Step::DeathSignal => "PR_SET_PDEATHSIG",
         }
     }
 }
@@ -410,6 +428,7 @@ fn read_report(report: &OwnedFd) -> Option<(Step, Errno)> {
         6 => Step::SetGid,
         7 => Step::SetUid,
         8 => Step::Chdir,
+        9 => Step::DeathSignal,
         _ => Step::Exec,
     };
     Some((step, Errno::from_raw(i32::from_ne_bytes(buf[4..].try_into().expect("4 bytes")))))
@@ -446,6 +465,19 @@ unsafe fn child(p: &mut Prepared, report: RawFd) -> ! {
         }
         if libc::setpgid(0, 0) != 0 {
             fail(report, Step::ProcessGroup);
+        }
+        // --on-supervisor-death: armed after the dispositions are reset, so the signal takes
+        // its default action. It fires when the thread that forked ends: sockhold forks from
+        // its only thread, and an execve of sockhold itself (a self-upgrade) does not end it.
+        if p.death_signal != 0 {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, p.death_signal as libc::c_ulong) != 0 {
+                fail(report, Step::DeathSignal);
+            }
+            // sockhold may have died before the signal was armed: then it never comes, and
+            // this child would be re-parented to whoever reaps orphans. Follow it down now.
+            if libc::getppid() != p.parent {
+                libc::kill(libc::getpid(), p.death_signal);
+            }
         }
         // --inetd: the connection becomes stdin and stdout. It is copied above 2 first, in case
         // sockhold was started with a closed stdin and accept handed out fd 0 or 1.

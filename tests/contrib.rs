@@ -450,6 +450,10 @@ fn sysvinit_start_status_reload_stop() {
     assert_eq!(fourth.generation, "4");
 
     assert_eq!(init.sockhold_pid(), sockhold, "reloads keep sockhold's pid");
+    // upgrade: sockhold re-executes itself in place; same pid, same server.
+    let out = init.action("upgrade").expect_code(0, "upgrade");
+    assert!(out.stdout.contains(&format!("pid {sockhold} unchanged")), "{}", out.describe());
+    assert_eq!(expect_served(port), fourth, "the server is untouched by the upgrade");
     let out = init.action("stop").expect_code(0, "stop");
     assert!(out.stdout.contains("stopped"), "{}", out.describe());
     assert!(!alive(sockhold), "stop returned before sockhold exited");

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_sockhold_global_optspecs
-    string join \n l/listen= ready= ready-timeout= probe-delay= probe-interval= probe-timeout= watchdog= workers= reload-strategy= stop-signal= stop-timeout= max-draining= restart= notify-access= name= accept inetd max-connections= lazy compat-env= control= pid-file= user= chdir= env= env-file= v/verbose q/quiet log-format= h/help V/version
+    string join \n l/listen= ready= ready-timeout= probe-delay= probe-interval= probe-timeout= watchdog= workers= reload-strategy= stop-signal= stop-timeout= max-draining= restart= notify-access= name= accept inetd max-connections= lazy compat-env= control= pid-file= user= chdir= env= env-file= subreaper on-supervisor-death= upgrade-binary= v/verbose q/quiet log-format= h/help V/version
 end
 
 function __fish_sockhold_needs_command
@@ -53,11 +53,16 @@ complete -c sockhold -n "__fish_sockhold_needs_command" -l user -d 'Run the chil
 complete -c sockhold -n "__fish_sockhold_needs_command" -l chdir -d 'The children\'s working directory, entered after the --user change (so with the user\'s rights). A relative COMMAND path is then found from DIR' -r -F
 complete -c sockhold -n "__fish_sockhold_needs_command" -l env -d 'Set K=V in the children\'s environment; repeatable. Wins over --env-file and sockhold\'s own environment. LISTEN_*, NOTIFY_SOCKET, SOCKHOLD_* and WATCHDOG_* are sockhold\'s' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l env-file -d 'Add the KEY=VALUE lines of PATH to the children\'s environment (systemd\'s EnvironmentFile= syntax: # and ; comments, optional `export`, quoted values); repeatable, later files win. Read again at every reload; a bad file fails that reload. -PATH: a missing file is no error' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l on-supervisor-death -d 'What the children do if sockhold itself dies without stopping them (SIGKILL, the OOM killer): `keep` serving on the sockets they hold until someone stops them, `stop` (they get --stop-signal) or `kill` (they get SIGKILL). A self-upgrade is not a death' -r -f -a "keep\t'Keep serving on the sockets they hold (they have their own copies)'
+stop\t'Get the --stop-signal from the kernel (PR_SET_PDEATHSIG)'
+kill\t'Get SIGKILL from the kernel (PR_SET_PDEATHSIG)'"
+complete -c sockhold -n "__fish_sockhold_needs_command" -l upgrade-binary -d 'The program SIGUSR2 and `ctl upgrade` re-execute in place (same pid, sockets and children kept) [default: the path sockhold was started from]' -r -F
 complete -c sockhold -n "__fish_sockhold_needs_command" -l log-format -d 'How log lines look: `text` (`sockhold[PID]: message`) or `json` (one object per line with ts, level, pid, name and msg, for log shippers)' -r -f -a "text\t'`sockhold[PID]: message`, warnings and errors marked'
 json\t'One JSON object per line: ts, level, pid, name, msg'"
 complete -c sockhold -n "__fish_sockhold_needs_command" -l accept -d 'One child per connection (systemd\'s Accept=yes, inetd\'s nowait): sockhold accepts on the stream sockets itself and runs COMMAND with the connection as fd 3 (LISTEN_FDS=1, LISTEN_FDNAMES=connection). A reload changes what new connections run; running ones finish'
 complete -c sockhold -n "__fish_sockhold_needs_command" -l inetd -d 'With --accept: the connection is the child\'s stdin and stdout instead of fd 3'
 complete -c sockhold -n "__fish_sockhold_needs_command" -l lazy -d 'Start the first child only when the first connection or datagram arrives on any socket, as a systemd socket unit does; that connection waits in the backlog and is served'
+complete -c sockhold -n "__fish_sockhold_needs_command" -l subreaper -d 'Adopt and reap every orphaned descendant (a daemon that double-forked, a worker whose parent died), as an init does. Automatic when sockhold runs as PID 1'
 complete -c sockhold -n "__fish_sockhold_needs_command" -s v -l verbose -d 'Log more (repeat for even more); RUST_LOG also works'
 complete -c sockhold -n "__fish_sockhold_needs_command" -s q -l quiet -d 'Log less: warnings only, or errors only when repeated'
 complete -c sockhold -n "__fish_sockhold_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -71,7 +76,7 @@ complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and not __fish_se
 complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and not __fish_seen_subcommand_from status reload stop signal upgrade help" -f -a "reload" -d 'Start a new generation and wait until it serves (exit 0) or the reload failed (exit 1)'
 complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and not __fish_seen_subcommand_from status reload stop signal upgrade help" -f -a "stop" -d 'Stop every child and sockhold itself'
 complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and not __fish_seen_subcommand_from status reload stop signal upgrade help" -f -a "signal" -d 'Send a signal (USR1, SIGWINCH, 28, ...) to the serving child'
-complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and not __fish_seen_subcommand_from status reload stop signal upgrade help" -f -a "upgrade" -d 'Re-execute sockhold\'s binary in place (not supported by this version)'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and not __fish_seen_subcommand_from status reload stop signal upgrade help" -f -a "upgrade" -d 'Re-execute sockhold\'s binary (or its --upgrade-binary) in place: same pid, same sockets, same children. Exits 1 with the reason if the new program is refused'
 complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and not __fish_seen_subcommand_from status reload stop signal upgrade help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from status" -l json -d 'Print the answer as sockhold sent it: one JSON object'
 complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from status" -s h -l help -d 'Print help'
@@ -83,7 +88,7 @@ complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_s
 complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "reload" -d 'Start a new generation and wait until it serves (exit 0) or the reload failed (exit 1)'
 complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "stop" -d 'Stop every child and sockhold itself'
 complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "signal" -d 'Send a signal (USR1, SIGWINCH, 28, ...) to the serving child'
-complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "upgrade" -d 'Re-execute sockhold\'s binary in place (not supported by this version)'
+complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "upgrade" -d 'Re-execute sockhold\'s binary (or its --upgrade-binary) in place: same pid, same sockets, same children. Exits 1 with the reason if the new program is refused'
 complete -c sockhold -n "__fish_sockhold_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c sockhold -n "__fish_sockhold_using_subcommand help; and not __fish_seen_subcommand_from ctl help" -f -a "ctl" -d 'Ask a running sockhold through its control socket: status, reload (waits for the outcome), stop, signal, upgrade. Exits 0 on success, 1 with the reason otherwise'
 complete -c sockhold -n "__fish_sockhold_using_subcommand help; and not __fish_seen_subcommand_from ctl help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
@@ -91,4 +96,4 @@ complete -c sockhold -n "__fish_sockhold_using_subcommand help; and __fish_seen_
 complete -c sockhold -n "__fish_sockhold_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "reload" -d 'Start a new generation and wait until it serves (exit 0) or the reload failed (exit 1)'
 complete -c sockhold -n "__fish_sockhold_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "stop" -d 'Stop every child and sockhold itself'
 complete -c sockhold -n "__fish_sockhold_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "signal" -d 'Send a signal (USR1, SIGWINCH, 28, ...) to the serving child'
-complete -c sockhold -n "__fish_sockhold_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "upgrade" -d 'Re-execute sockhold\'s binary in place (not supported by this version)'
+complete -c sockhold -n "__fish_sockhold_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "upgrade" -d 'Re-execute sockhold\'s binary (or its --upgrade-binary) in place: same pid, same sockets, same children. Exits 1 with the reason if the new program is refused'

@@ -50,6 +50,9 @@ pub struct Sockhold {
     stderr: Vec<String>,
     manager: UnixDatagram,
     status: Option<ExitStatus>,
+    /// The pids fixtures report are not this namespace's (sockhold runs in a pid namespace of
+    /// its own): never signal them.
+    foreign_pids: bool,
     /// Holds the manager socket for the lifetime of the run.
     _dir: tempfile::TempDir,
 }
@@ -95,6 +98,7 @@ pub fn start_with(args: &[&str], tweak: impl FnOnce(&mut Command)) -> Sockhold {
         stderr: Vec::new(),
         manager,
         status: None,
+        foreign_pids: false,
         _dir: dir,
     }
 }
@@ -198,6 +202,12 @@ impl Sockhold {
         }
     }
 
+    /// The pids the fixtures report belong to another pid namespace: cleanup must not signal
+    /// them (they would name unrelated processes here).
+    pub fn pids_are_foreign(&mut self) {
+        self.foreign_pids = true;
+    }
+
     /// Every stderr line so far.
     pub fn log(&self) -> &[String] {
         &self.stderr
@@ -284,7 +294,8 @@ impl Drop for Sockhold {
             let _ = killpg(self.pid(), Signal::SIGKILL);
             let _ = self.child.wait();
         }
-        for pid in self.child_pids() {
+        let pids = if self.foreign_pids { Vec::new() } else { self.child_pids() };
+        for pid in pids {
             // Children run in process groups of their own: kill each group, then the pid.
             let _ = killpg(pid, Signal::SIGKILL);
             let _ = kill(pid, Signal::SIGKILL);
@@ -341,6 +352,17 @@ pub fn wait_until(what: &str, check: impl Fn() -> bool) {
 /// Whether `pid` exists at all (a zombie counts).
 pub fn process_exists(pid: i64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Whether `pid` has ended: gone, or a zombie that its (new) parent has not reaped yet.
+pub fn process_dead(pid: i64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may contain spaces.
+        Ok(stat) => {
+            stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        }
+        Err(_) => true,
+    }
 }
 
 /// The pid of a fixture line.

@@ -1,0 +1,351 @@
+//! Self-upgrade, the event loop's side: what the state holds (listeners, notify sockets per
+//! generation, the control socket and the clients waiting for an answer, the runtime paths, the
+//! history `ctl status` shows, and the supervisor's snapshot), writing it before the exec, and
+//! taking it over in the new program.
+//!
+//! An upgrade asked for (SIGUSR2, `ctl upgrade`) is carried out between two turns of the loop,
+//! when every event already read has been handled, so nothing read is lost in the exec. The
+//! mechanics (checks, memfd, exec, rolling back) are in [`crate::upgrade`]. It must not make
+//! lifecycle decisions: the supervisor's snapshot carries them over as they were.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use log::{error, info};
+use serde_json::{Value, json};
+
+use super::{Brain, EventLoop, Held, is_stripped};
+use crate::cli::Config;
+use crate::control::{ClientId, ControlServer, error_answer};
+use crate::listen::Listener;
+use crate::notify::{Manager, NotifySocket};
+use crate::signals::Signals;
+use crate::supervisor::Supervisor;
+use crate::upgrade::{self, Incoming};
+
+/// What the event loop keeps about upgrades, across upgrades.
+pub(super) struct Upgrades {
+    /// What to execute without `--upgrade-binary`: the path sockhold was first started from.
+    exe: Option<PathBuf>,
+    /// Who asked for an upgrade since the last turn: a control client, or `None` for SIGUSR2.
+    asked: Vec<Option<ClientId>>,
+    /// This program took over from another: generation 1 is not to be started.
+    pub(super) resumed: bool,
+    /// Upgrades that succeeded, for `status`.
+    count: u64,
+    /// The last upgrade's outcome, for `status`.
+    last: Value,
+}
+
+impl Upgrades {
+    /// Nothing upgraded yet.
+    pub(super) fn at_start() -> Upgrades {
+        Upgrades {
+            exe: std::env::current_exe().ok(),
+            asked: Vec::new(),
+            resumed: false,
+            count: 0,
+            last: Value::Null,
+        }
+    }
+
+    /// Records a request; it is carried out at the end of the loop's turn.
+    pub(super) fn ask(&mut self, who: Option<ClientId>) {
+        self.asked.push(who);
+    }
+
+    /// For `status`.
+    pub(super) fn status(&self) -> Value {
+        json!({ "count": self.count, "last": self.last })
+    }
+}
+
+fn now_text() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the same clock on both sides of an execve.
+fn monotonic_ns() -> i128 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(t) => i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()),
+        Err(_) => 0,
+    }
+}
+
+impl EventLoop {
+    /// Carries out the upgrade asked for since the last turn, if any. Returns only when there
+    /// was none or it failed (then the askers have their answer).
+    pub(super) fn upgrade_if_asked(&mut self) {
+        if self.upgrade.asked.is_empty() {
+            return;
+        }
+        let asked = std::mem::take(&mut self.upgrade.asked);
+        let target = self.config.upgrade_binary.clone().or_else(|| self.upgrade.exe.clone());
+        let result = match &target {
+            Some(target) => self.hand_over(target, &asked),
+            None => Err("cannot tell which program to execute: give --upgrade-binary".into()),
+        };
+        let Err(reason) = result;
+        error!("upgrade failed: {reason}; version {} goes on", env!("CARGO_PKG_VERSION"));
+        self.upgrade.last = json!({ "ok": false, "error": reason, "at": now_text() });
+        for client in asked.into_iter().flatten() {
+            self.answer_client(client, &error_answer(&format!("upgrade failed: {reason}")));
+        }
+    }
+
+    /// Checks `target`, writes the state and execs it; returns only if that failed.
+    fn hand_over(
+        &mut self,
+        target: &Path,
+        asked: &[Option<ClientId>],
+    ) -> Result<Infallible, String> {
+        let Brain::Generations(supervisor) = &self.brain else {
+            return Err("self-upgrade is not supported with --accept".into());
+        };
+        // Ask the supervisor first: nothing is worth checking while it is stopping.
+        let supervisor_state = supervisor.snapshot(Instant::now())?;
+        let version = upgrade::check_target(target)?;
+        info!(
+            "upgrading in place to {} (version {version}); pid {} and every child stay",
+            target.display(),
+            std::process::id()
+        );
+        let mut fds = Vec::new();
+        let listeners: Vec<Value> = self
+            .held
+            .listeners
+            .iter()
+            .map(|l| {
+                fds.push(l.fd().as_raw_fd());
+                l.handover()
+            })
+            .collect();
+        let notify: Vec<Value> = self
+            .notify
+            .iter()
+            .map(|(unit, socket)| {
+                fds.push(socket.fd().as_raw_fd());
+                json!({ "unit": unit, "fd": socket.fd().as_raw_fd(), "path": socket.path() })
+            })
+            .collect();
+        // The health listeners stay with their children; only their addresses move on. A probe
+        // in flight does not: the supervisor's state asks for a new one at once.
+        let health: Vec<Value> = self
+            .health
+            .iter()
+            .map(|(unit, addr)| json!({ "unit": unit, "addr": addr.to_string() }))
+            .collect();
+        let control = self.control.as_ref().map(|c| {
+            fds.push(c.handover()["fd"].as_i64().unwrap_or(-1) as RawFd);
+            c.handover()
+        });
+        // Each waiting client once, with every answer it waits for.
+        let mut clients: BTreeMap<RawFd, Value> = BTreeMap::new();
+        let client_fd = |id: ClientId| self.control.as_ref().and_then(|c| c.client_fd(id));
+        for id in asked.iter().flatten() {
+            if let Some(fd) = client_fd(*id) {
+                let entry = clients
+                    .entry(fd)
+                    .or_insert_with(|| json!({ "fd": fd, "upgrade": 0, "reloads": [] }));
+                entry["upgrade"] = json!(entry["upgrade"].as_u64().unwrap_or(0) + 1);
+            }
+        }
+        for (id, generation) in &self.reload_waiters {
+            if let Some(fd) = client_fd(*id) {
+                let entry = clients
+                    .entry(fd)
+                    .or_insert_with(|| json!({ "fd": fd, "upgrade": 0, "reloads": [] }));
+                if let Some(list) = entry["reloads"].as_array_mut() {
+                    list.push(json!(generation));
+                }
+            }
+        }
+        fds.extend(clients.keys());
+        let started_ms =
+            self.started.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let state = json!({
+            "monotonic_ns": monotonic_ns().to_string(),
+            "supervisor": supervisor_state,
+            "listeners": listeners,
+            "notify": notify,
+            "health": health,
+            "control": control,
+            "clients": clients.into_values().collect::<Vec<_>>(),
+            "runtime_dir": self.held.runtime_dir,
+            "pid_file": self.held.pid_file,
+            "started_ms": started_ms,
+            "last_reload": self.last_reload,
+            "lazy_waiting": self.lazy_waiting,
+            "exe": self.upgrade.exe,
+            "upgrades": self.upgrade.count,
+            "from_version": env!("CARGO_PKG_VERSION"),
+            "target": target,
+        });
+        upgrade::exec(target, state, &fds)
+    }
+
+    /// Takes over from the sockhold that exec'd this program. If that cannot be done, goes back
+    /// to the old program (see [`Incoming::roll_back`]): this returns only with a running loop.
+    pub fn resume(config: Config, incoming: Incoming) -> EventLoop {
+        match Self::take_over(config, &incoming) {
+            Ok((event_loop, adopted)) => {
+                incoming.finish(&adopted);
+                event_loop
+            }
+            Err(reason) => incoming.roll_back(&reason),
+        }
+    }
+
+    fn take_over(config: Config, incoming: &Incoming) -> Result<(EventLoop, Vec<RawFd>), String> {
+        incoming.check_format()?;
+        let state = &incoming.state;
+        if config.accept.is_some() {
+            return Err("self-upgrade is not supported with --accept".into());
+        }
+        // First check everything, taking nothing: if anything is wrong, the old program gets
+        // every fd back as it was.
+        let then: i128 = state["monotonic_ns"].as_str().and_then(|t| t.parse().ok()).unwrap_or(0);
+        let elapsed = Duration::from_nanos(u64::try_from(monotonic_ns() - then).unwrap_or(0));
+        let supervisor = Supervisor::restore(
+            config.policy.clone(),
+            &state["supervisor"],
+            Instant::now(),
+            elapsed,
+        )?;
+        let list = |key: &str| state[key].as_array().cloned().unwrap_or_default();
+        let mut adopted = Vec::new();
+        for listener in list("listeners") {
+            adopted.push(Listener::check_handover(&listener)?);
+        }
+        let fd_of = |v: &Value, what: &str| -> Result<RawFd, String> {
+            let fd = v["fd"].as_i64().and_then(|f| RawFd::try_from(f).ok());
+            let fd = fd.ok_or_else(|| format!("{what} without an fd"))?;
+            crate::spawn::borrow_inherited_fd(fd).map_err(|e| format!("{what} fd {fd}: {e}"))?;
+            Ok(fd)
+        };
+        let mut notify = Vec::new();
+        for entry in list("notify") {
+            let fd = fd_of(&entry, "a notify socket")?;
+            let unit = entry["unit"].as_u64().ok_or("a notify socket without a unit")?;
+            let path = entry["path"].as_str().ok_or("a notify socket without a path")?;
+            notify.push((unit, fd, PathBuf::from(path)));
+            adopted.push(fd);
+        }
+        let mut health = BTreeMap::new();
+        for entry in list("health") {
+            let unit = entry["unit"].as_u64().ok_or("a health listener without a unit")?;
+            let addr = entry["addr"].as_str().and_then(|a| a.parse().ok());
+            health.insert(unit, addr.ok_or("a health listener without an address")?);
+        }
+        let control_fd = match &state["control"] {
+            Value::Null => None,
+            control => Some(fd_of(control, "the control socket")?),
+        };
+        let mut clients = Vec::new();
+        for client in list("clients") {
+            // A client that went away during the change is simply not answered.
+            if let Ok(fd) = fd_of(&client, "a control client") {
+                clients.push((fd, client));
+            }
+        }
+        let runtime_dir =
+            state["runtime_dir"].as_str().ok_or("the state has no runtime directory")?;
+        let manager = match std::env::var("NOTIFY_SOCKET") {
+            Ok(path) if !path.is_empty() => {
+                Some(Manager::new(&path).map_err(|e| format!("{e:#}"))?)
+            }
+            _ => None,
+        };
+        let signals = Signals::install().map_err(|e| format!("{e:#}"))?;
+
+        // Everything checked: take the fds over. Nothing below fails.
+        let held = Held {
+            listeners: list("listeners").iter().map(Listener::take_handover).collect(),
+            runtime_dir: Some(PathBuf::from(runtime_dir)),
+            pid_file: state["pid_file"].as_str().map(PathBuf::from),
+        };
+        let mut control = match (&state["control"], control_fd) {
+            (control, Some(fd)) => {
+                adopted.push(fd);
+                match ControlServer::take_handover(control) {
+                    Ok(server) => Some(server),
+                    Err(e) => {
+                        error!("after the upgrade, the control socket is lost: {e:#}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let mut reload_waiters = Vec::new();
+        let mut upgrade_askers = Vec::new();
+        if let Some(control) = &mut control {
+            for (fd, client) in clients {
+                let upgrades = client["upgrade"].as_u64().unwrap_or(0) as usize;
+                let reloads = client["reloads"].as_array().cloned().unwrap_or_default();
+                let id = control.take_client(fd, upgrades + reloads.len());
+                adopted.push(fd);
+                upgrade_askers.extend(std::iter::repeat_n(id, upgrades));
+                reload_waiters.extend(reloads.iter().map(|g| (id, g.as_u64())));
+            }
+        }
+        let base_env: Vec<_> =
+            std::env::vars_os().filter(|(k, _)| !is_stripped(&k.to_string_lossy())).collect();
+        let started = UNIX_EPOCH + Duration::from_millis(state["started_ms"].as_u64().unwrap_or(0));
+        let mut upgrades = Upgrades::at_start();
+        upgrades.resumed = true;
+        upgrades.exe = state["exe"].as_str().map(PathBuf::from).or(upgrades.exe);
+        upgrades.count = state["upgrades"].as_u64().unwrap_or(0);
+        let target = state["target"].as_str().unwrap_or("?").to_string();
+        let version = env!("CARGO_PKG_VERSION");
+        let answer = match &incoming.failed {
+            None => {
+                upgrades.count += 1;
+                upgrades.last =
+                    json!({ "ok": true, "binary": target, "version": version, "at": now_text() });
+                info!(
+                    "upgraded in place: version {version} from {target} took over from version {} (pid {} unchanged)",
+                    state["from_version"].as_str().unwrap_or("?"),
+                    std::process::id()
+                );
+                json!({ "ok": true, "pid": std::process::id(), "version": version, "binary": target })
+            }
+            Some(reason) => {
+                error!("upgrade to {target} failed: {reason}; version {version} goes on");
+                upgrades.last = json!({ "ok": false, "error": reason, "at": now_text() });
+                error_answer(&format!("upgrade failed: {reason}"))
+            }
+        };
+        let notify: BTreeMap<u64, NotifySocket> = notify
+            .into_iter()
+            .map(|(unit, fd, path)| (unit, NotifySocket::take_handover(fd, path)))
+            .collect();
+        let mut event_loop = EventLoop {
+            control,
+            reload_waiters,
+            last_reload: state["last_reload"].clone(),
+            started,
+            lazy_waiting: state["lazy_waiting"].as_bool().unwrap_or(false),
+            acceptors: Vec::new(),
+            config,
+            held,
+            signals,
+            brain: Brain::Generations(supervisor),
+            notify,
+            health,
+            probes: BTreeMap::new(),
+            manager,
+            base_env,
+            upgrade: upgrades,
+        };
+        for id in upgrade_askers {
+            event_loop.answer_client(id, &answer);
+        }
+        // Nothing for the service manager: the main pid and the readiness it knows are unchanged,
+        // and a send to a manager whose queue is full would block here, signals still blocked.
+        Ok((event_loop, adopted))
+    }
+}

@@ -1,0 +1,348 @@
+//! Self-upgrade: the mechanics of re-executing sockhold in place (same pid, so every child stays
+//! its child) and of taking over on the other side.
+//!
+//! The old program checks the target first (a regular, executable file that answers
+//! `--upgrade-check` with the state format it reads), then writes its state as one JSON object
+//! into a memfd, clears close-on-exec on exactly the fds it hands over (listeners, notify and
+//! control sockets, waiting control clients, the memfd, and a handle on its own binary), blocks
+//! every signal and calls execve. The signal mask survives execve, so a signal that arrives
+//! during the change stays pending until the new program has installed its handlers: none is
+//! lost. The new program finds the memfd through `SOCKHOLD_UPGRADE_FD`. If it cannot take over,
+//! it re-executes the old binary through the handle with the same state and the reason in
+//! `SOCKHOLD_UPGRADE_FAILED`, so the old version goes on supervising and reports the failure;
+//! a program restored that way never rolls back again.
+//!
+//! This module owns the state's envelope (format version, fds, the handle) and the syscalls of
+//! the change; what the state says is the event loop's (`event_loop::handover`) and the
+//! supervisor's (`Supervisor::snapshot`). It must not decide when to upgrade.
+
+use std::convert::Infallible;
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use log::warn;
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, killpg, pthread_sigmask};
+use nix::unistd::{AccessFlags, Pid, access};
+use serde_json::{Value, json};
+
+/// The version of the state's format. A program only takes over a state of its own format; a
+/// change that an older or newer program could misread must bump it.
+pub const STATE_FORMAT: u64 = 1;
+/// The hidden first argument that makes sockhold print the state format it reads and exit.
+pub const CHECK_FLAG: &str = "--upgrade-check";
+/// Names the fd of the memfd that holds the state, for the new program.
+pub const FD_VAR: &str = "SOCKHOLD_UPGRADE_FD";
+/// Set when the new program gave up and re-executed the old one: why.
+pub const FAILED_VAR: &str = "SOCKHOLD_UPGRADE_FAILED";
+/// How long the target has to answer `--upgrade-check`.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Answers `--upgrade-check`: the state format this program reads, and its version.
+pub fn answer_check() -> ! {
+    println!(
+        "{}",
+        json!({ "sockhold_state_format": STATE_FORMAT, "version": env!("CARGO_PKG_VERSION") })
+    );
+    std::process::exit(0)
+}
+
+/// Checks that `target` can take over: a regular, executable file that answers
+/// `--upgrade-check` within [`CHECK_TIMEOUT`] with this program's state format. Returns the
+/// version it reports; the error names the target and the reason.
+pub fn check_target(target: &Path) -> Result<String, String> {
+    let shown = target.display();
+    let refuse = |why: String| Err(format!("cannot upgrade to {shown}: {why}"));
+    match std::fs::metadata(target) {
+        Ok(meta) if meta.is_file() => {}
+        Ok(_) => return refuse("it is not a regular file".into()),
+        Err(e) => return refuse(e.to_string()),
+    }
+    if access(target, AccessFlags::X_OK).is_err() {
+        return refuse("it is not executable".into());
+    }
+    let mut child = match Command::new(target)
+        .arg(CHECK_FLAG)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => return refuse(format!("it cannot be executed: {e}")),
+    };
+    let deadline = Instant::now() + CHECK_TIMEOUT;
+    let output = read_until_eof(child.stdout.take().expect("piped"), deadline);
+    // It closed its output (or ran out of time): give it until the deadline to exit.
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let Some(status) = status else {
+        return refuse(format!("`{shown} {CHECK_FLAG}` did not answer within {CHECK_TIMEOUT:?}"));
+    };
+    if !status.success() {
+        return refuse(format!(
+            "`{shown} {CHECK_FLAG}` failed ({status}): it is not a sockhold that can take over"
+        ));
+    }
+    let text = String::from_utf8_lossy(&output);
+    let answer: Value = serde_json::from_str(text.trim()).unwrap_or(Value::Null);
+    match answer["sockhold_state_format"].as_u64() {
+        Some(STATE_FORMAT) => Ok(answer["version"].as_str().unwrap_or("?").to_string()),
+        Some(other) => refuse(format!(
+            "it reads upgrade state format {other}, and this sockhold writes format {STATE_FORMAT}"
+        )),
+        None => {
+            refuse(format!("its answer to {CHECK_FLAG} is not a state format: {:?}", text.trim()))
+        }
+    }
+}
+
+/// Reads `pipe` until end of file or `deadline`, at most 64 KiB.
+fn read_until_eof(pipe: std::process::ChildStdout, deadline: Instant) -> Vec<u8> {
+    let mut pipe = pipe;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while out.len() < 1 << 16 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) => break,
+            Ok(_) => match pipe.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            },
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// Hands `state` over to `target` by execve. `fds` are the fds the state names, which the new
+/// program inherits. Returns only if the exec failed, with every fd and the signal mask as they
+/// were.
+pub fn exec(target: &Path, mut state: Value, fds: &[RawFd]) -> Result<Infallible, String> {
+    let old_exe = std::fs::File::open("/proc/self/exe")
+        .map_err(|e| format!("cannot keep a handle on the running binary: {e}"))?;
+    state["format"] = json!(STATE_FORMAT);
+    state["old_exe_fd"] = json!(old_exe.as_raw_fd());
+    // The command line as sockhold was started, as bytes (an argument need not be UTF-8): going
+    // back must not use the new program's, which a wrapper script may have changed.
+    let args: Vec<Vec<u8>> = std::env::args_os().map(OsStringExt::into_vec).collect();
+    state["argv"] = json!(args);
+    let memfd =
+        nix::sys::memfd::memfd_create(c"sockhold-upgrade", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(|e| format!("cannot create a memfd for the state: {e}"))?;
+    let mut file = std::fs::File::from(memfd);
+    file.write_all(state.to_string().as_bytes())
+        .map_err(|e| format!("cannot write the state: {e}"))?;
+    let path = cstring(target.as_os_str().as_bytes())?;
+    let argv = args.iter().map(|a| cstring(a)).collect::<Result<Vec<_>, _>>()?;
+    let env = environment(&[(FD_VAR, file.as_raw_fd().to_string())])?;
+
+    let mut passed: Vec<RawFd> = fds.to_vec();
+    passed.extend([file.as_raw_fd(), old_exe.as_raw_fd()]);
+    let mut old_mask = SigSet::empty();
+    pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old_mask))
+        .map_err(|e| format!("cannot block signals: {e}"))?;
+    let result = set_cloexec(&passed, false).and_then(|()| {
+        nix::unistd::execve(&path, &argv, &env).map_err(|e| format!("execve failed: {e}"))
+    });
+    // Still here: the exec failed. Put everything back as it was.
+    let _ = set_cloexec(&passed, true);
+    let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
+    result.map_err(|e| format!("cannot upgrade to {}: {e}", target.display()))
+}
+
+/// sockhold's environment without the upgrade variables, plus `extra`.
+fn environment(extra: &[(&str, String)]) -> Result<Vec<CString>, String> {
+    let mut env: Vec<CString> = std::env::vars_os()
+        .filter(|(k, _)| k != FD_VAR && k != FAILED_VAR)
+        .map(|(k, v)| {
+            let mut entry = k.into_vec();
+            entry.push(b'=');
+            entry.extend_from_slice(v.as_bytes());
+            cstring(&entry)
+        })
+        .collect::<Result<_, _>>()?;
+    for (k, v) in extra {
+        env.push(cstring(format!("{k}={v}").as_bytes())?);
+    }
+    Ok(env)
+}
+
+fn cstring(bytes: &[u8]) -> Result<CString, String> {
+    CString::new(bytes).map_err(|_| "an argument or variable contains a NUL byte".to_string())
+}
+
+/// Sets or clears close-on-exec on every fd of `fds`.
+pub fn set_cloexec(fds: &[RawFd], on: bool) -> Result<(), String> {
+    let flag = if on { FdFlag::FD_CLOEXEC } else { FdFlag::empty() };
+    for &raw in fds {
+        let fd = crate::spawn::borrow_inherited_fd(raw).map_err(|e| format!("fd {raw}: {e}"))?;
+        fcntl(fd, FcntlArg::F_SETFD(flag)).map_err(|e| format!("fd {raw}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The state handed over by the program that exec'd this one.
+pub struct Incoming {
+    /// The state, as the old program wrote it.
+    pub state: Value,
+    memfd: OwnedFd,
+    /// Why the new program gave up, if this program is the old one, restored.
+    pub failed: Option<String>,
+}
+
+impl Incoming {
+    /// The state named by `SOCKHOLD_UPGRADE_FD`, if sockhold was exec'd by a self-upgrade.
+    pub fn from_env() -> Option<Result<Incoming, String>> {
+        let text = std::env::var_os(FD_VAR)?;
+        Some(Self::read(&text))
+    }
+
+    fn read(text: &std::ffi::OsStr) -> Result<Incoming, String> {
+        let bad = |why: String| format!("{FD_VAR}={}: {why}", text.to_string_lossy());
+        let raw: RawFd =
+            text.to_str().and_then(|t| t.parse().ok()).ok_or_else(|| bad("not an fd".into()))?;
+        crate::spawn::borrow_inherited_fd(raw).map_err(|e| bad(format!("not open: {e}")))?;
+        let memfd = crate::spawn::adopt_inherited_fd(raw);
+        let mut bytes = Vec::new();
+        let mut offset = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match nix::sys::uio::pread(&memfd, &mut buf, offset) {
+                Ok(0) => break,
+                Ok(n) => {
+                    bytes.extend_from_slice(&buf[..n]);
+                    offset += n as i64;
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    // Not ours to close: leave the fd as it was.
+                    std::mem::forget(memfd);
+                    return Err(bad(format!("cannot read it: {e}")));
+                }
+            }
+        }
+        let state: Value = match serde_json::from_slice(&bytes) {
+            Ok(state) => state,
+            Err(e) => {
+                std::mem::forget(memfd);
+                return Err(bad(format!("not an upgrade state: {e}")));
+            }
+        };
+        let failed = std::env::var(FAILED_VAR).ok();
+        Ok(Incoming { state, memfd, failed })
+    }
+
+    /// Checks the state's format version.
+    pub fn check_format(&self) -> Result<(), String> {
+        match self.state["format"].as_u64() {
+            Some(STATE_FORMAT) => Ok(()),
+            Some(other) => Err(format!(
+                "the state is in format {other}, and this sockhold reads format {STATE_FORMAT}"
+            )),
+            None => Err("the state has no format version".into()),
+        }
+    }
+
+    /// The state could not be taken over: re-execute the old binary with it, which goes on
+    /// supervising and reports `reason`. If this program is that old one already, or the exec
+    /// fails, the children cannot be supervised any more: kill them and exit 1.
+    pub fn roll_back(self, reason: &str) -> ! {
+        if let Some(first) = &self.failed {
+            self.give_up(&format!("the upgrade failed ({first}), and so did going back: {reason}"));
+        }
+        // Logging may not be set up yet (the command line may be what failed): plain stderr.
+        eprintln!(
+            "sockhold[{}]: error: cannot take over from the running sockhold: {reason}; going back to the old program",
+            std::process::id()
+        );
+        let Some(old) = self.state["old_exe_fd"].as_i64().and_then(|fd| RawFd::try_from(fd).ok())
+        else {
+            self.give_up(&format!("{reason}; and the state has no handle on the old program"));
+        };
+        let attempt = (|| -> Result<Infallible, String> {
+            let fd = crate::spawn::borrow_inherited_fd(old).map_err(|e| e.to_string())?;
+            let argv = self.state["argv"]
+                .as_array()
+                .ok_or("the state has no command line")?
+                .iter()
+                .map(|arg| {
+                    let bytes: Option<Vec<u8>> = arg.as_array().and_then(|a| {
+                        a.iter().map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok())).collect()
+                    });
+                    cstring(&bytes.ok_or("the state's command line is malformed")?)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let oneline: String = reason.chars().map(|c| if c == '\n' { ' ' } else { c }).collect();
+            let env = environment(&[
+                (FD_VAR, self.memfd.as_raw_fd().to_string()),
+                (FAILED_VAR, oneline.replace('\0', "")),
+            ])?;
+            nix::unistd::fexecve(fd, &argv, &env).map_err(|e| e.to_string())
+        })();
+        let why = attempt.err().unwrap_or_default();
+        self.give_up(&format!("{reason}; and the old program could not be re-executed: {why}"))
+    }
+
+    /// Kills the process group of every generation the state names and exits 1: children
+    /// without a supervisor must not be left behind.
+    fn give_up(&self, reason: &str) -> ! {
+        let me = std::process::id();
+        eprintln!("sockhold[{me}]: error: {reason}");
+        for pid in state_pids(&self.state) {
+            eprintln!(
+                "sockhold[{me}]: error: killing process group {pid}: nothing can supervise it any more"
+            );
+            let _ = killpg(pid, Signal::SIGKILL);
+        }
+        std::process::exit(crate::exit::ExitCode::FAILURE.0)
+    }
+
+    /// The takeover succeeded: close the memfd and the handle on the old binary, make the
+    /// adopted fds close-on-exec again, and let the signals that waited through the change in.
+    pub fn finish(self, adopted: &[RawFd]) {
+        if let Err(e) = set_cloexec(adopted, true) {
+            warn!("after the upgrade: {e}");
+        }
+        if let Some(old) = self.state["old_exe_fd"].as_i64().and_then(|fd| RawFd::try_from(fd).ok())
+            && crate::spawn::borrow_inherited_fd(old).is_ok()
+        {
+            drop(crate::spawn::adopt_inherited_fd(old));
+        }
+        drop(self.memfd);
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    }
+}
+
+/// The main pid of every generation a state names.
+fn state_pids(state: &Value) -> Vec<Pid> {
+    let generations = state["supervisor"]["generations"].as_array();
+    generations
+        .into_iter()
+        .flatten()
+        .filter_map(|g| g["pid"].as_i64())
+        .filter_map(|p| i32::try_from(p).ok())
+        .filter(|&p| p > 1)
+        .map(Pid::from_raw)
+        .collect()
+}

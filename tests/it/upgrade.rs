@@ -1,0 +1,371 @@
+//! Self-upgrade: sockhold re-executes a new binary in place (SIGUSR2, `ctl upgrade`) without a
+//! failed request, with the same pid, the same children and the same history; a target that
+//! is missing, broken or of another state format is refused and everything keeps running.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::sys::signal::Signal::{SIGTERM, SIGUSR2};
+use serde_json::Value;
+
+use crate::support::*;
+
+/// `sockhold ctl --control PATH ARGS`.
+fn ctl(control: &Path, args: &[&str]) -> Output {
+    Command::new(sockhold_bin())
+        .arg("ctl")
+        .arg("--control")
+        .arg(control)
+        .args(args)
+        .output()
+        .expect("run sockhold ctl")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `ctl status --json`, parsed.
+fn status(control: &Path) -> Value {
+    let out = ctl(control, &["status", "--json"]);
+    assert!(out.status.success(), "status: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).expect("status JSON")
+}
+
+/// `ctl upgrade`, which must succeed; checks its answer names sockhold's pid.
+fn upgrade_ok(control: &Path, pid: i32) {
+    let out = ctl(control, &["upgrade"]);
+    assert!(out.status.success(), "ctl upgrade failed: {}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("pid {pid} unchanged")),
+        "ctl upgrade: {}",
+        stdout(&out)
+    );
+}
+
+/// `ctl upgrade`, which must fail naming `reason`.
+fn upgrade_refused(control: &Path, reason: &str) {
+    let out = ctl(control, &["upgrade"]);
+    assert_eq!(out.status.code(), Some(1), "ctl upgrade: {}", stdout(&out));
+    assert!(stderr(&out).contains(reason), "expected {reason:?} in: {}", stderr(&out));
+}
+
+/// The program sockhold's pid runs now.
+fn exe_of(pid: i32) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/exe")).expect("/proc/PID/exe")
+}
+
+/// A copy of the sockhold binary under test, to upgrade to: a different file, so a test can
+/// tell which one runs.
+fn copy_of_sockhold(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::copy(sockhold_bin(), &path).expect("copy sockhold");
+    path
+}
+
+fn write_script(path: &Path, body: &str) {
+    // Write under another name and rename: the path may be a program that ran a moment ago.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("#!/bin/sh\n{body}\n")).expect("script");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// The generations as status lists them: (id, pids, state).
+fn generations(status: &Value) -> Vec<(u64, Value, String)> {
+    status["generations"]
+        .as_array()
+        .expect("generations")
+        .iter()
+        .map(|g| {
+            (g["id"].as_u64().unwrap(), g["pids"].clone(), g["state"].as_str().unwrap().into())
+        })
+        .collect()
+}
+
+#[test]
+fn upgrades_under_load_lose_no_request_and_keep_the_pid_the_children_and_the_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("ctl.sock");
+    let next = copy_of_sockhold(dir.path(), "sockhold-next");
+    let httpd = example("httpd").to_string_lossy().into_owned();
+    let mut s = start(&[
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--control",
+        control.to_str().unwrap(),
+        "--upgrade-binary",
+        next.to_str().unwrap(),
+        "--",
+        &httpd,
+    ]);
+    let pid = s.pid().as_raw();
+    let port = s.listening_port("127.0.0.1:");
+    s.expect_ready();
+    // Some history for the new program to keep: a reload.
+    assert!(ctl(&control, &["reload"]).status.success());
+    wait_until("generation 1 is gone", || {
+        status(&control)["generations"].as_array().map(Vec::len) == Some(1)
+    });
+    let before = status(&control);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let (mut ok, mut failures, mut pids) = (0u64, Vec::new(), BTreeSet::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match http_get(port) {
+                        Ok(pid) => {
+                            ok += 1;
+                            pids.insert(pid);
+                        }
+                        Err(e) => failures.push(e),
+                    }
+                }
+                (ok, failures, pids)
+            })
+        })
+        .collect();
+    for _ in 0..3 {
+        upgrade_ok(&control, pid);
+    }
+    assert_eq!(exe_of(pid), next, "the new binary runs");
+    // SIGUSR2 does the same.
+    s.signal(SIGUSR2);
+    s.expect_log("received SIGUSR2");
+    let after = status(&control);
+    assert_eq!(after["upgrades"]["count"], 4, "{after}");
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut failures, mut pids) = (0, Vec::new(), BTreeSet::new());
+    for client in clients {
+        let (o, f, p) = client.join().expect("client thread");
+        ok += o;
+        failures.extend(f);
+        pids.extend(p);
+    }
+    eprintln!("{ok} requests across 4 upgrades, answered by {pids:?}");
+    assert!(
+        failures.is_empty(),
+        "{} requests failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok >= 50, "the load ran ({ok} requests)");
+
+    // Same pid, same children, same history.
+    assert_eq!(after["pid"], pid);
+    assert_eq!(generations(&after), generations(&before), "the children are untouched");
+    let serving = before["generations"][0]["pids"][0].as_i64().unwrap() as i32;
+    assert_eq!(pids, BTreeSet::from([serving]), "only the child from before answered");
+    for key in ["started", "last_reload", "restarts", "listeners", "name"] {
+        assert_eq!(after[key], before[key], "{key} is kept");
+    }
+
+    // The new program supervises: a reload and a stop work.
+    let out = ctl(&control, &["reload"]);
+    assert!(out.status.success(), "reload after the upgrade: {}", stderr(&out));
+    assert!(stdout(&out).contains("generation 3 serves"), "{}", stdout(&out));
+    s.signal(SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+    assert!(!control.exists(), "the new program removed the control socket");
+}
+
+#[test]
+fn an_upgrade_to_a_missing_or_broken_binary_leaves_everything_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("ctl.sock");
+    let next = dir.path().join("sockhold-next");
+    let fixture = fixture();
+    let mut s = start(&[
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--control",
+        control.to_str().unwrap(),
+        "--upgrade-binary",
+        next.to_str().unwrap(),
+        "--",
+        &fixture,
+        "--ready",
+    ]);
+    let pid = s.pid().as_raw();
+    let exe = exe_of(pid);
+    let child = pid_of(&s.expect_event("start", 1));
+    s.expect_ready();
+    let before = status(&control);
+
+    upgrade_refused(&control, "No such file or directory");
+    std::fs::write(&next, "not a program").unwrap();
+    upgrade_refused(&control, "it is not executable");
+    write_script(&next, "exit 1");
+    upgrade_refused(&control, "--upgrade-check` failed (exit status: 1)");
+    write_script(&next, r#"echo '{"sockhold_state_format":999,"version":"9.0.0"}'"#);
+    upgrade_refused(
+        &control,
+        "it reads upgrade state format 999, and this sockhold writes format 1",
+    );
+    // Passes the check, then cannot take over: it goes back to the old program.
+    let real = sockhold_bin();
+    write_script(
+        &next,
+        &format!(
+            "[ \"$1\" = --upgrade-check ] && exec {0} --upgrade-check\nexec {0} --no-such-flag \"$@\"",
+            real.display()
+        ),
+    );
+    upgrade_refused(&control, "the new program refuses the command line");
+    s.expect_log("going back to the old program");
+    // SIGUSR2 is refused the same way, in the log.
+    std::fs::remove_file(&next).unwrap();
+    std::fs::create_dir(&next).unwrap();
+    s.signal(SIGUSR2);
+    s.expect_log("it is not a regular file");
+
+    let after = status(&control);
+    assert_eq!(after["pid"], pid);
+    assert_eq!(exe_of(pid), exe, "the old binary still runs");
+    assert_eq!(generations(&after), generations(&before));
+    assert_eq!(after["upgrades"]["last"]["ok"], false, "{after}");
+    assert!(!s.seen(|v| v["event"] == "signal"), "the child got no signal");
+    assert!(!process_dead(child));
+
+    // A good binary at last: the upgrade works after all those failures.
+    std::fs::remove_dir(&next).unwrap();
+    std::fs::copy(sockhold_bin(), &next).unwrap();
+    upgrade_ok(&control, pid);
+    assert_eq!(exe_of(pid), next);
+    s.signal(SIGTERM);
+    s.expect_signal(1, "TERM");
+    assert_eq!(s.exit_code(), 0);
+}
+
+#[test]
+fn deadlines_and_waiting_clients_carry_over_an_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("ctl.sock");
+    let fixture = fixture();
+    // Generation 1 ignores TERM (its SIGKILL deadline runs across the upgrade); generation 2
+    // is ready, generation 3 never is (its ready deadline, and the `ctl reload` waiting for
+    // it, carry over).
+    let mut s = start(&[
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--control",
+        control.to_str().unwrap(),
+        "--stop-timeout",
+        "3s",
+        "--ready-timeout",
+        "3s",
+        "--",
+        &fixture,
+        "--ready-gen",
+        "1",
+        "--ready-gen",
+        "2",
+        "--ignore-term-gen",
+        "1",
+    ]);
+    let pid = s.pid().as_raw();
+    s.expect_event("start", 1);
+    s.expect_ready();
+    assert!(ctl(&control, &["reload"]).status.success());
+    s.expect_signal(1, "TERM");
+    let reload = Command::new(sockhold_bin())
+        .args(["ctl", "--control", control.to_str().unwrap(), "reload"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ctl reload");
+    s.expect_event("start", 3);
+    let before = status(&control);
+    let states: Vec<String> = generations(&before).into_iter().map(|g| g.2).collect();
+    assert_eq!(states, ["stopping", "serving", "starting"], "{before}");
+
+    upgrade_ok(&control, pid);
+    s.expect_log("did not stop within 3s; sending SIGKILL");
+    let position = |needle: &str| s.log().iter().position(|l| l.contains(needle));
+    assert!(
+        position("upgraded in place") < position("did not stop within"),
+        "the new program kept the deadline and fired it"
+    );
+    let out = reload.wait_with_output().expect("ctl reload");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("generation 3"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("was not ready within 3s"), "{}", stderr(&out));
+    let after = status(&control);
+    assert_eq!(generations(&after).len(), 1, "{after}");
+    assert_eq!(after["generations"][0]["id"], 2);
+    s.signal(SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+}
+
+#[test]
+fn twenty_upgrades_leave_sockhold_with_the_same_fds() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("ctl.sock");
+    let fixture = fixture();
+    let mut s = start(&[
+        "-l",
+        "127.0.0.1:0",
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--control",
+        control.to_str().unwrap(),
+        "--on-supervisor-death",
+        "kill",
+        "--",
+        &fixture,
+        "--ready",
+    ]);
+    let pid = s.pid().as_raw();
+    let child = pid_of(&s.expect_event("start", 1));
+    s.expect_ready();
+    let fds = || -> Vec<String> {
+        let mut kinds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("/proc/PID/fd")
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .map(|target| {
+                // socket:[123] and pipe:[456]: the kind, not the inode.
+                let text = target.to_string_lossy().into_owned();
+                text.split(':').next().unwrap_or_default().to_string()
+            })
+            .collect();
+        kinds.sort();
+        kinds
+    };
+    let rss = || -> String {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status.lines().find(|l| l.starts_with("VmRSS")).unwrap_or_default().to_string()
+    };
+    let before = fds();
+    let rss_before = rss();
+    for _ in 0..20 {
+        upgrade_ok(&control, pid);
+    }
+    // The last ctl's connection closes on sockhold's side when it sees the end of it.
+    wait_until("sockhold holds the fds it held before", || fds() == before);
+    eprintln!("fds: {before:?}; {rss_before} before 20 upgrades, {} after", rss());
+    assert_eq!(status(&control)["upgrades"]["count"], 20);
+    // An execve of sockhold is not its death: the death signal never fired.
+    assert!(!process_dead(child), "the child outlived 20 upgrades");
+    assert!(!s.seen(|v| v["event"] == "exit"), "the child did not exit");
+    s.signal(SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+}
