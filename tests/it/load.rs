@@ -1,9 +1,5 @@
 //! The promise: no request fails while generations come and go.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use nix::sys::signal::Signal::{SIGHUP, SIGTERM};
 
 use crate::support::*;
@@ -16,25 +12,7 @@ fn zero_failed_requests_across_25_reloads_under_load() {
     let port = s.listening_port("127.0.0.1:");
     s.expect_ready();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                let (mut ok, mut failures, mut pids) = (0u64, Vec::new(), BTreeSet::new());
-                while !stop.load(Ordering::Relaxed) {
-                    match http_get(port) {
-                        Ok(pid) => {
-                            ok += 1;
-                            pids.insert(pid);
-                        }
-                        Err(e) => failures.push(e),
-                    }
-                }
-                (ok, failures, pids)
-            })
-        })
-        .collect();
+    let load = Load::start(port, 4);
 
     // SOCKHOLD_TEST_RELOADS raises the count for a longer soak; the suite's default stays quick.
     let reloads: u64 =
@@ -45,14 +23,7 @@ fn zero_failed_requests_across_25_reloads_under_load() {
         let ready = s.expect_ready();
         assert!(ready.contains(&format!("generation {generation} ")), "{ready}");
     }
-    stop.store(true, Ordering::Relaxed);
-    let (mut ok, mut failures, mut pids) = (0, Vec::new(), BTreeSet::new());
-    for client in clients {
-        let (o, f, p) = client.join().expect("client thread");
-        ok += o;
-        failures.extend(f);
-        pids.extend(p);
-    }
+    let (ok, failures, pids) = load.finish();
     eprintln!("{ok} requests succeeded across {reloads} reloads, answered by {} pids", pids.len());
     assert!(
         failures.is_empty(),

@@ -2,8 +2,6 @@
 //! several workers per generation.
 
 use std::collections::BTreeSet;
-use std::path::Path;
-use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -13,59 +11,6 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use crate::support::*;
-
-fn ctl(control: &Path, args: &[&str]) -> Output {
-    Command::new(sockhold_bin())
-        .arg("ctl")
-        .arg("--control")
-        .arg(control)
-        .args(args)
-        .output()
-        .expect("run sockhold ctl")
-}
-
-fn status(control: &Path) -> Value {
-    let out = ctl(control, &["status", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("status is JSON")
-}
-
-/// What one load client saw: successes, failures, the pids that answered.
-type Tally = (u64, Vec<String>, BTreeSet<i32>);
-
-/// Load from `threads` clients, one new connection per request, until `stop`; returns the
-/// successes, the failures and the pids that answered.
-fn load(port: u16, threads: usize, stop: &Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<Tally>> {
-    (0..threads)
-        .map(|_| {
-            let stop = Arc::clone(stop);
-            std::thread::spawn(move || {
-                let (mut ok, mut failures, mut pids) = (0u64, Vec::new(), BTreeSet::new());
-                while !stop.load(Ordering::Relaxed) {
-                    match http_get(port) {
-                        Ok(pid) => {
-                            ok += 1;
-                            pids.insert(pid);
-                        }
-                        Err(e) => failures.push(e),
-                    }
-                }
-                (ok, failures, pids)
-            })
-        })
-        .collect()
-}
-
-fn finish(clients: Vec<std::thread::JoinHandle<Tally>>) -> Tally {
-    let (mut ok, mut failures, mut pids) = (0, Vec::new(), BTreeSet::new());
-    for client in clients {
-        let (o, f, p) = client.join().expect("client thread");
-        ok += o;
-        failures.extend(f);
-        pids.extend(p);
-    }
-    (ok, failures, pids)
-}
 
 #[test]
 fn http_readiness_reloads_a_server_without_notify_support_under_load_with_zero_failures() {
@@ -85,15 +30,13 @@ fn http_readiness_reloads_a_server_without_notify_support_under_load_with_zero_f
     ]);
     let port = s.listening_port("127.0.0.1:");
     s.expect_ready();
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients = load(port, 4, &stop);
+    let load = Load::start(port, 4);
     for generation in 2..=11 {
         s.signal(SIGHUP);
         let ready = s.expect_ready();
         assert!(ready.contains(&format!("generation {generation} ")), "{ready}");
     }
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failures, pids) = finish(clients);
+    let (ok, failures, pids) = load.finish();
     eprintln!("{ok} requests succeeded across 10 reloads, answered by {} pids", pids.len());
     assert!(
         failures.is_empty(),
@@ -148,7 +91,7 @@ fn a_new_child_whose_health_check_answers_500_is_never_promoted() {
         "{stderr}"
     );
     assert!(s.log().iter().all(|l| !l.contains("generation 2") || !l.contains("is ready")));
-    let st = status(&control);
+    let st = ctl_status(&control);
     let generations = st["generations"].as_array().expect("generations");
     assert_eq!(generations.len(), 1, "only generation 1 is left: {st}");
     assert_eq!(generations[0]["id"], 1);
@@ -293,11 +236,11 @@ fn a_rolling_reload_of_4_workers_never_runs_more_than_5_and_drops_nothing() {
             max
         })
     };
-    let clients = load(port, 4, &stop);
+    let load = Load::start(port, 4);
     for generation in 2..=4 {
         let reload = ctl(&control, &["reload"]);
         assert!(reload.status.success(), "{}", String::from_utf8_lossy(&reload.stderr));
-        let st = status(&control);
+        let st = ctl_status(&control);
         let serving: Vec<&Value> = st["generations"]
             .as_array()
             .expect("generations")
@@ -308,8 +251,8 @@ fn a_rolling_reload_of_4_workers_never_runs_more_than_5_and_drops_nothing() {
         assert_eq!(serving[0]["id"], generation);
         assert_eq!(serving[0]["pids"].as_array().map(Vec::len), Some(4), "{st}");
     }
+    let (ok, failures, _) = load.finish();
     stop.store(true, Ordering::Relaxed);
-    let (ok, failures, _) = finish(clients);
     // Every line up to the end of the last reload, taken in.
     s.expect_log("generation 4 (pid");
     let sampled = sampler.join().expect("sampler");
@@ -325,7 +268,7 @@ fn a_rolling_reload_of_4_workers_never_runs_more_than_5_and_drops_nothing() {
     assert!(logged >= 5, "the log count works: it saw the 5th child of each step ({logged})");
 
     // One crashed worker is replaced alone, in its generation; the others are untouched.
-    let before: BTreeSet<i64> = status(&control)["generations"][0]["pids"]
+    let before: BTreeSet<i64> = ctl_status(&control)["generations"][0]["pids"]
         .as_array()
         .expect("pids")
         .iter()
@@ -336,13 +279,13 @@ fn a_rolling_reload_of_4_workers_never_runs_more_than_5_and_drops_nothing() {
     s.expect_log("restarting: starting generation 4");
     s.expect_log("generation 4 started (pid");
     wait_until("the replacement is serving", || {
-        let st = status(&control);
+        let st = ctl_status(&control);
         st["generations"].as_array().map(Vec::len) == Some(1)
             && st["generations"][0]["workers"]
                 .as_array()
                 .is_some_and(|w| w.len() == 4 && w.iter().all(|w| w["state"] == "serving"))
     });
-    let after: BTreeSet<i64> = status(&control)["generations"][0]["pids"]
+    let after: BTreeSet<i64> = ctl_status(&control)["generations"][0]["pids"]
         .as_array()
         .expect("pids")
         .iter()

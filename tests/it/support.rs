@@ -428,3 +428,71 @@ pub fn run_to_end(args: &[&str]) -> (i32, String) {
     let out = Command::new(sockhold_bin()).args(args).output().expect("run sockhold");
     (out.status.code().expect("exit code"), String::from_utf8_lossy(&out.stderr).into_owned())
 }
+
+/// `sockhold ctl --control PATH ARGS`.
+pub fn ctl(control: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(sockhold_bin())
+        .arg("ctl")
+        .arg("--control")
+        .arg(control)
+        .args(args)
+        .output()
+        .expect("run sockhold ctl")
+}
+
+/// `ctl status --json`, parsed; it must succeed.
+pub fn ctl_status(control: &Path) -> Value {
+    let out = ctl(control, &["status", "--json"]);
+    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("status is JSON")
+}
+
+/// Closed-loop HTTP load: client threads that each send one request per new connection
+/// ([`http_get`]) until [`Load::finish`].
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<std::thread::JoinHandle<Tally>>,
+}
+
+/// What the load saw: requests that succeeded, the failures, the pids that answered.
+pub type Tally = (u64, Vec<String>, std::collections::BTreeSet<i32>);
+
+impl Load {
+    /// Starts `threads` clients against `127.0.0.1:port`.
+    pub fn start(port: u16, threads: usize) -> Load {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let clients = (0..threads)
+            .map(|_| {
+                let stop = std::sync::Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let mut tally: Tally = Default::default();
+                    while !stop.load(Ordering::Relaxed) {
+                        match http_get(port) {
+                            Ok(pid) => {
+                                tally.0 += 1;
+                                tally.2.insert(pid);
+                            }
+                            Err(e) => tally.1.push(e),
+                        }
+                    }
+                    tally
+                })
+            })
+            .collect();
+        Load { stop, clients }
+    }
+
+    /// Stops the clients and adds up what they saw.
+    pub fn finish(self) -> Tally {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut all: Tally = Default::default();
+        for client in self.clients {
+            let (ok, failures, pids) = client.join().expect("client thread");
+            all.0 += ok;
+            all.1.extend(failures);
+            all.2.extend(pids);
+        }
+        all
+    }
+}

@@ -6,24 +6,11 @@ use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::sys::signal::Signal::{SIGTERM, SIGUSR2};
 use serde_json::Value;
 
 use crate::support::*;
-
-/// `sockhold ctl --control PATH ARGS`.
-fn ctl(control: &Path, args: &[&str]) -> Output {
-    Command::new(sockhold_bin())
-        .arg("ctl")
-        .arg("--control")
-        .arg(control)
-        .args(args)
-        .output()
-        .expect("run sockhold ctl")
-}
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -31,13 +18,6 @@ fn stdout(out: &Output) -> String {
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// `ctl status --json`, parsed.
-fn status(control: &Path) -> Value {
-    let out = ctl(control, &["status", "--json"]);
-    assert!(out.status.success(), "status: {}", stderr(&out));
-    serde_json::from_slice(&out.stdout).expect("status JSON")
 }
 
 /// `ctl upgrade`, which must succeed; checks its answer names sockhold's pid.
@@ -115,29 +95,11 @@ fn upgrades_under_load_lose_no_request_and_keep_the_pid_the_children_and_the_his
     // Some history for the new program to keep: a reload.
     assert!(ctl(&control, &["reload"]).status.success());
     wait_until("generation 1 is gone", || {
-        status(&control)["generations"].as_array().map(Vec::len) == Some(1)
+        ctl_status(&control)["generations"].as_array().map(Vec::len) == Some(1)
     });
-    let before = status(&control);
+    let before = ctl_status(&control);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                let (mut ok, mut failures, mut pids) = (0u64, Vec::new(), BTreeSet::new());
-                while !stop.load(Ordering::Relaxed) {
-                    match http_get(port) {
-                        Ok(pid) => {
-                            ok += 1;
-                            pids.insert(pid);
-                        }
-                        Err(e) => failures.push(e),
-                    }
-                }
-                (ok, failures, pids)
-            })
-        })
-        .collect();
+    let load = Load::start(port, 4);
     for _ in 0..3 {
         upgrade_ok(&control, pid);
     }
@@ -145,16 +107,9 @@ fn upgrades_under_load_lose_no_request_and_keep_the_pid_the_children_and_the_his
     // SIGUSR2 does the same.
     s.signal(SIGUSR2);
     s.expect_log("received SIGUSR2");
-    let after = status(&control);
+    let after = ctl_status(&control);
     assert_eq!(after["upgrades"]["count"], 4, "{after}");
-    stop.store(true, Ordering::Relaxed);
-    let (mut ok, mut failures, mut pids) = (0, Vec::new(), BTreeSet::new());
-    for client in clients {
-        let (o, f, p) = client.join().expect("client thread");
-        ok += o;
-        failures.extend(f);
-        pids.extend(p);
-    }
+    let (ok, failures, pids) = load.finish();
     eprintln!("{ok} requests across 4 upgrades, answered by {pids:?}");
     assert!(
         failures.is_empty(),
@@ -205,7 +160,7 @@ fn an_upgrade_to_a_missing_or_broken_binary_leaves_everything_running() {
     let exe = exe_of(pid);
     let child = pid_of(&s.expect_event("start", 1));
     s.expect_ready();
-    let before = status(&control);
+    let before = ctl_status(&control);
 
     upgrade_refused(&control, "No such file or directory");
     std::fs::write(&next, "not a program").unwrap();
@@ -234,7 +189,7 @@ fn an_upgrade_to_a_missing_or_broken_binary_leaves_everything_running() {
     s.signal(SIGUSR2);
     s.expect_log("it is not a regular file");
 
-    let after = status(&control);
+    let after = ctl_status(&control);
     assert_eq!(after["pid"], pid);
     assert_eq!(exe_of(pid), exe, "the old binary still runs");
     assert_eq!(generations(&after), generations(&before));
@@ -292,7 +247,7 @@ fn deadlines_and_waiting_clients_carry_over_an_upgrade() {
         .spawn()
         .expect("ctl reload");
     s.expect_event("start", 3);
-    let before = status(&control);
+    let before = ctl_status(&control);
     let states: Vec<String> = generations(&before).into_iter().map(|g| g.2).collect();
     assert_eq!(states, ["stopping", "serving", "starting"], "{before}");
 
@@ -307,7 +262,7 @@ fn deadlines_and_waiting_clients_carry_over_an_upgrade() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("generation 3"), "{}", stderr(&out));
     assert!(stderr(&out).contains("was not ready within 3s"), "{}", stderr(&out));
-    let after = status(&control);
+    let after = ctl_status(&control);
     assert_eq!(generations(&after).len(), 1, "{after}");
     assert_eq!(after["generations"][0]["id"], 2);
     s.signal(SIGTERM);
@@ -362,7 +317,7 @@ fn twenty_upgrades_leave_sockhold_with_the_same_fds() {
     // The last ctl's connection closes on sockhold's side when it sees the end of it.
     wait_until("sockhold holds the fds it held before", || fds() == before);
     eprintln!("fds: {before:?}; {rss_before} before 20 upgrades, {} after", rss());
-    assert_eq!(status(&control)["upgrades"]["count"], 20);
+    assert_eq!(ctl_status(&control)["upgrades"]["count"], 20);
     // An execve of sockhold is not its death: the death signal never fired.
     assert!(!process_dead(child), "the child outlived 20 upgrades");
     assert!(!s.seen(|v| v["event"] == "exit"), "the child did not exit");

@@ -5,23 +5,12 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Command, Output};
 
 use nix::sys::signal::Signal::SIGHUP;
 use nix::unistd::{Group, User};
 use serde_json::Value;
 
 use crate::support::*;
-
-fn ctl(control: &Path, args: &[&str]) -> Output {
-    Command::new(sockhold_bin())
-        .arg("ctl")
-        .arg("--control")
-        .arg(control)
-        .args(args)
-        .output()
-        .expect("run sockhold ctl")
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
