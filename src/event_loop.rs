@@ -118,6 +118,8 @@ pub struct EventLoop {
     health: BTreeMap<u64, std::net::SocketAddr>,
     /// Readiness probes in flight, by unit key.
     probes: BTreeMap<u64, Probe>,
+    /// Exec probes killed (timed out, or their unit gone) and not reaped yet: no orphans.
+    killed_probes: Vec<Pid>,
     manager: Option<Manager>,
     base_env: Vec<(OsString, OsString)>,
     control: Option<ControlServer>,
@@ -276,6 +278,7 @@ impl EventLoop {
             notify: BTreeMap::new(),
             health: BTreeMap::new(),
             probes: BTreeMap::new(),
+            killed_probes: Vec::new(),
             manager,
             base_env,
             upgrade: handover::Upgrades::at_start(),
@@ -430,6 +433,7 @@ impl EventLoop {
         for unit in timed_out {
             if let Some(probe) = self.probes.remove(&unit) {
                 pending.push_back(Event::ProbeDone { unit, result: Err(probe.time_out()) });
+                self.killed_probes.extend(probe.pid());
             }
         }
         for i in connections {
@@ -477,7 +481,6 @@ impl EventLoop {
                 });
             }
         }
-        let now = Instant::now();
         if let Some(control) = &mut self.control {
             let mut requests = Vec::new();
             for token in control_ready {
@@ -634,7 +637,14 @@ impl EventLoop {
                 pending.push_back(Event::ProbeDone { unit, result });
                 continue;
             }
-            if leaders.contains(&pid) {
+            if let Some(i) = self.killed_probes.iter().position(|p| *p == pid) {
+                self.killed_probes.swap_remove(i);
+                let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
+                debug!("reaped the killed probe command (pid {pid})");
+                continue;
+            }
+            let leader = leaders.contains(&pid);
+            if leader {
                 match killpg(pid, Signal::SIGKILL) {
                     Ok(()) | Err(Errno::ESRCH) => {}
                     Err(e) => warn!("failed to kill what is left of process group {pid}: {e}"),
@@ -643,7 +653,7 @@ impl EventLoop {
             match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
                 Ok(status) => {
                     if let Some((pid, status)) = ChildStatus::from_wait(status) {
-                        if !leaders.contains(&pid) {
+                        if !leader {
                             // Re-parented to sockhold (PID 1, --subreaper): reaped, never a zombie.
                             info!("reaped orphan pid {pid}: {status}");
                         }
@@ -690,6 +700,7 @@ impl EventLoop {
                 self.health.remove(&unit);
                 if let Some(probe) = self.probes.remove(&unit) {
                     probe.kill();
+                    self.killed_probes.extend(probe.pid());
                 }
                 self.repair_listeners();
             }
@@ -834,15 +845,7 @@ impl EventLoop {
             env.push(("REMOTE_ADDR".into(), peer.ip().to_string().into()));
             env.push(("REMOTE_PORT".into(), peer.port().to_string().into()));
         }
-        let mut spec = ChildSpec {
-            program: self.config.command[0].clone(),
-            args: self.config.command.clone(),
-            env,
-            listen_pid: !inetd,
-            watchdog_pid: false,
-            user: None,
-            chdir: None,
-        };
+        let mut spec = self.command_spec(env, !inetd, false);
         if let Err(error) = self.config.world.apply(&mut spec, None) {
             return Event::SpawnFailed { unit: generation, error, code: ExitCode::FAILURE };
         }
@@ -874,12 +877,24 @@ impl EventLoop {
             env.push(("WATCHDOG_USEC".into(), period.as_micros().to_string().into()));
         }
         env.extend(self.compat_env(generation));
+        self.command_spec(env, !names.is_empty(), self.config.policy.watchdog.is_some())
+    }
+
+    /// COMMAND with `env`; `--user` and `--chdir` are added by [`ChildWorld::apply`].
+    ///
+    /// [`ChildWorld::apply`]: crate::child_env::ChildWorld::apply
+    fn command_spec(
+        &self,
+        env: Vec<(OsString, OsString)>,
+        listen_pid: bool,
+        watchdog_pid: bool,
+    ) -> ChildSpec {
         ChildSpec {
             program: self.config.command[0].clone(),
             args: self.config.command.clone(),
             env,
-            listen_pid: !names.is_empty(),
-            watchdog_pid: self.config.policy.watchdog.is_some(),
+            listen_pid,
+            watchdog_pid,
             user: None,
             chdir: None,
         }

@@ -348,6 +348,11 @@ impl Supervisor {
         self.units.iter().filter(|u| Self::is_serving(u))
     }
 
+    /// Units that serve or are on their way to it: the workers that count towards `wanted`.
+    fn running(&self) -> impl Iterator<Item = &Unit> {
+        self.units.iter().filter(|u| Self::is_serving(u) || Self::is_starting(u))
+    }
+
     fn starting(&self) -> Option<&Unit> {
         self.units.iter().find(|u| Self::is_starting(u))
     }
@@ -797,11 +802,9 @@ impl Supervisor {
         if self.mode != Mode::Running {
             return;
         }
-        let serving: Vec<u64> = {
-            let mut g: Vec<u64> = self.serving().map(|u| u.generation).collect();
-            g.dedup();
-            g
-        };
+        let mut serving: Vec<u64> = self.serving().map(|u| u.generation).collect();
+        serving.sort_unstable();
+        serving.dedup();
         if of_reload && !serving.is_empty() {
             let list = serving.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
             let which = if serving.len() == 1 { "generation" } else { "generations" };
@@ -899,18 +902,11 @@ impl Supervisor {
     /// or as a new generation when none does.
     fn restart_missing(&mut self, now: Instant, out: &mut Vec<Action>) {
         self.restart_at = None;
-        let running = self.units.iter().filter(|u| Self::is_serving(u) || Self::is_starting(u));
-        let missing = self.wanted().saturating_sub(running.count());
+        let missing = self.wanted().saturating_sub(self.running().count());
         if missing == 0 {
             return;
         }
-        let newest = self
-            .units
-            .iter()
-            .filter(|u| Self::is_serving(u) || Self::is_starting(u))
-            .map(|u| u.generation)
-            .max();
-        let generation = match newest {
+        let generation = match self.running().map(|u| u.generation).max() {
             Some(g) => g,
             None => self.new_generation(),
         };
@@ -989,8 +985,7 @@ impl Supervisor {
             }
             return;
         }
-        let running = self.units.iter().filter(|u| Self::is_serving(u) || Self::is_starting(u));
-        if running.count() >= self.wanted() {
+        if self.running().count() >= self.wanted() {
             if let Some(next) = self.starting() {
                 info!("generation {} is starting and will take over", next.generation);
             }

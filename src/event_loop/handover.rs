@@ -337,6 +337,7 @@ impl EventLoop {
             notify,
             health,
             probes: BTreeMap::new(),
+            killed_probes: Vec::new(),
             manager,
             base_env,
             upgrade: upgrades,
