@@ -61,6 +61,10 @@ impl AcceptSupervisor {
 
     /// The earliest SIGKILL deadline.
     pub fn next_deadline(&self) -> Option<Instant> {
+        // Only a stop arms deadlines: while serving, nothing to scan on every loop turn.
+        if !self.stopping {
+            return None;
+        }
         self.children.values().filter(|c| !c.killed).filter_map(|c| c.kill_at).min()
     }
 
@@ -155,13 +159,16 @@ impl AcceptSupervisor {
                 }
             }
         }
-        for (&pid, child) in &mut self.children {
-            if !child.killed && child.kill_at.is_some_and(|at| at <= now) {
-                warn!(
-                    "connection child (pid {pid}) did not stop in time; sending SIGKILL to its process group"
-                );
-                child.killed = true;
-                out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
+        // Only a stop arms SIGKILL deadlines.
+        if self.stopping {
+            for (&pid, child) in &mut self.children {
+                if !child.killed && child.kill_at.is_some_and(|at| at <= now) {
+                    warn!(
+                        "connection child (pid {pid}) did not stop in time; sending SIGKILL to its process group"
+                    );
+                    child.killed = true;
+                    out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
+                }
             }
         }
         if self.stopping && self.children.is_empty() {

@@ -45,7 +45,7 @@ impl FromStr for UserSpec {
 
 /// A numeric id, or `None` for a name. `-1` (4294967295) means "no change" to the kernel.
 fn numeric_id(text: &str, what: &str) -> Result<Option<u32>, String> {
-    if !text.bytes().all(|b| b.is_ascii_digit()) {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
         return Ok(None);
     }
     match text.parse::<u32>() {
@@ -58,7 +58,8 @@ impl UserSpec {
     /// Looks up the user, the group and the supplementary groups as `initgroups(3)` would.
     pub fn resolve(&self) -> Result<Credentials, String> {
         let name = &self.user;
-        let lookup = match numeric_id(name, "user")? {
+        let uid = numeric_id(name, "user")?;
+        let lookup = match uid {
             Some(uid) => User::from_uid(Uid::from_raw(uid)),
             None => User::from_name(name),
         };
@@ -78,13 +79,13 @@ impl UserSpec {
             }
             // A uid without an entry in the user database, as systemd allows: no name, so no
             // supplementary groups but the one given.
-            (None, Some(gid)) if numeric_id(name, "user")?.is_some() => Ok(Credentials {
+            (None, Some(gid)) if let Some(uid) = uid => Ok(Credentials {
                 user: name.clone(),
-                uid: Uid::from_raw(numeric_id(name, "user")?.expect("checked numeric")),
+                uid: Uid::from_raw(uid),
                 gid,
                 groups: vec![gid],
             }),
-            (None, None) if numeric_id(name, "user")?.is_some() => Err(format!(
+            (None, None) if uid.is_some() => Err(format!(
                 "uid {name} has no entry in the user database: name its group too (--user {name}:GROUP)"
             )),
             (None, _) => Err(format!("unknown user '{name}'")),
@@ -93,7 +94,20 @@ impl UserSpec {
     }
 }
 
-fn resolve_group(text: &str) -> Result<Gid, String> {
+/// A user name or a numeric uid (for `--user` and a socket's `owner=`).
+pub fn resolve_uid(text: &str) -> Result<Uid, String> {
+    if let Some(uid) = numeric_id(text, "user")? {
+        return Ok(Uid::from_raw(uid));
+    }
+    match User::from_name(text) {
+        Ok(Some(user)) => Ok(user.uid),
+        Ok(None) => Err(format!("unknown user '{text}'")),
+        Err(e) => Err(format!("failed to look up user '{text}': {e}")),
+    }
+}
+
+/// A group name or a numeric gid (for `--user USER:GROUP` and a socket's `group=`).
+pub fn resolve_group(text: &str) -> Result<Gid, String> {
     if let Some(gid) = numeric_id(text, "group")? {
         return Ok(Gid::from_raw(gid));
     }

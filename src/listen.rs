@@ -29,7 +29,7 @@ use nix::sys::socket::{
     UnixAddr, sockopt,
 };
 use nix::sys::stat::Mode;
-use nix::unistd::{Gid, Group, Uid, User};
+use nix::unistd::{Gid, Uid};
 
 /// Longest Unix socket path: `sun_path` holds 108 bytes including the NUL.
 const UNIX_PATH_MAX: usize = 107;
@@ -432,39 +432,12 @@ fn parse_mode(value: Option<&str>) -> Result<u32, String> {
 
 /// A user name or a numeric uid, as systemd's `SocketUser=`.
 fn parse_owner(value: Option<&str>) -> Result<Uid, String> {
-    let text = value_of(value, "owner", "USER")?;
-    if let Some(id) = parse_id(text, "user")? {
-        return Ok(Uid::from_raw(id));
-    }
-    match User::from_name(text) {
-        Ok(Some(user)) => Ok(user.uid),
-        Ok(None) => Err(format!("unknown user '{text}'")),
-        Err(e) => Err(format!("failed to look up user '{text}': {e}")),
-    }
+    crate::child_env::resolve_uid(value_of(value, "owner", "USER")?)
 }
 
 /// A group name or a numeric gid, as systemd's `SocketGroup=`.
 fn parse_group(value: Option<&str>) -> Result<Gid, String> {
-    let text = value_of(value, "group", "GROUP")?;
-    if let Some(id) = parse_id(text, "group")? {
-        return Ok(Gid::from_raw(id));
-    }
-    match Group::from_name(text) {
-        Ok(Some(group)) => Ok(group.gid),
-        Ok(None) => Err(format!("unknown group '{text}'")),
-        Err(e) => Err(format!("failed to look up group '{text}': {e}")),
-    }
-}
-
-/// A numeric uid or gid, or `None` for a name. `-1` means "leave unchanged" to chown(2): refused.
-fn parse_id(text: &str, what: &str) -> Result<Option<u32>, String> {
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Ok(None);
-    }
-    match text.parse::<u32>() {
-        Ok(id) if id != u32::MAX => Ok(Some(id)),
-        _ => Err(format!("'{text}' is not a valid {what} id")),
-    }
+    crate::child_env::resolve_group(value_of(value, "group", "GROUP")?)
 }
 
 /// The kernel's rules for an interface name, as systemd checks them.
@@ -1894,7 +1867,8 @@ mod tests {
 
     #[test]
     fn huge_backlog_means_the_kernel_maximum() {
-        bind("127.0.0.1:0,backlog=4000000000,name=big").unwrap();
+        let listener = bind("127.0.0.1:0,backlog=4000000000,name=big").unwrap();
+        assert_eq!(listener.backlog(), Backlog::MAXALLOWABLE);
     }
 
     #[test]
