@@ -998,21 +998,29 @@ mod cli {
         Ok(())
     }
 
-    /// `notify` is only `notify`, a delay only `delay:DUR`, and a refusal says why. (Not a
-    /// `match`: other modes may come.)
+    /// `notify` is only `notify`, a delay only `delay:DUR`, a probe keeps its path or words, and a
+    /// refusal says why.
     fn check_ready(text: &str) -> Result<(), TestCaseError> {
-        let parsed = parse_ready(text);
-        if parsed == Ok(ReadyMode::Notify) {
-            prop_assert_eq!(text, "notify");
-        }
-        if let Ok(ReadyMode::Delay(d)) = parsed {
-            let dur = text.strip_prefix("delay:");
-            prop_assert!(dur.is_some(), "{} is not delay:", text);
-            prop_assert_eq!(parse_duration(dur.expect("checked")), Ok(d));
-            prop_assert!(d <= MAX_DURATION);
-        }
-        if let Err(e) = parsed {
-            prop_assert!(!e.trim().is_empty());
+        match parse_ready(text) {
+            Ok(ReadyMode::Notify) => prop_assert_eq!(text, "notify"),
+            Ok(ReadyMode::Delay(d)) => {
+                let dur = text.strip_prefix("delay:");
+                prop_assert!(dur.is_some(), "{} is not delay:", text);
+                prop_assert_eq!(parse_duration(dur.expect("checked")), Ok(d));
+                prop_assert!(d <= MAX_DURATION);
+            }
+            Ok(ReadyMode::Http(path)) => {
+                prop_assert_eq!(text, format!("http:{path}"));
+                prop_assert!(path.starts_with('/'), "{}", path);
+                prop_assert!(
+                    !path.chars().any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
+                );
+            }
+            Ok(ReadyMode::Exec(argv)) => {
+                prop_assert!(text.starts_with("exec:"), "{}", text);
+                prop_assert!(!argv.is_empty(), "{} gave no command", text);
+            }
+            Err(e) => prop_assert!(!e.trim().is_empty()),
         }
         Ok(())
     }

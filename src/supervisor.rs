@@ -2299,6 +2299,9 @@ mod snapshot_tests {
         s.step(Event::Reload, t2);
         let t3 = t2 + Duration::from_secs(1);
         let state = s.snapshot(t3).expect("snapshot");
+        // What a failed upgrade kills when nothing can supervise the children any more.
+        let pids = crate::upgrade::state_pids(&serde_json::json!({ "supervisor": state }));
+        assert_eq!(pids, [101, 102, 103].map(Pid::from_raw));
         // Restored 100ms later, by a clock that went on.
         let t4 = t3 + Duration::from_millis(100);
         let r =

@@ -334,10 +334,10 @@ impl Incoming {
     }
 }
 
-/// The main pid of every generation a state names.
-fn state_pids(state: &Value) -> Vec<Pid> {
-    let generations = state["supervisor"]["generations"].as_array();
-    generations
+/// The main pid of every unit a state names.
+pub(crate) fn state_pids(state: &Value) -> Vec<Pid> {
+    let units = state["supervisor"]["units"].as_array();
+    units
         .into_iter()
         .flatten()
         .filter_map(|g| g["pid"].as_i64())

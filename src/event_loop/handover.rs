@@ -97,7 +97,29 @@ impl EventLoop {
     }
 
     /// Checks `target`, writes the state and execs it; returns only if that failed.
+    ///
+    /// Every signal is blocked from the start: one that arrives during the check (which may take
+    /// seconds) stays pending in the kernel, and pending signals survive execve, where the
+    /// self-pipe would not. Those already on their way through the pipe are raised again, so
+    /// they are pending too. If the upgrade fails, unblocking delivers them here as usual.
     fn hand_over(
+        &mut self,
+        target: &Path,
+        asked: &[Option<ClientId>],
+    ) -> Result<Infallible, String> {
+        use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask, raise};
+        let mut old_mask = SigSet::empty();
+        pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old_mask))
+            .map_err(|e| format!("cannot block signals: {e}"))?;
+        for signal in self.signals.pending() {
+            let _ = raise(signal);
+        }
+        let result = self.check_and_exec(target, asked);
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
+        result
+    }
+
+    fn check_and_exec(
         &mut self,
         target: &Path,
         asked: &[Option<ClientId>],
@@ -106,8 +128,11 @@ impl EventLoop {
             return Err("self-upgrade is not supported with --accept".into());
         };
         // Ask the supervisor first: nothing is worth checking while it is stopping.
-        let supervisor_state = supervisor.snapshot(Instant::now())?;
+        supervisor.snapshot(Instant::now())?;
         let version = upgrade::check_target(target)?;
+        // Taken now, after the check, with the clock reading that goes with it: the deadlines
+        // the new program restores are then exactly as far away as they are here.
+        let (supervisor_state, taken_at) = (supervisor.snapshot(Instant::now())?, monotonic_ns());
         info!(
             "upgrading in place to {} (version {version}); pid {} and every child stay",
             target.display(),
@@ -167,7 +192,7 @@ impl EventLoop {
         let started_ms =
             self.started.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let state = json!({
-            "monotonic_ns": monotonic_ns().to_string(),
+            "monotonic_ns": taken_at.to_string(),
             "supervisor": supervisor_state,
             "listeners": listeners,
             "notify": notify,
@@ -207,7 +232,10 @@ impl EventLoop {
         }
         // First check everything, taking nothing: if anything is wrong, the old program gets
         // every fd back as it was.
-        let then: i128 = state["monotonic_ns"].as_str().and_then(|t| t.parse().ok()).unwrap_or(0);
+        let then: i128 = state["monotonic_ns"]
+            .as_str()
+            .and_then(|t| t.parse().ok())
+            .ok_or("the state has no valid monotonic_ns")?;
         let elapsed = Duration::from_nanos(u64::try_from(monotonic_ns() - then).unwrap_or(0));
         let supervisor = Supervisor::restore(
             config.policy.clone(),
