@@ -127,7 +127,8 @@ fn notify_from_a_helper_process_counts_with_group_access_only() {
     let mut s = start_fixture(&[], &["--fork-notify-ready"]);
     s.expect_event("ready-sent-by-helper", 1);
     s.expect_ready();
-    s.expect_log("generation 1");
+    s.expect_log("generation 1 (pid");
+    assert!(s.log().iter().any(|l| l.ends_with(") is ready")), "promoted by the helper's READY=1");
     // main: the same helper is refused, so generation 1 is never ready and sockhold gives up.
     let mut s = start_fixture(
         &["--notify-access", "main", "--ready-timeout", "1s", "--restart", "never"],

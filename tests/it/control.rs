@@ -8,8 +8,6 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -58,8 +56,7 @@ fn status_reload_signal_and_stop_through_ctl() {
         text(&reload.stdout).contains(&format!("generation 2 serves (pid {})", pid_of(&second)))
     );
 
-    let json = ctl(&control, &["status", "--json"]);
-    let status: Value = serde_json::from_slice(&json.stdout).expect("JSON status");
+    let status = ctl_status(&control);
     assert_eq!(status["last_reload"]["ok"], true);
     assert_eq!(status["last_reload"]["generation"], 2);
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
@@ -103,8 +100,7 @@ fn a_failed_reload_fails_ctl_reload_with_the_reason_and_the_old_child_serves_on(
     let stderr = text(&reload.stderr);
     assert!(stderr.contains("reload failed: generation 2 (pid"), "{stderr}");
     assert!(stderr.contains("exited before it was ready: exit status 3"), "{stderr}");
-    let status: Value =
-        serde_json::from_slice(&ctl(&control, &["status", "--json"]).stdout).unwrap();
+    let status = ctl_status(&control);
     assert_eq!(status["last_reload"]["ok"], false);
     assert!(status["last_reload"]["error"].as_str().unwrap().contains("exit status 3"));
     assert_eq!(status["generations"][0]["id"], 1);
@@ -152,20 +148,7 @@ fn bad_clients_get_an_error_or_are_dropped_and_nothing_else_is_disturbed() {
     s.expect_ready();
 
     // A load runs throughout; none of what follows may fail one of its requests.
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            let (mut ok, mut failed) = (0u64, Vec::new());
-            while !stop.load(Ordering::Relaxed) {
-                match http_get(port) {
-                    Ok(_) => ok += 1,
-                    Err(e) => failed.push(e),
-                }
-            }
-            (ok, failed)
-        })
-    };
+    let load = Load::start(port, 1);
 
     // Garbage is answered with an error, and the connection still serves a good request.
     let answers = raw(&control, b"garbage\n{\"cmd\":\"nope\"}\n{\"cmd\":\"status\"}\n", true);
@@ -228,8 +211,7 @@ fn bad_clients_get_an_error_or_are_dropped_and_nothing_else_is_disturbed() {
         text(&other.stderr)
     );
 
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = load.join().unwrap();
+    let (ok, failed, _) = load.finish();
     assert!(
         failed.is_empty(),
         "{} of {} requests failed: {:?}",
@@ -238,11 +220,12 @@ fn bad_clients_get_an_error_or_are_dropped_and_nothing_else_is_disturbed() {
         &failed[..failed.len().min(5)]
     );
     assert!(ok > 0);
+    s.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+    // Every line sockhold logged is in now.
     assert_eq!(
         s.log().iter().filter(|l| l.contains("exited by itself")).count(),
         0,
         "no child disturbed"
     );
-    s.signal(nix::sys::signal::Signal::SIGTERM);
-    assert_eq!(s.exit_code(), 0);
 }

@@ -23,8 +23,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal::{SIGHUP, SIGTERM, SIGUSR1};
@@ -167,22 +165,7 @@ fn sighups_at_100_per_second_for_2_seconds_under_load() {
     let sockhold = s.pid().as_raw() as i64;
     let fds_before = fd_table(sockhold);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..2)
-        .map(|_| {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                let (mut ok, mut failures) = (0u64, Vec::new());
-                while !stop.load(Ordering::Relaxed) {
-                    match http_get(port) {
-                        Ok(_) => ok += 1,
-                        Err(e) => failures.push(e),
-                    }
-                }
-                (ok, failures)
-            })
-        })
-        .collect();
+    let load = Load::start(port, 2);
 
     // The load shape, not a synchronisation: one SIGHUP every 10ms for 2s, on a fixed schedule.
     let begin = Instant::now();
@@ -195,13 +178,7 @@ fn sighups_at_100_per_second_for_2_seconds_under_load() {
     // A reload asked for after every SIGHUP was sent: when it answers, the newest version serves.
     let reload = control(Path::new(&ctl), r#"{"cmd":"reload"}"#);
     assert_eq!(reload["ok"], true, "{reload}");
-    stop.store(true, Ordering::Relaxed);
-    let (mut ok, mut failures) = (0, Vec::new());
-    for client in clients {
-        let (o, f) = client.join().expect("client thread");
-        ok += o;
-        failures.extend(f);
-    }
+    let (ok, failures, _) = load.finish();
 
     wait_until("only the serving generation is left", || {
         let status = control(Path::new(&ctl), r#"{"cmd":"status"}"#);

@@ -93,10 +93,11 @@ fn an_old_child_that_ignores_sigterm_is_killed_at_the_deadline_and_reaped() {
     s.signal(SIGHUP);
     s.expect_event("start", 2);
     s.expect_signal(1, "TERM");
-    s.expect_log("generation 1 (pid");
-    s.expect_log("did not stop within 1s; sending SIGKILL to its process group");
-    s.expect_log("was killed: killed by SIGKILL");
     let old = pid_of(&first);
+    s.expect_log(&format!(
+        "generation 1 (pid {old}) did not stop within 1s; sending SIGKILL to its process group"
+    ));
+    s.expect_log(&format!("generation 1 (pid {old}) was killed: killed by SIGKILL"));
     wait_until("the killed child is reaped (no zombie left)", || !process_exists(old));
     s.signal(SIGUSR1);
     s.expect_signal(2, "USR1");
@@ -153,7 +154,7 @@ fn a_burst_of_50_sighups_leads_to_at_most_two_more_generations() {
 fn a_crashed_child_is_restarted_with_backoff_on_the_same_sockets() {
     let mut s = start_fixture(&[], &["--ready", "--exit-gen", "1:9"]);
     let first = s.expect_event("start", 1);
-    s.expect_log("generation 1 (pid");
+    s.expect_log(&format!("generation 1 (pid {}) exited by itself: exit status 9", pid_of(&first)));
     s.expect_log("restarting in 100ms");
     let second = s.expect_event("start", 2);
     assert_eq!(port_of(&first), port_of(&second));
@@ -277,11 +278,7 @@ fn lazy_starts_the_first_child_on_the_first_connection_which_it_serves() {
     let port = s.listening_port("127.0.0.1:");
     let waiting = s.expect_manager("READY=1 while waiting", |m| m.starts_with("READY=1"));
     assert!(waiting.contains("waiting for the first connection"), "{waiting}");
-    let status = std::process::Command::new(sockhold_bin())
-        .args(["ctl", "--control", &control_arg, "status", "--json"])
-        .output()
-        .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let status = ctl_status(&control);
     assert_eq!(
         status["generations"].as_array().map(Vec::len),
         Some(0),

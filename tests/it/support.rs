@@ -181,8 +181,17 @@ impl Sockhold {
     }
 
     /// Whether any fixture line seen so far matches.
-    pub fn seen(&self, matches: impl Fn(&Value) -> bool) -> bool {
+    pub fn seen(&mut self, matches: impl Fn(&Value) -> bool) -> bool {
+        self.take_in();
         self.json.iter().any(|(v, _)| matches(v))
+    }
+
+    /// Records every line that has arrived so far, without waiting: a check that something did
+    /// not happen must look at everything sockhold and its children have said.
+    fn take_in(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.record(line);
+        }
     }
 
     /// Waits for a stderr line containing `needle`; returns it.
@@ -209,7 +218,8 @@ impl Sockhold {
     }
 
     /// Every stderr line so far.
-    pub fn log(&self) -> &[String] {
+    pub fn log(&mut self) -> &[String] {
+        self.take_in();
         &self.stderr
     }
 

@@ -253,7 +253,10 @@ fn deadlines_and_waiting_clients_carry_over_an_upgrade() {
 
     upgrade_ok(&control, pid);
     s.expect_log("did not stop within 3s; sending SIGKILL");
-    let position = |needle: &str| s.log().iter().position(|l| l.contains(needle));
+    let log = s.log();
+    let position = |needle: &str| {
+        log.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?}"))
+    };
     assert!(
         position("upgraded in place") < position("did not stop within"),
         "the new program kept the deadline and fired it"

@@ -293,8 +293,7 @@ fn a_bad_env_file_fails_the_reload_and_nothing_else() {
     // Nothing else happened: no child was started, the old one was not asked to stop, and it
     // still serves.
     assert_eq!(http_get(port_of(&first)), Ok(pid_of(&first) as i32));
-    let status: Value =
-        serde_json::from_slice(&ctl(&control, &["status", "--json"]).stdout).unwrap();
+    let status = ctl_status(&control);
     assert_eq!(status["last_reload"]["ok"], false);
     let generations = status["generations"].as_array().unwrap();
     assert_eq!(generations.len(), 1, "{status}");
