@@ -176,8 +176,9 @@ struct Server {
     /// readable and every thread that polls it sees the stop.
     stop: OwnedFd,
     stopping: AtomicBool,
-    /// Connections being served, and connections finished since the stop.
-    conns: Mutex<(usize, usize)>,
+    /// Connections being served, connections finished since the stop, and
+    /// acceptor threads still running.
+    conns: Mutex<(usize, usize, usize)>,
     conns_changed: Condvar,
 }
 
@@ -229,7 +230,7 @@ fn run(activation: Activation, pid: u32) -> Result<()> {
         health_status,
         stop,
         stopping: AtomicBool::new(false),
-        conns: Mutex::new((0, 0)),
+        conns: Mutex::new((0, 0, 0)),
         conns_changed: Condvar::new(),
     });
 
@@ -240,10 +241,15 @@ fn run(activation: Activation, pid: u32) -> Result<()> {
     let names: Vec<String> = listeners.iter().map(describe).collect();
     say!("httpd[{pid}]: serving on {}", names.join(", "));
     let wakers: Vec<_> = listeners.iter().map(Listener::waker).collect();
+    server.conns.lock().unwrap().2 = listeners.len();
     let acceptors: Vec<_> = (listeners.into_iter())
         .map(|l| {
             let server = Arc::clone(&server);
-            thread::spawn(move || accept_loop(&server, l))
+            thread::spawn(move || {
+                accept_loop(&server, l);
+                server.conns.lock().unwrap().2 -= 1;
+                server.conns_changed.notify_all();
+            })
         })
         .collect();
     // The sockets were listening before we started: connections that came
@@ -275,16 +281,23 @@ fn run(activation: Activation, pid: u32) -> Result<()> {
     // the next client, or exit while it may be taking one, we wake it with a
     // connection of our own, which it serves (end of file at once) before
     // leaving. If another process takes that instead, it gets the same
-    // harmless empty connection, and we try again.
-    while acceptors.iter().any(|a| !a.is_finished()) {
-        thread::sleep(Duration::from_millis(100));
-        for (acceptor, wake) in acceptors.iter().zip(&wakers) {
-            if !acceptor.is_finished() {
-                wake();
+    // harmless empty connection, and we try again. Acceptors that saw the
+    // stop say so at once; only the ones still running after 100ms are woken.
+    let mut conns = server.conns.lock().unwrap();
+    while conns.2 > 0 {
+        let (guard, wait) =
+            server.conns_changed.wait_timeout(conns, Duration::from_millis(100)).unwrap();
+        conns = guard;
+        if wait.timed_out() && conns.2 > 0 {
+            drop(conns);
+            for (acceptor, wake) in acceptors.iter().zip(&wakers) {
+                if !acceptor.is_finished() {
+                    wake();
+                }
             }
+            conns = server.conns.lock().unwrap();
         }
     }
-    let mut conns = server.conns.lock().unwrap();
     while conns.0 > 0 {
         conns = server.conns_changed.wait(conns).unwrap();
     }

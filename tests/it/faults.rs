@@ -152,9 +152,9 @@ fn a_double_forked_daemon_goes_with_its_generations_process_group() {
 fn sighups_at_100_per_second_for_2_seconds_under_load() {
     let httpd = example("httpd").to_string_lossy().into_owned();
     let (_dir, ctl) = control_path();
-    // httpd takes 100ms or more to drain, so ten or more generations drain at once here; the
-    // --max-draining cap would SIGKILL the oldest, which may be serving a request it took while
-    // draining. The cap is tested on its own below: out of this test's way.
+    // At 100 reloads a second, several generations may drain at once (each finishes the requests
+    // it took); the --max-draining cap would SIGKILL the oldest while it may still be serving one.
+    // The cap is tested on its own below: out of this test's way.
     #[rustfmt::skip]
     let mut s = start(&[
         "-l", "127.0.0.1:0", "--ready", "notify", "--stop-timeout", "10s", "--control", &ctl,
