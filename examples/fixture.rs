@@ -97,26 +97,6 @@ fn parse_args() -> Args {
                 args.shutdown_listener_gens.push(value("--shutdown-listener-gen"))
             }
             "--shutdown-listener-on-usr1" => args.shutdown_listener_on_usr1 = true,
-            "--daemon-fork" => {
-                // Helper mode, the middle of a double fork: start the daemon and exit at once,
-                // leaving it orphaned but in the generation's process group.
-                let exe = std::env::current_exe().expect("own path");
-                let spawned = std::process::Command::new(exe).arg("--daemon-body").spawn();
-                std::process::exit(if spawned.is_ok() { 0 } else { 1 });
-            }
-            "--daemon-body" => {
-                // Helper mode, the daemon: report, then live until killed.
-                report(
-                    "daemon",
-                    json!({
-                        "ppid": nix::unistd::getppid().as_raw(),
-                        "pgid": nix::unistd::getpgrp().as_raw(),
-                    }),
-                );
-                loop {
-                    std::thread::park();
-                }
-            }
             "--send-notify" => {
                 // Helper mode: send one message from this (other) process, then exit.
                 let text = value("--send-notify");
@@ -151,8 +131,8 @@ fn parse_args() -> Args {
 }
 
 /// The orphaned grandchild: waits until its parent is gone and it has been re-parented, says
-/// who adopted it, then exits (`exit`: a zombie for the adopter to reap) or stays (`linger`: a
-/// daemon left in the generation's process group).
+/// who adopted it, then exits (`exit`: a zombie for the adopter to reap) or stays (`linger`, or
+/// `daemon`, reported as a `daemon` line: a daemon left in the generation's process group).
 fn be_orphan(kind: &str, parent: nix::unistd::Pid) -> ! {
     // `parent` is the helper's pid as it said, not getppid(): the helper may be gone already.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -162,8 +142,12 @@ fn be_orphan(kind: &str, parent: nix::unistd::Pid) -> ! {
     }
     let ppid = nix::unistd::getppid().as_raw();
     let pgid = nix::unistd::getpgrp().as_raw();
-    report("orphan", json!({ "kind": kind, "ppid": ppid, "pgid": pgid }));
-    if kind == "linger" {
+    match kind {
+        // `--daemon`: the fault suite's double-forked daemon.
+        "daemon" => report("daemon", json!({ "ppid": ppid, "pgid": pgid })),
+        _ => report("orphan", json!({ "kind": kind, "ppid": ppid, "pgid": pgid })),
+    }
+    if kind != "exit" {
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
@@ -361,16 +345,6 @@ fn shutdown_listener() {
     report("shutdown-listener", json!({ "listening": listening, "error": error }));
 }
 
-/// Starts a daemon the classic way, by a double fork, and waits for the middle process only:
-/// the daemon keeps this process's group and is nobody's child here.
-fn start_daemon() {
-    let exe = std::env::current_exe().expect("own path");
-    match std::process::Command::new(exe).arg("--daemon-fork").status() {
-        Ok(status) if status.success() => {}
-        other => report("daemon-failed", json!({ "error": format!("{other:?}") })),
-    }
-}
-
 /// `--hold`: connections held open, as a server with keep-alive or websocket clients.
 struct Hold {
     /// Connections accepted and not yet closed by their peer.
@@ -532,7 +506,7 @@ fn main() {
     }
     let hold = args.hold.then(Hold::start);
     if args.daemon {
-        start_daemon();
+        make_orphan("daemon");
     }
     if in_gen(&args.shutdown_listener_gens) {
         shutdown_listener();
