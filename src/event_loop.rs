@@ -29,10 +29,11 @@ use serde_json::{Value, json};
 
 use crate::accept::AcceptSupervisor;
 use crate::cli::{CompatEnv, Config};
-use crate::control::{ClientId, ControlServer, Request, Token, error_answer};
+use crate::control::{ClientId, ControlServer, Request, Token, error_answer, is_exhaustion};
 use crate::exit::{ChildStatus, ExitCode};
 use crate::listen::Listener;
 use crate::notify::{Manager, NotifySocket};
+use crate::paths::PidFile;
 use crate::probe::Probe;
 use crate::signals::{FORWARDED, Signals};
 use crate::spawn::{ChildSpec, spawn};
@@ -132,6 +133,11 @@ pub struct EventLoop {
     lazy_waiting: bool,
     /// With `--accept`: the listeners sockhold accepts on itself.
     acceptors: Vec<Acceptor>,
+    /// With `--accept`: accept() ran out of fds or memory. The listeners are left out of the
+    /// poll until another event, which may have freed one (polling them would spin: the
+    /// connection stays queued), and the episode is logged once.
+    accept_exhausted: bool,
+    accept_episode: bool,
     /// Self-upgrade: who asked, where from, how the last one went.
     upgrade: handover::Upgrades,
 }
@@ -173,19 +179,23 @@ impl Acceptor {
         }
     }
 
-    /// The next waiting connection and its peer (for TCP), or `None` when none waits.
-    fn accept(&self) -> Option<(std::os::fd::OwnedFd, Option<std::net::SocketAddr>)> {
+    /// The next waiting connection and its peer (for TCP), or `None` when none waits. The error
+    /// is an exhaustion ([`is_exhaustion`]): the connection still waits.
+    fn accept(
+        &self,
+    ) -> std::io::Result<Option<(std::os::fd::OwnedFd, Option<std::net::SocketAddr>)>> {
         let result = match self {
             Acceptor::Tcp(l) => l.accept().map(|(c, peer)| (c.into(), Some(peer))),
             Acceptor::Unix(l) => l.accept().map(|(c, _)| (c.into(), None)),
         };
         match result {
-            Ok(conn) => Some(conn),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            Ok(conn) => Ok(Some(conn)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) if is_exhaustion(&e) => Err(e),
             Err(e) => {
                 // ECONNABORTED and the like: that connection is gone, the listener is fine.
                 debug!("accept: {e}");
-                None
+                Ok(None)
             }
         }
     }
@@ -197,7 +207,7 @@ impl Acceptor {
 struct Held {
     listeners: Vec<Listener>,
     runtime_dir: Option<PathBuf>,
-    pid_file: Option<PathBuf>,
+    pid_file: Option<PidFile>,
 }
 
 impl Drop for Held {
@@ -210,10 +220,8 @@ impl Drop for Held {
         {
             warn!("failed to remove {}: {e}", dir.display());
         }
-        if let Some(path) = &self.pid_file
-            && let Err(e) = std::fs::remove_file(path)
-        {
-            warn!("failed to remove the pid file {}: {e}", path.display());
+        if let Some(pid_file) = &self.pid_file {
+            pid_file.remove();
         }
     }
 }
@@ -243,8 +251,7 @@ impl EventLoop {
         let signals = Signals::install()?;
         held.runtime_dir = Some(make_runtime_dir(&config.name, config.world.user.is_some())?);
         if let Some(path) = &config.pid_file {
-            write_pid_file(path)?;
-            held.pid_file = Some(path.clone());
+            held.pid_file = Some(PidFile::create(path, std::process::id())?);
         }
         let control = match &config.control {
             Some(path) => Some(ControlServer::bind(path)?),
@@ -271,6 +278,8 @@ impl EventLoop {
             started: SystemTime::now(),
             lazy_waiting: config.lazy,
             acceptors,
+            accept_exhausted: false,
+            accept_episode: false,
             config,
             held,
             signals,
@@ -375,7 +384,8 @@ impl EventLoop {
             fds.extend(lazy.iter().map(|l| PollFd::new(l.fd(), PollFlags::POLLIN)));
             // With --accept, sockhold accepts itself, unless --max-connections children run:
             // then the connections wait in the backlog.
-            let accepting = matches!(&self.brain, Brain::PerConnection(a) if a.accepting());
+            let accepting = matches!(&self.brain, Brain::PerConnection(a) if a.accepting())
+                && !self.accept_exhausted;
             let acceptors: &[Acceptor] = if accepting { &self.acceptors } else { &[] };
             let first_acceptor = fds.len();
             fds.extend(acceptors.iter().map(|a| PollFd::new(a.fd(), PollFlags::POLLIN)));
@@ -436,11 +446,33 @@ impl EventLoop {
                 self.killed_probes.extend(probe.pid());
             }
         }
+        // Whatever woke the loop may have freed an fd: try the sockets left out again (only a
+        // new event does this, so a sockhold out of fds sleeps instead of spinning).
+        self.accept_exhausted = false;
+        if let Some(control) = &mut self.control {
+            control.resume_accepting();
+        }
         for i in connections {
             // One connection per listener and wake-up: the supervisor counts the child before
             // the next poll decides whether to accept more.
-            if let Some((conn, peer)) = self.acceptors[i].accept() {
-                pending.push_back(self.spawn_connection(conn, peer));
+            match self.acceptors[i].accept() {
+                Ok(Some((conn, peer))) => {
+                    if self.accept_episode {
+                        info!("--accept: accepting connections again");
+                        self.accept_episode = false;
+                    }
+                    pending.push_back(self.spawn_connection(conn, peer));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if !self.accept_episode {
+                        warn!(
+                            "--accept: accept failed: {e}; connections wait in the backlog until sockhold has a file descriptor free"
+                        );
+                    }
+                    self.accept_episode = true;
+                    self.accept_exhausted = true;
+                }
             }
         }
         if first_connection {
@@ -987,14 +1019,4 @@ fn make_runtime_dir(name: &str, other_user: bool) -> Result<PathBuf> {
     let template = base.join(format!("sockhold-{short}.XXXXXX"));
     nix::unistd::mkdtemp(&template)
         .with_context(|| format!("failed to create a runtime directory in {}", base.display()))
-}
-
-fn write_pid_file(path: &Path) -> Result<()> {
-    // Write then rename, so a reader never sees a half-written pid.
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, format!("{}\n", std::process::id()))
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .with_context(|| format!("failed to write the pid file {}", path.display()))
 }
