@@ -370,7 +370,15 @@ impl EventLoop {
                 PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
             }
         };
-        let (signal_ready, control_ready, notify_ready, first_connection, connections, probed) = {
+        let (
+            signal_ready,
+            control_ready,
+            notify_ready,
+            first_connection,
+            connections,
+            probed,
+            poll_timed_out,
+        ) = {
             let ids: Vec<u64> = self.notify.keys().copied().collect();
             let control_set =
                 self.control.as_ref().map(ControlServer::poll_set).unwrap_or_default();
@@ -400,10 +408,11 @@ impl EventLoop {
                 .collect();
             let probe_units: Vec<u64> = probe_set.iter().map(|(unit, _)| *unit).collect();
             fds.extend(probe_set.into_iter().map(|(_, fd)| fd));
-            match poll(&mut fds, timeout) {
-                Ok(_) | Err(Errno::EINTR) => {}
+            let poll_timed_out = match poll(&mut fds, timeout) {
+                Ok(n) => n == 0,
+                Err(Errno::EINTR) => false,
                 Err(e) => return Err(e).context("poll failed"),
-            }
+            };
             let readable = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
             let control_fds = &fds[1..1 + control_set.len()];
             let control_ready: Vec<Token> = control_set
@@ -428,8 +437,18 @@ impl EventLoop {
                 .filter(|(_, fd)| readable(fd))
                 .map(|(unit, _)| *unit)
                 .collect();
-            (readable(&fds[0]), control_ready, notify_ready, first_connection, connections, probed)
+            let signal_ready = readable(&fds[0]);
+            (
+                signal_ready,
+                control_ready,
+                notify_ready,
+                first_connection,
+                connections,
+                probed,
+                poll_timed_out,
+            )
         };
+        let probes_done = !probed.is_empty();
         for unit in probed {
             let outcome = self.probes.get_mut(&unit).and_then(Probe::on_ready);
             if let Some(result) = outcome {
@@ -446,11 +465,20 @@ impl EventLoop {
                 self.killed_probes.extend(probe.pid());
             }
         }
-        // Whatever woke the loop may have freed an fd: try the sockets left out again (only a
-        // new event does this, so a sockhold out of fds sleeps instead of spinning).
-        self.accept_exhausted = false;
-        if let Some(control) = &mut self.control {
-            control.resume_accepting();
+        // An event that may free an fd (a signal such as SIGCHLD, a client, a notify socket, a
+        // probe, a deadline) puts the sockets left out for want of fds back in the poll. A
+        // listener that is merely readable again does not: two exhausted listeners would wake
+        // each other forever. So a sockhold out of fds sleeps instead of spinning.
+        let may_have_freed = signal_ready
+            || poll_timed_out
+            || !notify_ready.is_empty()
+            || probes_done
+            || control_ready.iter().any(|t| matches!(t, Token::Client(_)));
+        if may_have_freed {
+            self.accept_exhausted = false;
+            if let Some(control) = &mut self.control {
+                control.resume_accepting();
+            }
         }
         for i in connections {
             // One connection per listener and wake-up: the supervisor counts the child before
