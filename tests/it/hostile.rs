@@ -137,6 +137,27 @@ fn a_pid_file_replaced_before_stop_is_left_alone() {
 }
 
 #[test]
+fn the_pid_file_stays_ours_across_a_self_upgrade() {
+    let top = open_tempdir();
+    let dir = subdir(top.path(), "run", 0o755, 0);
+    let pid_file = dir.join("app.pid");
+    let control = dir.join("ctl.sock");
+    let (pid_arg, control_arg) =
+        (pid_file.to_str().unwrap().to_string(), control.to_str().unwrap().to_string());
+    let mut s = start_fixture(&["--pid-file", &pid_arg, "--control", &control_arg], &["--ready"]);
+    s.expect_ready();
+    let inode = std::fs::metadata(&pid_file).unwrap().ino();
+    let upgrade = ctl(&control, &["upgrade"]);
+    assert!(upgrade.status.success(), "{}", text(&upgrade.stderr));
+    assert_eq!(std::fs::metadata(&pid_file).unwrap().ino(), inode, "not rewritten");
+    // The new program knows the file is its own: it removes it at stop.
+    s.signal(SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+    assert!(!pid_file.exists(), "removed at exit after the upgrade");
+    assert!(!s.log().iter().any(|l| l.contains("left the pid file")), "{:#?}", s.log());
+}
+
+#[test]
 fn a_control_directory_another_user_owns_is_refused() {
     let top = open_tempdir();
     let theirs = subdir(top.path(), "theirs", 0o755, NOBODY);
