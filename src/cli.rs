@@ -148,12 +148,13 @@ pub struct Cli {
     pub compat_env: Vec<CompatEnv>,
 
     /// Serve the JSON-lines control protocol on a Unix socket at PATH (mode 0600, in a
-    /// directory others cannot write to; only root and sockhold's own user may use it), for
-    /// `sockhold ctl`.
+    /// directory owned by root or sockhold's user that no one else can write to, /tmp
+    /// included; only root and sockhold's own user may use it), for `sockhold ctl`.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
-    /// Write sockhold's own pid to PATH; removed at exit.
+    /// Write sockhold's own pid to PATH (in a directory owned by root or sockhold's user that no
+    /// one else can write to, or a sticky one such as /tmp); removed at exit if still ours.
     #[arg(long, value_name = "PATH")]
     pub pid_file: Option<PathBuf>,
 

@@ -19,13 +19,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use log::{debug, warn};
+use log::{debug, info, warn};
 use nix::poll::PollFlags;
 use nix::sys::signal::Signal;
 use nix::sys::socket::{getsockopt, sockopt};
 use serde_json::{Value, json};
 
 use crate::cli::parse_signal;
+use crate::paths::{Sticky, open_trusted_dir};
 
 /// The longest request line accepted, newline included.
 pub const MAX_REQUEST: usize = 4096;
@@ -55,6 +56,11 @@ pub enum Request {
 pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     let value: Value = serde_json::from_slice(line).map_err(|e| format!("invalid JSON: {e}"))?;
     let object = value.as_object().ok_or("a request must be a JSON object")?;
+    // serde_json's Value keeps the last of two equal keys: `{"cmd":"status","cmd":"stop"}`
+    // would read as a stop to sockhold and as a status to whatever filtered it on the way.
+    if let Ok(FirstDuplicate(Some(key))) = serde_json::from_slice(line) {
+        return Err(format!("duplicate key \"{key}\" in request"));
+    }
     let cmd = object.get("cmd").ok_or("a request needs \"cmd\"")?;
     let cmd = cmd.as_str().ok_or("\"cmd\" must be a string")?;
     let only = |allowed: &[&str]| match object.keys().find(|k| !allowed.contains(&k.as_str())) {
@@ -79,6 +85,36 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         other => Err(format!(
             "unknown command \"{other}\" (known: status, reload, stop, signal, upgrade)"
         )),
+    }
+}
+
+/// The first key a JSON object repeats, if any (its values are skipped, not kept).
+struct FirstDuplicate(Option<String>);
+
+impl<'de> serde::Deserialize<'de> for FirstDuplicate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = FirstDuplicate;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut seen = std::collections::BTreeSet::new();
+                let mut duplicate = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    if !seen.insert(key.clone()) && duplicate.is_none() {
+                        duplicate = Some(key);
+                    }
+                }
+                Ok(FirstDuplicate(duplicate))
+            }
+        }
+        d.deserialize_map(Keys)
     }
 }
 
@@ -114,6 +150,18 @@ pub struct ControlServer {
     created_dir: Option<PathBuf>,
     clients: BTreeMap<ClientId, Client>,
     next_id: ClientId,
+    /// accept() ran out of fds or memory: the listener is left out of the poll until another
+    /// event (which may have freed one) calls [`ControlServer::resume_accepting`].
+    exhausted: bool,
+    /// Since the last successful accept, an exhaustion was logged: say so once, not per retry.
+    episode: bool,
+}
+
+/// Whether a failed accept() means "no fd or memory left": the connection stays queued and the
+/// listener stays readable, so polling it again at once would spin.
+pub fn is_exhaustion(e: &std::io::Error) -> bool {
+    use nix::libc;
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
 /// Which fd a poll entry stands for.
@@ -127,7 +175,8 @@ pub enum Token {
 
 impl ControlServer {
     /// Creates the socket at `path` with mode 0600. The parent directory is created (0700) if
-    /// missing and must not be writable by others, where anyone could replace the socket.
+    /// missing, and it and every directory above it must pass [`open_trusted_dir`] (a sticky
+    /// world-writable one such as /tmp is refused too): elsewhere anyone could replace the socket.
     pub fn bind(path: &Path) -> Result<ControlServer> {
         let shown = path.display();
         let parent = match path.parent() {
@@ -142,14 +191,14 @@ impl ControlServer {
                 .create(parent)
                 .with_context(|| format!("failed to create {}", parent.display()))?;
         }
-        let meta = std::fs::metadata(parent)
-            .with_context(|| format!("invalid --control {shown}: cannot read its directory"))?;
-        if meta.mode() & 0o002 != 0 {
-            bail!(
-                "invalid --control {shown}: {} is writable by every user; put the control socket in a directory only its owner can write to (for example /run/NAME/)",
-                parent.display()
-            );
-        }
+        // Whoever can write to the directory (or one above it) could put a socket of theirs at
+        // the path, and every `sockhold ctl` would talk to it. Held open until the bind so the
+        // directory checked is the one bound in.
+        let _dir = open_trusted_dir(parent, Sticky::Refuse).map_err(|reason| {
+            anyhow::anyhow!(
+                "invalid --control {shown}: {reason}; put the control socket in a directory only root or sockhold's user can write to (for example /run/NAME/)"
+            )
+        })?;
         if let Ok(existing) = std::fs::symlink_metadata(path) {
             use std::os::unix::fs::FileTypeExt;
             if !existing.file_type().is_socket() {
@@ -176,6 +225,8 @@ impl ControlServer {
             created_dir,
             clients: BTreeMap::new(),
             next_id: 1,
+            exhausted: false,
+            episode: false,
         })
     }
 
@@ -213,6 +264,8 @@ impl ControlServer {
             created_dir: state["created_dir"].as_str().map(PathBuf::from),
             clients: BTreeMap::new(),
             next_id: 1,
+            exhausted: false,
+            episode: false,
         })
     }
 
@@ -238,7 +291,10 @@ impl ControlServer {
 
     /// The fds to poll, with what each stands for and the events wanted.
     pub fn poll_set(&self) -> Vec<(BorrowedFd<'_>, PollFlags, Token)> {
-        let mut set = vec![(self.listener.as_fd(), PollFlags::POLLIN, Token::Listener)];
+        let mut set = Vec::with_capacity(1 + self.clients.len());
+        if !self.exhausted {
+            set.push((self.listener.as_fd(), PollFlags::POLLIN, Token::Listener));
+        }
         for (&id, client) in &self.clients {
             let mut flags = PollFlags::empty();
             if !client.read_closed && !client.closing {
@@ -250,6 +306,12 @@ impl ControlServer {
             set.push((client.stream.as_fd(), flags, Token::Client(id)));
         }
         set
+    }
+
+    /// Something happened that may have freed an fd (a client left, a child was reaped): poll
+    /// the listener again. No timer does this: an idle sockhold stays asleep.
+    pub fn resume_accepting(&mut self) {
+        self.exhausted = false;
     }
 
     /// The earliest client deadline.
@@ -322,11 +384,25 @@ impl ControlServer {
                 Ok((stream, _)) => stream,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if is_exhaustion(&e) => {
+                    if !self.episode {
+                        warn!(
+                            "control socket: accept failed: {e}; new control clients wait until sockhold has a file descriptor free"
+                        );
+                    }
+                    self.episode = true;
+                    self.exhausted = true;
+                    return;
+                }
                 Err(e) => {
                     warn!("control socket: accept failed: {e}");
                     return;
                 }
             };
+            if self.episode {
+                info!("control socket: accepting clients again");
+                self.episode = false;
+            }
             if let Err(e) = stream.set_nonblocking(true) {
                 warn!("control socket: {e}");
                 continue;
@@ -500,6 +576,8 @@ mod tests {
             (r#"{"cmd":"signal","signal":"USR1"}"#, Request::Signal(Signal::SIGUSR1)),
             (r#"{"cmd":"signal","signal":"SIGWINCH"}"#, Request::Signal(Signal::SIGWINCH)),
             (r#"{"signal":10,"cmd":"signal"}"#, Request::Signal(Signal::SIGUSR1)),
+            // Equal keys at another level are not the request's.
+            (r#"{"cmd":"signal","signal":"USR1"}"#, Request::Signal(Signal::SIGUSR1)),
         ];
         for (line, want) in ok {
             assert_eq!(parse_request(line.as_bytes()), Ok(want), "{line}");
@@ -517,6 +595,10 @@ mod tests {
             (r#"{"cmd":"signal","signal":"NOPE"}"#, "'NOPE' is not a signal"),
             (r#"{"cmd":"signal","signal":[1]}"#, "must be a name"),
             ("\u{0}\u{1}\u{2}", "invalid JSON"),
+            (r#"{"cmd":"status","cmd":"stop"}"#, "duplicate key \"cmd\" in request"),
+            (r#"{"cmd":"stop","cmd":"stop"}"#, "duplicate key \"cmd\""),
+            (r#"{"cmd":"signal","signal":"USR1","signal":"KILL"}"#, "duplicate key \"signal\""),
+            (r#"{"cmd":"status","x":{"a":1},"x":[]}"#, "duplicate key \"x\""),
         ];
         for (line, want) in bad {
             let err = parse_request(line.as_bytes()).unwrap_err();
@@ -532,6 +614,11 @@ mod tests {
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
         let err = ControlServer::bind(&open.join("c.sock")).err().expect("refused");
         assert!(format!("{err:#}").contains("writable by every user"), "{err:#}");
+        assert!(format!("{err:#}").contains("mode 0777"), "{err:#}");
+        // Sticky (like /tmp) does not help a socket: anyone can take a free name there first.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let err = ControlServer::bind(&open.join("c.sock")).err().expect("refused");
+        assert!(format!("{err:#}").contains("mode 1777"), "{err:#}");
 
         let path = dir.path().join("private").join("c.sock");
         let server = ControlServer::bind(&path).expect("bind");

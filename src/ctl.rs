@@ -3,17 +3,20 @@
 //! It sends one request line to a running sockhold's `--control` socket, waits (up to
 //! `--timeout`) for the one answer line, prints it for a person (or as JSON with `status
 //! --json`), and turns `"ok"` into the exit code: 0 on success, 1 with the reason on stderr, so
-//! that an init script's `reload` fails when the reload failed. It must not know anything of the
-//! supervisor beyond the protocol.
+//! that an init script's `reload` fails when the reload failed. Before sending, it checks with
+//! `SO_PEERCRED` that the server is root or its own user, so that a socket another user put at
+//! the path is refused. It must not know anything of the supervisor beyond the protocol.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use nix::sys::socket::{getsockopt, sockopt};
 use serde_json::{Value, json};
 
 use crate::cli::{CtlArgs, CtlRequest};
+use crate::paths::describe_uid;
 use crate::supervisor::signal_name;
 
 /// Runs one `sockhold ctl` request; the error is what to print before exiting 1.
@@ -58,6 +61,19 @@ fn ask(args: &CtlArgs, request: &Value) -> Result<Value> {
     let shown = args.control.display();
     let stream = UnixStream::connect(&args.control)
         .with_context(|| format!("cannot reach sockhold at {shown}"))?;
+    // Whoever bound the path answers: before a word is sent or an answer believed, it must be
+    // root or this user (another user's process could stand there and say "reloaded").
+    let server = getsockopt(&stream, sockopt::PeerCredentials)
+        .with_context(|| format!("cannot identify the server at {shown}"))?
+        .uid();
+    let euid = nix::unistd::geteuid().as_raw();
+    if server != 0 && server != euid {
+        bail!(
+            "refusing to talk to {shown}: the server there runs as {}, not as root or {}; it is not a sockhold you started",
+            describe_uid(server),
+            describe_uid(euid)
+        );
+    }
     let timeout = if args.timeout.is_zero() { None } else { Some(args.timeout) };
     stream.set_read_timeout(timeout)?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;

@@ -29,10 +29,11 @@ use serde_json::{Value, json};
 
 use crate::accept::AcceptSupervisor;
 use crate::cli::{CompatEnv, Config};
-use crate::control::{ClientId, ControlServer, Request, Token, error_answer};
+use crate::control::{ClientId, ControlServer, Request, Token, error_answer, is_exhaustion};
 use crate::exit::{ChildStatus, ExitCode};
 use crate::listen::Listener;
 use crate::notify::{Manager, NotifySocket};
+use crate::paths::PidFile;
 use crate::probe::Probe;
 use crate::signals::{FORWARDED, Signals};
 use crate::spawn::{ChildSpec, spawn};
@@ -132,6 +133,11 @@ pub struct EventLoop {
     lazy_waiting: bool,
     /// With `--accept`: the listeners sockhold accepts on itself.
     acceptors: Vec<Acceptor>,
+    /// With `--accept`: accept() ran out of fds or memory. The listeners are left out of the
+    /// poll until another event, which may have freed one (polling them would spin: the
+    /// connection stays queued), and the episode is logged once.
+    accept_exhausted: bool,
+    accept_episode: bool,
     /// Self-upgrade: who asked, where from, how the last one went.
     upgrade: handover::Upgrades,
 }
@@ -173,19 +179,23 @@ impl Acceptor {
         }
     }
 
-    /// The next waiting connection and its peer (for TCP), or `None` when none waits.
-    fn accept(&self) -> Option<(std::os::fd::OwnedFd, Option<std::net::SocketAddr>)> {
+    /// The next waiting connection and its peer (for TCP), or `None` when none waits. The error
+    /// is an exhaustion ([`is_exhaustion`]): the connection still waits.
+    fn accept(
+        &self,
+    ) -> std::io::Result<Option<(std::os::fd::OwnedFd, Option<std::net::SocketAddr>)>> {
         let result = match self {
             Acceptor::Tcp(l) => l.accept().map(|(c, peer)| (c.into(), Some(peer))),
             Acceptor::Unix(l) => l.accept().map(|(c, _)| (c.into(), None)),
         };
         match result {
-            Ok(conn) => Some(conn),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            Ok(conn) => Ok(Some(conn)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) if is_exhaustion(&e) => Err(e),
             Err(e) => {
                 // ECONNABORTED and the like: that connection is gone, the listener is fine.
                 debug!("accept: {e}");
-                None
+                Ok(None)
             }
         }
     }
@@ -197,7 +207,7 @@ impl Acceptor {
 struct Held {
     listeners: Vec<Listener>,
     runtime_dir: Option<PathBuf>,
-    pid_file: Option<PathBuf>,
+    pid_file: Option<PidFile>,
 }
 
 impl Drop for Held {
@@ -210,10 +220,8 @@ impl Drop for Held {
         {
             warn!("failed to remove {}: {e}", dir.display());
         }
-        if let Some(path) = &self.pid_file
-            && let Err(e) = std::fs::remove_file(path)
-        {
-            warn!("failed to remove the pid file {}: {e}", path.display());
+        if let Some(pid_file) = &self.pid_file {
+            pid_file.remove();
         }
     }
 }
@@ -243,8 +251,7 @@ impl EventLoop {
         let signals = Signals::install()?;
         held.runtime_dir = Some(make_runtime_dir(&config.name, config.world.user.is_some())?);
         if let Some(path) = &config.pid_file {
-            write_pid_file(path)?;
-            held.pid_file = Some(path.clone());
+            held.pid_file = Some(PidFile::create(path, std::process::id())?);
         }
         let control = match &config.control {
             Some(path) => Some(ControlServer::bind(path)?),
@@ -271,6 +278,8 @@ impl EventLoop {
             started: SystemTime::now(),
             lazy_waiting: config.lazy,
             acceptors,
+            accept_exhausted: false,
+            accept_episode: false,
             config,
             held,
             signals,
@@ -361,7 +370,15 @@ impl EventLoop {
                 PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
             }
         };
-        let (signal_ready, control_ready, notify_ready, first_connection, connections, probed) = {
+        let (
+            signal_ready,
+            control_ready,
+            notify_ready,
+            first_connection,
+            connections,
+            probed,
+            poll_timed_out,
+        ) = {
             let ids: Vec<u64> = self.notify.keys().copied().collect();
             let control_set =
                 self.control.as_ref().map(ControlServer::poll_set).unwrap_or_default();
@@ -375,7 +392,8 @@ impl EventLoop {
             fds.extend(lazy.iter().map(|l| PollFd::new(l.fd(), PollFlags::POLLIN)));
             // With --accept, sockhold accepts itself, unless --max-connections children run:
             // then the connections wait in the backlog.
-            let accepting = matches!(&self.brain, Brain::PerConnection(a) if a.accepting());
+            let accepting = matches!(&self.brain, Brain::PerConnection(a) if a.accepting())
+                && !self.accept_exhausted;
             let acceptors: &[Acceptor] = if accepting { &self.acceptors } else { &[] };
             let first_acceptor = fds.len();
             fds.extend(acceptors.iter().map(|a| PollFd::new(a.fd(), PollFlags::POLLIN)));
@@ -390,10 +408,11 @@ impl EventLoop {
                 .collect();
             let probe_units: Vec<u64> = probe_set.iter().map(|(unit, _)| *unit).collect();
             fds.extend(probe_set.into_iter().map(|(_, fd)| fd));
-            match poll(&mut fds, timeout) {
-                Ok(_) | Err(Errno::EINTR) => {}
+            let poll_timed_out = match poll(&mut fds, timeout) {
+                Ok(n) => n == 0,
+                Err(Errno::EINTR) => false,
                 Err(e) => return Err(e).context("poll failed"),
-            }
+            };
             let readable = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
             let control_fds = &fds[1..1 + control_set.len()];
             let control_ready: Vec<Token> = control_set
@@ -418,8 +437,18 @@ impl EventLoop {
                 .filter(|(_, fd)| readable(fd))
                 .map(|(unit, _)| *unit)
                 .collect();
-            (readable(&fds[0]), control_ready, notify_ready, first_connection, connections, probed)
+            let signal_ready = readable(&fds[0]);
+            (
+                signal_ready,
+                control_ready,
+                notify_ready,
+                first_connection,
+                connections,
+                probed,
+                poll_timed_out,
+            )
         };
+        let probes_done = !probed.is_empty();
         for unit in probed {
             let outcome = self.probes.get_mut(&unit).and_then(Probe::on_ready);
             if let Some(result) = outcome {
@@ -436,11 +465,42 @@ impl EventLoop {
                 self.killed_probes.extend(probe.pid());
             }
         }
+        // An event that may free an fd (a signal such as SIGCHLD, a client, a notify socket, a
+        // probe, a deadline) puts the sockets left out for want of fds back in the poll. A
+        // listener that is merely readable again does not: two exhausted listeners would wake
+        // each other forever. So a sockhold out of fds sleeps instead of spinning.
+        let may_have_freed = signal_ready
+            || poll_timed_out
+            || !notify_ready.is_empty()
+            || probes_done
+            || control_ready.iter().any(|t| matches!(t, Token::Client(_)));
+        if may_have_freed {
+            self.accept_exhausted = false;
+            if let Some(control) = &mut self.control {
+                control.resume_accepting();
+            }
+        }
         for i in connections {
             // One connection per listener and wake-up: the supervisor counts the child before
             // the next poll decides whether to accept more.
-            if let Some((conn, peer)) = self.acceptors[i].accept() {
-                pending.push_back(self.spawn_connection(conn, peer));
+            match self.acceptors[i].accept() {
+                Ok(Some((conn, peer))) => {
+                    if self.accept_episode {
+                        info!("--accept: accepting connections again");
+                        self.accept_episode = false;
+                    }
+                    pending.push_back(self.spawn_connection(conn, peer));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if !self.accept_episode {
+                        warn!(
+                            "--accept: accept failed: {e}; connections wait in the backlog until sockhold has a file descriptor free"
+                        );
+                    }
+                    self.accept_episode = true;
+                    self.accept_exhausted = true;
+                }
             }
         }
         if first_connection {
@@ -987,14 +1047,4 @@ fn make_runtime_dir(name: &str, other_user: bool) -> Result<PathBuf> {
     let template = base.join(format!("sockhold-{short}.XXXXXX"));
     nix::unistd::mkdtemp(&template)
         .with_context(|| format!("failed to create a runtime directory in {}", base.display()))
-}
-
-fn write_pid_file(path: &Path) -> Result<()> {
-    // Write then rename, so a reader never sees a half-written pid.
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, format!("{}\n", std::process::id()))
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .with_context(|| format!("failed to write the pid file {}", path.display()))
 }

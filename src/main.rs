@@ -19,6 +19,7 @@ mod fuzz;
 mod init;
 mod listen;
 mod notify;
+mod paths;
 mod probe;
 mod signals;
 mod spawn;

@@ -22,6 +22,7 @@ use crate::cli::Config;
 use crate::control::{ClientId, ControlServer, error_answer};
 use crate::listen::Listener;
 use crate::notify::{Manager, NotifySocket};
+use crate::paths::PidFile;
 use crate::signals::Signals;
 use crate::supervisor::Supervisor;
 use crate::upgrade::{self, Incoming};
@@ -200,7 +201,7 @@ impl EventLoop {
             "control": control,
             "clients": clients.into_values().collect::<Vec<_>>(),
             "runtime_dir": self.held.runtime_dir,
-            "pid_file": self.held.pid_file,
+            "pid_file": self.held.pid_file.as_ref().map(PidFile::handover),
             "started_ms": started_ms,
             "last_reload": self.last_reload,
             "lazy_waiting": self.lazy_waiting,
@@ -293,7 +294,7 @@ impl EventLoop {
         let held = Held {
             listeners: list("listeners").iter().map(Listener::take_handover).collect(),
             runtime_dir: Some(PathBuf::from(runtime_dir)),
-            pid_file: state["pid_file"].as_str().map(PathBuf::from),
+            pid_file: PidFile::take_handover(&state["pid_file"]),
         };
         let mut control = match (&state["control"], control_fd) {
             (control, Some(fd)) => {
@@ -358,6 +359,8 @@ impl EventLoop {
             started,
             lazy_waiting: state["lazy_waiting"].as_bool().unwrap_or(false),
             acceptors: Vec::new(),
+            accept_exhausted: false,
+            accept_episode: false,
             config,
             held,
             signals,

@@ -8,6 +8,7 @@ mod control;
 mod docs;
 mod exit_codes;
 mod faults;
+mod hostile;
 mod lifecycle;
 mod load;
 mod pid1;
