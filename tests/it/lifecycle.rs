@@ -294,6 +294,9 @@ fn lazy_starts_the_first_child_on_the_first_connection_which_it_serves() {
 
 #[test]
 fn lazy_starts_on_the_first_datagram_and_leaves_it_for_the_child() {
+    let Some(ss) = require_tool("ss", "iproute2") else {
+        return;
+    };
     let fixture = fixture();
     #[rustfmt::skip]
     let mut s = start(&["--lazy", "-l", "udp://127.0.0.1:0", "--ready", "notify", "--", &fixture, "--ready"]);
@@ -304,7 +307,7 @@ fn lazy_starts_on_the_first_datagram_and_leaves_it_for_the_child() {
     let start = s.expect_event("start", 1);
     assert_eq!(start["fds"][3]["socket"]["type"], "dgram");
     // sockhold never reads from the socket: the datagram still waits in its queue for the child.
-    let queued = std::process::Command::new("ss")
+    let queued = std::process::Command::new(ss)
         .args(["-u", "-a", "-n", "-H", &format!("sport = :{port}")])
         .output()
         .expect("ss");

@@ -51,7 +51,8 @@ fn a_subreaper_reaps_orphans_and_a_stopped_generation_takes_its_daemon_along() {
 /// Runs `unshare --pid --fork --mount-proc sockhold ARGS`, or returns `None` (after saying why)
 /// where unshare is missing or not permitted.
 fn start_as_pid_1(args: &[&str]) -> Option<Sockhold> {
-    let probe = Command::new("unshare")
+    let unshare = require_tool("unshare", "util-linux")?;
+    let probe = Command::new(&unshare)
         .args(["--pid", "--fork", "--mount-proc", "true"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -59,20 +60,20 @@ fn start_as_pid_1(args: &[&str]) -> Option<Sockhold> {
     match probe {
         Ok(out) if out.status.success() => {}
         Ok(out) => {
-            eprintln!(
-                "skipped: unshare --pid is not permitted here: {}",
+            skipped(&format!(
+                "unshare --pid is not permitted here: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
-            );
+            ));
             return None;
         }
         Err(e) => {
-            eprintln!("skipped: unshare cannot run: {e}");
+            skipped(&format!("unshare cannot run: {e}"));
             return None;
         }
     }
     let bin = sockhold_bin();
     let mut s = start_with(&[], |cmd| {
-        let mut outer = Command::new("unshare");
+        let mut outer = Command::new(unshare);
         outer.args(["--pid", "--fork", "--mount-proc"]).arg(&bin).args(args);
         for (k, v) in cmd.get_envs() {
             if let Some(v) = v {
