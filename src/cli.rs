@@ -210,13 +210,11 @@ pub struct Cli {
     #[arg(long, value_name = "F", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// The server to run, and its arguments.
-    #[arg(
-        value_name = "COMMAND",
-        required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true
-    )]
+    /// The server to run, and its arguments. Every word from COMMAND on is the server's (so
+    /// `srv --flag` passes --flag to srv); a word that looks like an option before it is
+    /// sockhold's, and an error if sockhold has no such option. Put `--` first to run a
+    /// COMMAND whose name starts with '-'.
+    #[arg(value_name = "COMMAND", required = true, trailing_var_arg = true)]
     pub command: Vec<OsString>,
 }
 
@@ -260,17 +258,34 @@ pub enum Sub {
 /// `sockhold ctl`'s arguments.
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// The control socket of the sockhold to talk to (its --control).
-    #[arg(long, value_name = "PATH", env = "SOCKHOLD_CONTROL")]
+    /// The control socket of the sockhold to talk to (its --control); needed, from this option
+    /// or the environment. Before or after the request.
+    #[arg(long = "control", value_name = "PATH", env = "SOCKHOLD_CONTROL", global = true)]
+    pub control_given: Option<PathBuf>,
+
+    /// The control socket, once [`CtlArgs::resolve`] has checked that one was given.
+    #[arg(skip)]
     pub control: PathBuf,
 
     /// Give up waiting for the answer after DUR (a reload waits for the new child's readiness).
-    #[arg(long, value_name = "DUR", default_value = "2m", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "2m", value_parser = parse_duration, global = true)]
     pub timeout: Duration,
 
     /// What to ask.
     #[command(subcommand)]
     pub request: CtlRequest,
+}
+
+impl CtlArgs {
+    /// Takes the control socket from `--control` or SOCKHOLD_CONTROL; the error, a usage
+    /// error, says how to give it. (clap cannot require an option that may also follow the
+    /// request.)
+    pub fn resolve(&mut self) -> Result<(), String> {
+        self.control = self.control_given.take().ok_or(
+            "sockhold ctl needs the control socket of the sockhold to talk to: give --control PATH (the path of its --control) or set SOCKHOLD_CONTROL",
+        )?;
+        Ok(())
+    }
 }
 
 /// A request of `sockhold ctl`.
@@ -381,6 +396,17 @@ impl Cli {
         world.check()?;
         if self.ready_timeout.is_zero() {
             return Err("invalid --ready-timeout: it must be longer than 0".into());
+        }
+        if let ReadyMode::Delay(delay) = self.ready
+            && delay >= self.ready_timeout
+        {
+            // Every new child would be killed as not ready before the delay made it ready:
+            // sockhold would start, then fail every start and every reload.
+            return Err(format!(
+                "--ready delay:{} is not shorter than --ready-timeout {}: no child could ever be ready; shorten the delay or lengthen the timeout",
+                humantime::format_duration(delay),
+                humantime::format_duration(self.ready_timeout)
+            ));
         }
         let probe_flags = [
             ("--probe-delay", self.probe_delay),
@@ -590,6 +616,103 @@ mod tests {
                 "contrib/completions/{file} is out of step with the command line: run SOCKHOLD_BLESS=1 cargo test completions"
             );
         }
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("sockhold").chain(args.iter().copied()))
+    }
+
+    fn command_of(args: &[&str]) -> Vec<String> {
+        let cli = parse(args).unwrap_or_else(|e| panic!("{args:?}: {}", e.render()));
+        cli.command.iter().map(|w| w.to_string_lossy().into_owned()).collect()
+    }
+
+    /// An unknown option before COMMAND was taken as the command itself: sockhold bound the
+    /// sockets, then failed to run `--bogus` with 127. It is a usage error naming it.
+    #[test]
+    fn an_unknown_option_before_the_command_is_a_usage_error() {
+        for args in [
+            &["-l", "127.0.0.1:80", "--bogus", "1", "--", "srv"][..],
+            &["-l", "127.0.0.1:80", "--bogus", "srv"],
+            &["-l", "127.0.0.1:80", "-Z", "srv"],
+        ] {
+            let err = parse(args).expect_err("an unknown option");
+            assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument, "{args:?}");
+            let shown = if args.contains(&"-Z") { "'-Z'" } else { "'--bogus'" };
+            assert!(err.render().to_string().contains(shown), "{args:?}: {}", err.render());
+        }
+    }
+
+    /// Everything from COMMAND on is the server's, with or without `--`.
+    #[test]
+    fn the_words_after_the_command_are_the_servers() {
+        for (args, want) in [
+            (&["-l", "80", "--", "srv", "--flag"][..], &["srv", "--flag"][..]),
+            (&["-l", "80", "srv", "--flag", "-l", "x"], &["srv", "--flag", "-l", "x"]),
+            (&["-l", "80", "srv", "--", "x"], &["srv", "--", "x"]),
+            (&["-l", "80", "--", "-weird", "-v"], &["-weird", "-v"]),
+            (&["-l", "80", "--name", "x", "srv", "--name", "y"], &["srv", "--name", "y"]),
+        ] {
+            assert_eq!(command_of(args), want, "{args:?}");
+        }
+    }
+
+    /// `--control` and `--timeout` are taken before or after the request.
+    #[test]
+    fn ctl_options_go_before_or_after_the_request() {
+        for args in [
+            &["ctl", "--control", "/c", "status", "--json"][..],
+            &["ctl", "status", "--control", "/c", "--json"],
+            &["ctl", "status", "--json", "--control", "/c"],
+        ] {
+            let cli = parse(args).unwrap_or_else(|e| panic!("{args:?}: {}", e.render()));
+            let Some(Sub::Ctl(mut ctl)) = cli.ctl else { panic!("{args:?}: not ctl") };
+            ctl.resolve().unwrap();
+            assert_eq!(ctl.control, PathBuf::from("/c"), "{args:?}");
+            assert!(matches!(ctl.request, CtlRequest::Status { json: true }), "{args:?}");
+        }
+        let cli = parse(&["ctl", "reload", "--timeout", "5s", "--control", "/c"]).unwrap();
+        let Some(Sub::Ctl(ctl)) = cli.ctl else { panic!("not ctl") };
+        assert_eq!(ctl.timeout, Duration::from_secs(5));
+    }
+
+    /// `ctl --help` shows --control as an option (it may come from SOCKHOLD_CONTROL), and
+    /// leaving it out altogether says how to give it.
+    #[test]
+    fn ctl_without_a_control_socket_says_how_to_give_one() {
+        use clap::CommandFactory;
+        let mut command = Cli::command();
+        let help = command.find_subcommand_mut("ctl").unwrap().render_help().to_string();
+        assert!(help.contains("SOCKHOLD_CONTROL"), "{help}");
+        let usage = help.lines().find(|l| l.starts_with("Usage:")).unwrap();
+        assert!(!usage.contains("--control <PATH>"), "shown as required: {usage}");
+        if std::env::var_os("SOCKHOLD_CONTROL").is_none() {
+            let Some(Sub::Ctl(mut ctl)) = parse(&["ctl", "status"]).unwrap().ctl else { panic!() };
+            let err = ctl.resolve().unwrap_err();
+            assert!(err.contains("--control PATH") && err.contains("SOCKHOLD_CONTROL"), "{err}");
+        }
+    }
+
+    /// A delay the ready timeout always cuts short makes every start and reload fail.
+    #[test]
+    fn a_ready_delay_not_shorter_than_the_ready_timeout_is_refused() {
+        let config = |args: &[&str]| {
+            let mut all = vec!["-l", "127.0.0.1:0"];
+            all.extend_from_slice(args);
+            all.push("srv");
+            parse(&all).unwrap().into_config()
+        };
+        for (args, names) in [
+            (&["--ready", "delay:60s"][..], ["delay:1m", "--ready-timeout 1m"]),
+            (&["--ready", "delay:5s", "--ready-timeout", "2s"], ["delay:5s", "--ready-timeout 2s"]),
+        ] {
+            let err = config(args).unwrap_err();
+            for name in names {
+                assert!(err.contains(name), "{args:?}: {name} not in {err}");
+            }
+        }
+        assert!(config(&["--ready", "delay:59s"]).is_ok());
+        assert!(config(&["--ready", "notify", "--ready-timeout", "1s"]).is_ok());
     }
 
     #[test]
