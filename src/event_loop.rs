@@ -508,9 +508,13 @@ impl EventLoop {
         debug!("control client {client}: {request:?}");
         let answer = match request {
             Request::Status => self.status(),
-            Request::Reload if self.lazy_waiting => error_answer(
-                "no child runs yet: --lazy waits for the first connection, which starts the newest version anyway",
-            ),
+            // Nothing to replace, and nothing went wrong: the first connection starts the
+            // command as it is then, which is what the reload asks for.
+            Request::Reload if self.lazy_waiting => json!({
+                "ok": true,
+                "generation": null,
+                "message": "no child started yet (--lazy): the first connection will start generation 1",
+            }),
             Request::Reload => {
                 self.reload_waiters.push((client, None));
                 pending.push_back(Event::Reload);
@@ -723,6 +727,16 @@ impl EventLoop {
     /// Records a reload's outcome and answers the clients that waited for it.
     fn reload_done(&mut self, generation: Option<u64>, result: Result<(), String>) {
         let answer = match &result {
+            // No child serves in per-connection mode (each one serves its connection): say
+            // what the reload changed instead of naming no pid.
+            Ok(()) if matches!(self.brain, Brain::PerConnection(_)) => json!({
+                "ok": true,
+                "generation": generation,
+                "message": format!(
+                    "--accept: each connection starts a new child, which reads the command, --env-file and --user afresh; new connections now run as generation {}, running ones finish as they are",
+                    generation.unwrap_or_default()
+                ),
+            }),
             Ok(()) => {
                 let pid = self.brain.serving_pids().first().map(|p| p.as_raw());
                 json!({ "ok": true, "generation": generation, "pid": pid })
