@@ -160,6 +160,31 @@ pub fn resolve_program(program: &OsStr, path_var: Option<&OsStr>) -> Result<Path
     })
 }
 
+/// Why execve said ENOENT for `file` although it exists: the program it names to run it is
+/// missing. For a script, the `#!` interpreter ("its interpreter /usr/bin/python9 was not
+/// found"); for an ELF binary, its dynamic loader. `None` when the file is not there (then
+/// ENOENT means what it says) or names nothing to blame.
+pub fn missing_interpreter(file: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(256);
+    std::fs::File::open(file).ok()?.take(256).read_to_end(&mut head).ok()?;
+    if let Some(line) = head.strip_prefix(b"#!") {
+        // As the kernel reads it: blanks, then the interpreter up to a blank or the line's end.
+        let line = line.split(|&b| b == b'\n').next().unwrap_or_default();
+        let interpreter = line
+            .split(|&b| b == b' ' || b == b'\t')
+            .find(|word| !word.is_empty())
+            .map(|word| String::from_utf8_lossy(word).into_owned());
+        return Some(match interpreter {
+            Some(interpreter) => format!("its interpreter {interpreter} was not found"),
+            None => "its #! line names no interpreter".to_string(),
+        });
+    }
+    head.starts_with(b"\x7fELF").then(|| {
+        "its dynamic loader (the ELF interpreter it names) was not found: it was built for another system or libc".to_string()
+    })
+}
+
 /// Everything the child needs, laid out before `fork` so the child only reads and writes it.
 struct Prepared {
     program: CString,
@@ -317,6 +342,22 @@ pub fn spawn(
                         _ => ExitCode::NOT_EXECUTABLE,
                     };
                     let message = match step {
+                        Step::Exec if errno == Errno::ENOENT => {
+                            let file = match &spec.chdir {
+                                Some(dir) => dir.join(&program),
+                                None => program.clone(),
+                            };
+                            match missing_interpreter(&file) {
+                                Some(what) => {
+                                    format!("cannot execute {}: {what}", program.display())
+                                }
+                                None => format!(
+                                    "failed to execute '{}': {}",
+                                    program.display(),
+                                    errno.desc()
+                                ),
+                            }
+                        }
                         Step::Exec => {
                             format!("failed to execute '{}': {}", program.display(), errno.desc())
                         }
@@ -598,6 +639,30 @@ mod tests {
             let end = slot.iter().position(|&b| b == 0).expect("NUL written");
             assert_eq!(std::str::from_utf8(&slot[..end]).unwrap(), want);
         }
+    }
+
+    #[test]
+    fn a_missing_interpreter_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        let script = file("s", b"#!/no/such/sh\necho\n");
+        assert_eq!(
+            missing_interpreter(&script).as_deref(),
+            Some("its interpreter /no/such/sh was not found")
+        );
+        let spaced = file("t", b"#!\t /no/perl -w\n");
+        assert_eq!(
+            missing_interpreter(&spaced).as_deref(),
+            Some("its interpreter /no/perl was not found")
+        );
+        let elf = file("e", b"\x7fELF\x02\x01\x01");
+        assert!(missing_interpreter(&elf).unwrap().contains("dynamic loader"));
+        assert_eq!(missing_interpreter(&file("x", b"plain")), None);
+        assert_eq!(missing_interpreter(&dir.path().join("absent")), None);
     }
 
     #[test]

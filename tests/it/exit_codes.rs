@@ -70,6 +70,35 @@ fn command_not_found_exits_127_and_not_executable_126() {
     assert!(stderr.contains("Permission denied"), "{stderr}");
 }
 
+/// execve says ENOENT for a script that exists when its interpreter is missing: the error
+/// names the interpreter rather than blaming the script.
+#[test]
+fn a_script_whose_interpreter_is_missing_exits_127_naming_the_interpreter() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("x.sh");
+    std::fs::write(&script, "#! /nonexistent/python -u\nprint('hi')\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (code, stderr) = run_to_end(&["-l", "127.0.0.1:0", "--", script.to_str().unwrap()]);
+    assert_eq!(code, 127, "{stderr}");
+    let want = format!(
+        "cannot execute {}: its interpreter /nonexistent/python was not found",
+        script.display()
+    );
+    assert!(stderr.contains(&want), "{want:?} not in {stderr}");
+
+    // Relative to --chdir, as the child finds it.
+    #[rustfmt::skip]
+    let (code, stderr) = run_to_end(&[
+        "-l", "127.0.0.1:0", "--chdir", dir.path().to_str().unwrap(), "--", "./x.sh",
+    ]);
+    assert_eq!(code, 127, "{stderr}");
+    assert!(
+        stderr.contains("cannot execute ./x.sh: its interpreter /nonexistent/python"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn a_failed_bind_exits_1_and_names_the_address() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
