@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
-use nix::sys::signal::Signal;
 
 use crate::child_env::{ChildWorld, EnvFile, UserSpec, parse_env_assignment};
 use crate::listen::{ListenSpec, fd_name_is_valid, sanitize_fd_name};
+use crate::signals::Signal;
 use crate::supervisor::{
     MAX_DRAINING, NotifyAccess, Policy, ReadyMode, ReloadStrategy, RestartPolicy,
 };
@@ -29,7 +29,7 @@ use crate::supervisor::{
     override_usage = "sockhold [OPTIONS] -l SPEC [-l SPEC ...] [--] COMMAND [ARG ...]\n       sockhold ctl [--control PATH] status [--json] | reload | stop | signal SIG | upgrade",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    after_help = "Signals: HUP reloads; TERM and INT stop; USR2 upgrades sockhold in place; USR1, WINCH, QUIT, ALRM, TTIN and TTOU are forwarded to the serving child.\nExit status: 0 clean stop, 1 runtime failure, 2 usage error, 126/127 command not executable/found, else the child's code or 128+N.\nSee sockhold(1) for listen specs and the full lifecycle."
+    after_help = "Signals: HUP reloads; TERM and INT stop; USR2 upgrades sockhold in place; USR1, WINCH, QUIT, ALRM, TTIN, TTOU and the realtime signals (RTMIN..RTMAX) are forwarded to the serving child.\nExit status: 0 clean stop, 1 runtime failure, 2 usage error, 126/127 command not executable/found, else the child's code or 128+N.\nSee sockhold(1) for listen specs and the full lifecycle."
 )]
 pub struct Cli {
     /// Talk to a running sockhold (see `sockhold ctl --help`).
@@ -89,7 +89,8 @@ pub struct Cli {
     #[arg(long, value_name = "S", value_enum, default_value_t = ReloadStrategy::Rolling)]
     pub reload_strategy: ReloadStrategy,
 
-    /// The signal that asks a child to stop (TERM, SIGTERM or 15).
+    /// The signal that asks a child to stop (TERM, SIGTERM or 15; realtime ones as RTMIN+N,
+    /// RTMAX-N or their numbers).
     #[arg(long, value_name = "SIG", default_value = "TERM", value_parser = parse_signal)]
     pub stop_signal: Signal,
 
@@ -301,7 +302,7 @@ pub enum CtlRequest {
     Reload,
     /// Stop every child and sockhold itself.
     Stop,
-    /// Send a signal (USR1, SIGWINCH, 28, ...) to the serving child.
+    /// Send a signal (USR1, SIGWINCH, 28, RTMIN+3, ...) to the serving child.
     Signal {
         /// The signal to send.
         #[arg(value_name = "SIG", value_parser = parse_signal)]
@@ -488,17 +489,19 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-/// Parses `TERM`, `SIGTERM`, `term` or `15`.
+/// Parses `TERM`, `SIGTERM`, `term` or `15`, and the realtime signals: `RTMIN+3`,
+/// `SIGRTMAX-1`, `rtmin`, or their numbers (34 to 64 with glibc).
 pub fn parse_signal(text: &str) -> Result<Signal, String> {
     let bad = || {
-        format!("'{text}' is not a signal; use a name like TERM or SIGTERM, or a number like 15")
+        format!(
+            "'{text}' is not a signal; use a name like TERM, SIGTERM or RTMIN+1, or a number like 15"
+        )
     };
     if let Ok(number) = text.parse::<i32>() {
         return Signal::try_from(number).map_err(|_| bad());
     }
     let upper = text.to_ascii_uppercase();
-    let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
-    name.parse::<Signal>().map_err(|_| bad())
+    Signal::from_name(upper.strip_prefix("SIG").unwrap_or(&upper)).ok_or_else(bad)
 }
 
 /// The wait between probes unless --probe-interval says otherwise.

@@ -22,20 +22,19 @@ use anyhow::{Context, Result};
 use log::{debug, info, warn};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::{Signal, kill, killpg};
-use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
+use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
 use crate::accept::AcceptSupervisor;
 use crate::cli::{CompatEnv, Config};
 use crate::control::{ClientId, ControlServer, Request, Token, error_answer};
-use crate::exit::{ChildStatus, ExitCode};
+use crate::exit::ExitCode;
 use crate::listen::Listener;
 use crate::notify::{Manager, NotifySocket};
 use crate::probe::Probe;
-use crate::signals::{FORWARDED, Signals};
-use crate::spawn::{ChildSpec, spawn};
+use crate::signals::{Signal, Signals, is_forwarded};
+use crate::spawn::{ChildSpec, kill, killpg, peek_ended_child, reap, spawn};
 use crate::supervisor::{
     Action, Event, GenerationInfo, ManagerMessage, ReadyMode, Supervisor, signal_name,
 };
@@ -463,7 +462,7 @@ impl EventLoop {
                         info!("received SIGUSR2: upgrading in place");
                         self.upgrade.ask(None);
                     }
-                    s if FORWARDED.contains(&s) => pending.push_back(Event::Forward(s)),
+                    s if is_forwarded(s) => pending.push_back(Event::Forward(s)),
                     s => debug!("ignoring SIG{}", signal_name(s)),
                 }
             }
@@ -615,14 +614,9 @@ impl EventLoop {
     fn reap(&mut self, pending: &mut VecDeque<Event>) {
         let leaders: Vec<Pid> = self.brain.live_pids().into_iter().map(|(_, pid)| pid).collect();
         loop {
-            let peek =
-                waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT);
-            let pid = match peek {
-                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
-                Ok(status) => match status.pid() {
-                    Some(pid) => pid,
-                    None => break,
-                },
+            let pid = match peek_ended_child() {
+                Ok(None) => break,
+                Ok(Some(pid)) => pid,
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
                     warn!("waitid failed: {e}");
@@ -631,11 +625,9 @@ impl EventLoop {
             };
             if let Some(unit) = self.probe_of(pid) {
                 let probe = self.probes.remove(&unit).expect("probe_of found it");
-                let result = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-                    Ok(status) => match ChildStatus::from_wait(status) {
-                        Some((_, status)) => probe.exited(&status),
-                        None => continue,
-                    },
+                let result = match reap(pid) {
+                    Ok(Some(status)) => probe.exited(&status),
+                    Ok(None) => continue,
                     Err(e) => Err(format!("cannot collect the probe command: {e}")),
                 };
                 pending.push_back(Event::ProbeDone { unit, result });
@@ -643,7 +635,7 @@ impl EventLoop {
             }
             if let Some(i) = self.killed_probes.iter().position(|p| *p == pid) {
                 self.killed_probes.swap_remove(i);
-                let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
+                let _ = reap(pid);
                 debug!("reaped the killed probe command (pid {pid})");
                 continue;
             }
@@ -654,9 +646,9 @@ impl EventLoop {
                     Err(e) => warn!("failed to kill what is left of process group {pid}: {e}"),
                 }
             }
-            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            match reap(pid) {
                 Ok(status) => {
-                    if let Some((pid, status)) = ChildStatus::from_wait(status) {
+                    if let Some(status) = status {
                         if !leader {
                             // Re-parented to sockhold (PID 1, --subreaper): reaped, never a zombie.
                             info!("reaped orphan pid {pid}: {status}");

@@ -15,11 +15,11 @@
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
-use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::exit::{ChildStatus, ExitCode};
 use crate::notify::NotifyMessage;
+use crate::signals::Signal;
 
 /// First delay before restarting a child that exited by itself.
 pub const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -1171,17 +1171,19 @@ impl Supervisor {
     }
 }
 
-/// `TERM` for `SIGTERM`: the name without its prefix, as operators write it.
-pub fn signal_name(signal: Signal) -> &'static str {
-    let name = signal.as_str();
-    name.strip_prefix("SIG").unwrap_or(name)
+/// `TERM` for `SIGTERM`, `RTMIN+3` for the fourth realtime signal: the name without its prefix,
+/// as operators write it.
+pub fn signal_name(signal: Signal) -> String {
+    signal.name()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    use Signal::{SIGKILL, SIGTERM, SIGUSR1};
+    const SIGKILL: Signal = Signal::SIGKILL;
+    const SIGTERM: Signal = Signal::SIGTERM;
+    const SIGUSR1: Signal = Signal::SIGUSR1;
 
     fn policy(ready: ReadyMode) -> Policy {
         Policy {
@@ -2117,7 +2119,7 @@ impl Supervisor {
                 UnitState::Stopping { kill_at, signal } => json!({
                     "name": "stopping",
                     "kill_at_ns": ns(*kill_at),
-                    "signal": *signal as i32,
+                    "signal": signal.raw(),
                 }),
                 UnitState::Killed => json!({ "name": "killed" }),
             };
@@ -2258,7 +2260,7 @@ fn instant_at(ns: i64, now: Instant, elapsed: Duration) -> Instant {
 mod snapshot_tests {
     use super::*;
 
-    use Signal::SIGTERM;
+    const SIGTERM: Signal = Signal::SIGTERM;
 
     #[test]
     fn snapshot_and_restore_keep_every_generation_and_deadline() {

@@ -317,3 +317,48 @@ fn lazy_starts_on_the_first_datagram_and_leaves_it_for_the_child() {
     s.signal(SIGTERM);
     assert_eq!(s.exit_code(), 0);
 }
+
+/// A realtime stop signal is sent, and the child it kills (the fixture has no handler for it)
+/// counts as stopped cleanly: nix's wait could not even decode such a death.
+#[test]
+fn a_realtime_stop_signal_stops_the_child_cleanly() {
+    let mut s = start_fixture(&["--stop-signal", "RTMIN+1"], &["--ready"]);
+    let first = s.expect_event("start", 1);
+    s.expect_ready();
+    s.signal(SIGTERM);
+    s.expect_log(&format!("pid {}", pid_of(&first)));
+    s.expect_log("killed by SIGRTMIN+1");
+    assert_eq!(s.exit_code(), 0);
+}
+
+/// `ctl signal RTMIN+3` and a realtime signal sent to sockhold both reach the serving child;
+/// sockhold reaps it, names the signal, and restarts it.
+#[test]
+fn realtime_signals_reach_the_serving_child_by_ctl_and_by_forwarding() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    let mut s = start_fixture(&["--control", control.to_str().unwrap()], &["--ready"]);
+    let first = s.expect_event("start", 1);
+    s.expect_ready();
+    let sent = ctl(&control, &["signal", "SIGRTMIN+3"]);
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    let out = String::from_utf8_lossy(&sent.stdout);
+    assert!(out.contains(&format!("sent SIGRTMIN+3 to pid {}", pid_of(&first))), "{out}");
+    s.expect_log("killed by SIGRTMIN+3");
+    let second = s.expect("the restarted child", |v| v["event"] == "start");
+    s.expect_ready();
+
+    // SIGRTMAX-2 to sockhold itself, which forwards it. (nix's kill cannot send a realtime
+    // signal; the kill command can.)
+    let kill = std::process::Command::new("kill")
+        .args(["-s", &(nix::libc::SIGRTMAX() - 2).to_string(), &s.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    s.expect_log(&format!("pid {}", pid_of(&second)));
+    s.expect_log("killed by SIGRTMAX-2");
+    s.expect("the child restarted again", |v| v["event"] == "start");
+    s.expect_ready();
+    s.signal(SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+}
