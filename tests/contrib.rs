@@ -827,3 +827,23 @@ fn readme_lists_every_file() {
     }
     assert!(missing.is_empty(), "contrib/README.md does not mention {missing:?}");
 }
+
+/// The container files say what sockhold does as PID 1, which tests/it/pid1.rs checks (orphans
+/// reaped, signals taken, the child's status as the exit status); they once said it did not reap
+/// and advised `docker run --init`.
+#[test]
+fn container_docs_describe_sockhold_as_pid_1_as_it_behaves() {
+    let dockerfile = read(&contrib("container/Dockerfile"));
+    let yaml = read(&contrib("container/deployment.yaml"));
+    let readme = read(&contrib("README.md"));
+    for promise in ["reaps every orphan", "TERM and INT", "HUP (reload)", "USR2", "realtime"] {
+        assert!(dockerfile.contains(promise), "the Dockerfile does not say {promise:?}");
+    }
+    for (file, text) in
+        [("Dockerfile", &dockerfile), ("deployment.yaml", &yaml), ("README", &readme)]
+    {
+        for stale in ["does not yet reap", "doesn't reap", "until then"] {
+            assert!(!text.contains(stale), "contrib/{file} still says {stale:?}");
+        }
+    }
+}
