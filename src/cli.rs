@@ -405,8 +405,8 @@ impl Cli {
             // sockhold would start, then fail every start and every reload.
             return Err(format!(
                 "--ready delay:{} is not shorter than --ready-timeout {}: no child could ever be ready; shorten the delay or lengthen the timeout",
-                humantime::format_duration(delay),
-                humantime::format_duration(self.ready_timeout)
+                compact(delay),
+                compact(self.ready_timeout)
             ));
         }
         let probe_flags = [
@@ -473,6 +473,11 @@ impl Cli {
 /// than any timeout anyone means, and far shorter than what overflows a deadline: sockhold adds
 /// durations to `Instant::now()`, which panicked on `--stop-timeout 18446744073709551615`.
 pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
+/// A duration as a user writes it: `1m30s`, `500ms`.
+fn compact(duration: Duration) -> String {
+    humantime::format_duration(duration).to_string().replace(' ', "")
+}
 
 /// Parses `500ms`, `2s`, `1m30s`, `1h`; a bare number is seconds, as in systemd. At most
 /// [`MAX_DURATION`].
@@ -707,6 +712,7 @@ mod tests {
         };
         for (args, names) in [
             (&["--ready", "delay:60s"][..], ["delay:1m", "--ready-timeout 1m"]),
+            (&["--ready", "delay:90s", "--ready-timeout", "1m30s"], ["delay:1m30s ", "1m30s:"]),
             (&["--ready", "delay:5s", "--ready-timeout", "2s"], ["delay:5s", "--ready-timeout 2s"]),
         ] {
             let err = config(args).unwrap_err();
