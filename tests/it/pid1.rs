@@ -249,3 +249,26 @@ fn when_sockhold_is_killed_the_children_follow_it_with_stop_or_kill() {
     s.signal(SIGKILL);
     wait_until("the child is killed", || process_dead(child));
 }
+
+/// `--on-supervisor-death stop` with a realtime `--stop-signal`: the kernel sends that signal
+/// (the fixture has no handler for it, so it ends the child).
+#[test]
+fn when_sockhold_is_killed_the_children_get_a_realtime_stop_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = fixture();
+    #[rustfmt::skip]
+    let args = [
+        "-l", "127.0.0.1:0", "--ready", "notify", "--on-supervisor-death", "stop",
+        "--stop-signal", "RTMIN+2", "--", &fixture, "--ready", "--serve",
+    ];
+    let mut s = start_with(&args, |cmd| {
+        cmd.env("RUNTIME_DIRECTORY", dir.path());
+    });
+    let child = pid_of(&s.expect_event("start", 1));
+    s.expect_ready();
+    assert!(!process_dead(child));
+    s.signal(SIGKILL);
+    wait_until("the child has ended", || process_dead(child));
+    // Not TERM, which the fixture would have reported before exiting.
+    assert!(!s.seen(|v| v["event"] == "signal"), "the child got a signal it handles");
+}
