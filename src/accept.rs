@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use log::{info, warn};
-use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::exit::ExitCode;
+use crate::signals::Signal;
 use crate::supervisor::{Action, Event, GenerationInfo, ManagerMessage, Policy, signal_name};
 
 #[derive(Clone, Debug)]

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
-use nix::sys::signal::Signal;
 
 use crate::child_env::{ChildWorld, EnvFile, UserSpec, parse_env_assignment};
 use crate::listen::{ListenSpec, fd_name_is_valid, sanitize_fd_name};
+use crate::signals::Signal;
 use crate::supervisor::{
     MAX_DRAINING, NotifyAccess, Policy, ReadyMode, ReloadStrategy, RestartPolicy,
 };
@@ -29,7 +29,7 @@ use crate::supervisor::{
     override_usage = "sockhold [OPTIONS] -l SPEC [-l SPEC ...] [--] COMMAND [ARG ...]\n       sockhold ctl [--control PATH] status [--json] | reload | stop | signal SIG | upgrade",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    after_help = "Signals: HUP reloads; TERM and INT stop; USR2 upgrades sockhold in place; USR1, WINCH, QUIT, ALRM, TTIN and TTOU are forwarded to the serving child.\nExit status: 0 clean stop, 1 runtime failure, 2 usage error, 126/127 command not executable/found, else the child's code or 128+N.\nSee sockhold(1) for listen specs and the full lifecycle."
+    after_help = "Signals: HUP reloads; TERM and INT stop; USR2 upgrades sockhold in place; USR1, WINCH, QUIT, ALRM, TTIN, TTOU and the realtime signals (RTMIN..RTMAX) are forwarded to the serving child.\nExit status: 0 clean stop, 1 runtime failure, 2 usage error, 126/127 command not executable/found, else the child's code or 128+N.\nSee sockhold(1) for listen specs and the full lifecycle."
 )]
 pub struct Cli {
     /// Talk to a running sockhold (see `sockhold ctl --help`).
@@ -89,7 +89,8 @@ pub struct Cli {
     #[arg(long, value_name = "S", value_enum, default_value_t = ReloadStrategy::Rolling)]
     pub reload_strategy: ReloadStrategy,
 
-    /// The signal that asks a child to stop (TERM, SIGTERM or 15).
+    /// The signal that asks a child to stop (TERM, SIGTERM or 15; realtime ones as RTMIN+N,
+    /// RTMAX-N or their numbers).
     #[arg(long, value_name = "SIG", default_value = "TERM", value_parser = parse_signal)]
     pub stop_signal: Signal,
 
@@ -211,13 +212,11 @@ pub struct Cli {
     #[arg(long, value_name = "F", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// The server to run, and its arguments.
-    #[arg(
-        value_name = "COMMAND",
-        required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true
-    )]
+    /// The server to run, and its arguments. Every word from COMMAND on is the server's (so
+    /// `srv --flag` passes --flag to srv); a word that looks like an option before it is
+    /// sockhold's, and an error if sockhold has no such option. Put `--` first to run a
+    /// COMMAND whose name starts with '-'.
+    #[arg(value_name = "COMMAND", required = true, trailing_var_arg = true)]
     pub command: Vec<OsString>,
 }
 
@@ -261,17 +260,34 @@ pub enum Sub {
 /// `sockhold ctl`'s arguments.
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// The control socket of the sockhold to talk to (its --control).
-    #[arg(long, value_name = "PATH", env = "SOCKHOLD_CONTROL")]
+    /// The control socket of the sockhold to talk to (its --control); needed, from this option
+    /// or the environment. Before or after the request.
+    #[arg(long = "control", value_name = "PATH", env = "SOCKHOLD_CONTROL", global = true)]
+    pub control_given: Option<PathBuf>,
+
+    /// The control socket, once [`CtlArgs::resolve`] has checked that one was given.
+    #[arg(skip)]
     pub control: PathBuf,
 
     /// Give up waiting for the answer after DUR (a reload waits for the new child's readiness).
-    #[arg(long, value_name = "DUR", default_value = "2m", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "2m", value_parser = parse_duration, global = true)]
     pub timeout: Duration,
 
     /// What to ask.
     #[command(subcommand)]
     pub request: CtlRequest,
+}
+
+impl CtlArgs {
+    /// Takes the control socket from `--control` or SOCKHOLD_CONTROL; the error, a usage
+    /// error, says how to give it. (clap cannot require an option that may also follow the
+    /// request.)
+    pub fn resolve(&mut self) -> Result<(), String> {
+        self.control = self.control_given.take().ok_or(
+            "sockhold ctl needs the control socket of the sockhold to talk to: give --control PATH (the path of its --control) or set SOCKHOLD_CONTROL",
+        )?;
+        Ok(())
+    }
 }
 
 /// A request of `sockhold ctl`.
@@ -287,7 +303,7 @@ pub enum CtlRequest {
     Reload,
     /// Stop every child and sockhold itself.
     Stop,
-    /// Send a signal (USR1, SIGWINCH, 28, ...) to the serving child.
+    /// Send a signal (USR1, SIGWINCH, 28, RTMIN+3, ...) to the serving child.
     Signal {
         /// The signal to send.
         #[arg(value_name = "SIG", value_parser = parse_signal)]
@@ -383,6 +399,17 @@ impl Cli {
         if self.ready_timeout.is_zero() {
             return Err("invalid --ready-timeout: it must be longer than 0".into());
         }
+        if let ReadyMode::Delay(delay) = self.ready
+            && delay >= self.ready_timeout
+        {
+            // Every new child would be killed as not ready before the delay made it ready:
+            // sockhold would start, then fail every start and every reload.
+            return Err(format!(
+                "--ready delay:{} is not shorter than --ready-timeout {}: no child could ever be ready; shorten the delay or lengthen the timeout",
+                compact(delay),
+                compact(self.ready_timeout)
+            ));
+        }
         let probe_flags = [
             ("--probe-delay", self.probe_delay),
             ("--probe-interval", self.probe_interval),
@@ -448,6 +475,11 @@ impl Cli {
 /// durations to `Instant::now()`, which panicked on `--stop-timeout 18446744073709551615`.
 pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 
+/// A duration as a user writes it: `1m30s`, `500ms`.
+fn compact(duration: Duration) -> String {
+    humantime::format_duration(duration).to_string().replace(' ', "")
+}
+
 /// Parses `500ms`, `2s`, `1m30s`, `1h`; a bare number is seconds, as in systemd. At most
 /// [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -463,17 +495,19 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-/// Parses `TERM`, `SIGTERM`, `term` or `15`.
+/// Parses `TERM`, `SIGTERM`, `term` or `15`, and the realtime signals: `RTMIN+3`,
+/// `SIGRTMAX-1`, `rtmin`, or their numbers (34 to 64 with glibc).
 pub fn parse_signal(text: &str) -> Result<Signal, String> {
     let bad = || {
-        format!("'{text}' is not a signal; use a name like TERM or SIGTERM, or a number like 15")
+        format!(
+            "'{text}' is not a signal; use a name like TERM, SIGTERM or RTMIN+1, or a number like 15"
+        )
     };
     if let Ok(number) = text.parse::<i32>() {
         return Signal::try_from(number).map_err(|_| bad());
     }
     let upper = text.to_ascii_uppercase();
-    let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
-    name.parse::<Signal>().map_err(|_| bad())
+    Signal::from_name(upper.strip_prefix("SIG").unwrap_or(&upper)).ok_or_else(bad)
 }
 
 /// The wait between probes unless --probe-interval says otherwise.
@@ -591,6 +625,104 @@ mod tests {
                 "contrib/completions/{file} is out of step with the command line: run SOCKHOLD_BLESS=1 cargo test completions"
             );
         }
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("sockhold").chain(args.iter().copied()))
+    }
+
+    fn command_of(args: &[&str]) -> Vec<String> {
+        let cli = parse(args).unwrap_or_else(|e| panic!("{args:?}: {}", e.render()));
+        cli.command.iter().map(|w| w.to_string_lossy().into_owned()).collect()
+    }
+
+    /// An unknown option before COMMAND was taken as the command itself: sockhold bound the
+    /// sockets, then failed to run `--bogus` with 127. It is a usage error naming it.
+    #[test]
+    fn an_unknown_option_before_the_command_is_a_usage_error() {
+        for args in [
+            &["-l", "127.0.0.1:80", "--bogus", "1", "--", "srv"][..],
+            &["-l", "127.0.0.1:80", "--bogus", "srv"],
+            &["-l", "127.0.0.1:80", "-Z", "srv"],
+        ] {
+            let err = parse(args).expect_err("an unknown option");
+            assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument, "{args:?}");
+            let shown = if args.contains(&"-Z") { "'-Z'" } else { "'--bogus'" };
+            assert!(err.render().to_string().contains(shown), "{args:?}: {}", err.render());
+        }
+    }
+
+    /// Everything from COMMAND on is the server's, with or without `--`.
+    #[test]
+    fn the_words_after_the_command_are_the_servers() {
+        for (args, want) in [
+            (&["-l", "80", "--", "srv", "--flag"][..], &["srv", "--flag"][..]),
+            (&["-l", "80", "srv", "--flag", "-l", "x"], &["srv", "--flag", "-l", "x"]),
+            (&["-l", "80", "srv", "--", "x"], &["srv", "--", "x"]),
+            (&["-l", "80", "--", "-weird", "-v"], &["-weird", "-v"]),
+            (&["-l", "80", "--name", "x", "srv", "--name", "y"], &["srv", "--name", "y"]),
+        ] {
+            assert_eq!(command_of(args), want, "{args:?}");
+        }
+    }
+
+    /// `--control` and `--timeout` are taken before or after the request.
+    #[test]
+    fn ctl_options_go_before_or_after_the_request() {
+        for args in [
+            &["ctl", "--control", "/c", "status", "--json"][..],
+            &["ctl", "status", "--control", "/c", "--json"],
+            &["ctl", "status", "--json", "--control", "/c"],
+        ] {
+            let cli = parse(args).unwrap_or_else(|e| panic!("{args:?}: {}", e.render()));
+            let Some(Sub::Ctl(mut ctl)) = cli.ctl else { panic!("{args:?}: not ctl") };
+            ctl.resolve().unwrap();
+            assert_eq!(ctl.control, PathBuf::from("/c"), "{args:?}");
+            assert!(matches!(ctl.request, CtlRequest::Status { json: true }), "{args:?}");
+        }
+        let cli = parse(&["ctl", "reload", "--timeout", "5s", "--control", "/c"]).unwrap();
+        let Some(Sub::Ctl(ctl)) = cli.ctl else { panic!("not ctl") };
+        assert_eq!(ctl.timeout, Duration::from_secs(5));
+    }
+
+    /// `ctl --help` shows --control as an option (it may come from SOCKHOLD_CONTROL), and
+    /// leaving it out altogether says how to give it.
+    #[test]
+    fn ctl_without_a_control_socket_says_how_to_give_one() {
+        use clap::CommandFactory;
+        let mut command = Cli::command();
+        let help = command.find_subcommand_mut("ctl").unwrap().render_help().to_string();
+        assert!(help.contains("SOCKHOLD_CONTROL"), "{help}");
+        let usage = help.lines().find(|l| l.starts_with("Usage:")).unwrap();
+        assert!(!usage.contains("--control <PATH>"), "shown as required: {usage}");
+        if std::env::var_os("SOCKHOLD_CONTROL").is_none() {
+            let Some(Sub::Ctl(mut ctl)) = parse(&["ctl", "status"]).unwrap().ctl else { panic!() };
+            let err = ctl.resolve().unwrap_err();
+            assert!(err.contains("--control PATH") && err.contains("SOCKHOLD_CONTROL"), "{err}");
+        }
+    }
+
+    /// A delay the ready timeout always cuts short makes every start and reload fail.
+    #[test]
+    fn a_ready_delay_not_shorter_than_the_ready_timeout_is_refused() {
+        let config = |args: &[&str]| {
+            let mut all = vec!["-l", "127.0.0.1:0"];
+            all.extend_from_slice(args);
+            all.push("srv");
+            parse(&all).unwrap().into_config()
+        };
+        for (args, names) in [
+            (&["--ready", "delay:60s"][..], ["delay:1m", "--ready-timeout 1m"]),
+            (&["--ready", "delay:90s", "--ready-timeout", "1m30s"], ["delay:1m30s ", "1m30s:"]),
+            (&["--ready", "delay:5s", "--ready-timeout", "2s"], ["delay:5s", "--ready-timeout 2s"]),
+        ] {
+            let err = config(args).unwrap_err();
+            for name in names {
+                assert!(err.contains(name), "{args:?}: {name} not in {err}");
+            }
+        }
+        assert!(config(&["--ready", "delay:59s"]).is_ok());
+        assert!(config(&["--ready", "notify", "--ready-timeout", "1s"]).is_ok());
     }
 
     #[test]

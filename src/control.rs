@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use log::{debug, info, warn};
 use nix::poll::PollFlags;
-use nix::sys::signal::Signal;
 use nix::sys::socket::{getsockopt, sockopt};
 use serde_json::{Value, json};
 
 use crate::cli::parse_signal;
 use crate::paths::{Sticky, open_trusted_dir};
+use crate::signals::Signal;
 
 /// The longest request line accepted, newline included.
 pub const MAX_REQUEST: usize = 4096;

@@ -37,11 +37,16 @@ pub fn run(args: &CtlArgs) -> Result<()> {
     match &args.request {
         CtlRequest::Status { json: true } => writeln!(out, "{answer}")?,
         CtlRequest::Status { json: false } => out.write_all(format_status(&answer).as_bytes())?,
-        CtlRequest::Reload => writeln!(
-            out,
-            "reloaded: generation {} serves (pid {})",
-            answer["generation"], answer["pid"]
-        )?,
+        // --lazy before the first connection and --accept have no serving child to name:
+        // sockhold says what the reload meant instead.
+        CtlRequest::Reload => match answer["message"].as_str() {
+            Some(message) => writeln!(out, "{message}")?,
+            None => writeln!(
+                out,
+                "reloaded: generation {} serves (pid {})",
+                answer["generation"], answer["pid"]
+            )?,
+        },
         CtlRequest::Stop => writeln!(out, "stopping")?,
         CtlRequest::Signal { signal } => {
             writeln!(out, "sent SIG{} to pid {}", signal_name(*signal), answer["pid"])?

@@ -22,21 +22,20 @@ use anyhow::{Context, Result};
 use log::{debug, info, warn};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::{Signal, kill, killpg};
-use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
+use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
 use crate::accept::AcceptSupervisor;
 use crate::cli::{CompatEnv, Config};
 use crate::control::{ClientId, ControlServer, Request, Token, error_answer, is_exhaustion};
-use crate::exit::{ChildStatus, ExitCode};
+use crate::exit::ExitCode;
 use crate::listen::Listener;
 use crate::notify::{Manager, NotifySocket};
 use crate::paths::PidFile;
 use crate::probe::Probe;
-use crate::signals::{FORWARDED, Signals};
-use crate::spawn::{ChildSpec, spawn};
+use crate::signals::{Signal, Signals, is_forwarded};
+use crate::spawn::{ChildSpec, kill, killpg, peek_ended_child, reap, spawn};
 use crate::supervisor::{
     Action, Event, GenerationInfo, ManagerMessage, ReadyMode, Supervisor, signal_name,
 };
@@ -523,7 +522,7 @@ impl EventLoop {
                         info!("received SIGUSR2: upgrading in place");
                         self.upgrade.ask(None);
                     }
-                    s if FORWARDED.contains(&s) => pending.push_back(Event::Forward(s)),
+                    s if is_forwarded(s) => pending.push_back(Event::Forward(s)),
                     s => debug!("ignoring SIG{}", signal_name(s)),
                 }
             }
@@ -568,9 +567,13 @@ impl EventLoop {
         debug!("control client {client}: {request:?}");
         let answer = match request {
             Request::Status => self.status(),
-            Request::Reload if self.lazy_waiting => error_answer(
-                "no child runs yet: --lazy waits for the first connection, which starts the newest version anyway",
-            ),
+            // Nothing to replace, and nothing went wrong: the first connection starts the
+            // command as it is then, which is what the reload asks for.
+            Request::Reload if self.lazy_waiting => json!({
+                "ok": true,
+                "generation": null,
+                "message": "no child started yet (--lazy): the first connection will start generation 1",
+            }),
             Request::Reload => {
                 self.reload_waiters.push((client, None));
                 pending.push_back(Event::Reload);
@@ -671,14 +674,9 @@ impl EventLoop {
     fn reap(&mut self, pending: &mut VecDeque<Event>) {
         let leaders: Vec<Pid> = self.brain.live_pids().into_iter().map(|(_, pid)| pid).collect();
         loop {
-            let peek =
-                waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT);
-            let pid = match peek {
-                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
-                Ok(status) => match status.pid() {
-                    Some(pid) => pid,
-                    None => break,
-                },
+            let pid = match peek_ended_child() {
+                Ok(None) => break,
+                Ok(Some(pid)) => pid,
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
                     warn!("waitid failed: {e}");
@@ -687,11 +685,9 @@ impl EventLoop {
             };
             if let Some(unit) = self.probe_of(pid) {
                 let probe = self.probes.remove(&unit).expect("probe_of found it");
-                let result = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-                    Ok(status) => match ChildStatus::from_wait(status) {
-                        Some((_, status)) => probe.exited(&status),
-                        None => continue,
-                    },
+                let result = match reap(pid) {
+                    Ok(Some(status)) => probe.exited(&status),
+                    Ok(None) => continue,
                     Err(e) => Err(format!("cannot collect the probe command: {e}")),
                 };
                 pending.push_back(Event::ProbeDone { unit, result });
@@ -699,7 +695,7 @@ impl EventLoop {
             }
             if let Some(i) = self.killed_probes.iter().position(|p| *p == pid) {
                 self.killed_probes.swap_remove(i);
-                let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
+                let _ = reap(pid);
                 debug!("reaped the killed probe command (pid {pid})");
                 continue;
             }
@@ -710,9 +706,9 @@ impl EventLoop {
                     Err(e) => warn!("failed to kill what is left of process group {pid}: {e}"),
                 }
             }
-            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            match reap(pid) {
                 Ok(status) => {
-                    if let Some((pid, status)) = ChildStatus::from_wait(status) {
+                    if let Some(status) = status {
                         if !leader {
                             // Re-parented to sockhold (PID 1, --subreaper): reaped, never a zombie.
                             info!("reaped orphan pid {pid}: {status}");
@@ -783,6 +779,16 @@ impl EventLoop {
     /// Records a reload's outcome and answers the clients that waited for it.
     fn reload_done(&mut self, generation: Option<u64>, result: Result<(), String>) {
         let answer = match &result {
+            // No child serves in per-connection mode (each one serves its connection): say
+            // what the reload changed instead of naming no pid.
+            Ok(()) if matches!(self.brain, Brain::PerConnection(_)) => json!({
+                "ok": true,
+                "generation": generation,
+                "message": format!(
+                    "--accept: each connection starts a new child, which reads the command, --env-file and --user afresh; new connections now run as generation {}, running ones finish as they are",
+                    generation.unwrap_or_default()
+                ),
+            }),
             Ok(()) => {
                 let pid = self.brain.serving_pids().first().map(|p| p.as_raw());
                 json!({ "ok": true, "generation": generation, "pid": pid })
@@ -1029,6 +1035,8 @@ impl EventLoop {
 /// systemd), `$XDG_RUNTIME_DIR`, `/run` for root, else `$TMPDIR` or `/tmp`. Its name is
 /// random, so two instances never collide and nobody can plant a socket there first.
 /// `$XDG_RUNTIME_DIR` belongs to sockhold's user alone (0700): not for children run as another.
+/// It records its owner in [`OWNER_FILE`]; the directories of this name that a sockhold killed
+/// with SIGKILL left behind are removed first (see [`remove_stale_runtime_dirs`]).
 fn make_runtime_dir(name: &str, other_user: bool) -> Result<PathBuf> {
     let from_env = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from);
     // systemd sets RUNTIME_DIRECTORY to a ':'-separated list when a unit has several.
@@ -1044,7 +1052,79 @@ fn make_runtime_dir(name: &str, other_user: bool) -> Result<PathBuf> {
     // Keep the path short: a Unix socket path must fit in 108 bytes.
     let short: String =
         name.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).take(24).collect();
-    let template = base.join(format!("sockhold-{short}.XXXXXX"));
-    nix::unistd::mkdtemp(&template)
-        .with_context(|| format!("failed to create a runtime directory in {}", base.display()))
+    let prefix = format!("sockhold-{short}.");
+    remove_stale_runtime_dirs(&base, &prefix);
+    let template = base.join(format!("{prefix}XXXXXX"));
+    let dir = nix::unistd::mkdtemp(&template)
+        .with_context(|| format!("failed to create a runtime directory in {}", base.display()))?;
+    let me = std::process::id();
+    let owner = format!("{me} {}\n", process_start_time(me).unwrap_or_default());
+    std::fs::write(dir.join(OWNER_FILE), owner)
+        .with_context(|| format!("failed to write {}", dir.join(OWNER_FILE).display()))?;
+    Ok(dir)
+}
+
+/// The file in a runtime directory that names the sockhold owning it: `PID STARTTIME`, the
+/// start time as field 22 of `/proc/PID/stat`, so that a reused pid is not taken for the owner.
+const OWNER_FILE: &str = "owner";
+
+/// When process `pid` started, in clock ticks since boot (`/proc/PID/stat`), if it exists.
+fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may contain spaces: count fields after its end.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Removes the runtime directories in `base` named `PREFIX*` that a sockhold killed without
+/// cleaning up (SIGKILL, the OOM killer) left behind. One is stale only if it is a real directory
+/// of sockhold's own uid, its owner file names a process that is gone (or a pid now used by a
+/// process started at another time), and no socket in it is still bound (connecting to it is
+/// refused). A directory without an owner file is left alone: an older sockhold's, or one that
+/// another sockhold is creating right now.
+fn remove_stale_runtime_dirs(base: &Path, prefix: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(base) else { return };
+    let uid = nix::unistd::geteuid().as_raw();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !entry.file_name().to_str().is_some_and(|n| n.starts_with(prefix)) {
+            continue;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        if !meta.is_dir() || meta.uid() != uid {
+            continue;
+        }
+        let Ok(owner) = std::fs::read_to_string(path.join(OWNER_FILE)) else { continue };
+        let mut fields = owner.split_whitespace().map(|f| f.parse::<u64>().ok());
+        let (Some(Some(pid)), Some(started)) = (fields.next(), fields.next()) else { continue };
+        let Ok(pid) = u32::try_from(pid) else { continue };
+        let alive = match process_start_time(pid) {
+            Some(now) => started.is_none_or(|then| then == 0 || then == now),
+            None => std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        };
+        if alive || holds_a_bound_socket(&path) {
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => info!(
+                "removed {}, left behind by sockhold pid {pid}, which is gone",
+                path.display()
+            ),
+            Err(e) => warn!("failed to remove the stale {}: {e}", path.display()),
+        }
+    }
+}
+
+/// Whether a Unix datagram socket in `dir` is still bound by some process (another pid
+/// namespace's sockhold sharing the directory, say): a connect to it succeeds.
+fn holds_a_bound_socket(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return true };
+    entries.flatten().any(|entry| {
+        use std::os::unix::fs::FileTypeExt;
+        entry.file_type().is_ok_and(|t| t.is_socket())
+            && std::os::unix::net::UnixDatagram::unbound()
+                .and_then(|s| s.connect(entry.path()))
+                .is_ok()
+    })
 }

@@ -7,8 +7,7 @@
 
 use std::fmt;
 
-use nix::sys::signal::Signal;
-use nix::sys::wait::WaitStatus;
+use crate::signals::Signal;
 
 /// A process exit code as sockhold reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,13 +37,17 @@ pub enum ChildStatus {
 }
 
 impl ChildStatus {
-    /// The status of a reaped process, or `None` for a wait status that is not an end (stopped,
-    /// continued).
-    pub fn from_wait(status: WaitStatus) -> Option<(nix::unistd::Pid, ChildStatus)> {
-        match status {
-            WaitStatus::Exited(pid, code) => Some((pid, ChildStatus::Exited(code))),
-            WaitStatus::Signaled(pid, signal, _) => Some((pid, ChildStatus::Signaled(signal))),
-            _ => None,
+    /// The status `waitpid` stored for a reaped process, or `None` for one that is not an end
+    /// (stopped, continued). Decoded here rather than by nix, whose `WaitStatus` cannot hold a
+    /// realtime signal: it reaped such a child, then failed.
+    pub fn from_raw(status: i32) -> Option<ChildStatus> {
+        use nix::libc::{WEXITSTATUS, WIFEXITED, WIFSIGNALED, WTERMSIG};
+        if WIFEXITED(status) {
+            Some(ChildStatus::Exited(WEXITSTATUS(status)))
+        } else if WIFSIGNALED(status) {
+            Signal::try_from(WTERMSIG(status)).ok().map(ChildStatus::Signaled)
+        } else {
+            None
         }
     }
 
@@ -65,7 +68,7 @@ impl ChildStatus {
     pub fn exit_code(self) -> ExitCode {
         match self {
             ChildStatus::Exited(code) => ExitCode(code),
-            ChildStatus::Signaled(signal) => ExitCode(128 + signal as i32),
+            ChildStatus::Signaled(signal) => ExitCode(128 + signal.raw()),
         }
     }
 }

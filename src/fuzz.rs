@@ -751,7 +751,7 @@ mod notify {
 }
 
 mod control {
-    use nix::sys::signal::Signal;
+    use crate::signals::Signal;
     use proptest::prelude::*;
     use serde_json::{Value, json};
 
@@ -863,7 +863,7 @@ mod control {
     }
 
     fn every_signal() -> Vec<Signal> {
-        Signal::iterator().collect()
+        Signal::all()
     }
 
     /// A valid request, and how it is written: as `sockhold ctl` writes it, or by hand (signal
@@ -890,10 +890,10 @@ mod control {
                 }
                 (Request::Signal(s), _) => {
                     let signal = match form {
-                        1 => format!("\"{}\"", s.as_str()),
+                        1 => format!("\"SIG{s}\""),
                         2 => format!("\"{}\"", signal_name(*s).to_lowercase()),
-                        3 => format!("\"{}\"", *s as i32),
-                        _ => (*s as i32).to_string(),
+                        3 => format!("\"{}\"", s.raw()),
+                        _ => s.raw().to_string(),
                     };
                     let cmd = format!("{ws}\"cmd\"{ws}:{ws}\"signal\"{ws}");
                     let signal = format!("{ws}\"signal\"{ws}:{ws}{signal}{ws}");
@@ -956,7 +956,7 @@ mod control {
 mod cli {
     use std::time::Instant;
 
-    use nix::sys::signal::Signal;
+    use crate::signals::Signal;
     use proptest::prelude::*;
 
     use super::soup;
@@ -990,7 +990,7 @@ mod cli {
     /// Any signal accepted is a real one whose name reads back; a refused one is named.
     fn check_signal(text: &str) -> Result<(), TestCaseError> {
         match parse_signal(text) {
-            Ok(signal) => prop_assert_eq!(parse_signal(signal_name(signal)), Ok(signal)),
+            Ok(signal) => prop_assert_eq!(parse_signal(&signal_name(signal)), Ok(signal)),
             Err(e) => {
                 prop_assert!(e.contains(&format!("'{text}' is not a signal")), "{}", e);
             }
@@ -1059,7 +1059,7 @@ mod cli {
 
         #[test]
         fn every_signal_reads_in_every_spelling(
-            signal in prop::sample::select(Signal::iterator().collect::<Vec<_>>()),
+            signal in prop::sample::select(Signal::all()),
             upper in prop::collection::vec(any::<bool>(), 12),
         ) {
             let name = signal_name(signal);
@@ -1068,9 +1068,9 @@ mod cli {
                 .zip(upper.iter().cycle())
                 .map(|(c, &up)| if up { c } else { c.to_ascii_lowercase() })
                 .collect();
-            let number = (signal as i32).to_string();
+            let number = signal.raw().to_string();
             let spellings =
-                [name.to_owned(), format!("SIG{name}"), format!("sig{mixed}"), mixed, number];
+                [name.clone(), format!("SIG{name}"), format!("sig{mixed}"), mixed, number];
             for text in spellings {
                 prop_assert_eq!(parse_signal(&text), Ok(signal), "{}", text);
             }

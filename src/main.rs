@@ -57,10 +57,14 @@ fn main() {
             std::process::exit(ExitCode::USAGE.0);
         }
     };
-    let (cli, incoming) = cli;
+    let (mut cli, incoming) = cli;
     init_logging(&cli);
-    if let Some(cli::Sub::Ctl(args)) = &cli.ctl {
-        let code = match ctl::run(args) {
+    if let Some(cli::Sub::Ctl(mut args)) = cli.ctl.take() {
+        if let Err(message) = args.resolve() {
+            eprintln!("sockhold: error: {message}");
+            std::process::exit(ExitCode::USAGE.0);
+        }
+        let code = match ctl::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("sockhold: error: {err:#}");

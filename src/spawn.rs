@@ -30,7 +30,8 @@ use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
 use nix::sys::wait::waitpid;
 use nix::unistd::{AccessFlags, ForkResult, Gid, Pid, Uid, access, fork, pipe2, setpgid};
 
-use crate::exit::ExitCode;
+use crate::exit::{ChildStatus, ExitCode};
+use crate::signals::Signal;
 
 /// Room for the decimal digits of any pid (pid_t is 32-bit; 20 digits fit even a 64-bit one).
 const PID_DIGITS: usize = 20;
@@ -42,8 +43,8 @@ const WATCHDOG_PID_PREFIX: &[u8] = b"WATCHDOG_PID=";
 static DEATH_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 /// Sets the signal every child started from now on gets when sockhold dies; `None`: none.
-pub fn set_death_signal(signal: Option<nix::sys::signal::Signal>) {
-    DEATH_SIGNAL.store(signal.map_or(0, |s| s as i32), Ordering::Relaxed);
+pub fn set_death_signal(signal: Option<Signal>) {
+    DEATH_SIGNAL.store(signal.map_or(0, Signal::raw), Ordering::Relaxed);
 }
 
 /// What one child is started with.
@@ -91,6 +92,53 @@ pub struct SpawnError {
 impl std::fmt::Display for SpawnError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.message)
+    }
+}
+
+/// Sends `signal` to process `pid`. Here rather than through nix, whose `kill` cannot send a
+/// realtime signal.
+pub fn kill(pid: Pid, signal: Signal) -> nix::Result<()> {
+    // SAFETY: kill(2) takes two integers and touches no memory of this process.
+    let rc = unsafe { libc::kill(pid.as_raw(), signal.raw()) };
+    Errno::result(rc).map(drop)
+}
+
+/// Sends `signal` to every process of process group `pgid`, as [`kill`] does to one.
+pub fn killpg(pgid: Pid, signal: Signal) -> nix::Result<()> {
+    // SAFETY: killpg(3) takes two integers and touches no memory of this process.
+    let rc = unsafe { libc::killpg(pgid.as_raw(), signal.raw()) };
+    Errno::result(rc).map(drop)
+}
+
+/// The pid of a child that has ended and waits to be reaped, left unreaped (`waitid` with
+/// `WNOWAIT`), or `None` when none has (or there are no children). nix's `waitid` fails on a
+/// child killed by a realtime signal, which then stayed a zombie nobody noticed.
+pub fn peek_ended_child() -> nix::Result<Option<Pid>> {
+    // SAFETY: an all-zero siginfo_t is a valid value of this plain C struct.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+    // SAFETY: `info` is a valid, writable siginfo_t for the kernel to fill.
+    let rc = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, flags) };
+    match Errno::result(rc) {
+        Err(Errno::ECHILD) => Ok(None),
+        Err(e) => Err(e),
+        // SAFETY: waitid succeeded, so `info` is a SIGCHLD siginfo (or still all zero when
+        // no child has ended), whose si_pid field is the one to read.
+        Ok(_) => match unsafe { info.si_pid() } {
+            0 => Ok(None),
+            pid => Ok(Some(Pid::from_raw(pid))),
+        },
+    }
+}
+
+/// Reaps child `pid` if it has ended, without blocking: how it ended, or `None` while it runs.
+pub fn reap(pid: Pid) -> nix::Result<Option<ChildStatus>> {
+    let mut status = 0;
+    // SAFETY: `status` is a valid, writable int for the kernel to fill.
+    let rc = unsafe { libc::waitpid(pid.as_raw(), &mut status, libc::WNOHANG) };
+    match Errno::result(rc)? {
+        0 => Ok(None),
+        _ => Ok(ChildStatus::from_raw(status)),
     }
 }
 
@@ -157,6 +205,31 @@ pub fn resolve_program(program: &OsStr, path_var: Option<&OsStr>) -> Result<Path
             code: ExitCode::NOT_FOUND,
             message: format!("failed to execute '{shown}': command not found in PATH"),
         },
+    })
+}
+
+/// Why execve said ENOENT for `file` although it exists: the program it names to run it is
+/// missing. For a script, the `#!` interpreter ("its interpreter /usr/bin/python9 was not
+/// found"); for an ELF binary, its dynamic loader. `None` when the file is not there (then
+/// ENOENT means what it says) or names nothing to blame.
+pub fn missing_interpreter(file: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(256);
+    std::fs::File::open(file).ok()?.take(256).read_to_end(&mut head).ok()?;
+    if let Some(line) = head.strip_prefix(b"#!") {
+        // As the kernel reads it: blanks, then the interpreter up to a blank or the line's end.
+        let line = line.split(|&b| b == b'\n').next().unwrap_or_default();
+        let interpreter = line
+            .split(|&b| b == b' ' || b == b'\t')
+            .find(|word| !word.is_empty())
+            .map(|word| String::from_utf8_lossy(word).into_owned());
+        return Some(match interpreter {
+            Some(interpreter) => format!("its interpreter {interpreter} was not found"),
+            None => "its #! line names no interpreter".to_string(),
+        });
+    }
+    head.starts_with(b"\x7fELF").then(|| {
+        "its dynamic loader (the ELF interpreter it names) was not found: it was built for another system or libc".to_string()
     })
 }
 
@@ -317,6 +390,22 @@ pub fn spawn(
                         _ => ExitCode::NOT_EXECUTABLE,
                     };
                     let message = match step {
+                        Step::Exec if errno == Errno::ENOENT => {
+                            let file = match &spec.chdir {
+                                Some(dir) => dir.join(&program),
+                                None => program.clone(),
+                            };
+                            match missing_interpreter(&file) {
+                                Some(what) => {
+                                    format!("cannot execute {}: {what}", program.display())
+                                }
+                                None => format!(
+                                    "failed to execute '{}': {}",
+                                    program.display(),
+                                    errno.desc()
+                                ),
+                            }
+                        }
                         Step::Exec => {
                             format!("failed to execute '{}': {}", program.display(), errno.desc())
                         }
@@ -598,6 +687,30 @@ mod tests {
             let end = slot.iter().position(|&b| b == 0).expect("NUL written");
             assert_eq!(std::str::from_utf8(&slot[..end]).unwrap(), want);
         }
+    }
+
+    #[test]
+    fn a_missing_interpreter_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        let script = file("s", b"#!/no/such/sh\necho\n");
+        assert_eq!(
+            missing_interpreter(&script).as_deref(),
+            Some("its interpreter /no/such/sh was not found")
+        );
+        let spaced = file("t", b"#!\t /no/perl -w\n");
+        assert_eq!(
+            missing_interpreter(&spaced).as_deref(),
+            Some("its interpreter /no/perl was not found")
+        );
+        let elf = file("e", b"\x7fELF\x02\x01\x01");
+        assert!(missing_interpreter(&elf).unwrap().contains("dynamic loader"));
+        assert_eq!(missing_interpreter(&file("x", b"plain")), None);
+        assert_eq!(missing_interpreter(&dir.path().join("absent")), None);
     }
 
     #[test]

@@ -15,11 +15,11 @@
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
-use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::exit::{ChildStatus, ExitCode};
 use crate::notify::NotifyMessage;
+use crate::signals::Signal;
 
 /// First delay before restarting a child that exited by itself.
 pub const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -1171,10 +1171,10 @@ impl Supervisor {
     }
 }
 
-/// `TERM` for `SIGTERM`: the name without its prefix, as operators write it.
-pub fn signal_name(signal: Signal) -> &'static str {
-    let name = signal.as_str();
-    name.strip_prefix("SIG").unwrap_or(name)
+/// `TERM` for `SIGTERM`, `RTMIN+3` for the fourth realtime signal: the name without its prefix,
+/// as operators write it.
+pub fn signal_name(signal: Signal) -> String {
+    signal.name()
 }
 
 mod snapshot;

@@ -1,8 +1,8 @@
 //! Tests of the files in `contrib/`, run the way an operator would run them, against the real
 //! sockhold binary and the example server: the LSB init script (start, status, reload that
 //! succeeds and one that fails, stop, crash recovery, the SIGKILL fallback), the runit service
-//! under `runsv` and the s6 service under `s6-svscan` (each skipped with a message when the tool
-//! is not installed), and static checks of everything that cannot run here: `sh -n` and
+//! under `runsv` and the s6 service under `s6-svscan` (each SKIPPED when the tool is not
+//! installed, a failure under CI), and static checks of everything that cannot run here: `sh -n` and
 //! `shellcheck` on every script, and that the stop and ready timeouts of every file are ordered.
 //!
 //! Every test works in its own temporary directory with ephemeral ports, bounds every wait, and
@@ -21,6 +21,13 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
+
+// The integration tests' harness, for its one way to find a tool or say SKIPPED (a failure under
+// CI=true); the rest of it is the other binary's.
+#[path = "it/support.rs"]
+#[allow(dead_code)]
+mod support;
+use support::require_tool;
 
 /// How long a single command or condition may take before the test fails.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,15 +49,6 @@ fn contrib(path: &str) -> PathBuf {
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
-
-/// Where a program is in PATH, if it is installed.
-fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(program))
-        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 /// Polls `condition` until it holds, failing the test after [`TIMEOUT`].
@@ -571,8 +569,8 @@ fn wait_for_reload(control: &Path, id: u64) {
 
 #[test]
 fn runit_service_under_runsv() {
-    let (Some(runsv), Some(sv_bin)) = (which("runsv"), which("sv")) else {
-        eprintln!("skipped: runsv/sv not installed (Debian package runit)");
+    let (Some(runsv), Some(sv_bin)) = (require_tool("runsv", "runit"), require_tool("sv", "runit"))
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -619,8 +617,8 @@ fn runit_service_under_runsv() {
 #[test]
 fn s6_service_under_s6_svscan() {
     let tools = ["s6-svscan", "s6-svscanctl", "s6-svc", "s6-svwait", "s6-notifyoncheck", "s6-log"];
-    let Some(found) = tools.iter().map(|t| which(t)).collect::<Option<Vec<_>>>() else {
-        eprintln!("skipped: the s6 tools are not installed (Debian package s6)");
+    let Some(found) = tools.iter().map(|t| require_tool(t, "s6")).collect::<Option<Vec<_>>>()
+    else {
         return;
     };
     let [svscan, svscanctl, svc, svwait, ..] = &found[..] else { unreachable!() };
@@ -701,8 +699,7 @@ fn scripts_parse_and_are_executable() {
 
 #[test]
 fn scripts_pass_shellcheck() {
-    let Some(shellcheck) = which("shellcheck") else {
-        eprintln!("skipped: shellcheck not installed (Debian package shellcheck)");
+    let Some(shellcheck) = require_tool("shellcheck", "shellcheck") else {
         return;
     };
     for script in scripts() {
@@ -829,4 +826,24 @@ fn readme_lists_every_file() {
         }
     }
     assert!(missing.is_empty(), "contrib/README.md does not mention {missing:?}");
+}
+
+/// The container files say what sockhold does as PID 1, which tests/it/pid1.rs checks (orphans
+/// reaped, signals taken, the child's status as the exit status); they once said it did not reap
+/// and advised `docker run --init`.
+#[test]
+fn container_docs_describe_sockhold_as_pid_1_as_it_behaves() {
+    let dockerfile = read(&contrib("container/Dockerfile"));
+    let yaml = read(&contrib("container/deployment.yaml"));
+    let readme = read(&contrib("README.md"));
+    for promise in ["reaps every orphan", "TERM and INT", "HUP (reload)", "USR2", "realtime"] {
+        assert!(dockerfile.contains(promise), "the Dockerfile does not say {promise:?}");
+    }
+    for (file, text) in
+        [("Dockerfile", &dockerfile), ("deployment.yaml", &yaml), ("README", &readme)]
+    {
+        for stale in ["does not yet reap", "doesn't reap", "until then"] {
+            assert!(!text.contains(stale), "contrib/{file} still says {stale:?}");
+        }
+    }
 }

@@ -108,12 +108,12 @@ impl EventLoop {
         target: &Path,
         asked: &[Option<ClientId>],
     ) -> Result<Infallible, String> {
-        use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask, raise};
+        use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
         let mut old_mask = SigSet::empty();
         pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old_mask))
             .map_err(|e| format!("cannot block signals: {e}"))?;
         for signal in self.signals.pending() {
-            let _ = raise(signal);
+            let _ = crate::spawn::kill(nix::unistd::getpid(), signal);
         }
         let result = self.check_and_exec(target, asked);
         let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);

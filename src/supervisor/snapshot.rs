@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
+use crate::signals::Signal;
 use nix::unistd::Pid;
 
 use super::{Mode, Policy, Purpose, Reload, Supervisor, Unit, UnitState};
@@ -50,7 +50,7 @@ impl Supervisor {
                 UnitState::Stopping { kill_at, signal } => json!({
                     "name": "stopping",
                     "kill_at_ns": ns(*kill_at),
-                    "signal": *signal as i32,
+                    "signal": signal.raw(),
                 }),
                 UnitState::Killed => json!({ "name": "killed" }),
             };
@@ -191,7 +191,7 @@ fn instant_at(ns: i64, now: Instant, elapsed: Duration) -> Instant {
 mod tests {
     use crate::supervisor::*;
 
-    use Signal::SIGTERM;
+    const SIGTERM: Signal = Signal::SIGTERM;
 
     #[test]
     fn snapshot_and_restore_keep_every_generation_and_deadline() {

@@ -3,7 +3,9 @@
 
 use super::*;
 
-use Signal::{SIGKILL, SIGTERM, SIGUSR1};
+const SIGKILL: Signal = Signal::SIGKILL;
+const SIGTERM: Signal = Signal::SIGTERM;
+const SIGUSR1: Signal = Signal::SIGUSR1;
 
 fn policy(ready: ReadyMode) -> Policy {
     Policy {

@@ -56,10 +56,12 @@ fn under_systemd_socket_activate_by_name() {
     let addr = format!("127.0.0.1:{port}");
     let fixture = fixture();
     #[rustfmt::skip]
-    let mut s = start_under_socket_activate(
+    let Some(mut s) = start_under_socket_activate(
         &["-l", &addr, "--fdname=web"],
         &["-l", "systemd://web", "--ready", "notify", "--", &fixture, "--ready", "--serve"],
-    );
+    ) else {
+        return;
+    };
     // It waits for a first connection before it execs sockhold; that connection is served.
     s.expect_log(&format!("Listening on {addr}"));
     let first = std::thread::spawn(move || http_get(port));
@@ -108,10 +110,12 @@ fn without_listen_it_adopts_every_socket_it_was_given() {
     let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let (web, admin) = (format!("127.0.0.1:{}", free()), format!("127.0.0.1:{}", free()));
     let fixture = fixture();
-    let mut s = start_under_socket_activate(
+    let Some(mut s) = start_under_socket_activate(
         &["-l", &web, "-l", &admin, "--fdname=web:admin"],
         &["--ready", "notify", "--", &fixture, "--ready"],
-    );
+    ) else {
+        return;
+    };
     s.expect_log(&format!("Listening on {admin}"));
     let port: u16 = web.rsplit(':').next().unwrap().parse().unwrap();
     let _wake = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();

@@ -229,3 +229,88 @@ fn bad_clients_get_an_error_or_are_dropped_and_nothing_else_is_disturbed() {
         "no child disturbed"
     );
 }
+
+/// `--control` before or after the request, or from SOCKHOLD_CONTROL; without any, a usage
+/// error that says how to give it.
+#[test]
+fn ctl_takes_the_control_socket_before_or_after_the_request_or_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    let mut s = start_fixture(&["--control", control.to_str().unwrap()], &["--ready"]);
+    s.expect_ready();
+    let run = |args: &[&str], env: Option<&Path>| {
+        let mut cmd = Command::new(sockhold_bin());
+        cmd.args(args).env_remove("SOCKHOLD_CONTROL");
+        if let Some(path) = env {
+            cmd.env("SOCKHOLD_CONTROL", path);
+        }
+        cmd.output().expect("run sockhold ctl")
+    };
+    let path = control.to_str().unwrap();
+    for (args, env) in [
+        (&["ctl", "--control", path, "status", "--json"][..], None),
+        (&["ctl", "status", "--control", path, "--json"], None),
+        (&["ctl", "status", "--json"], Some(control.as_path())),
+    ] {
+        let out = run(args, env);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        let status: Value = serde_json::from_slice(&out.stdout).expect("a JSON status");
+        assert_eq!(status["pid"], s.pid().as_raw(), "{args:?}");
+    }
+    let out = run(&["ctl", "status"], None);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("give --control PATH"), "{}", text(&out.stderr));
+    let help = run(&["ctl", "--help"], None);
+    let usage = text(&help.stdout);
+    assert!(usage.contains("Usage: sockhold ctl [OPTIONS] <COMMAND>"), "{usage}");
+    s.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+}
+
+/// With --accept no child serves: a reload changes what new connections run, and ctl says so
+/// instead of "pid null".
+#[test]
+fn ctl_reload_in_accept_mode_says_what_it_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    #[rustfmt::skip]
+    let mut s = start(&[
+        "--accept", "-l", "127.0.0.1:0", "--control", control.to_str().unwrap(), "--", &fixture(),
+    ]);
+    s.expect_manager("READY=1", |m| m.starts_with("READY=1"));
+    let reload = ctl(&control, &["reload"]);
+    assert!(reload.status.success(), "{}", text(&reload.stderr));
+    let out = text(&reload.stdout);
+    assert!(out.contains("each connection starts a new child"), "{out}");
+    assert!(out.contains("new connections now run as generation 2"), "{out}");
+    assert!(!out.contains("null"), "{out}");
+    assert_eq!(ctl_status(&control)["last_reload"]["generation"], 2);
+    s.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+}
+
+/// With --lazy before the first connection there is nothing to replace, and nothing failed:
+/// ctl reload succeeds and says what will happen; the first connection then starts generation 1.
+#[test]
+fn ctl_reload_before_the_first_lazy_connection_succeeds_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    #[rustfmt::skip]
+    let mut s = start(&[
+        "--lazy", "-l", "127.0.0.1:0", "--ready", "notify", "--control", control.to_str().unwrap(),
+        "--", &fixture(), "--ready", "--serve",
+    ]);
+    let port = s.listening_port("127.0.0.1:");
+    s.expect_manager("READY=1 while waiting", |m| m.contains("waiting for the first connection"));
+    let reload = ctl(&control, &["reload"]);
+    assert!(reload.status.success(), "{}", text(&reload.stderr));
+    let out = text(&reload.stdout);
+    assert!(
+        out.contains("no child started yet (--lazy): the first connection will start generation 1"),
+        "{out}"
+    );
+    let served = http_get(port).expect("the first connection is served");
+    assert_eq!(i64::from(served), pid_of(&s.expect_event("start", 1)));
+    s.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+}

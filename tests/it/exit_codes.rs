@@ -28,11 +28,29 @@ fn usage_errors_exit_2_and_name_the_input() {
         ),
         (vec!["-l", "8080", "--restart", "sometimes", "--", &fixture], "sometimes"),
         (vec!["-l", "8080", "--name", "a:b", "--", &fixture], "invalid --name 'a:b'"),
+        // Taken as the command, it used to bind the socket, then fail with 127.
+        (vec!["-l", "127.0.0.1:0", "--bogus", "1", "--", &fixture], "'--bogus'"),
+        (vec!["-l", "127.0.0.1:0", "--bogus", &fixture], "'--bogus'"),
+        (
+            vec!["-l", "8080", "--ready", "delay:5s", "--ready-timeout", "5s", "--", &fixture],
+            "--ready delay:5s is not shorter than --ready-timeout 5s",
+        ),
     ] {
         let (code, stderr) = run_to_end(&args);
         assert_eq!(code, 2, "{args:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: {needle:?} not in {stderr}");
     }
+}
+
+/// Without `--`, the words after COMMAND are still the server's, even one that is also a
+/// sockhold option: the fixture gets `--ready` and so reports readiness.
+#[test]
+fn the_options_after_the_command_are_the_servers_without_a_double_dash() {
+    let fixture = fixture();
+    let mut s = start(&["-l", "127.0.0.1:0", "--ready", "notify", &fixture, "--ready"]);
+    s.expect_ready();
+    s.signal(SIGTERM);
+    assert_eq!(s.exit_code(), 0);
 }
 
 #[test]
@@ -50,6 +68,35 @@ fn command_not_found_exits_127_and_not_executable_126() {
     let (code, stderr) = run_to_end(&["-l", "127.0.0.1:0", "--", script.to_str().unwrap()]);
     assert_eq!(code, 126, "{stderr}");
     assert!(stderr.contains("Permission denied"), "{stderr}");
+}
+
+/// execve says ENOENT for a script that exists when its interpreter is missing: the error
+/// names the interpreter rather than blaming the script.
+#[test]
+fn a_script_whose_interpreter_is_missing_exits_127_naming_the_interpreter() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("x.sh");
+    std::fs::write(&script, "#! /nonexistent/python -u\nprint('hi')\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (code, stderr) = run_to_end(&["-l", "127.0.0.1:0", "--", script.to_str().unwrap()]);
+    assert_eq!(code, 127, "{stderr}");
+    let want = format!(
+        "cannot execute {}: its interpreter /nonexistent/python was not found",
+        script.display()
+    );
+    assert!(stderr.contains(&want), "{want:?} not in {stderr}");
+
+    // Relative to --chdir, as the child finds it.
+    #[rustfmt::skip]
+    let (code, stderr) = run_to_end(&[
+        "-l", "127.0.0.1:0", "--chdir", dir.path().to_str().unwrap(), "--", "./x.sh",
+    ]);
+    assert_eq!(code, 127, "{stderr}");
+    assert!(
+        stderr.contains("cannot execute ./x.sh: its interpreter /nonexistent/python"),
+        "{stderr}"
+    );
 }
 
 #[test]

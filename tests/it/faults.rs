@@ -406,3 +406,65 @@ fn a_thousand_reloads_leave_the_fd_table_as_it_was_and_nothing_behind() {
     s.signal(SIGTERM);
     assert_eq!(s.exit_code(), 0);
 }
+
+/// The runtime directories named after instance `name` in `base`.
+fn runtime_dirs(base: &Path, name: &str) -> BTreeSet<std::path::PathBuf> {
+    let prefix = format!("sockhold-{name}.");
+    std::fs::read_dir(base)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// A sockhold killed with SIGKILL leaves its runtime directory behind; the next one of the same
+/// name removes it, while the directory of another live one of that name stays.
+#[test]
+fn a_runtime_directory_left_by_a_killed_sockhold_is_removed_at_the_next_start() {
+    let base = tempfile::tempdir().unwrap();
+    let start_named = || {
+        start_with(
+            &[
+                "--name",
+                "web",
+                "-l",
+                "127.0.0.1:0",
+                "--ready",
+                "notify",
+                "--",
+                &fixture(),
+                "--ready",
+            ],
+            |cmd| {
+                cmd.env("RUNTIME_DIRECTORY", base.path());
+            },
+        )
+    };
+    let mut killed = start_named();
+    killed.expect_ready();
+    let left = runtime_dirs(base.path(), "web");
+    assert_eq!(left.len(), 1, "{left:?}");
+    killed.signal(nix::sys::signal::Signal::SIGKILL);
+    killed.wait_exit();
+    assert_eq!(runtime_dirs(base.path(), "web"), left, "SIGKILL left it behind");
+
+    let mut live = start_named();
+    live.expect_ready();
+    live.expect_log("left behind by sockhold pid");
+    let mine = runtime_dirs(base.path(), "web");
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    assert!(mine.is_disjoint(&left), "the stale one is gone: {mine:?}");
+
+    // A second instance of the same name, while the first runs: nothing of the first is touched.
+    let mut second = start_named();
+    second.expect_ready();
+    let both = runtime_dirs(base.path(), "web");
+    assert_eq!(both.len(), 2, "{both:?}");
+    assert!(both.is_superset(&mine));
+    for mut s in [live, second] {
+        s.signal(SIGTERM);
+        assert_eq!(s.exit_code(), 0);
+    }
+    assert!(runtime_dirs(base.path(), "web").is_empty(), "each removed its own at exit");
+}

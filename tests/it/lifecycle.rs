@@ -294,6 +294,9 @@ fn lazy_starts_the_first_child_on_the_first_connection_which_it_serves() {
 
 #[test]
 fn lazy_starts_on_the_first_datagram_and_leaves_it_for_the_child() {
+    let Some(ss) = require_tool("ss", "iproute2") else {
+        return;
+    };
     let fixture = fixture();
     #[rustfmt::skip]
     let mut s = start(&["--lazy", "-l", "udp://127.0.0.1:0", "--ready", "notify", "--", &fixture, "--ready"]);
@@ -304,13 +307,58 @@ fn lazy_starts_on_the_first_datagram_and_leaves_it_for_the_child() {
     let start = s.expect_event("start", 1);
     assert_eq!(start["fds"][3]["socket"]["type"], "dgram");
     // sockhold never reads from the socket: the datagram still waits in its queue for the child.
-    let queued = std::process::Command::new("ss")
+    let queued = std::process::Command::new(ss)
         .args(["-u", "-a", "-n", "-H", &format!("sport = :{port}")])
         .output()
         .expect("ss");
     let queued = String::from_utf8_lossy(&queued.stdout);
     let recv_q: u64 = queued.split_whitespace().nth(1).and_then(|q| q.parse().ok()).unwrap_or(0);
     assert!(recv_q > 0, "the waking datagram is still queued: {queued}");
+    s.signal(SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+}
+
+/// A realtime stop signal is sent, and the child it kills (the fixture has no handler for it)
+/// counts as stopped cleanly: nix's wait could not even decode such a death.
+#[test]
+fn a_realtime_stop_signal_stops_the_child_cleanly() {
+    let mut s = start_fixture(&["--stop-signal", "RTMIN+1"], &["--ready"]);
+    let first = s.expect_event("start", 1);
+    s.expect_ready();
+    s.signal(SIGTERM);
+    s.expect_log(&format!("pid {}", pid_of(&first)));
+    s.expect_log("killed by SIGRTMIN+1");
+    assert_eq!(s.exit_code(), 0);
+}
+
+/// `ctl signal RTMIN+3` and a realtime signal sent to sockhold both reach the serving child;
+/// sockhold reaps it, names the signal, and restarts it.
+#[test]
+fn realtime_signals_reach_the_serving_child_by_ctl_and_by_forwarding() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    let mut s = start_fixture(&["--control", control.to_str().unwrap()], &["--ready"]);
+    let first = s.expect_event("start", 1);
+    s.expect_ready();
+    let sent = ctl(&control, &["signal", "SIGRTMIN+3"]);
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    let out = String::from_utf8_lossy(&sent.stdout);
+    assert!(out.contains(&format!("sent SIGRTMIN+3 to pid {}", pid_of(&first))), "{out}");
+    s.expect_log("killed by SIGRTMIN+3");
+    let second = s.expect("the restarted child", |v| v["event"] == "start");
+    s.expect_ready();
+
+    // SIGRTMAX-2 to sockhold itself, which forwards it. (nix's kill cannot send a realtime
+    // signal; the kill command can.)
+    let kill = std::process::Command::new("kill")
+        .args(["-s", &(nix::libc::SIGRTMAX() - 2).to_string(), &s.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    s.expect_log(&format!("pid {}", pid_of(&second)));
+    s.expect_log("killed by SIGRTMAX-2");
+    s.expect("the child restarted again", |v| v["event"] == "start");
+    s.expect_ready();
     s.signal(SIGTERM);
     assert_eq!(s.exit_code(), 0);
 }

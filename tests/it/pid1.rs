@@ -51,7 +51,8 @@ fn a_subreaper_reaps_orphans_and_a_stopped_generation_takes_its_daemon_along() {
 /// Runs `unshare --pid --fork --mount-proc sockhold ARGS`, or returns `None` (after saying why)
 /// where unshare is missing or not permitted.
 fn start_as_pid_1(args: &[&str]) -> Option<Sockhold> {
-    let probe = Command::new("unshare")
+    let unshare = require_tool("unshare", "util-linux")?;
+    let probe = Command::new(&unshare)
         .args(["--pid", "--fork", "--mount-proc", "true"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -59,20 +60,20 @@ fn start_as_pid_1(args: &[&str]) -> Option<Sockhold> {
     match probe {
         Ok(out) if out.status.success() => {}
         Ok(out) => {
-            eprintln!(
-                "skipped: unshare --pid is not permitted here: {}",
+            skipped(&format!(
+                "unshare --pid is not permitted here: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
-            );
+            ));
             return None;
         }
         Err(e) => {
-            eprintln!("skipped: unshare cannot run: {e}");
+            skipped(&format!("unshare cannot run: {e}"));
             return None;
         }
     }
     let bin = sockhold_bin();
     let mut s = start_with(&[], |cmd| {
-        let mut outer = Command::new("unshare");
+        let mut outer = Command::new(unshare);
         outer.args(["--pid", "--fork", "--mount-proc"]).arg(&bin).args(args);
         for (k, v) in cmd.get_envs() {
             if let Some(v) = v {
@@ -247,4 +248,27 @@ fn when_sockhold_is_killed_the_children_follow_it_with_stop_or_kill() {
     assert!(!process_dead(child));
     s.signal(SIGKILL);
     wait_until("the child is killed", || process_dead(child));
+}
+
+/// `--on-supervisor-death stop` with a realtime `--stop-signal`: the kernel sends that signal
+/// (the fixture has no handler for it, so it ends the child).
+#[test]
+fn when_sockhold_is_killed_the_children_get_a_realtime_stop_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = fixture();
+    #[rustfmt::skip]
+    let args = [
+        "-l", "127.0.0.1:0", "--ready", "notify", "--on-supervisor-death", "stop",
+        "--stop-signal", "RTMIN+2", "--", &fixture, "--ready", "--serve",
+    ];
+    let mut s = start_with(&args, |cmd| {
+        cmd.env("RUNTIME_DIRECTORY", dir.path());
+    });
+    let child = pid_of(&s.expect_event("start", 1));
+    s.expect_ready();
+    assert!(!process_dead(child));
+    s.signal(SIGKILL);
+    wait_until("the child has ended", || process_dead(child));
+    // Not TERM, which the fixture would have reported before exiting.
+    assert!(!s.seen(|v| v["event"] == "signal"), "the child got a signal it handles");
 }

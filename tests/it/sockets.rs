@@ -68,7 +68,7 @@ fn stop(mut s: Sockhold) {
 fn has_ipv6() -> bool {
     let ok = std::net::TcpListener::bind("[::1]:0").is_ok();
     if !ok {
-        eprintln!("skipping the IPv6 part: no IPv6 loopback");
+        skipped("no IPv6 loopback");
     }
     ok
 }
@@ -217,7 +217,7 @@ fn abstract_unix_sockets() {
 #[test]
 fn scoped_link_local_ipv6() {
     let Some((ip, name, index)) = link_local_interface() else {
-        eprintln!("skipping: no interface with a link-local IPv6 address");
+        skipped("no interface with a link-local IPv6 address");
         return;
     };
     let specs = [
@@ -249,7 +249,8 @@ fn option_name() {
 
 /// The listen queue length of a listening socket, as `ss` shows it (Send-Q); None without ss.
 fn backlog_of(filter: &[&str]) -> Option<u64> {
-    let out = Command::new("ss").args(["-lnH"]).args(filter).output().ok()?;
+    let out =
+        Command::new(require_tool("ss", "iproute2")?).args(["-lnH"]).args(filter).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().next().unwrap_or_else(|| panic!("ss {filter:?} found nothing"));
     // Netid State Recv-Q Send-Q ... for -x; State Recv-Q Send-Q ... for -t.
@@ -273,7 +274,6 @@ fn option_backlog() {
     let (s, start) = run(&specs, &[], &[]);
     let tcp = |n| backlog_of(&["-t", &format!("sport = :{}", port(&local(&start, n)))]);
     let Some(seven) = tcp(3) else {
-        eprintln!("skipping: no ss to read the backlog");
         return;
     };
     assert_eq!(seven, 7);
@@ -530,13 +530,11 @@ fn malformed_specs_exit_2_and_name_the_spec() {
 
 // ---- parity with systemd-socket-activate ----
 
-const SYSTEMD_SOCKET_ACTIVATE: &str = "/usr/bin/systemd-socket-activate";
-
 /// Runs the fixture under systemd-socket-activate with `flags` and `-l` for each address; once
 /// every socket is bound, `trigger` makes it start the fixture (it waits for a first connection
 /// or datagram even without --accept). Returns the fixture's start line.
 fn under_systemd(flags: &[&str], addresses: &[String], trigger: impl FnOnce()) -> Value {
-    let mut cmd = Command::new(SYSTEMD_SOCKET_ACTIVATE);
+    let mut cmd = Command::new("systemd-socket-activate");
     cmd.args(flags);
     for address in addresses {
         cmd.args(["-l", address]);
@@ -626,11 +624,7 @@ fn compare(flags: &[&str], systemd: &[String], ours: &[String], trigger: impl Fn
 }
 
 fn have_systemd_socket_activate() -> bool {
-    let found = Path::new(SYSTEMD_SOCKET_ACTIVATE).exists();
-    if !found {
-        eprintln!("skipping: {SYSTEMD_SOCKET_ACTIVATE} is not installed");
-    }
-    found
+    require_tool("systemd-socket-activate", "systemd").is_some()
 }
 
 #[test]

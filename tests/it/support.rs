@@ -413,11 +413,13 @@ impl Sockhold {
 
 /// Starts `systemd-socket-activate ACTIVATE_ARGS sockhold SOCKHOLD_ARGS`, which binds the
 /// sockets and execs sockhold (same pid) on the first connection, with the harness's
-/// environment, output capture and process group.
-pub fn start_under_socket_activate(activate: &[&str], sockhold: &[&str]) -> Sockhold {
+/// environment, output capture and process group. `None` (see [`require_tool`]) when
+/// systemd-socket-activate is not installed.
+pub fn start_under_socket_activate(activate: &[&str], sockhold: &[&str]) -> Option<Sockhold> {
     let bin = sockhold_bin();
-    start_with(&[], |cmd| {
-        let mut outer = Command::new("systemd-socket-activate");
+    let tool = require_tool("systemd-socket-activate", "systemd")?;
+    Some(start_with(&[], |cmd| {
+        let mut outer = Command::new(tool);
         outer
             .args(activate)
             .args(["-E", "NOTIFY_SOCKET", "-E", "RUST_LOG"])
@@ -430,7 +432,7 @@ pub fn start_under_socket_activate(activate: &[&str], sockhold: &[&str]) -> Sock
         }
         outer.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
         *cmd = outer;
-    })
+    }))
 }
 
 /// Runs sockhold to its end (for usage and start-up errors): its exit code and stderr.
@@ -505,4 +507,40 @@ impl Load {
         }
         all
     }
+}
+
+/// The name of the running test, as the test harness names its thread.
+fn test_name() -> String {
+    std::thread::current().name().unwrap_or("this test").to_string()
+}
+
+/// Whether the tests run under CI (`CI=true`, which `.ci/run` exports), where nothing may skip.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Says on stderr that the running test is skipped and why: "SKIPPED: <test>: <why>". A test
+/// calls it and returns, for a precondition of the machine (root, an IPv6 loopback, permission
+/// to make a pid namespace) rather than of what CI installs.
+pub fn skipped(why: &str) {
+    eprintln!("SKIPPED: {}: {why}", test_name());
+}
+
+/// Where `tool` is installed (`PATH`, then the sbin directories), or `None` after saying
+/// "SKIPPED: <test>: <tool> not installed (Debian package <package>)" on stderr. Under CI
+/// (`CI=true`) a missing tool fails the test instead: CI installs every tool the tests use
+/// (`.ci/run`), so there a skip would hide a test that never ran.
+pub fn require_tool(tool: &str, package: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(tool))
+        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0));
+    if found.is_none() {
+        let why = format!("{tool} not installed (Debian package {package})");
+        assert!(!under_ci(), "{}: {why}, and CI=true: CI must install it (.ci/run)", test_name());
+        skipped(&why);
+    }
+    found
 }

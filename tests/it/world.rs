@@ -19,7 +19,7 @@ fn text(bytes: &[u8]) -> String {
 fn is_root() -> bool {
     let root = nix::unistd::geteuid().is_root();
     if !root {
-        eprintln!("skipped: only root can run children as another user");
+        skipped("only root can run children as another user");
     }
     root
 }
