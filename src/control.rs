@@ -24,9 +24,9 @@ use nix::poll::PollFlags;
 use nix::sys::socket::{getsockopt, sockopt};
 use serde_json::{Value, json};
 
-use crate::cli::parse_signal;
 use crate::paths::{Sticky, open_trusted_dir};
-use crate::signals::Signal;
+pub use crate::protocol::Request;
+use crate::protocol::Answer;
 
 /// The longest request line accepted, newline included.
 pub const MAX_REQUEST: usize = 4096;
@@ -37,90 +37,14 @@ pub const MAX_CLIENTS: usize = 64;
 /// Unsent answer bytes allowed to pile up for a client that does not read.
 const MAX_PENDING_OUTPUT: usize = 1 << 20;
 
-/// A request, as parsed from one line.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Request {
-    /// `{"cmd":"status"}`
-    Status,
-    /// `{"cmd":"reload"}`: answered when the reload succeeded or failed.
-    Reload,
-    /// `{"cmd":"stop"}`
-    Stop,
-    /// `{"cmd":"signal","signal":"USR1"}`: forwarded to the serving child.
-    Signal(Signal),
-    /// `{"cmd":"upgrade"}`
-    Upgrade,
-}
-
 /// Parses one request line (without its newline). The error is the answer's `error` text.
 pub fn parse_request(line: &[u8]) -> Result<Request, String> {
-    let value: Value = serde_json::from_slice(line).map_err(|e| format!("invalid JSON: {e}"))?;
-    let object = value.as_object().ok_or("a request must be a JSON object")?;
-    // serde_json's Value keeps the last of two equal keys: `{"cmd":"status","cmd":"stop"}`
-    // would read as a stop to sockhold and as a status to whatever filtered it on the way.
-    if let Ok(FirstDuplicate(Some(key))) = serde_json::from_slice(line) {
-        return Err(format!("duplicate key \"{key}\" in request"));
-    }
-    let cmd = object.get("cmd").ok_or("a request needs \"cmd\"")?;
-    let cmd = cmd.as_str().ok_or("\"cmd\" must be a string")?;
-    let only = |allowed: &[&str]| match object.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(extra) => Err(format!("unexpected field \"{extra}\" for \"{cmd}\"")),
-        None => Ok(()),
-    };
-    match cmd {
-        "status" => only(&["cmd"]).map(|()| Request::Status),
-        "reload" => only(&["cmd"]).map(|()| Request::Reload),
-        "stop" => only(&["cmd"]).map(|()| Request::Stop),
-        "upgrade" => only(&["cmd"]).map(|()| Request::Upgrade),
-        "signal" => {
-            only(&["cmd", "signal"])?;
-            let signal = match object.get("signal") {
-                Some(Value::String(name)) => parse_signal(name)?,
-                Some(Value::Number(n)) => parse_signal(&n.to_string())?,
-                Some(_) => return Err("\"signal\" must be a name like \"USR1\" or a number".into()),
-                None => return Err("\"signal\" needs a \"signal\" field".into()),
-            };
-            Ok(Request::Signal(signal))
-        }
-        other => Err(format!(
-            "unknown command \"{other}\" (known: status, reload, stop, signal, upgrade)"
-        )),
-    }
-}
-
-/// The first key a JSON object repeats, if any (its values are skipped, not kept).
-struct FirstDuplicate(Option<String>);
-
-impl<'de> serde::Deserialize<'de> for FirstDuplicate {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Keys;
-        impl<'de> serde::de::Visitor<'de> for Keys {
-            type Value = FirstDuplicate;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut seen = std::collections::BTreeSet::new();
-                let mut duplicate = None;
-                while let Some(key) = map.next_key::<String>()? {
-                    map.next_value::<serde::de::IgnoredAny>()?;
-                    if !seen.insert(key.clone()) && duplicate.is_none() {
-                        duplicate = Some(key);
-                    }
-                }
-                Ok(FirstDuplicate(duplicate))
-            }
-        }
-        d.deserialize_map(Keys)
-    }
+    Request::parse(line)
 }
 
 /// An error answer.
-pub fn error_answer(message: &str) -> Value {
-    json!({ "ok": false, "error": message })
+pub fn error_answer(message: &str) -> Answer {
+    Answer::error(message)
 }
 
 /// Identifies a client connection.
@@ -353,7 +277,7 @@ impl ControlServer {
     }
 
     /// Answers one request this server handed out (at once, or when a reload ended).
-    pub fn answer(&mut self, id: ClientId, answer: &Value) {
+    pub fn answer(&mut self, id: ClientId, answer: &Answer) {
         if let Some(client) = self.clients.get_mut(&id) {
             client.outstanding = client.outstanding.saturating_sub(1);
             if client.outstanding == 0 {
@@ -365,10 +289,9 @@ impl ControlServer {
     }
 
     /// Queues a line for a client (if it is still there) and tries to send it.
-    fn send(&mut self, id: ClientId, answer: &Value) {
+    fn send(&mut self, id: ClientId, answer: &Answer) {
         let Some(client) = self.clients.get_mut(&id) else { return };
-        let mut line = answer.to_string();
-        line.push('\n');
+        let line = answer.line();
         client.output.extend_from_slice(line.as_bytes());
         if client.output.len() > MAX_PENDING_OUTPUT {
             debug!("control client {id} does not read its answers; dropped");
@@ -440,9 +363,7 @@ impl ControlServer {
             if let Some(reason) = refusal {
                 warn!("control socket: refused a client: {reason}");
                 // Best effort: the answer fits in the socket buffer of a fresh connection.
-                let mut line = error_answer(&reason).to_string();
-                line.push('\n');
-                let _ = client.stream.write_all(line.as_bytes());
+                let _ = client.stream.write_all(error_answer(&reason).line().as_bytes());
                 continue;
             }
             self.clients.insert(id, client);
@@ -565,6 +486,7 @@ impl Drop for ControlServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::signals::Signal;
 
     #[test]
     fn requests_table() {
@@ -573,11 +495,11 @@ mod tests {
             (r#"{"cmd":"reload"}"#, Request::Reload),
             (r#" {"cmd" : "stop"} "#, Request::Stop),
             (r#"{"cmd":"upgrade"}"#, Request::Upgrade),
-            (r#"{"cmd":"signal","signal":"USR1"}"#, Request::Signal(Signal::SIGUSR1)),
-            (r#"{"cmd":"signal","signal":"SIGWINCH"}"#, Request::Signal(Signal::SIGWINCH)),
-            (r#"{"signal":10,"cmd":"signal"}"#, Request::Signal(Signal::SIGUSR1)),
+            (r#"{"cmd":"signal","signal":"USR1"}"#, Request::Signal { signal: Signal::SIGUSR1 }),
+            (r#"{"cmd":"signal","signal":"SIGWINCH"}"#, Request::Signal { signal: Signal::SIGWINCH }),
+            (r#"{"signal":10,"cmd":"signal"}"#, Request::Signal { signal: Signal::SIGUSR1 }),
             // Equal keys at another level are not the request's.
-            (r#"{"cmd":"signal","signal":"USR1"}"#, Request::Signal(Signal::SIGUSR1)),
+            (r#"{"cmd":"signal","signal":"USR1"}"#, Request::Signal { signal: Signal::SIGUSR1 }),
         ];
         for (line, want) in ok {
             assert_eq!(parse_request(line.as_bytes()), Ok(want), "{line}");

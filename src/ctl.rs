@@ -13,56 +13,65 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use nix::sys::socket::{getsockopt, sockopt};
-use serde_json::{Value, json};
-
 use crate::cli::{CtlArgs, CtlRequest};
 use crate::paths::describe_uid;
+use crate::protocol::{Answer, Reloaded, Request, Status};
 use crate::supervisor::signal_name;
 
 /// Runs one `sockhold ctl` request; the error is what to print before exiting 1.
 pub fn run(args: &CtlArgs) -> Result<()> {
     let request = match &args.request {
-        CtlRequest::Status { .. } => json!({ "cmd": "status" }),
-        CtlRequest::Reload => json!({ "cmd": "reload" }),
-        CtlRequest::Stop => json!({ "cmd": "stop" }),
-        CtlRequest::Signal { signal } => json!({ "cmd": "signal", "signal": signal_name(*signal) }),
-        CtlRequest::Upgrade => json!({ "cmd": "upgrade" }),
+        CtlRequest::Status { .. } => Request::Status,
+        CtlRequest::Reload => Request::Reload,
+        CtlRequest::Stop => Request::Stop,
+        CtlRequest::Signal { signal } => Request::Signal { signal: *signal },
+        CtlRequest::Upgrade => Request::Upgrade,
     };
-    let answer = ask(args, &request)?;
-    if answer["ok"] != true {
-        let error = answer["error"].as_str().unwrap_or("sockhold answered without a reason");
-        bail!("{error}");
-    }
+    let line = ask(args, &request)?;
+    let answer = Answer::read(&line, &request).with_context(|| {
+        format!(
+            "sockhold at {} sent an answer that does not parse: {:?}",
+            args.control.display(),
+            line.trim_end()
+        )
+    })?;
     let mut out = std::io::stdout().lock();
-    match &args.request {
-        CtlRequest::Status { json: true } => writeln!(out, "{answer}")?,
-        CtlRequest::Status { json: false } => out.write_all(format_status(&answer).as_bytes())?,
+    match (&args.request, answer) {
+        (_, Answer::Failed(error)) => bail!("{error}"),
+        // As sent, once it is known to be a status answer.
+        (CtlRequest::Status { json: true }, Answer::Status(_)) => writeln!(out, "{}", line.trim_end())?,
+        (CtlRequest::Status { json: false }, Answer::Status(status)) => {
+            out.write_all(format_status(&status).as_bytes())?
+        }
         // --lazy before the first connection and --accept have no serving child to name:
         // sockhold says what the reload meant instead.
-        CtlRequest::Reload => match answer["message"].as_str() {
-            Some(message) => writeln!(out, "{message}")?,
-            None => writeln!(
-                out,
-                "reloaded: generation {} serves (pid {})",
-                answer["generation"], answer["pid"]
-            )?,
-        },
-        CtlRequest::Stop => writeln!(out, "stopping")?,
-        CtlRequest::Signal { signal } => {
-            writeln!(out, "sent SIG{} to pid {}", signal_name(*signal), answer["pid"])?
+        (CtlRequest::Reload, Answer::Reloaded(Reloaded { message: Some(message), .. })) => {
+            writeln!(out, "{message}")?
         }
-        CtlRequest::Upgrade => writeln!(
+        (CtlRequest::Reload, Answer::Reloaded(Reloaded { generation, pid, .. })) => {
+            let generation = generation.map_or("-".to_string(), |g| g.to_string());
+            match pid.flatten() {
+                Some(pid) => writeln!(out, "reloaded: generation {generation} serves (pid {pid})")?,
+                None => writeln!(out, "reloaded: generation {generation} started; no child serves now")?,
+            }
+        }
+        (CtlRequest::Stop, _) => writeln!(out, "stopping")?,
+        (CtlRequest::Signal { signal }, Answer::Signalled(signalled)) => {
+            writeln!(out, "sent SIG{} to pid {}", signal_name(*signal), signalled.pid)?
+        }
+        (CtlRequest::Upgrade, Answer::Upgraded(upgraded)) => writeln!(
             out,
             "upgraded in place: sockhold {} from {} runs, pid {} unchanged",
-            answer["version"].as_str().unwrap_or("?"),
-            answer["binary"].as_str().unwrap_or("?"),
-            answer["pid"]
+            upgraded.version, upgraded.binary, upgraded.pid
         )?,
+        (_, answer) => unreachable!("Answer::read gave {answer:?} to {request:?}"),
     }
     Ok(())
 }
 
-fn ask(args: &CtlArgs, request: &Value) -> Result<Value> {
+/// Sends `request` and returns the answer line, once the server is known to be root or this
+/// user.
+fn ask(args: &CtlArgs, request: &Request) -> Result<String> {
     let shown = args.control.display();
     let stream = UnixStream::connect(&args.control)
         .with_context(|| format!("cannot reach sockhold at {shown}"))?;
@@ -82,8 +91,7 @@ fn ask(args: &CtlArgs, request: &Value) -> Result<Value> {
     let timeout = if args.timeout.is_zero() { None } else { Some(args.timeout) };
     stream.set_read_timeout(timeout)?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let mut line = request.to_string();
-    line.push('\n');
+    let line = request.line();
     // A refused client (another uid, too many clients) is answered and closed at once: then
     // the write fails, but the reason is waiting to be read, and it is what the user needs.
     let sent = (&stream).write_all(line.as_bytes());
@@ -110,81 +118,61 @@ fn ask(args: &CtlArgs, request: &Value) -> Result<Value> {
             return Err(e).with_context(|| format!("failed to read from {shown}"));
         }
     }
-    serde_json::from_str(&answer)
-        .with_context(|| format!("sockhold sent a malformed answer: {answer:?}"))
+    Ok(answer)
 }
 
 /// The status answer as a person reads it.
-pub fn format_status(status: &Value) -> String {
+pub fn format_status(status: &Status) -> String {
     let mut out = format!(
         "sockhold {} (pid {}), instance {}, up since {}\n",
-        status["version"].as_str().unwrap_or("?"),
-        status["pid"],
-        status["name"].as_str().unwrap_or("?"),
-        status["started"].as_str().unwrap_or("?"),
+        status.version, status.pid, status.name, status.started,
     );
-    for l in status["listeners"].as_array().into_iter().flatten() {
-        out += &format!(
-            "listener fd {}: {} (name {})\n",
-            l["fd"],
-            l["address"].as_str().unwrap_or("?"),
-            l["name"].as_str().unwrap_or("?")
-        );
+    for l in &status.listeners {
+        out += &format!("listener fd {}: {} (name {})\n", l.fd, l.address, l.name);
     }
-    let generations = status["generations"].as_array().map(Vec::as_slice).unwrap_or_default();
-    if generations.is_empty() {
+    if status.generations.is_empty() {
         out += "no generation is running\n";
     }
-    for g in generations {
-        let pids: Vec<String> =
-            g["pids"].as_array().into_iter().flatten().map(|p| p.to_string()).collect();
+    for g in &status.generations {
+        let pids: Vec<String> = g.pids.iter().map(|p| p.to_string()).collect();
         out += &format!(
             "generation {}: {}, pid {}, since {}",
-            g["id"],
-            g["state"].as_str().unwrap_or("?"),
+            g.id,
+            g.state,
             if pids.is_empty() { "-".to_string() } else { pids.join(",") },
-            g["since"].as_str().unwrap_or("?")
+            g.since
         );
-        if let Some(text) = g["status"].as_str() {
+        if let Some(text) = &g.status {
             out += &format!(", status: {text}");
         }
         out.push('\n');
     }
-    out += &format!("restarts: {}\n", status["restarts"]);
-    let last = &status["last_reload"];
-    out += &if last.is_null() {
-        "last reload: none\n".to_string()
-    } else if last["ok"] == true {
-        format!(
-            "last reload: ok at {}, generation {}\n",
-            last["at"].as_str().unwrap_or("?"),
-            last["generation"]
-        )
-    } else {
-        format!(
+    out += &format!("restarts: {}\n", status.restarts);
+    out += &match &status.last_reload {
+        None => "last reload: none\n".to_string(),
+        Some(last) if last.ok => {
+            format!("last reload: ok at {}, generation {}\n", last.at, last.generation)
+        }
+        Some(last) => format!(
             "last reload: failed at {}: {}\n",
-            last["at"].as_str().unwrap_or("?"),
-            last["error"].as_str().unwrap_or("?")
-        )
+            last.at,
+            last.error.as_deref().unwrap_or("no reason given")
+        ),
     };
-    let upgrades = &status["upgrades"];
-    let last = &upgrades["last"];
-    if last.is_object() {
-        out += &if last["ok"] == true {
-            format!(
-                "upgrades: {}, last at {} to version {} from {}\n",
-                upgrades["count"],
-                last["at"].as_str().unwrap_or("?"),
-                last["version"].as_str().unwrap_or("?"),
-                last["binary"].as_str().unwrap_or("?")
-            )
-        } else {
-            format!(
+    let upgrades = &status.upgrades;
+    if let Some(last) = &upgrades.last {
+        out += &match (last.ok, &last.version, &last.binary) {
+            (true, Some(version), Some(binary)) => format!(
+                "upgrades: {}, last at {} to version {version} from {binary}\n",
+                upgrades.count, last.at
+            ),
+            (true, _, _) => format!("upgrades: {}, last at {}\n", upgrades.count, last.at),
+            (false, _, _) => format!(
                 "upgrades: {}, last failed at {}: {}\n",
-                upgrades["count"],
-                last["at"].as_str().unwrap_or("?"),
-                last["error"].as_str().unwrap_or("?")
-            )
+                upgrades.count,
+                last.at,
+                last.error.as_deref().unwrap_or("no reason given")
+            ),
         };
     }
     out
@@ -193,6 +181,7 @@ pub fn format_status(status: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn status_summary() {
@@ -206,6 +195,9 @@ mod tests {
             "restarts": 1,
             "last_reload": {"ok": false, "generation": 4, "error": "boom", "at": "T4"}
         });
+        let Ok(Answer::Status(status)) = Answer::read(&status.to_string(), &Request::Status) else {
+            panic!("not read as a status answer: {status}");
+        };
         let text = format_status(&status);
         for want in [
             "sockhold 0.1.0 (pid 10), instance web, up since 2026-01-01T00:00:00Z",

@@ -24,11 +24,11 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
-use serde_json::{Value, json};
 
 use crate::accept::AcceptSupervisor;
 use crate::cli::{CompatEnv, Config};
 use crate::control::{ClientId, ControlServer, Request, Token, error_answer, is_exhaustion};
+use crate::protocol::{self, Answer, LastReload, Reloaded, Signalled};
 use crate::exit::ExitCode;
 use crate::listen::Listener;
 use crate::notify::{Manager, NotifySocket};
@@ -126,7 +126,7 @@ pub struct EventLoop {
     /// Control clients waiting for a reload: the reload that started for them, once one has.
     reload_waiters: Vec<(ClientId, Option<u64>)>,
     /// The outcome of the last reload, for `status`.
-    last_reload: Value,
+    last_reload: Option<LastReload>,
     started: SystemTime,
     /// `--lazy` and no child started yet: the listeners are polled for the first connection.
     lazy_waiting: bool,
@@ -273,7 +273,7 @@ impl EventLoop {
         Ok(EventLoop {
             control,
             reload_waiters: Vec::new(),
-            last_reload: Value::Null,
+            last_reload: None,
             started: SystemTime::now(),
             lazy_waiting: config.lazy,
             acceptors,
@@ -569,11 +569,10 @@ impl EventLoop {
             Request::Status => self.status(),
             // Nothing to replace, and nothing went wrong: the first connection starts the
             // command as it is then, which is what the reload asks for.
-            Request::Reload if self.lazy_waiting => json!({
-                "ok": true,
-                "generation": null,
-                "message": "no child started yet (--lazy): the first connection will start generation 1",
-            }),
+            Request::Reload if self.lazy_waiting => Answer::Reloaded(Reloaded::explained(
+                None,
+                "no child started yet (--lazy): the first connection will start generation 1",
+            )),
             Request::Reload => {
                 self.reload_waiters.push((client, None));
                 pending.push_back(Event::Reload);
@@ -581,14 +580,14 @@ impl EventLoop {
             }
             Request::Stop => {
                 pending.push_back(Event::Stop("ctl stop".into()));
-                json!({ "ok": true })
+                Answer::Done
             }
-            Request::Signal(signal) => match self.brain.serving_pids().as_slice() {
+            Request::Signal { signal } => match self.brain.serving_pids().as_slice() {
                 [] => error_answer("no child is serving: nothing to send the signal to"),
                 pids => {
                     pending.push_back(Event::Forward(signal));
                     let pids: Vec<i32> = pids.iter().map(|p| p.as_raw()).collect();
-                    json!({ "ok": true, "pid": pids[0], "pids": pids })
+                    Answer::Signalled(Signalled { pid: pids[0], pids })
                 }
             },
             Request::Upgrade => {
@@ -602,28 +601,30 @@ impl EventLoop {
         }
     }
 
-    fn answer_client(&mut self, client: ClientId, answer: &Value) {
+    fn answer_client(&mut self, client: ClientId, answer: &Answer) {
         if let Some(control) = &mut self.control {
             control.answer(client, answer);
         }
     }
 
     /// The `status` answer.
-    fn status(&self) -> Value {
+    fn status(&self) -> Answer {
         let now = Instant::now();
         let wall = SystemTime::now();
         let at = |t: Instant| {
             let when = wall.checked_sub(now.saturating_duration_since(t)).unwrap_or(wall);
             humantime::format_rfc3339_seconds(when).to_string()
         };
-        let listeners: Vec<Value> = self
+        let listeners: Vec<protocol::Listener> = self
             .held
             .listeners
             .iter()
             .enumerate()
-            .map(
-                |(i, l)| json!({ "fd": 3 + i, "name": l.name(), "address": l.local_description() }),
-            )
+            .map(|(i, l)| protocol::Listener {
+                fd: 3 + i,
+                name: l.name().to_owned(),
+                address: l.local_description().to_owned(),
+            })
             .collect();
         // One entry per generation, its processes (workers) listed in it; the generation's
         // state is the most alive of theirs, so a half-replaced generation still shows serving.
@@ -634,38 +635,41 @@ impl EventLoop {
         let rank = |state: &str| {
             ["serving", "starting", "stopping", "killed"].iter().position(|s| *s == state)
         };
-        let generations: Vec<Value> = ids
+        let generations: Vec<protocol::Generation> = ids
             .into_iter()
             .map(|id| {
                 let of: Vec<&GenerationInfo> = units.iter().filter(|u| u.id == id).collect();
                 let state = of.iter().map(|u| u.state).min_by_key(|s| rank(s)).unwrap_or("?");
                 let since = of.iter().map(|u| u.since).min().unwrap_or(now);
-                let workers: Vec<Value> = of
+                let workers = of
                     .iter()
-                    .map(|u| json!({ "pid": u.pid.map(|p| p.as_raw()), "state": u.state, "since": at(u.since) }))
+                    .map(|u| protocol::Worker {
+                        pid: u.pid.map(|p| p.as_raw()),
+                        state: u.state.to_owned(),
+                        since: at(u.since),
+                    })
                     .collect();
-                json!({
-                    "id": id,
-                    "pids": of.iter().filter_map(|u| u.pid).map(|p| p.as_raw()).collect::<Vec<_>>(),
-                    "state": state,
-                    "since": at(since),
-                    "status": of.iter().find_map(|u| u.status.clone()),
-                    "workers": workers,
-                })
+                protocol::Generation {
+                    id,
+                    pids: of.iter().filter_map(|u| u.pid).map(|p| p.as_raw()).collect(),
+                    state: state.to_owned(),
+                    since: at(since),
+                    status: of.iter().find_map(|u| u.status.clone()),
+                    workers,
+                }
             })
             .collect();
-        json!({
-            "ok": true,
-            "pid": std::process::id(),
-            "version": env!("CARGO_PKG_VERSION"),
-            "name": self.config.name,
-            "started": humantime::format_rfc3339_seconds(self.started).to_string(),
-            "listeners": listeners,
-            "generations": generations,
-            "restarts": self.brain.restarts(),
-            "last_reload": self.last_reload,
-            "upgrades": self.upgrade.status(),
-        })
+        Answer::Status(Box::new(protocol::Status {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            name: self.config.name.clone(),
+            started: humantime::format_rfc3339_seconds(self.started).to_string(),
+            listeners,
+            generations,
+            restarts: self.brain.restarts(),
+            last_reload: self.last_reload.clone(),
+            upgrades: self.upgrade.status(),
+        }))
     }
 
     /// Reaps every child that has ended. A generation's leftover processes (workers, daemons it
@@ -781,26 +785,24 @@ impl EventLoop {
         let answer = match &result {
             // No child serves in per-connection mode (each one serves its connection): say
             // what the reload changed instead of naming no pid.
-            Ok(()) if matches!(self.brain, Brain::PerConnection(_)) => json!({
-                "ok": true,
-                "generation": generation,
-                "message": format!(
-                    "--accept: each connection starts a new child, which reads the command, --env-file and --user afresh; new connections now run as generation {}, running ones finish as they are",
-                    generation.unwrap_or_default()
-                ),
-            }),
+            Ok(()) if matches!(self.brain, Brain::PerConnection(_)) => {
+                Answer::Reloaded(Reloaded::explained(
+                    generation,
+                    format!(
+                        "--accept: each connection starts a new child, which reads the command, --env-file and --user afresh; new connections now run as generation {}, running ones finish as they are",
+                        generation.unwrap_or_default()
+                    ),
+                ))
+            }
             Ok(()) => {
                 let pid = self.brain.serving_pids().first().map(|p| p.as_raw());
-                json!({ "ok": true, "generation": generation, "pid": pid })
+                Answer::Reloaded(Reloaded::serving(generation, pid))
             }
             Err(reason) => error_answer(&format!("reload failed: {reason}")),
         };
         if let Some(generation) = generation {
             let at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-            self.last_reload = match &result {
-                Ok(()) => json!({ "ok": true, "generation": generation, "at": at }),
-                Err(e) => json!({ "ok": false, "generation": generation, "error": e, "at": at }),
-            };
+            self.last_reload = Some(LastReload::new(generation, &result, at));
         }
         let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reload_waiters)
             .into_iter()

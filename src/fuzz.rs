@@ -1,6 +1,6 @@
 //! Fuzzing of every parser that reads input from outside sockhold: `--listen` specs
 //! ([`crate::listen::ListenSpec`]), notify datagrams ([`crate::notify::NotifyMessage::parse`]),
-//! control requests ([`crate::control::parse_request`]) and the `DUR`, `SIG` and `--ready`
+//! control requests ([`crate::protocol::Request::parse`]) and the `DUR`, `SIG` and `--ready`
 //! arguments ([`crate::cli`]).
 //!
 //! The toolchain is stable and the crate has no library target, so these are proptest
@@ -756,7 +756,7 @@ mod control {
     use serde_json::{Value, json};
 
     use crate::cli::parse_signal;
-    use crate::control::{Request, error_answer, parse_request};
+    use crate::protocol::{Answer, Request};
     use crate::supervisor::signal_name;
 
     /// What a request means, decided from the JSON value: the protocol in the README.
@@ -774,7 +774,7 @@ mod control {
                     Value::Number(n) => n.to_string(),
                     _ => return None,
                 };
-                parse_signal(&text).ok().map(Request::Signal)
+                parse_signal(&text).ok().map(|signal| Request::Signal { signal })
             }
             _ => None,
         }
@@ -783,18 +783,20 @@ mod control {
     /// What must hold for any line: a request exactly when the line is JSON meaning one, and
     /// otherwise an error that makes a well-formed one-line `{"ok":false,"error":...}` answer.
     fn check(line: &[u8]) -> Result<(), TestCaseError> {
-        let parsed = parse_request(line);
+        let parsed = Request::parse(line);
         let json = serde_json::from_slice::<Value>(line).ok();
         let meant = json.as_ref().and_then(meaning);
         prop_assert_eq!(parsed.as_ref().ok(), meant.as_ref());
         if let Err(error) = parsed {
             prop_assert!(!error.trim().is_empty(), "empty error for {:?}", line);
-            let answer = error_answer(&error).to_string();
+            let line = Answer::error(error.clone()).line();
+            let answer = line.strip_suffix('\n').expect("an answer ends its line");
             prop_assert!(!answer.contains('\n'), "an answer is one line: {}", answer);
             let back: Value = serde_json::from_str(&answer).expect("serde_json reads its own");
             prop_assert_eq!(back.as_object().map(|o| o.len()), Some(2), "{}", answer);
             prop_assert_eq!(&back["ok"], &Value::Bool(false));
             prop_assert_eq!(back["error"].as_str(), Some(error.as_str()));
+            prop_assert_eq!(Answer::read(answer, &Request::Status).ok(), Some(Answer::Failed(error)));
         }
         Ok(())
     }
@@ -874,7 +876,7 @@ mod control {
             Just(Request::Reload),
             Just(Request::Stop),
             Just(Request::Upgrade),
-            prop::sample::select(every_signal()).prop_map(Request::Signal),
+            prop::sample::select(every_signal()).prop_map(|signal| Request::Signal { signal }),
         ];
         (request, 0..5u8, any::<bool>(), "[ \t\r]{0,2}").prop_map(|(request, form, swap, ws)| {
             let cmd = match request {
@@ -882,13 +884,13 @@ mod control {
                 Request::Reload => "reload",
                 Request::Stop => "stop",
                 Request::Upgrade => "upgrade",
-                Request::Signal(_) => "signal",
+                Request::Signal { .. } => "signal",
             };
             let line = match (&request, form) {
-                (Request::Signal(s), 0) => {
+                (Request::Signal { signal: s }, 0) => {
                     json!({ "cmd": "signal", "signal": signal_name(*s) }).to_string()
                 }
-                (Request::Signal(s), _) => {
+                (Request::Signal { signal: s }, _) => {
                     let signal = match form {
                         1 => format!("\"SIG{s}\""),
                         2 => format!("\"{}\"", signal_name(*s).to_lowercase()),
@@ -939,7 +941,11 @@ mod control {
 
         #[test]
         fn valid_requests_round_trip((request, line) in written_request()) {
-            prop_assert_eq!(parse_request(line.as_bytes()), Ok(request), "{}", line);
+            prop_assert_eq!(Request::parse(line.as_bytes()), Ok(request.clone()), "{}", line);
+            // As `sockhold ctl` writes it: one line, read back as the same request.
+            let written = request.line();
+            prop_assert_eq!(written.matches('\n').count(), 1, "{}", written);
+            prop_assert_eq!(Request::parse(written.trim_end().as_bytes()), Ok(request), "{}", written);
         }
 
         /// Nesting far deeper than serde_json's recursion limit is an error, not a stack overflow.

@@ -20,6 +20,7 @@ mod init;
 mod listen;
 mod notify;
 mod paths;
+mod protocol;
 mod probe;
 mod signals;
 mod spawn;

@@ -23,6 +23,7 @@ use crate::control::{ClientId, ControlServer, error_answer};
 use crate::listen::Listener;
 use crate::notify::{Manager, NotifySocket};
 use crate::paths::PidFile;
+use crate::protocol::{self, Answer, LastUpgrade, Upgraded};
 use crate::signals::Signals;
 use crate::supervisor::Supervisor;
 use crate::upgrade::{self, Incoming};
@@ -38,7 +39,7 @@ pub(super) struct Upgrades {
     /// Upgrades that succeeded, for `status`.
     count: u64,
     /// The last upgrade's outcome, for `status`.
-    last: Value,
+    last: Option<LastUpgrade>,
 }
 
 impl Upgrades {
@@ -49,7 +50,7 @@ impl Upgrades {
             asked: Vec::new(),
             resumed: false,
             count: 0,
-            last: Value::Null,
+            last: None,
         }
     }
 
@@ -59,8 +60,8 @@ impl Upgrades {
     }
 
     /// For `status`.
-    pub(super) fn status(&self) -> Value {
-        json!({ "count": self.count, "last": self.last })
+    pub(super) fn status(&self) -> protocol::Upgrades {
+        protocol::Upgrades { count: self.count, last: self.last.clone() }
     }
 }
 
@@ -91,7 +92,7 @@ impl EventLoop {
         };
         let Err(reason) = result;
         error!("upgrade failed: {reason}; version {} goes on", env!("CARGO_PKG_VERSION"));
-        self.upgrade.last = json!({ "ok": false, "error": reason, "at": now_text() });
+        self.upgrade.last = Some(LastUpgrade::failed(&reason, now_text()));
         for client in asked.into_iter().flatten() {
             self.answer_client(client, &error_answer(&format!("upgrade failed: {reason}")));
         }
@@ -333,18 +334,21 @@ impl EventLoop {
         let answer = match &incoming.failed {
             None => {
                 upgrades.count += 1;
-                upgrades.last =
-                    json!({ "ok": true, "binary": target, "version": version, "at": now_text() });
+                upgrades.last = Some(LastUpgrade::succeeded(&target, version, now_text()));
                 info!(
                     "upgraded in place: version {version} from {target} took over from version {} (pid {} unchanged)",
                     state["from_version"].as_str().unwrap_or("?"),
                     std::process::id()
                 );
-                json!({ "ok": true, "pid": std::process::id(), "version": version, "binary": target })
+                Answer::Upgraded(Upgraded {
+                    pid: std::process::id(),
+                    version: version.to_owned(),
+                    binary: target.clone(),
+                })
             }
             Some(reason) => {
                 error!("upgrade to {target} failed: {reason}; version {version} goes on");
-                upgrades.last = json!({ "ok": false, "error": reason, "at": now_text() });
+                upgrades.last = Some(LastUpgrade::failed(reason, now_text()));
                 error_answer(&format!("upgrade failed: {reason}"))
             }
         };
@@ -355,7 +359,7 @@ impl EventLoop {
         let mut event_loop = EventLoop {
             control,
             reload_waiters,
-            last_reload: state["last_reload"].clone(),
+            last_reload: serde_json::from_value(state["last_reload"].clone()).unwrap_or_default(),
             started,
             lazy_waiting: state["lazy_waiting"].as_bool().unwrap_or(false),
             acceptors: Vec::new(),
