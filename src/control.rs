@@ -1,8 +1,9 @@
 //! The control socket (`--control PATH`): one JSON object per line each way.
 //!
 //! It owns the listening socket, every client connection with its buffers and deadline, the
-//! request parser ([`parse_request`], pure) and the security checks: the socket file is created
-//! with mode 0600 in a directory that is not world-writable, every client's uid is checked with
+//! call to the request parser ([`parse_request`]; the wire types are [`crate::protocol`]'s) and
+//! the security checks: the socket file is created with mode 0600 in a directory that is not
+//! world-writable, every client's uid is checked with
 //! `SO_PEERCRED` (root and sockhold's own uid only), requests are limited to [`MAX_REQUEST`]
 //! bytes, and a client that is slow, malformed or gone is answered with an error or dropped.
 //! Nothing a client does can block the event loop or reach a child.
@@ -25,8 +26,8 @@ use nix::sys::socket::{getsockopt, sockopt};
 use serde_json::{Value, json};
 
 use crate::paths::{Sticky, open_trusted_dir};
-pub use crate::protocol::Request;
 use crate::protocol::Answer;
+pub use crate::protocol::Request;
 
 /// The longest request line accepted, newline included.
 pub const MAX_REQUEST: usize = 4096;
@@ -496,7 +497,10 @@ mod tests {
             (r#" {"cmd" : "stop"} "#, Request::Stop),
             (r#"{"cmd":"upgrade"}"#, Request::Upgrade),
             (r#"{"cmd":"signal","signal":"USR1"}"#, Request::Signal { signal: Signal::SIGUSR1 }),
-            (r#"{"cmd":"signal","signal":"SIGWINCH"}"#, Request::Signal { signal: Signal::SIGWINCH }),
+            (
+                r#"{"cmd":"signal","signal":"SIGWINCH"}"#,
+                Request::Signal { signal: Signal::SIGWINCH },
+            ),
             (r#"{"signal":10,"cmd":"signal"}"#, Request::Signal { signal: Signal::SIGUSR1 }),
             // Equal keys at another level are not the request's.
             (r#"{"cmd":"signal","signal":"USR1"}"#, Request::Signal { signal: Signal::SIGUSR1 }),

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use nix::sys::socket::{getsockopt, sockopt};
+
 use crate::cli::{CtlArgs, CtlRequest};
 use crate::paths::describe_uid;
 use crate::protocol::{Answer, Reloaded, Request, Status};
@@ -39,7 +40,9 @@ pub fn run(args: &CtlArgs) -> Result<()> {
     match (&args.request, answer) {
         (_, Answer::Failed(error)) => bail!("{error}"),
         // As sent, once it is known to be a status answer.
-        (CtlRequest::Status { json: true }, Answer::Status(_)) => writeln!(out, "{}", line.trim_end())?,
+        (CtlRequest::Status { json: true }, Answer::Status(_)) => {
+            writeln!(out, "{}", line.trim_end())?
+        }
         (CtlRequest::Status { json: false }, Answer::Status(status)) => {
             out.write_all(format_status(&status).as_bytes())?
         }
@@ -52,7 +55,9 @@ pub fn run(args: &CtlArgs) -> Result<()> {
             let generation = generation.map_or("-".to_string(), |g| g.to_string());
             match pid.flatten() {
                 Some(pid) => writeln!(out, "reloaded: generation {generation} serves (pid {pid})")?,
-                None => writeln!(out, "reloaded: generation {generation} started; no child serves now")?,
+                None => {
+                    writeln!(out, "reloaded: generation {generation} started; no child serves now")?
+                }
             }
         }
         (CtlRequest::Stop, _) => writeln!(out, "stopping")?,

@@ -28,12 +28,12 @@ use nix::unistd::Pid;
 use crate::accept::AcceptSupervisor;
 use crate::cli::{CompatEnv, Config};
 use crate::control::{ClientId, ControlServer, Request, Token, error_answer, is_exhaustion};
-use crate::protocol::{self, Answer, LastReload, Reloaded, Signalled};
 use crate::exit::ExitCode;
 use crate::listen::Listener;
 use crate::notify::{Manager, NotifySocket};
 use crate::paths::PidFile;
 use crate::probe::Probe;
+use crate::protocol::{self, Answer, LastReload, Reloaded, Signalled};
 use crate::signals::{Signal, Signals, is_forwarded};
 use crate::spawn::{ChildSpec, kill, killpg, peek_ended_child, reap, spawn};
 use crate::supervisor::{

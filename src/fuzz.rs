@@ -792,11 +792,14 @@ mod control {
             let line = Answer::error(error.clone()).line();
             let answer = line.strip_suffix('\n').expect("an answer ends its line");
             prop_assert!(!answer.contains('\n'), "an answer is one line: {}", answer);
-            let back: Value = serde_json::from_str(&answer).expect("serde_json reads its own");
+            let back: Value = serde_json::from_str(answer).expect("serde_json reads its own");
             prop_assert_eq!(back.as_object().map(|o| o.len()), Some(2), "{}", answer);
             prop_assert_eq!(&back["ok"], &Value::Bool(false));
             prop_assert_eq!(back["error"].as_str(), Some(error.as_str()));
-            prop_assert_eq!(Answer::read(answer, &Request::Status).ok(), Some(Answer::Failed(error)));
+            prop_assert_eq!(
+                Answer::read(answer, &Request::Status).ok(),
+                Some(Answer::Failed(error))
+            );
         }
         Ok(())
     }

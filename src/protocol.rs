@@ -91,7 +91,8 @@ fn read_signal<'de, D: Deserializer<'de>>(d: D) -> Result<Signal, D::Error> {
         }
         fn visit_f64<E: de::Error>(self, n: f64) -> Result<Signal, E> {
             // As JSON writes it (`10.0`, `1000.0`): not a signal number, and the error says so.
-            let text = serde_json::Number::from_f64(n).map_or_else(|| n.to_string(), |n| n.to_string());
+            let text =
+                serde_json::Number::from_f64(n).map_or_else(|| n.to_string(), |n| n.to_string());
             self.visit_str(&text)
         }
         fn visit_bool<E: de::Error>(self, _: bool) -> Result<Signal, E> {
@@ -343,7 +344,8 @@ impl Answer {
     pub fn read(line: &str, request: &Request) -> Result<Answer, serde_json::Error> {
         let outcome: Outcome = serde_json::from_str(line)?;
         if !outcome.ok {
-            let error = outcome.error.unwrap_or_else(|| "sockhold answered without a reason".into());
+            let error =
+                outcome.error.unwrap_or_else(|| "sockhold answered without a reason".into());
             return Ok(Answer::Failed(error));
         }
         Ok(match request {
@@ -587,7 +589,10 @@ mod tests {
             ),
             (r#"{"cmd":"status","x":1}"#, "unexpected field \"x\" for \"status\""),
             (r#"{"cmd":"stop","signal":"TERM"}"#, "unexpected field \"signal\" for \"stop\""),
-            (r#"{"cmd":"upgrade","binary":"/bin/sh"}"#, "unexpected field \"binary\" for \"upgrade\""),
+            (
+                r#"{"cmd":"upgrade","binary":"/bin/sh"}"#,
+                "unexpected field \"binary\" for \"upgrade\"",
+            ),
             (r#"{"cmd":"signal","signal":"USR1","x":1}"#, "unexpected field \"x\" for \"signal\""),
             (r#"{"cmd":"signal"}"#, "\"signal\" needs a \"signal\" field"),
             (r#"{"cmd":"signal","signal":null}"#, SIGNAL_SHAPE),
@@ -621,7 +626,11 @@ mod tests {
                 state: "serving".into(),
                 since: "T1".into(),
                 status: None,
-                workers: vec![Worker { pid: Some(22), state: "serving".into(), since: "T1" .into() }],
+                workers: vec![Worker {
+                    pid: Some(22),
+                    state: "serving".into(),
+                    since: "T1".into(),
+                }],
             }],
             restarts: 0,
             last_reload: None,

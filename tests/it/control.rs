@@ -134,6 +134,56 @@ fn ctl_without_a_sockhold_or_in_an_open_directory_fails_clearly() {
     assert!(text(&out.stderr).contains("is writable by every user"), "{}", text(&out.stderr));
 }
 
+/// ctl against a server of its own user that speaks the protocol badly: every request goes out
+/// as the protocol writes it, and an answer that is not what was asked for fails ctl, naming the
+/// socket, instead of being printed as something else.
+#[test]
+fn ctl_refuses_an_answer_that_does_not_parse() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let cases: [(&[&str], &str, &str); 5] = [
+        (&["status"], r#"{"cmd":"status"}"#, "not json"),
+        (&["reload"], r#"{"cmd":"reload"}"#, r#"{"ok":true,"generation":"three"}"#),
+        (&["signal", "SIGHUP"], r#"{"cmd":"signal","signal":"HUP"}"#, r#"{"ok":true}"#),
+        (&["upgrade"], r#"{"cmd":"upgrade"}"#, r#"{"error":"no ok"}"#),
+        (&["reload"], r#"{"cmd":"reload"}"#, r#"{"ok":true,"generation":9,"pid":1}"#),
+    ];
+    let answers: Vec<&'static str> = cases.iter().map(|c| c.2).collect();
+    // The server: one connection per case, each answered with its line; it hands back what it
+    // was sent.
+    let server = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        for answer in answers {
+            let (stream, _) = listener.accept().unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut line = String::new();
+            BufReader::new(&stream).read_line(&mut line).unwrap();
+            got.push(line);
+            (&stream).write_all(format!("{answer}\n").as_bytes()).unwrap();
+        }
+        got
+    });
+    let mut sent = Vec::new();
+    for (args, request, answer) in &cases {
+        let out = ctl(&path, args);
+        let stderr = text(&out.stderr);
+        sent.push(format!("{request}\n"));
+        if answer.contains("\"pid\":1") {
+            assert_eq!(out.status.code(), Some(0), "{stderr}");
+            assert_eq!(text(&out.stdout), "reloaded: generation 9 serves (pid 1)\n");
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(1), "{args:?} answered {answer}: {stderr}");
+        assert!(text(&out.stdout).is_empty(), "{}", text(&out.stdout));
+        for want in ["sent an answer that does not parse", path.to_str().unwrap(), answer] {
+            let want = want.replace('"', "\\\"");
+            assert!(stderr.contains(&want), "{want:?} not in {stderr}");
+        }
+    }
+    assert_eq!(server.join().unwrap(), sent);
+}
+
 #[test]
 fn bad_clients_get_an_error_or_are_dropped_and_nothing_else_is_disturbed() {
     let dir = tempfile::tempdir().unwrap();
