@@ -15,8 +15,9 @@ use log::{info, warn};
 use nix::unistd::Pid;
 
 use crate::exit::ExitCode;
-use crate::signals::Signal;
-use crate::supervisor::{Action, Event, GenerationInfo, ManagerMessage, Policy, signal_name};
+use crate::notify::ManagerMessage;
+use crate::signals::{Signal, signal_name};
+use crate::supervisor::{Action, Event, GenerationInfo, Policy};
 
 #[derive(Clone, Debug)]
 struct Child {

@@ -10,7 +10,7 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 
 use crate::child_env::{ChildWorld, EnvFile, UserSpec, parse_env_assignment};
 use crate::listen::{ListenSpec, fd_name_is_valid, sanitize_fd_name};
-use crate::signals::Signal;
+use crate::signals::{Signal, parse_signal};
 use crate::supervisor::{
     MAX_DRAINING, NotifyAccess, Policy, ReadyMode, ReloadStrategy, RestartPolicy,
 };
@@ -495,21 +495,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-/// Parses `TERM`, `SIGTERM`, `term` or `15`, and the realtime signals: `RTMIN+3`,
-/// `SIGRTMAX-1`, `rtmin`, or their numbers (34 to 64 with glibc).
-pub fn parse_signal(text: &str) -> Result<Signal, String> {
-    let bad = || {
-        format!(
-            "'{text}' is not a signal; use a name like TERM, SIGTERM or RTMIN+1, or a number like 15"
-        )
-    };
-    if let Ok(number) = text.parse::<i32>() {
-        return Signal::try_from(number).map_err(|_| bad());
-    }
-    let upper = text.to_ascii_uppercase();
-    Signal::from_name(upper.strip_prefix("SIG").unwrap_or(&upper)).ok_or_else(bad)
-}
-
 /// The wait between probes unless --probe-interval says otherwise.
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(200);
 /// How long one probe may take unless --probe-timeout says otherwise.
@@ -759,24 +744,6 @@ mod tests {
         assert_eq!(parse_duration("3155760000"), Ok(MAX_DURATION));
         assert!(parse_duration("3155760001").unwrap_err().contains("at most 100y"));
         assert!(parse_ready("delay:18446744073709551615").unwrap_err().contains("at most 100y"));
-    }
-
-    #[test]
-    fn signals() {
-        for (text, want) in [
-            ("TERM", Signal::SIGTERM),
-            ("SIGTERM", Signal::SIGTERM),
-            ("term", Signal::SIGTERM),
-            ("15", Signal::SIGTERM),
-            ("QUIT", Signal::SIGQUIT),
-            ("9", Signal::SIGKILL),
-            ("sigusr2", Signal::SIGUSR2),
-        ] {
-            assert_eq!(parse_signal(text), Ok(want), "{text}");
-        }
-        for bad in ["", "NOPE", "0", "999", "SIG"] {
-            assert!(parse_signal(bad).unwrap_err().contains("is not a signal"), "{bad}");
-        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use nix::sys::socket::{getsockopt, sockopt};
 use crate::cli::{CtlArgs, CtlRequest};
 use crate::paths::describe_uid;
 use crate::protocol::{Answer, Reloaded, Request, Status};
-use crate::supervisor::signal_name;
+use crate::signals::signal_name;
 
 /// Runs one `sockhold ctl` request; the error is what to print before exiting 1.
 pub fn run(args: &CtlArgs) -> Result<()> {

@@ -30,15 +30,13 @@ use crate::cli::{CompatEnv, Config};
 use crate::control::{ClientId, ControlServer, Request, Token, error_answer, is_exhaustion};
 use crate::exit::ExitCode;
 use crate::listen::Listener;
-use crate::notify::{Manager, NotifySocket};
+use crate::notify::{Manager, ManagerMessage, NotifySocket};
 use crate::paths::PidFile;
 use crate::probe::Probe;
 use crate::protocol::{self, Answer, LastReload, Reloaded, Signalled};
-use crate::signals::{Signal, Signals, is_forwarded};
+use crate::signals::{Signal, Signals, is_forwarded, signal_name};
 use crate::spawn::{ChildSpec, kill, killpg, peek_ended_child, reap, spawn};
-use crate::supervisor::{
-    Action, Event, GenerationInfo, ManagerMessage, ReadyMode, Supervisor, signal_name,
-};
+use crate::supervisor::{Action, Event, GenerationInfo, ReadyMode, Supervisor};
 
 /// Environment variables of sockhold's own that must not reach a child: they describe sockhold's
 /// sockets and manager, not the child's (a stale `LISTEN_PIDFDID` makes libsystemd ignore every

@@ -78,7 +78,7 @@ impl fmt::Display for ChildStatus {
         match self {
             ChildStatus::Exited(code) => write!(f, "exit status {code}"),
             ChildStatus::Signaled(signal) => {
-                write!(f, "killed by SIG{}", crate::supervisor::signal_name(*signal))
+                write!(f, "killed by SIG{}", crate::signals::signal_name(*signal))
             }
         }
     }

@@ -755,9 +755,9 @@ mod control {
     use proptest::prelude::*;
     use serde_json::{Value, json};
 
-    use crate::cli::parse_signal;
     use crate::protocol::{Answer, Request};
-    use crate::supervisor::signal_name;
+    use crate::signals::parse_signal;
+    use crate::signals::signal_name;
 
     /// What a request means, decided from the JSON value: the protocol in the README.
     fn meaning(value: &Value) -> Option<Request> {
@@ -969,8 +969,9 @@ mod cli {
     use proptest::prelude::*;
 
     use super::soup;
-    use crate::cli::{MAX_DURATION, parse_duration, parse_ready, parse_signal};
-    use crate::supervisor::{ReadyMode, signal_name};
+    use crate::cli::{MAX_DURATION, parse_duration, parse_ready};
+    use crate::signals::{parse_signal, signal_name};
+    use crate::supervisor::ReadyMode;
 
     #[rustfmt::skip]
     const DURATION_PIECES: &[&str] = &[

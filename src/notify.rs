@@ -26,8 +26,6 @@ use nix::sys::socket::{
 use nix::time::{ClockId, clock_gettime};
 use nix::unistd::{Pid, getpgid};
 
-use crate::supervisor::ManagerMessage;
-
 /// The largest datagram the protocol allows; longer ones are ignored, as systemd does.
 pub const MAX_DATAGRAM: usize = 4096;
 
@@ -278,6 +276,19 @@ fn monotonic_usec() -> u64 {
         Ok(ts) => ts.tv_sec() as u64 * 1_000_000 + ts.tv_nsec() as u64 / 1_000,
         Err(_) => 0,
     }
+}
+
+/// Messages for sockhold's own service manager (when sockhold has `NOTIFY_SOCKET`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ManagerMessage {
+    /// `READY=1` and a status line.
+    Ready(String),
+    /// `RELOADING=1`, `MONOTONIC_USEC=` and a status line.
+    Reloading(String),
+    /// `STOPPING=1` and a status line.
+    Stopping(String),
+    /// Only a status line.
+    Status(String),
 }
 
 #[cfg(test)]

@@ -12,8 +12,8 @@ use serde::de::{self, Deserializer, IntoDeserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 
-use crate::cli::parse_signal;
 use crate::signals::Signal;
+use crate::signals::parse_signal;
 
 /// A request, one line from a client.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -174,9 +174,48 @@ pub fn is_forwarded(signal: Signal) -> bool {
     FORWARDED.contains(&signal) || signal.is_realtime()
 }
 
+/// Parses `TERM`, `SIGTERM`, `term` or `15`, and the realtime signals: `RTMIN+3`,
+/// `SIGRTMAX-1`, `rtmin`, or their numbers (34 to 64 with glibc).
+pub fn parse_signal(text: &str) -> Result<Signal, String> {
+    let bad = || {
+        format!(
+            "'{text}' is not a signal; use a name like TERM, SIGTERM or RTMIN+1, or a number like 15"
+        )
+    };
+    if let Ok(number) = text.parse::<i32>() {
+        return Signal::try_from(number).map_err(|_| bad());
+    }
+    let upper = text.to_ascii_uppercase();
+    Signal::from_name(upper.strip_prefix("SIG").unwrap_or(&upper)).ok_or_else(bad)
+}
+
+/// `TERM` for `SIGTERM`, `RTMIN+3` for the fourth realtime signal: the name without its prefix,
+/// as operators write it.
+pub fn signal_name(signal: Signal) -> String {
+    signal.name()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signals() {
+        for (text, want) in [
+            ("TERM", Signal::SIGTERM),
+            ("SIGTERM", Signal::SIGTERM),
+            ("term", Signal::SIGTERM),
+            ("15", Signal::SIGTERM),
+            ("QUIT", Signal::SIGQUIT),
+            ("9", Signal::SIGKILL),
+            ("sigusr2", Signal::SIGUSR2),
+        ] {
+            assert_eq!(parse_signal(text), Ok(want), "{text}");
+        }
+        for bad in ["", "NOPE", "0", "999", "SIG"] {
+            assert!(parse_signal(bad).unwrap_err().contains("is not a signal"), "{bad}");
+        }
+    }
 
     #[test]
     fn realtime_signals_are_named_and_read_as_kill_l_does() {

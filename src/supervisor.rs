@@ -18,8 +18,8 @@ use log::{debug, error, info, warn};
 use nix::unistd::Pid;
 
 use crate::exit::{ChildStatus, ExitCode};
-use crate::notify::NotifyMessage;
-use crate::signals::Signal;
+use crate::notify::{ManagerMessage, NotifyMessage};
+use crate::signals::{Signal, signal_name};
 
 /// First delay before restarting a child that exited by itself.
 pub const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -144,19 +144,6 @@ pub enum Event {
     ProbeDone { unit: u64, result: Result<(), String> },
     /// Time passed; deadlines that are due fire on every step, this event only wakes them.
     Timer,
-}
-
-/// Messages for sockhold's own service manager (when sockhold has `NOTIFY_SOCKET`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ManagerMessage {
-    /// `READY=1` and a status line.
-    Ready(String),
-    /// `RELOADING=1`, `MONOTONIC_USEC=` and a status line.
-    Reloading(String),
-    /// `STOPPING=1` and a status line.
-    Stopping(String),
-    /// Only a status line.
-    Status(String),
 }
 
 /// Something for the event loop to do.
@@ -1169,12 +1156,6 @@ impl Supervisor {
     pub fn serving_pids(&self) -> Vec<Pid> {
         self.serving().filter_map(|u| u.pid).collect()
     }
-}
-
-/// `TERM` for `SIGTERM`, `RTMIN+3` for the fourth realtime signal: the name without its prefix,
-/// as operators write it.
-pub fn signal_name(signal: Signal) -> String {
-    signal.name()
 }
 
 mod snapshot;
