@@ -328,14 +328,17 @@ impl EventLoop {
             }
         }
         loop {
+            let mut acted = false;
             while let Some(event) = pending.pop_front() {
                 let actions = self.brain.step(event, Instant::now());
                 for action in actions {
+                    acted |= !matches!(action, Action::Manager(_) | Action::Probe { .. });
                     if let Some(code) = self.perform(action, &mut pending) {
                         return Ok(code);
                     }
                 }
             }
+            self.after_turn(acted);
             self.upgrade_if_asked();
             self.wait(&mut pending)?;
         }
@@ -348,6 +351,8 @@ impl EventLoop {
             self.brain.next_deadline(),
             self.control.as_ref().and_then(|c| c.next_deadline()),
             self.probes.values().map(|p| p.deadline).min(),
+            // One wakeup at the end of probation, to close the state and the old binary.
+            self.upgrade.probation_deadline(),
         ]
         .into_iter()
         .flatten()

@@ -24,7 +24,7 @@ use crate::listen::Listener;
 use crate::notify::{Manager, NotifySocket};
 use crate::signals::Signals;
 use crate::supervisor::Supervisor;
-use crate::upgrade::{self, Incoming};
+use crate::upgrade::{self, Incoming, OnProbation};
 
 /// What the event loop keeps about upgrades, across upgrades.
 pub(super) struct Upgrades {
@@ -36,6 +36,12 @@ pub(super) struct Upgrades {
     pub(super) resumed: bool,
     /// Upgrades that succeeded, for `status`.
     count: u64,
+    /// This program took over and is on probation since then: a crash goes back.
+    pub(super) probation: Option<(OnProbation, Instant)>,
+    /// The answer for the clients that asked for the upgrade this program took over from.
+    answer: Option<(Vec<ClientId>, Value)>,
+    /// Test-only ([`upgrade::TEST_CRASH_VAR`]): how to crash after taking over.
+    crash_test: Option<String>,
     /// The last upgrade's outcome, for `status`.
     last: Value,
 }
@@ -49,12 +55,20 @@ impl Upgrades {
             resumed: false,
             count: 0,
             last: Value::Null,
+            probation: None,
+            answer: None,
+            crash_test: None,
         }
     }
 
     /// Records a request; it is carried out at the end of the loop's turn.
     pub(super) fn ask(&mut self, who: Option<ClientId>) {
         self.asked.push(who);
+    }
+
+    /// When probation ends, if this program is on it.
+    pub(super) fn probation_deadline(&self) -> Option<Instant> {
+        self.probation.as_ref().map(|(_, since)| *since + upgrade::PROBATION)
     }
 
     /// For `status`.
@@ -75,7 +89,51 @@ fn monotonic_ns() -> i128 {
     }
 }
 
+/// Test-only ([`upgrade::TEST_CRASH_VAR`]): crashes as a broken new program would.
+fn crash_for_a_test(how: &str) {
+    error!("{} asks for a crash: {how}", upgrade::TEST_CRASH_VAR);
+    match how {
+        "panic" => panic!("crashing for a test, as {} asks", upgrade::TEST_CRASH_VAR),
+        _ => {
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSEGV);
+        }
+    }
+}
+
 impl EventLoop {
+    /// After the first turn of the loop in a program that took over: answers the clients that
+    /// asked for the upgrade. On probation, ends it once the loop acted on a child (`acted`: the
+    /// state a crash would hand back no longer describes the children) or its time is up.
+    pub(super) fn after_turn(&mut self, acted: bool) {
+        if let Some(how) = self.upgrade.crash_test.take() {
+            crash_for_a_test(&how);
+        }
+        if let Some((askers, answer)) = self.upgrade.answer.take() {
+            for id in askers {
+                self.answer_client(id, &answer);
+            }
+            if let Some((probation, _)) = &mut self.upgrade.probation
+                && let Err(e) = probation.answered_upgrade()
+            {
+                error!("{e}; a crash cannot go back to the old program");
+                self.end_probation("the state cannot be kept up to date");
+            }
+        }
+        match &self.upgrade.probation {
+            Some(_) if acted => self.end_probation("the new program acted on a child"),
+            Some((probation, since)) if probation.expired(*since) => {
+                self.end_probation("its time is up")
+            }
+            _ => {}
+        }
+    }
+
+    fn end_probation(&mut self, why: &str) {
+        if let Some((probation, _)) = self.upgrade.probation.take() {
+            probation.end(why);
+        }
+    }
+
     /// Carries out the upgrade asked for since the last turn, if any. Returns only when there
     /// was none or it failed (then the askers have their answer).
     pub(super) fn upgrade_if_asked(&mut self) {
@@ -215,16 +273,29 @@ impl EventLoop {
     /// Takes over from the sockhold that exec'd this program. If that cannot be done, goes back
     /// to the old program (see [`Incoming::roll_back`]): this returns only with a running loop.
     pub fn resume(config: Config, incoming: Incoming) -> EventLoop {
-        match Self::take_over(config, &incoming) {
-            Ok((event_loop, adopted)) => {
-                incoming.finish(&adopted);
+        match Self::take_over(config, &incoming, false) {
+            Ok(Some((mut event_loop, adopted))) => {
+                event_loop.upgrade.probation =
+                    incoming.finish(&adopted).map(|probation| (probation, Instant::now()));
                 event_loop
             }
+            Ok(None) => unreachable!("only a dry run stops before taking over"),
             Err(reason) => incoming.roll_back(&reason),
         }
     }
 
-    fn take_over(config: Config, incoming: &Incoming) -> Result<(EventLoop, Vec<RawFd>), String> {
+    /// A dry run: reads the state as [`EventLoop::resume`] does, without its fds (they are not
+    /// passed; only their numbers are checked), and takes nothing over.
+    pub fn dry_run(config: Config, incoming: &Incoming) -> Result<(), String> {
+        Self::take_over(config, incoming, true).map(|_| ())
+    }
+
+    /// Reads the state and takes it over; with `dry`, stops once it is read and checked.
+    fn take_over(
+        config: Config,
+        incoming: &Incoming,
+        dry: bool,
+    ) -> Result<Option<(EventLoop, Vec<RawFd>)>, String> {
         incoming.check_format()?;
         let state = &incoming.state;
         if config.accept.is_some() {
@@ -246,12 +317,20 @@ impl EventLoop {
         let list = |key: &str| state[key].as_array().cloned().unwrap_or_default();
         let mut adopted = Vec::new();
         for listener in list("listeners") {
-            adopted.push(Listener::check_handover(&listener)?);
+            adopted.push(if dry {
+                let text = listener["spec"].as_str().ok_or("a listener without a spec")?;
+                text.parse::<crate::listen::ListenSpec>().map_err(|e| e.to_string())?;
+                Incoming::check_fd_number(&listener["fd"], "a listener")?
+            } else {
+                Listener::check_handover(&listener)?
+            });
         }
         let fd_of = |v: &Value, what: &str| -> Result<RawFd, String> {
-            let fd = v["fd"].as_i64().and_then(|f| RawFd::try_from(f).ok());
-            let fd = fd.ok_or_else(|| format!("{what} without an fd"))?;
-            crate::spawn::borrow_inherited_fd(fd).map_err(|e| format!("{what} fd {fd}: {e}"))?;
+            let fd = Incoming::check_fd_number(&v["fd"], what)?;
+            if !dry {
+                crate::spawn::borrow_inherited_fd(fd)
+                    .map_err(|e| format!("{what} fd {fd}: {e}"))?;
+            }
             Ok(fd)
         };
         let mut notify = Vec::new();
@@ -281,6 +360,9 @@ impl EventLoop {
         }
         let runtime_dir =
             state["runtime_dir"].as_str().ok_or("the state has no runtime directory")?;
+        if dry {
+            return Ok(None);
+        }
         let manager = match std::env::var("NOTIFY_SOCKET") {
             Ok(path) if !path.is_empty() => {
                 Some(Manager::new(&path).map_err(|e| format!("{e:#}"))?)
@@ -370,11 +452,14 @@ impl EventLoop {
             base_env,
             upgrade: upgrades,
         };
-        for id in upgrade_askers {
-            event_loop.answer_client(id, &answer);
+        // Answered after the first turn of the loop: a crash before then goes back to the old
+        // program, which answers them.
+        event_loop.upgrade.answer = Some((upgrade_askers, answer));
+        if incoming.failed.is_none() {
+            event_loop.upgrade.crash_test = std::env::var(upgrade::TEST_CRASH_VAR).ok();
         }
         // Nothing for the service manager: the main pid and the readiness it knows are unchanged,
         // and a send to a manager whose queue is full would block here, signals still blocked.
-        Ok((event_loop, adopted))
+        Ok(Some((event_loop, adopted)))
     }
 }
