@@ -173,14 +173,14 @@ fn pointers(strings: &[CString], extra: Option<&CString>) -> Vec<*const c_char> 
 /// the ordinary stack full.
 fn alternate_stack() -> Result<(), String> {
     let memory: &'static mut [u8] = Box::leak(vec![0u8; ALT_STACK_SIZE].into_boxed_slice());
-    let stack = libc::stack_t {
-        ss_sp: memory.as_mut_ptr().cast(),
-        ss_flags: 0,
-        ss_size: memory.len(),
-    };
+    let stack =
+        libc::stack_t { ss_sp: memory.as_mut_ptr().cast(), ss_flags: 0, ss_size: memory.len() };
     // SAFETY: `stack` describes leaked memory that lives for the rest of the process.
     if unsafe { libc::sigaltstack(&stack, std::ptr::null_mut()) } != 0 {
-        return Err(format!("cannot set an alternate signal stack: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "cannot set an alternate signal stack: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }

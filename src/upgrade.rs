@@ -463,7 +463,9 @@ impl Incoming {
             .map(crate::spawn::adopt_inherited_fd);
         let on_probation = match (&self.failed, handle) {
             (None, Some(handle)) => match self.arm(&handle, adopted) {
-                Ok(()) => Some(OnProbation { memfd: self.memfd, _handle: handle, state: self.state }),
+                Ok(()) => {
+                    Some(OnProbation { memfd: self.memfd, _handle: handle, state: self.state })
+                }
                 Err(e) => {
                     warn!("after the upgrade, a crash cannot go back to the old program: {e}");
                     None
@@ -476,8 +478,10 @@ impl Incoming {
     }
 
     fn arm(&self, handle: &OwnedFd, adopted: &[RawFd]) -> Result<(), String> {
+        // Both came without close-on-exec: an upgrade from this program must not pass them on.
+        // The way back clears it again.
         let memfd = self.memfd.as_raw_fd();
-        set_cloexec(&[memfd], true)?;
+        set_cloexec(&[memfd, handle.as_raw_fd()], true)?;
         let mut fds = adopted.to_vec();
         fds.extend([memfd, handle.as_raw_fd()]);
         let deadline = crate::sys::monotonic_ns() + PROBATION.as_nanos() as i128;
