@@ -296,6 +296,7 @@ impl EventLoop {
                 let _ = waitpid(pid, None);
             }
         }
+        self.answer_upgrade_askers();
         for (client, _) in std::mem::take(&mut self.reload_waiters) {
             self.answer_client(client, &error_answer("sockhold stopped before the reload ended"));
         }

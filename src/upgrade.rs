@@ -3,14 +3,22 @@
 //!
 //! The old program checks the target first (a regular, executable file that answers
 //! `--upgrade-check` with the state format it reads), then writes its state as one JSON object
-//! into a memfd, clears close-on-exec on exactly the fds it hands over (listeners, notify and
-//! control sockets, waiting control clients, the memfd, and a handle on its own binary), blocks
-//! every signal and calls execve. The signal mask survives execve, so a signal that arrives
+//! into a memfd and gives the target a dry run: started as a child with that memfd as fd 3,
+//! `SOCKHOLD_UPGRADE_DRY_RUN` and none of the sockets, it reads the command line and the whole
+//! state as a takeover would, touches nothing and must answer `{"sockhold_dry_run":"ok",...}`
+//! within the deadline; one that fails, dies of a signal or hangs is refused, since an exec
+//! into it could not be undone. Then the old program clears close-on-exec on exactly the fds it
+//! hands over (listeners, notify and control sockets, waiting control clients, the memfd, and a
+//! handle on its own binary), blocks every signal and calls execve. The signal mask survives execve, so a signal that arrives
 //! during the change stays pending until the new program has installed its handlers: none is
 //! lost. The new program finds the memfd through `SOCKHOLD_UPGRADE_FD`. If it cannot take over,
 //! it re-executes the old binary through the handle with the same state and the reason in
 //! `SOCKHOLD_UPGRADE_FAILED`, so the old version goes on supervising and reports the failure;
-//! a program restored that way never rolls back again.
+//! a program restored that way never rolls back again. A new program that took over is on
+//! probation for [`PROBATION`], or until it acts on a child: it keeps the memfd and the handle,
+//! and a panic or a fatal signal goes back the same way (the handler is in [`crate::sys`]). The
+//! clients that asked for the upgrade are answered after its first turn of the loop, so a crash
+//! before then is reported to them by the old program.
 //!
 //! This module owns the state's envelope (format version, fds, the handle) and the syscalls of
 //! the change; what the state says is the event loop's (`event_loop::handover`) and the
@@ -431,7 +439,7 @@ impl Incoming {
         let fd = fd.as_i64().ok_or_else(|| format!("{what} without an fd"))?;
         RawFd::try_from(fd)
             .ok()
-            .filter(|&fd| fd > 2)
+            .filter(|&fd| fd >= 0)
             .ok_or_else(|| format!("{what} has fd {fd}, which cannot be handed over"))
     }
 

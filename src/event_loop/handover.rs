@@ -1,7 +1,9 @@
 //! Self-upgrade, the event loop's side: what the state holds (listeners, notify sockets per
 //! generation, the control socket and the clients waiting for an answer, the runtime paths, the
 //! history `ctl status` shows, and the supervisor's snapshot), writing it before the exec, and
-//! taking it over in the new program.
+//! taking it over in the new program (or only reading it all, in a dry run). After a takeover
+//! it answers the askers after the loop's first turn and ends probation once the loop acts on a
+//! child.
 //!
 //! An upgrade asked for (SIGUSR2, `ctl upgrade`) is carried out between two turns of the loop,
 //! when every event already read has been handled, so nothing read is lost in the exec. The
@@ -108,6 +110,19 @@ impl EventLoop {
         if let Some(how) = self.upgrade.crash_test.take() {
             crash_for_a_test(&how);
         }
+        self.answer_upgrade_askers();
+        match &self.upgrade.probation {
+            Some(_) if acted => self.end_probation("the new program acted on a child"),
+            Some((probation, since)) if probation.expired(*since) => {
+                self.end_probation("its time is up")
+            }
+            _ => {}
+        }
+    }
+
+    /// Answers the clients that asked for the upgrade this program took over from, if not yet
+    /// done (also when sockhold exits in its first turn).
+    pub(super) fn answer_upgrade_askers(&mut self) {
         if let Some((askers, answer)) = self.upgrade.answer.take() {
             for id in askers {
                 self.answer_client(id, &answer);
@@ -118,13 +133,6 @@ impl EventLoop {
                 error!("{e}; a crash cannot go back to the old program");
                 self.end_probation("the state cannot be kept up to date");
             }
-        }
-        match &self.upgrade.probation {
-            Some(_) if acted => self.end_probation("the new program acted on a child"),
-            Some((probation, since)) if probation.expired(*since) => {
-                self.end_probation("its time is up")
-            }
-            _ => {}
         }
     }
 
