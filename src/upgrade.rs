@@ -3,15 +3,15 @@
 //!
 //! The old program checks the target first (a regular, executable file that answers
 //! `--upgrade-check` with the state format it reads), then writes its state as one JSON object
-//! into a memfd and gives the target a dry run: started as a child with that memfd as fd 3,
-//! `SOCKHOLD_UPGRADE_DRY_RUN` and none of the sockets, it reads the command line and the whole
-//! state as a takeover would, touches nothing and must answer `{"sockhold_dry_run":"ok",...}`
-//! within the deadline; one that fails, dies of a signal or hangs is refused, since an exec
-//! into it could not be undone. Then the old program clears close-on-exec on exactly the fds it
-//! hands over (listeners, notify and control sockets, waiting control clients, the memfd, and a
-//! handle on its own binary), blocks every signal and calls execve. The signal mask survives execve, so a signal that arrives
-//! during the change stays pending until the new program has installed its handlers: none is
-//! lost. The new program finds the memfd through `SOCKHOLD_UPGRADE_FD`. If it cannot take over,
+//! into a sealed memfd and gives the target a dry run: started as a child with that memfd as
+//! fd 3, `SOCKHOLD_UPGRADE_DRY_RUN` and none of the sockets, it reads the command line and the
+//! whole state as a takeover would, touches nothing and must answer
+//! `{"sockhold_dry_run":"ok",...}` within the deadline; one that fails, dies of a signal or
+//! hangs is refused, since an exec into it could not be undone. Then the old program clears
+//! close-on-exec on exactly the fds it hands over (listeners, notify and control sockets,
+//! waiting control clients, the memfd, and a handle on its own binary), blocks every signal and
+//! calls execve. The signal mask survives execve, so a signal that arrives during the change
+//! stays pending until the new program has installed its handlers: none is lost. The new program finds the memfd through `SOCKHOLD_UPGRADE_FD`. If it cannot take over,
 //! it re-executes the old binary through the handle with the same state and the reason in
 //! `SOCKHOLD_UPGRADE_FAILED`, so the old version goes on supervising and reports the failure;
 //! a program restored that way never rolls back again. A new program that took over is on
@@ -52,9 +52,9 @@ pub const FAILED_VAR: &str = "SOCKHOLD_UPGRADE_FAILED";
 /// Set, with `SOCKHOLD_UPGRADE_FD`, for the dry run: the target reads the state and the command
 /// line as it would to take over, and only says whether it could.
 pub const DRY_RUN_VAR: &str = "SOCKHOLD_UPGRADE_DRY_RUN";
-/// Test-only: makes a new program crash just after it took over (`segv` or `panic`), to test
-/// the way back. It only ever crashes sockhold itself, and only a program on probation, which
-/// then goes back to the old one; it is never passed on.
+/// Test-only: makes a new program crash just after it took over (`segv`, `panic`, or `stack`
+/// for a stack overflow), to test the way back. It only ever crashes sockhold itself, and only
+/// a program on probation, which then goes back to the old one; it is never passed on.
 pub const TEST_CRASH_VAR: &str = "SOCKHOLD_TEST_CRASH_AFTER_TAKEOVER";
 /// How long the target has to answer `--upgrade-check`, and then the dry run.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -165,12 +165,7 @@ pub fn exec(target: &Path, mut state: Value, fds: &[RawFd]) -> Result<Infallible
     // back must not use the new program's, which a wrapper script may have changed.
     let args: Vec<Vec<u8>> = std::env::args_os().map(OsStringExt::into_vec).collect();
     state["argv"] = json!(args);
-    let memfd =
-        nix::sys::memfd::memfd_create(c"sockhold-upgrade", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-            .map_err(|e| format!("cannot create a memfd for the state: {e}"))?;
-    let mut file = std::fs::File::from(memfd);
-    file.write_all(state.to_string().as_bytes())
-        .map_err(|e| format!("cannot write the state: {e}"))?;
+    let file = sealed_state(&state)?;
     dry_run(target, &file, &args)?;
     let path = cstring(target.as_os_str().as_bytes())?;
     let argv = args.iter().map(|a| cstring(a)).collect::<Result<Vec<_>, _>>()?;
@@ -190,7 +185,27 @@ pub fn exec(target: &Path, mut state: Value, fds: &[RawFd]) -> Result<Infallible
     result.map_err(|e| format!("cannot upgrade to {}: {e}", target.display()))
 }
 
-/// Runs `target` once as a child on a copy of the state (`memfd`), with sockhold's command
+/// `state` in a new memfd, sealed: no program it is handed to (the dry run, the new program)
+/// can change what the old one would get back.
+fn sealed_state(state: &Value) -> Result<std::fs::File, String> {
+    use nix::fcntl::SealFlag;
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    let memfd =
+        memfd_create(c"sockhold-upgrade", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
+            .map_err(|e| format!("cannot create a memfd for the state: {e}"))?;
+    let mut file = std::fs::File::from(memfd);
+    file.write_all(state.to_string().as_bytes())
+        .map_err(|e| format!("cannot write the state: {e}"))?;
+    let seals = SealFlag::F_SEAL_WRITE
+        | SealFlag::F_SEAL_SHRINK
+        | SealFlag::F_SEAL_GROW
+        | SealFlag::F_SEAL_SEAL;
+    fcntl(&file, FcntlArg::F_ADD_SEALS(seals))
+        .map_err(|e| format!("cannot seal the state: {e}"))?;
+    Ok(file)
+}
+
+/// Runs `target` once as a child on the state (`memfd`, sealed), with sockhold's command
 /// line and [`DRY_RUN_VAR`]: it must read all of it as it would to take over and answer
 /// `{"sockhold_dry_run":"ok",...}` within [`CHECK_TIMEOUT`], touching nothing. A target that
 /// fails, is killed by a signal, hangs (its process group is killed) or answers anything else is
@@ -534,14 +549,7 @@ impl OnProbation {
                 client["upgrade"] = json!(0);
             }
         }
-        let memfd = nix::sys::memfd::memfd_create(
-            c"sockhold-upgrade",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-        )
-        .map_err(|e| format!("cannot create a memfd for the state: {e}"))?;
-        let mut file = std::fs::File::from(memfd);
-        file.write_all(self.state.to_string().as_bytes())
-            .map_err(|e| format!("cannot write the state: {e}"))?;
+        let file = sealed_state(&self.state)?;
         nix::unistd::dup3(&file, &mut self.memfd, nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| format!("cannot replace the state: {e}"))
     }

@@ -94,8 +94,20 @@ fn monotonic_ns() -> i128 {
 /// Test-only ([`upgrade::TEST_CRASH_VAR`]): crashes as a broken new program would.
 fn crash_for_a_test(how: &str) {
     error!("{} asks for a crash: {how}", upgrade::TEST_CRASH_VAR);
+    /// Recurses until the stack overflows (the guard page's SIGSEGV). Each frame lends its
+    /// array to the next, so no optimiser can turn the recursion into a loop.
+    fn overflow(depth: u64, below: &[u64; 64]) -> u64 {
+        if depth == u64::MAX {
+            return below[0];
+        }
+        let frame = std::hint::black_box([depth ^ below[1]; 64]);
+        overflow(depth + 1, &frame) + frame[2]
+    }
     match how {
         "panic" => panic!("crashing for a test, as {} asks", upgrade::TEST_CRASH_VAR),
+        "stack" => {
+            overflow(0, &[0; 64]);
+        }
         _ => {
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSEGV);
         }
@@ -285,6 +297,10 @@ impl EventLoop {
             Ok(Some((mut event_loop, adopted))) => {
                 event_loop.upgrade.probation =
                     incoming.finish(&adopted).map(|probation| (probation, Instant::now()));
+                if event_loop.upgrade.probation.is_none() {
+                    // The test crash is only ever for a program that can go back.
+                    event_loop.upgrade.crash_test = None;
+                }
                 event_loop
             }
             Ok(None) => unreachable!("only a dry run stops before taking over"),

@@ -476,3 +476,9 @@ fn a_new_program_killed_by_sigsegv_after_taking_over_goes_back_to_the_old_one() 
 fn a_new_program_that_panics_after_taking_over_goes_back_to_the_old_one() {
     crash_after_takeover("panic", "new program panicked: crashing for a test");
 }
+
+#[test]
+fn a_new_program_whose_stack_overflows_after_taking_over_goes_back_to_the_old_one() {
+    // The handler runs on a stack of its own: the overflowed one has no room left.
+    crash_after_takeover("stack", "new program crashed: killed by signal 11 (SIGSEGV)");
+}
