@@ -18,7 +18,7 @@
 
 use std::ffi::{CString, c_char, c_int};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, Ordering};
 
 use nix::libc;
 
@@ -41,8 +41,8 @@ struct WayBack {
     /// One envp per entry of [`FATAL`], each with its reason.
     envps: Vec<Vec<*const c_char>>,
     _envs: Vec<CString>,
-    /// The fds the old program takes back: they must survive the exec.
-    fds: Vec<RawFd>,
+    /// The fds the old program takes back: they must survive the exec. -1: one forgotten.
+    fds: Vec<AtomicI32>,
     /// The end of probation, in `CLOCK_MONOTONIC` nanoseconds.
     deadline_ns: i128,
     /// The variable that carries the reason, `NAME=`.
@@ -113,7 +113,7 @@ pub fn arm(p: Probation) -> Result<(), String> {
         env: p.env,
         envps,
         _envs: envs,
-        fds: p.fds,
+        fds: p.fds.into_iter().map(AtomicI32::new).collect(),
         deadline_ns: p.deadline_ns,
         reason_prefix: format!("{}=", p.reason_var),
     });
@@ -164,6 +164,23 @@ pub fn disarm() {
     }
 }
 
+/// The state no longer names `fds` (the clients answered): a crash must not pass them on, as
+/// their numbers may belong to other files by then.
+pub fn forget_fds(fds: &[RawFd]) {
+    let p = WAY_BACK.load(Ordering::Acquire);
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: a non-null WAY_BACK points to a leaked WayBack, never freed; its fds are atomics,
+    // shared safely with a handler.
+    let way_back = unsafe { &*p };
+    for slot in &way_back.fds {
+        if fds.contains(&slot.load(Ordering::Acquire)) {
+            slot.store(-1, Ordering::Release);
+        }
+    }
+}
+
 /// NUL-terminated pointers to `strings`, and `extra`.
 fn pointers(strings: &[CString], extra: Option<&CString>) -> Vec<*const c_char> {
     strings.iter().chain(extra).map(|s| s.as_ptr()).chain([std::ptr::null()]).collect()
@@ -201,8 +218,11 @@ fn go_back(way_back: &WayBack, envp: &[*const c_char]) {
     // SAFETY: fcntl, sigfillset, sigprocmask and fexecve are async-signal-safe; every pointer
     // was built before probation started and lives as long as the process (leaked).
     unsafe {
-        for &fd in &way_back.fds {
-            libc::fcntl(fd, libc::F_SETFD, 0);
+        for fd in &way_back.fds {
+            let fd = fd.load(Ordering::Acquire);
+            if fd >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, 0);
+            }
         }
         // Signals stay blocked through the exec: the old program's takeover lets them in once
         // its handlers are installed.

@@ -544,7 +544,14 @@ impl OnProbation {
     /// without them, in a new memfd put in place of the old one in one step.
     pub fn answered_upgrade(&mut self) -> Result<(), String> {
         if let Some(clients) = self.state["clients"].as_array_mut() {
-            clients.retain(|c| c["reloads"].as_array().is_some_and(|r| !r.is_empty()));
+            let waits = |c: &Value| c["reloads"].as_array().is_some_and(|r| !r.is_empty());
+            let answered: Vec<RawFd> = clients
+                .iter()
+                .filter(|c| !waits(c))
+                .filter_map(|c| c["fd"].as_i64().and_then(|fd| RawFd::try_from(fd).ok()))
+                .collect();
+            crate::sys::forget_fds(&answered);
+            clients.retain(waits);
             for client in clients.iter_mut() {
                 client["upgrade"] = json!(0);
             }
