@@ -53,7 +53,8 @@ pub const FAILED_VAR: &str = "SOCKHOLD_UPGRADE_FAILED";
 /// line as it would to take over, and only says whether it could.
 pub const DRY_RUN_VAR: &str = "SOCKHOLD_UPGRADE_DRY_RUN";
 /// Test-only: makes a new program crash just after it took over (`segv`, `panic`, or `stack`
-/// for a stack overflow), to test the way back. It only ever crashes sockhold itself, and only
+/// for a stack overflow; with `-later`, once the upgrade's askers have their answer), to test
+/// the way back. It only ever crashes sockhold itself, and only
 /// a program on probation, which then goes back to the old one; it is never passed on.
 pub const TEST_CRASH_VAR: &str = "SOCKHOLD_TEST_CRASH_AFTER_TAKEOVER";
 /// How long the target has to answer `--upgrade-check`, and then the dry run.

@@ -119,8 +119,13 @@ impl EventLoop {
     /// asked for the upgrade. On probation, ends it once the loop acted on a child (`acted`: the
     /// state a crash would hand back no longer describes the children) or its time is up.
     pub(super) fn after_turn(&mut self, acted: bool) {
+        // `-later`: on the turn after the askers have their answer.
         if let Some(how) = self.upgrade.crash_test.take() {
-            crash_for_a_test(&how);
+            match how.strip_suffix("-later") {
+                Some(_) if self.upgrade.answer.is_some() => self.upgrade.crash_test = Some(how),
+                Some(now) => crash_for_a_test(now),
+                None => crash_for_a_test(&how),
+            }
         }
         self.answer_upgrade_askers();
         match &self.upgrade.probation {

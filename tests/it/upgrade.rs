@@ -482,3 +482,27 @@ fn a_new_program_whose_stack_overflows_after_taking_over_goes_back_to_the_old_on
     // The handler runs on a stack of its own: the overflowed one has no room left.
     crash_after_takeover("stack", "new program crashed: killed by signal 11 (SIGSEGV)");
 }
+
+#[test]
+fn a_crash_after_the_upgrade_was_answered_still_goes_back_to_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("ctl.sock");
+    let next = dir.path().join("sockhold-next");
+    write_script(
+        &next,
+        &format!(
+            "[ \"$1\" = --upgrade-check ] && exec {0} --upgrade-check\nSOCKHOLD_TEST_CRASH_AFTER_TAKEOVER=segv-later exec {0} \"$@\"",
+            sockhold_bin().display()
+        ),
+    );
+    let (mut s, pid, port, before) = under_load(&control, &next);
+    let load = Load::start(port, 4);
+    // The new program answers, then crashes on its next turn (the ctl connection closing wakes
+    // it): the state it hands back no longer names the answered client.
+    upgrade_ok(&control, pid);
+    s.expect_log(&format!(
+        "upgrade to {} failed: new program crashed: killed by signal 11 (SIGSEGV)",
+        next.display()
+    ));
+    everything_runs_on(&mut s, &control, pid, &before, load);
+}
