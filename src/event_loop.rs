@@ -302,6 +302,7 @@ impl EventLoop {
                 let _ = waitpid(pid, None);
             }
         }
+        self.answer_upgrade_askers();
         for (client, _) in std::mem::take(&mut self.reload_waiters) {
             self.answer_client(client, &error_answer("sockhold stopped before the reload ended"));
         }
@@ -334,14 +335,17 @@ impl EventLoop {
             }
         }
         loop {
+            let mut acted = false;
             while let Some(event) = pending.pop_front() {
                 let actions = self.brain.step(event, Instant::now());
                 for action in actions {
+                    acted |= !matches!(action, Action::Manager(_) | Action::Probe { .. });
                     if let Some(code) = self.perform(action, &mut pending) {
                         return Ok(code);
                     }
                 }
             }
+            self.after_turn(acted);
             self.upgrade_if_asked();
             self.wait(&mut pending)?;
         }
@@ -354,6 +358,8 @@ impl EventLoop {
             self.brain.next_deadline(),
             self.control.as_ref().and_then(|c| c.next_deadline()),
             self.probes.values().map(|p| p.deadline).min(),
+            // One wakeup at the end of probation, to close the state and the old binary.
+            self.upgrade.probation_deadline(),
         ]
         .into_iter()
         .flatten()

@@ -25,6 +25,7 @@ mod protocol;
 mod signals;
 mod spawn;
 mod supervisor;
+mod sys;
 mod upgrade;
 
 use std::io::Write;
@@ -46,6 +47,9 @@ fn main() {
             std::process::exit(ExitCode::FAILURE.0);
         }
     };
+    if let Some(incoming) = incoming.as_ref().filter(|_| upgrade::Incoming::is_dry_run()) {
+        dry_run(incoming);
+    }
     let cli = match (cli::Cli::try_parse(), incoming) {
         (Ok(cli), incoming) => (cli, incoming),
         (Err(e), Some(incoming)) => {
@@ -99,6 +103,22 @@ fn main() {
         }
     };
     std::process::exit(code.0);
+}
+
+/// A dry run before a self-upgrade: reads the command line and the state as a takeover would,
+/// touches nothing, answers and exits; any failure is an error and exit status 1.
+fn dry_run(incoming: &upgrade::Incoming) -> ! {
+    let fail = |why: String| -> ! {
+        eprintln!("sockhold[{}]: error: dry run: {why}", std::process::id());
+        upgrade::answer_dry_run(Err(why))
+    };
+    let cli = cli::Cli::try_parse()
+        .unwrap_or_else(|e| fail(format!("the command line: {}", e.render().to_string().trim())));
+    let config = cli.into_config().unwrap_or_else(|e| fail(format!("the command line: {e}")));
+    match event_loop::EventLoop::dry_run(config, incoming) {
+        Ok(()) => upgrade::answer_dry_run(Ok(())),
+        Err(e) => fail(e),
+    }
 }
 
 /// Logs to stderr as `sockhold[PID]: message` (warnings and errors marked) or as JSON lines;

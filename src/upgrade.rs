@@ -3,14 +3,22 @@
 //!
 //! The old program checks the target first (a regular, executable file that answers
 //! `--upgrade-check` with the state format it reads), then writes its state as one JSON object
-//! into a memfd, clears close-on-exec on exactly the fds it hands over (listeners, notify and
-//! control sockets, waiting control clients, the memfd, and a handle on its own binary), blocks
-//! every signal and calls execve. The signal mask survives execve, so a signal that arrives
-//! during the change stays pending until the new program has installed its handlers: none is
-//! lost. The new program finds the memfd through `SOCKHOLD_UPGRADE_FD`. If it cannot take over,
+//! into a sealed memfd and gives the target a dry run: started as a child with that memfd as
+//! fd 3, `SOCKHOLD_UPGRADE_DRY_RUN` and none of the sockets, it reads the command line and the
+//! whole state as a takeover would, touches nothing and must answer
+//! `{"sockhold_dry_run":"ok",...}` within the deadline; one that fails, dies of a signal or
+//! hangs is refused, since an exec into it could not be undone. Then the old program clears
+//! close-on-exec on exactly the fds it hands over (listeners, notify and control sockets,
+//! waiting control clients, the memfd, and a handle on its own binary), blocks every signal and
+//! calls execve. The signal mask survives execve, so a signal that arrives during the change
+//! stays pending until the new program has installed its handlers: none is lost. The new program finds the memfd through `SOCKHOLD_UPGRADE_FD`. If it cannot take over,
 //! it re-executes the old binary through the handle with the same state and the reason in
 //! `SOCKHOLD_UPGRADE_FAILED`, so the old version goes on supervising and reports the failure;
-//! a program restored that way never rolls back again.
+//! a program restored that way never rolls back again. A new program that took over is on
+//! probation for [`PROBATION`], or until it acts on a child: it keeps the memfd and the handle,
+//! and a panic or a fatal signal goes back the same way (the handler is in [`crate::sys`]). The
+//! clients that asked for the upgrade are answered after its first turn of the loop, so a crash
+//! before then is reported to them by the old program.
 //!
 //! This module owns the state's envelope (format version, fds, the handle) and the syscalls of
 //! the change; what the state says is the event loop's (`event_loop::handover`) and the
@@ -25,7 +33,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use log::warn;
+use log::{info, warn};
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, killpg, pthread_sigmask};
@@ -41,8 +49,19 @@ pub const CHECK_FLAG: &str = "--upgrade-check";
 pub const FD_VAR: &str = "SOCKHOLD_UPGRADE_FD";
 /// Set when the new program gave up and re-executed the old one: why.
 pub const FAILED_VAR: &str = "SOCKHOLD_UPGRADE_FAILED";
-/// How long the target has to answer `--upgrade-check`.
+/// Set, with `SOCKHOLD_UPGRADE_FD`, for the dry run: the target reads the state and the command
+/// line as it would to take over, and only says whether it could.
+pub const DRY_RUN_VAR: &str = "SOCKHOLD_UPGRADE_DRY_RUN";
+/// Test-only: makes a new program crash just after it took over (`segv`, `panic`, or `stack`
+/// for a stack overflow; with `-later`, once the upgrade's askers have their answer), to test
+/// the way back. It only ever crashes sockhold itself, and only
+/// a program on probation, which then goes back to the old one; it is never passed on.
+pub const TEST_CRASH_VAR: &str = "SOCKHOLD_TEST_CRASH_AFTER_TAKEOVER";
+/// How long the target has to answer `--upgrade-check`, and then the dry run.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a new program is on probation after it took over, at most (it ends earlier once it
+/// acts on a child: the state it would hand back would no longer describe them).
+pub const PROBATION: Duration = Duration::from_secs(10);
 
 /// Answers `--upgrade-check`: the state format this program reads, and its version.
 pub fn answer_check() -> ! {
@@ -114,7 +133,7 @@ pub fn check_target(target: &Path) -> Result<String, String> {
 }
 
 /// Reads `pipe` until end of file or `deadline`, at most 64 KiB.
-fn read_until_eof(pipe: std::process::ChildStdout, deadline: Instant) -> Vec<u8> {
+fn read_until_eof(pipe: impl Read + AsFd, deadline: Instant) -> Vec<u8> {
     let mut pipe = pipe;
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
@@ -147,12 +166,8 @@ pub fn exec(target: &Path, mut state: Value, fds: &[RawFd]) -> Result<Infallible
     // back must not use the new program's, which a wrapper script may have changed.
     let args: Vec<Vec<u8>> = std::env::args_os().map(OsStringExt::into_vec).collect();
     state["argv"] = json!(args);
-    let memfd =
-        nix::sys::memfd::memfd_create(c"sockhold-upgrade", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-            .map_err(|e| format!("cannot create a memfd for the state: {e}"))?;
-    let mut file = std::fs::File::from(memfd);
-    file.write_all(state.to_string().as_bytes())
-        .map_err(|e| format!("cannot write the state: {e}"))?;
+    let file = sealed_state(&state)?;
+    dry_run(target, &file, &args)?;
     let path = cstring(target.as_os_str().as_bytes())?;
     let argv = args.iter().map(|a| cstring(a)).collect::<Result<Vec<_>, _>>()?;
     let env = environment(&[(FD_VAR, file.as_raw_fd().to_string())])?;
@@ -171,10 +186,125 @@ pub fn exec(target: &Path, mut state: Value, fds: &[RawFd]) -> Result<Infallible
     result.map_err(|e| format!("cannot upgrade to {}: {e}", target.display()))
 }
 
+/// `state` in a new memfd, sealed: no program it is handed to (the dry run, the new program)
+/// can change what the old one would get back.
+fn sealed_state(state: &Value) -> Result<std::fs::File, String> {
+    use nix::fcntl::SealFlag;
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    let memfd =
+        memfd_create(c"sockhold-upgrade", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
+            .map_err(|e| format!("cannot create a memfd for the state: {e}"))?;
+    let mut file = std::fs::File::from(memfd);
+    file.write_all(state.to_string().as_bytes())
+        .map_err(|e| format!("cannot write the state: {e}"))?;
+    let seals = SealFlag::F_SEAL_WRITE
+        | SealFlag::F_SEAL_SHRINK
+        | SealFlag::F_SEAL_GROW
+        | SealFlag::F_SEAL_SEAL;
+    fcntl(&file, FcntlArg::F_ADD_SEALS(seals))
+        .map_err(|e| format!("cannot seal the state: {e}"))?;
+    Ok(file)
+}
+
+/// Runs `target` once as a child on the state (`memfd`, sealed), with sockhold's command
+/// line and [`DRY_RUN_VAR`]: it must read all of it as it would to take over and answer
+/// `{"sockhold_dry_run":"ok",...}` within [`CHECK_TIMEOUT`], touching nothing. A target that
+/// fails, is killed by a signal, hangs (its process group is killed) or answers anything else is
+/// refused: an exec into it could not be undone.
+fn dry_run(target: &Path, memfd: &std::fs::File, args: &[Vec<u8>]) -> Result<(), String> {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    use std::ffi::OsString;
+    let shown = target.display();
+    let refuse = |why: String| Err(format!("{shown} failed its dry run: {why}"));
+    // Started as a child is (`spawn`): signals reset and unblocked (sockhold has them all
+    // blocked now), a process group of its own, every fd closed but the state, as fd 3, and its
+    // output, a pipe, as fds 0 and 1. None of the sockets goes to it: it cannot touch them,
+    // whatever it is.
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| ![FD_VAR, FAILED_VAR, DRY_RUN_VAR, TEST_CRASH_VAR].iter().any(|v| k == v))
+        .collect();
+    env.push((FD_VAR.into(), "3".into()));
+    env.push((DRY_RUN_VAR.into(), "1".into()));
+    let mut program = target.as_os_str().to_owned();
+    if !program.as_bytes().contains(&b'/') {
+        program = Path::new(".").join(target).into_os_string();
+    }
+    let mut argv: Vec<OsString> = args.iter().map(|a| OsString::from_vec(a.clone())).collect();
+    if argv.is_empty() {
+        argv.push(program.clone());
+    }
+    let spec = crate::spawn::ChildSpec {
+        program,
+        args: argv,
+        env,
+        listen_pid: false,
+        watchdog_pid: false,
+        user: None,
+        chdir: None,
+    };
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| format!("cannot create a pipe for the dry run: {e}"))?;
+    let spawned = crate::spawn::spawn(&spec, &[memfd.as_fd()], Some(write.as_fd()));
+    drop(write);
+    let pid = match spawned {
+        Ok(pid) => pid,
+        Err(e) => return refuse(e.message),
+    };
+    let deadline = Instant::now() + CHECK_TIMEOUT;
+    let output = read_until_eof(std::fs::File::from(read), deadline);
+    let status = loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(WaitStatus::StillAlive) => break None,
+            Ok(status) => break Some(status),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return refuse(format!("cannot wait for it: {e}")),
+        }
+    };
+    let Some(status) = status else {
+        // Not reaped yet, so the group is still its own: everything it started goes with it.
+        let _ = killpg(pid, Signal::SIGKILL);
+        let _ = waitpid(pid, None);
+        return refuse(format!("it did not finish within {CHECK_TIMEOUT:?}"));
+    };
+    let text = String::from_utf8_lossy(&output);
+    let answer: Value = serde_json::from_str(text.trim()).unwrap_or(Value::Null);
+    match status {
+        WaitStatus::Exited(_, 0) => {}
+        WaitStatus::Exited(_, code) => {
+            return match answer["error"].as_str() {
+                Some(error) => refuse(format!("exit status {code}: {error}")),
+                None => refuse(format!("exit status {code}")),
+            };
+        }
+        WaitStatus::Signaled(_, signal, _) => {
+            return refuse(format!("killed by signal {} ({})", signal as i32, signal.as_str()));
+        }
+        other => return refuse(format!("{other:?}")),
+    }
+    if answer["sockhold_dry_run"] != "ok" || answer["state_format"] != STATE_FORMAT {
+        return refuse(format!("its answer is not a dry run's: {:?}", text.trim()));
+    }
+    Ok(())
+}
+
+/// Answers a dry run: the state and the command line were read in full (exit 0), or why not
+/// (exit 1).
+pub fn answer_dry_run(result: Result<(), String>) -> ! {
+    let (answer, code) = match result {
+        Ok(()) => (json!({ "sockhold_dry_run": "ok", "state_format": STATE_FORMAT }), 0),
+        Err(why) => (json!({ "sockhold_dry_run": "failed", "error": why }), 1),
+    };
+    println!("{answer}");
+    std::process::exit(code)
+}
+
 /// sockhold's environment without the upgrade variables, plus `extra`.
 fn environment(extra: &[(&str, String)]) -> Result<Vec<CString>, String> {
     let mut env: Vec<CString> = std::env::vars_os()
-        .filter(|(k, _)| k != FD_VAR && k != FAILED_VAR)
+        .filter(|(k, _)| ![FD_VAR, FAILED_VAR, DRY_RUN_VAR, TEST_CRASH_VAR].iter().any(|v| k == v))
         .map(|(k, v)| {
             let mut entry = k.into_vec();
             entry.push(b'=');
@@ -282,17 +412,7 @@ impl Incoming {
         };
         let attempt = (|| -> Result<Infallible, String> {
             let fd = crate::spawn::borrow_inherited_fd(old).map_err(|e| e.to_string())?;
-            let argv = self.state["argv"]
-                .as_array()
-                .ok_or("the state has no command line")?
-                .iter()
-                .map(|arg| {
-                    let bytes: Option<Vec<u8>> = arg.as_array().and_then(|a| {
-                        a.iter().map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok())).collect()
-                    });
-                    cstring(&bytes.ok_or("the state's command line is malformed")?)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let argv = self.old_argv()?;
             let oneline: String = reason.chars().map(|c| if c == '\n' { ' ' } else { c }).collect();
             let env = environment(&[
                 (FD_VAR, self.memfd.as_raw_fd().to_string()),
@@ -302,6 +422,41 @@ impl Incoming {
         })();
         let why = attempt.err().unwrap_or_default();
         self.give_up(&format!("{reason}; and the old program could not be re-executed: {why}"))
+    }
+
+    /// The old program's command line, as the state has it.
+    fn old_argv(&self) -> Result<Vec<CString>, String> {
+        self.state["argv"]
+            .as_array()
+            .ok_or("the state has no command line")?
+            .iter()
+            .map(|arg| {
+                let bytes: Option<Vec<u8>> = arg.as_array().and_then(|a| {
+                    a.iter().map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok())).collect()
+                });
+                cstring(&bytes.ok_or("the state's command line is malformed")?)
+            })
+            .collect()
+    }
+
+    /// The handle on the old binary the state names.
+    fn old_exe_fd(&self) -> Option<RawFd> {
+        self.state["old_exe_fd"].as_i64().and_then(|fd| RawFd::try_from(fd).ok())
+    }
+
+    /// Whether this program runs only to check that it could take over (see [`DRY_RUN_VAR`]).
+    pub fn is_dry_run() -> bool {
+        std::env::var_os(DRY_RUN_VAR).is_some()
+    }
+
+    /// Checks that every fd number the state names is one an fd can have, without looking at
+    /// the fds (a dry run has none of them).
+    pub fn check_fd_number(fd: &Value, what: &str) -> Result<RawFd, String> {
+        let fd = fd.as_i64().ok_or_else(|| format!("{what} without an fd"))?;
+        RawFd::try_from(fd)
+            .ok()
+            .filter(|&fd| fd >= 0)
+            .ok_or_else(|| format!("{what} has fd {fd}, which cannot be handed over"))
     }
 
     /// Kills the process group of every generation the state names and exits 1: children
@@ -318,19 +473,99 @@ impl Incoming {
         std::process::exit(crate::exit::ExitCode::FAILURE.0)
     }
 
-    /// The takeover succeeded: close the memfd and the handle on the old binary, make the
-    /// adopted fds close-on-exec again, and let the signals that waited through the change in.
-    pub fn finish(self, adopted: &[RawFd]) {
+    /// The takeover succeeded: make the adopted fds close-on-exec again, start probation (unless
+    /// this program is the old one, restored), and let the signals that waited through the
+    /// change in. On probation, the memfd and the handle on the old binary stay open in the
+    /// returned [`OnProbation`]; otherwise they are closed.
+    pub fn finish(self, adopted: &[RawFd]) -> Option<OnProbation> {
         if let Err(e) = set_cloexec(adopted, true) {
             warn!("after the upgrade: {e}");
         }
-        if let Some(old) = self.state["old_exe_fd"].as_i64().and_then(|fd| RawFd::try_from(fd).ok())
-            && crate::spawn::borrow_inherited_fd(old).is_ok()
-        {
-            drop(crate::spawn::adopt_inherited_fd(old));
-        }
-        drop(self.memfd);
+        let handle = self
+            .old_exe_fd()
+            .filter(|&fd| crate::spawn::borrow_inherited_fd(fd).is_ok())
+            .map(crate::spawn::adopt_inherited_fd);
+        let on_probation = match (&self.failed, handle) {
+            (None, Some(handle)) => match self.arm(&handle, adopted) {
+                Ok(()) => {
+                    Some(OnProbation { memfd: self.memfd, _handle: handle, state: self.state })
+                }
+                Err(e) => {
+                    warn!("after the upgrade, a crash cannot go back to the old program: {e}");
+                    None
+                }
+            },
+            _ => None,
+        };
         let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+        on_probation
+    }
+
+    fn arm(&self, handle: &OwnedFd, adopted: &[RawFd]) -> Result<(), String> {
+        // Both came without close-on-exec: an upgrade from this program must not pass them on.
+        // The way back clears it again.
+        let memfd = self.memfd.as_raw_fd();
+        set_cloexec(&[memfd, handle.as_raw_fd()], true)?;
+        let mut fds = adopted.to_vec();
+        fds.extend([memfd, handle.as_raw_fd()]);
+        let deadline = crate::sys::monotonic_ns() + PROBATION.as_nanos() as i128;
+        crate::sys::arm(crate::sys::Probation {
+            exe: handle.as_raw_fd(),
+            argv: self.old_argv()?,
+            env: environment(&[(FD_VAR, memfd.to_string())])?,
+            reason_var: FAILED_VAR,
+            fds,
+            deadline_ns: deadline,
+        })?;
+        info!(
+            "on probation for {PROBATION:?}: a crash goes back to version {}",
+            self.state["from_version"].as_str().unwrap_or("?")
+        );
+        Ok(())
+    }
+}
+
+/// A new program's first seconds: a crash goes back to the old program with the state this one
+/// received (see [`crate::sys`]). Ending it (dropping it, or [`OnProbation::end`]) closes the
+/// state and the handle on the old binary.
+pub struct OnProbation {
+    memfd: OwnedFd,
+    _handle: OwnedFd,
+    state: Value,
+}
+
+impl OnProbation {
+    /// Whether probation is over by the clock.
+    pub fn expired(&self, taken_over: Instant) -> bool {
+        Instant::now() >= taken_over + PROBATION
+    }
+
+    /// The control clients waiting for the upgrade's answer have it: a crash from now on must
+    /// not answer them again (their fds may be someone else's by then). Rewrites the state
+    /// without them, in a new memfd put in place of the old one in one step.
+    pub fn answered_upgrade(&mut self) -> Result<(), String> {
+        if let Some(clients) = self.state["clients"].as_array_mut() {
+            let waits = |c: &Value| c["reloads"].as_array().is_some_and(|r| !r.is_empty());
+            let answered: Vec<RawFd> = clients
+                .iter()
+                .filter(|c| !waits(c))
+                .filter_map(|c| c["fd"].as_i64().and_then(|fd| RawFd::try_from(fd).ok()))
+                .collect();
+            crate::sys::forget_fds(&answered);
+            clients.retain(waits);
+            for client in clients.iter_mut() {
+                client["upgrade"] = json!(0);
+            }
+        }
+        let file = sealed_state(&self.state)?;
+        nix::unistd::dup3(&file, &mut self.memfd, nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| format!("cannot replace the state: {e}"))
+    }
+
+    /// Ends probation: a crash from now on is only a crash.
+    pub fn end(self, why: &str) {
+        crate::sys::disarm();
+        info!("probation over ({why}): the old program is let go");
     }
 }
 

@@ -1,7 +1,9 @@
 //! Self-upgrade, the event loop's side: what the state holds (listeners, notify sockets per
 //! generation, the control socket and the clients waiting for an answer, the runtime paths, the
 //! history `ctl status` shows, and the supervisor's snapshot), writing it before the exec, and
-//! taking it over in the new program.
+//! taking it over in the new program (or only reading it all, in a dry run). After a takeover
+//! it answers the askers after the loop's first turn and ends probation once the loop acts on a
+//! child.
 //!
 //! An upgrade asked for (SIGUSR2, `ctl upgrade`) is carried out between two turns of the loop,
 //! when every event already read has been handled, so nothing read is lost in the exec. The
@@ -26,7 +28,7 @@ use crate::paths::PidFile;
 use crate::protocol::{self, Answer, LastUpgrade, Upgraded};
 use crate::signals::Signals;
 use crate::supervisor::Supervisor;
-use crate::upgrade::{self, Incoming};
+use crate::upgrade::{self, Incoming, OnProbation};
 
 /// What the event loop keeps about upgrades, across upgrades.
 pub(super) struct Upgrades {
@@ -38,6 +40,12 @@ pub(super) struct Upgrades {
     pub(super) resumed: bool,
     /// Upgrades that succeeded, for `status`.
     count: u64,
+    /// This program took over and is on probation since then: a crash goes back.
+    pub(super) probation: Option<(OnProbation, Instant)>,
+    /// The answer for the clients that asked for the upgrade this program took over from.
+    answer: Option<(Vec<ClientId>, Answer)>,
+    /// Test-only ([`upgrade::TEST_CRASH_VAR`]): how to crash after taking over.
+    crash_test: Option<String>,
     /// The last upgrade's outcome, for `status`.
     last: Option<LastUpgrade>,
 }
@@ -51,12 +59,20 @@ impl Upgrades {
             resumed: false,
             count: 0,
             last: None,
+            probation: None,
+            answer: None,
+            crash_test: None,
         }
     }
 
     /// Records a request; it is carried out at the end of the loop's turn.
     pub(super) fn ask(&mut self, who: Option<ClientId>) {
         self.asked.push(who);
+    }
+
+    /// When probation ends, if this program is on it.
+    pub(super) fn probation_deadline(&self) -> Option<Instant> {
+        self.probation.as_ref().map(|(_, since)| *since + upgrade::PROBATION)
     }
 
     /// For `status`.
@@ -77,7 +93,74 @@ fn monotonic_ns() -> i128 {
     }
 }
 
+/// Test-only ([`upgrade::TEST_CRASH_VAR`]): crashes as a broken new program would.
+fn crash_for_a_test(how: &str) {
+    error!("{} asks for a crash: {how}", upgrade::TEST_CRASH_VAR);
+    /// Recurses until the stack overflows (the guard page's SIGSEGV). Each frame lends its
+    /// array to the next, so no optimiser can turn the recursion into a loop.
+    fn overflow(depth: u64, below: &[u64; 64]) -> u64 {
+        if depth == u64::MAX {
+            return below[0];
+        }
+        let frame = std::hint::black_box([depth ^ below[1]; 64]);
+        overflow(depth + 1, &frame) + frame[2]
+    }
+    match how {
+        "panic" => panic!("crashing for a test, as {} asks", upgrade::TEST_CRASH_VAR),
+        "stack" => {
+            overflow(0, &[0; 64]);
+        }
+        _ => {
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSEGV);
+        }
+    }
+}
+
 impl EventLoop {
+    /// After the first turn of the loop in a program that took over: answers the clients that
+    /// asked for the upgrade. On probation, ends it once the loop acted on a child (`acted`: the
+    /// state a crash would hand back no longer describes the children) or its time is up.
+    pub(super) fn after_turn(&mut self, acted: bool) {
+        // `-later`: on the turn after the askers have their answer.
+        if let Some(how) = self.upgrade.crash_test.take() {
+            match how.strip_suffix("-later") {
+                Some(_) if self.upgrade.answer.is_some() => self.upgrade.crash_test = Some(how),
+                Some(now) => crash_for_a_test(now),
+                None => crash_for_a_test(&how),
+            }
+        }
+        self.answer_upgrade_askers();
+        match &self.upgrade.probation {
+            Some(_) if acted => self.end_probation("the new program acted on a child"),
+            Some((probation, since)) if probation.expired(*since) => {
+                self.end_probation("its time is up")
+            }
+            _ => {}
+        }
+    }
+
+    /// Answers the clients that asked for the upgrade this program took over from, if not yet
+    /// done (also when sockhold exits in its first turn).
+    pub(super) fn answer_upgrade_askers(&mut self) {
+        if let Some((askers, answer)) = self.upgrade.answer.take() {
+            for id in askers {
+                self.answer_client(id, &answer);
+            }
+            if let Some((probation, _)) = &mut self.upgrade.probation
+                && let Err(e) = probation.answered_upgrade()
+            {
+                error!("{e}; a crash cannot go back to the old program");
+                self.end_probation("the state cannot be kept up to date");
+            }
+        }
+    }
+
+    fn end_probation(&mut self, why: &str) {
+        if let Some((probation, _)) = self.upgrade.probation.take() {
+            probation.end(why);
+        }
+    }
+
     /// Carries out the upgrade asked for since the last turn, if any. Returns only when there
     /// was none or it failed (then the askers have their answer).
     pub(super) fn upgrade_if_asked(&mut self) {
@@ -217,16 +300,33 @@ impl EventLoop {
     /// Takes over from the sockhold that exec'd this program. If that cannot be done, goes back
     /// to the old program (see [`Incoming::roll_back`]): this returns only with a running loop.
     pub fn resume(config: Config, incoming: Incoming) -> EventLoop {
-        match Self::take_over(config, &incoming) {
-            Ok((event_loop, adopted)) => {
-                incoming.finish(&adopted);
+        match Self::take_over(config, &incoming, false) {
+            Ok(Some((mut event_loop, adopted))) => {
+                event_loop.upgrade.probation =
+                    incoming.finish(&adopted).map(|probation| (probation, Instant::now()));
+                if event_loop.upgrade.probation.is_none() {
+                    // The test crash is only ever for a program that can go back.
+                    event_loop.upgrade.crash_test = None;
+                }
                 event_loop
             }
+            Ok(None) => unreachable!("only a dry run stops before taking over"),
             Err(reason) => incoming.roll_back(&reason),
         }
     }
 
-    fn take_over(config: Config, incoming: &Incoming) -> Result<(EventLoop, Vec<RawFd>), String> {
+    /// A dry run: reads the state as [`EventLoop::resume`] does, without its fds (they are not
+    /// passed; only their numbers are checked), and takes nothing over.
+    pub fn dry_run(config: Config, incoming: &Incoming) -> Result<(), String> {
+        Self::take_over(config, incoming, true).map(|_| ())
+    }
+
+    /// Reads the state and takes it over; with `dry`, stops once it is read and checked.
+    fn take_over(
+        config: Config,
+        incoming: &Incoming,
+        dry: bool,
+    ) -> Result<Option<(EventLoop, Vec<RawFd>)>, String> {
         incoming.check_format()?;
         let state = &incoming.state;
         if config.accept.is_some() {
@@ -248,12 +348,20 @@ impl EventLoop {
         let list = |key: &str| state[key].as_array().cloned().unwrap_or_default();
         let mut adopted = Vec::new();
         for listener in list("listeners") {
-            adopted.push(Listener::check_handover(&listener)?);
+            adopted.push(if dry {
+                let text = listener["spec"].as_str().ok_or("a listener without a spec")?;
+                text.parse::<crate::listen::ListenSpec>().map_err(|e| e.to_string())?;
+                Incoming::check_fd_number(&listener["fd"], "a listener")?
+            } else {
+                Listener::check_handover(&listener)?
+            });
         }
         let fd_of = |v: &Value, what: &str| -> Result<RawFd, String> {
-            let fd = v["fd"].as_i64().and_then(|f| RawFd::try_from(f).ok());
-            let fd = fd.ok_or_else(|| format!("{what} without an fd"))?;
-            crate::spawn::borrow_inherited_fd(fd).map_err(|e| format!("{what} fd {fd}: {e}"))?;
+            let fd = Incoming::check_fd_number(&v["fd"], what)?;
+            if !dry {
+                crate::spawn::borrow_inherited_fd(fd)
+                    .map_err(|e| format!("{what} fd {fd}: {e}"))?;
+            }
             Ok(fd)
         };
         let mut notify = Vec::new();
@@ -283,6 +391,9 @@ impl EventLoop {
         }
         let runtime_dir =
             state["runtime_dir"].as_str().ok_or("the state has no runtime directory")?;
+        if dry {
+            return Ok(None);
+        }
         let manager = match std::env::var("NOTIFY_SOCKET") {
             Ok(path) if !path.is_empty() => {
                 Some(Manager::new(&path).map_err(|e| format!("{e:#}"))?)
@@ -377,11 +488,14 @@ impl EventLoop {
             base_env,
             upgrade: upgrades,
         };
-        for id in upgrade_askers {
-            event_loop.answer_client(id, &answer);
+        // Answered after the first turn of the loop: a crash before then goes back to the old
+        // program, which answers them.
+        event_loop.upgrade.answer = Some((upgrade_askers, answer));
+        if incoming.failed.is_none() {
+            event_loop.upgrade.crash_test = std::env::var(upgrade::TEST_CRASH_VAR).ok();
         }
         // Nothing for the service manager: the main pid and the readiness it knows are unchanged,
         // and a send to a manager whose queue is full would block here, signals still blocked.
-        Ok((event_loop, adopted))
+        Ok(Some((event_loop, adopted)))
     }
 }

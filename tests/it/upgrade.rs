@@ -172,12 +172,21 @@ fn an_upgrade_to_a_missing_or_broken_binary_leaves_everything_running() {
         &control,
         "it reads upgrade state format 999, and this sockhold writes format 1",
     );
-    // Passes the check, then cannot take over: it goes back to the old program.
+    // Passes the check, then would not take the command line: the dry run says so.
     let real = sockhold_bin();
     write_script(
         &next,
         &format!(
             "[ \"$1\" = --upgrade-check ] && exec {0} --upgrade-check\nexec {0} --no-such-flag \"$@\"",
+            real.display()
+        ),
+    );
+    upgrade_refused(&control, "failed its dry run: exit status 1: the command line: ");
+    // Passes the check and the dry run, then cannot take over: it goes back to the old program.
+    write_script(
+        &next,
+        &format!(
+            "[ \"$1\" = --upgrade-check ] && exec {0} --upgrade-check\n[ -n \"$SOCKHOLD_UPGRADE_DRY_RUN\" ] && exec {0} \"$@\"\nexec {0} --no-such-flag \"$@\"",
             real.display()
         ),
     );
@@ -317,6 +326,8 @@ fn twenty_upgrades_leave_sockhold_with_the_same_fds() {
     for _ in 0..20 {
         upgrade_ok(&control, pid);
     }
+    // The last program keeps the state and the old binary open while it is on probation.
+    s.expect_log("probation over (its time is up)");
     // The last ctl's connection closes on sockhold's side when it sees the end of it.
     wait_until("sockhold holds the fds it held before", || fds() == before);
     eprintln!("fds: {before:?}; {rss_before} before 20 upgrades, {} after", rss());
@@ -326,4 +337,172 @@ fn twenty_upgrades_leave_sockhold_with_the_same_fds() {
     assert!(!s.seen(|v| v["event"] == "exit"), "the child did not exit");
     s.signal(SIGTERM);
     assert_eq!(s.exit_code(), 0);
+}
+
+/// A sockhold under load (the example httpd, ready by notify) with a control socket and
+/// `--upgrade-binary next`: (sockhold, its pid, the port, the status before).
+fn under_load(control: &Path, next: &Path) -> (Sockhold, i32, u16, Value) {
+    let httpd = example("httpd").to_string_lossy().into_owned();
+    let mut s = start(&[
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--control",
+        control.to_str().unwrap(),
+        "--upgrade-binary",
+        next.to_str().unwrap(),
+        "--",
+        &httpd,
+    ]);
+    let pid = s.pid().as_raw();
+    let port = s.listening_port("127.0.0.1:");
+    s.expect_ready();
+    let before = ctl_status(control);
+    (s, pid, port, before)
+}
+
+/// After a refused or failed upgrade: the same pid runs the same binary with the same children,
+/// the load lost nothing, and the old program still answers and reloads.
+fn everything_runs_on(s: &mut Sockhold, control: &Path, pid: i32, before: &Value, load: Load) {
+    let after = ctl_status(control);
+    assert_eq!(after["pid"], pid);
+    assert_eq!(exe_of(pid), sockhold_bin().canonicalize().unwrap(), "the old binary runs");
+    assert_eq!(generations(&after), generations(before), "the children are untouched");
+    assert_eq!(after["upgrades"]["last"]["ok"], false, "{after}");
+    let (ok, failures, pids) = load.finish();
+    eprintln!("{ok} requests, answered by {pids:?}");
+    assert!(
+        failures.is_empty(),
+        "{} requests failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok >= 20, "the load ran ({ok} requests)");
+    let serving = before["generations"][0]["pids"][0].as_i64().unwrap() as i32;
+    assert_eq!(pids, BTreeSet::from([serving]), "only the child from before answered");
+    let out = ctl(control, &["reload"]);
+    assert!(out.status.success(), "reload after the failed upgrade: {}", stderr(&out));
+    assert!(stdout(&out).contains("generation 2 serves"), "{}", stdout(&out));
+    s.signal(SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+}
+
+#[test]
+fn a_target_that_crashes_or_hangs_in_its_dry_run_is_refused_and_nothing_is_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("ctl.sock");
+    let next = dir.path().join("sockhold-next");
+    let pids = dir.path().join("pids");
+    let real = sockhold_bin();
+    // Answers --upgrade-check as sockhold does, and crashes on anything else.
+    write_script(
+        &next,
+        &format!(
+            "case \"$1\" in --upgrade-check) exec {} --upgrade-check;; *) kill -SEGV $$;; esac",
+            real.display()
+        ),
+    );
+    let (mut s, pid, port, before) = under_load(&control, &next);
+    let load = Load::start(port, 4);
+    // SIGUSR2 first: its refusal is then the first such line in the log.
+    s.signal(SIGUSR2);
+    s.expect_log("failed its dry run: killed by signal 11 (SIGSEGV)");
+    upgrade_refused(
+        &control,
+        &format!(
+            "upgrade failed: {} failed its dry run: killed by signal 11 (SIGSEGV)",
+            next.display()
+        ),
+    );
+
+    // Hangs in its dry run, with a process of its own: both are killed at the deadline.
+    write_script(
+        &next,
+        &format!(
+            "case \"$1\" in --upgrade-check) exec {0} --upgrade-check;; esac\nsleep 1000 &\necho $$ $! > {1}.tmp && mv {1}.tmp {1}\nwait",
+            real.display(),
+            pids.display()
+        ),
+    );
+    let asked = std::time::Instant::now();
+    upgrade_refused(&control, "failed its dry run: it did not finish within 5s");
+    let took = asked.elapsed();
+    assert!(took < std::time::Duration::from_secs(8), "refused after {took:?}");
+    let text = std::fs::read_to_string(&pids).expect("the dry run ran");
+    for hung in text.split_whitespace() {
+        let hung: i64 = hung.parse().unwrap();
+        wait_until("the hanging dry run is gone", || process_dead(hung));
+    }
+    everything_runs_on(&mut s, &control, pid, &before, load);
+}
+
+/// Upgrades to a real sockhold that crashes (`how`: `segv` or `panic`) a moment after it took
+/// over: the old program comes back in place and says why.
+fn crash_after_takeover(how: &str, reason: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("ctl.sock");
+    let next = dir.path().join("sockhold-next");
+    write_script(
+        &next,
+        &format!(
+            "[ \"$1\" = --upgrade-check ] && exec {0} --upgrade-check\nSOCKHOLD_TEST_CRASH_AFTER_TAKEOVER={how} exec {0} \"$@\"",
+            sockhold_bin().display()
+        ),
+    );
+    let (mut s, pid, port, before) = under_load(&control, &next);
+    let load = Load::start(port, 4);
+    upgrade_refused(&control, &format!("upgrade failed: {reason}"));
+    s.expect_log("on probation for 10s");
+    s.expect_log(&format!("upgrade to {} failed: {reason}", next.display()));
+    // SIGUSR2 the same way, in the log. The second report of the same line has no event of
+    // its own: a bounded poll of the log.
+    s.signal(SIGUSR2);
+    let failed = format!("upgrade to {} failed: {reason}", next.display());
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while s.log().iter().filter(|l| l.contains(&failed)).count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no second {failed:?}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    everything_runs_on(&mut s, &control, pid, &before, load);
+}
+
+#[test]
+fn a_new_program_killed_by_sigsegv_after_taking_over_goes_back_to_the_old_one() {
+    crash_after_takeover("segv", "new program crashed: killed by signal 11 (SIGSEGV)");
+}
+
+#[test]
+fn a_new_program_that_panics_after_taking_over_goes_back_to_the_old_one() {
+    crash_after_takeover("panic", "new program panicked: crashing for a test");
+}
+
+#[test]
+fn a_new_program_whose_stack_overflows_after_taking_over_goes_back_to_the_old_one() {
+    // The handler runs on a stack of its own: the overflowed one has no room left.
+    crash_after_takeover("stack", "new program crashed: killed by signal 11 (SIGSEGV)");
+}
+
+#[test]
+fn a_crash_after_the_upgrade_was_answered_still_goes_back_to_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("ctl.sock");
+    let next = dir.path().join("sockhold-next");
+    write_script(
+        &next,
+        &format!(
+            "[ \"$1\" = --upgrade-check ] && exec {0} --upgrade-check\nSOCKHOLD_TEST_CRASH_AFTER_TAKEOVER=segv-later exec {0} \"$@\"",
+            sockhold_bin().display()
+        ),
+    );
+    let (mut s, pid, port, before) = under_load(&control, &next);
+    let load = Load::start(port, 4);
+    // The new program answers, then crashes on its next turn (the ctl connection closing wakes
+    // it): the state it hands back no longer names the answered client.
+    upgrade_ok(&control, pid);
+    s.expect_log(&format!(
+        "upgrade to {} failed: new program crashed: killed by signal 11 (SIGSEGV)",
+        next.display()
+    ));
+    everything_runs_on(&mut s, &control, pid, &before, load);
 }
