@@ -51,6 +51,7 @@ fn is_stripped(name: &str) -> bool {
         || name.starts_with("WATCHDOG_")
         || name.starts_with("EINHORN_")
         || name.starts_with("SERVER_STARTER_")
+        || name == "NGINX"
         || name.starts_with("SOCKHOLD_UPGRADE_")
 }
 
@@ -239,6 +240,11 @@ impl EventLoop {
                 listener.name()
             );
             held.listeners.push(listener);
+        }
+        if config.compat_env.contains(&CompatEnv::Nginx) {
+            info!(
+                "--compat-env nginx: every listener is handed over non-blocking (O_NONBLOCK), as nginx expects of the sockets it inherits"
+            );
         }
         let signals = Signals::install()?;
         held.runtime_dir = Some(make_runtime_dir(&config.name, config.world.user.is_some())?);
@@ -793,12 +799,18 @@ impl EventLoop {
             _ => None,
         };
         self.repair_listeners();
-        // O_NONBLOCK lives on the open file description, shared with every generation: a
-        // previous child may have changed it. Give each new child the mode it is promised
-        // (blocking, or O_NONBLOCK for a spec with `nonblock`).
-        for listener in &self.held.listeners {
-            if let Err(e) = listener.prepare_for_child() {
-                warn!("{e:#}");
+        // O_NONBLOCK lives on the open file description that sockhold and every generation
+        // share, and a server that set it relies on it: clearing it under HAProxy leaves its
+        // workers blocked in accept() through their soft stop, under lighttpd it stops
+        // answering after a failed reload. So the spec's mode (blocking, or `nonblock`) is
+        // given only while no child of any generation holds the socket: at the first start,
+        // and when a restart finds nothing alive. Otherwise the new child inherits what the
+        // serving one set.
+        if self.brain.live_pids().is_empty() {
+            for listener in &self.held.listeners {
+                if let Err(e) = listener.set_spec_mode() {
+                    warn!("{e:#}");
+                }
             }
         }
         let mut spec = self.child_spec(generation, socket.path(), health.is_some());
@@ -958,6 +970,9 @@ impl EventLoop {
                         .collect();
                     env.push(("SERVER_STARTER_PORT".into(), ports.join(";").into()));
                     env.push(("SERVER_STARTER_GENERATION".into(), generation.to_string().into()));
+                }
+                CompatEnv::Nginx => {
+                    env.push(("NGINX".into(), crate::child_env::nginx_var(&fds).into()));
                 }
             }
         }
