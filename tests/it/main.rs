@@ -11,6 +11,7 @@ mod faults;
 mod lifecycle;
 mod load;
 mod pid1;
+mod real_servers;
 mod readiness;
 mod sockets;
 mod support;
