@@ -451,6 +451,7 @@ fn main() {
                 || k.starts_with("FIXTURE_")
                 || k.starts_with("EINHORN_")
                 || k.starts_with("SERVER_STARTER_")
+                || k == "NGINX"
                 || k.starts_with("REMOTE_")
                 || k.starts_with("WORLD_")
         })

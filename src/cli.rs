@@ -698,4 +698,21 @@ mod tests {
             assert!(split_command(bad).is_err(), "{bad:?} must be refused");
         }
     }
+
+    #[test]
+    fn compat_env_nginx_makes_every_listener_non_blocking() {
+        use clap::Parser;
+        let config = |extra: &[&str]| {
+            let mut argv = vec!["sockhold", "-l", "127.0.0.1:0", "-l", "/tmp/x.sock"];
+            argv.extend_from_slice(extra);
+            argv.extend(["--", "nginx"]);
+            Cli::try_parse_from(argv).unwrap().into_config().unwrap()
+        };
+        let modes = |c: &Config| c.listen.iter().map(|l| l.options.nonblock).collect::<Vec<_>>();
+        assert_eq!(modes(&config(&[])), [false, false]);
+        assert_eq!(modes(&config(&["--compat-env", "einhorn"])), [false, false]);
+        let nginx = config(&["--compat-env", "einhorn,nginx"]);
+        assert_eq!(modes(&nginx), [true, true]);
+        assert_eq!(nginx.compat_env, [CompatEnv::Einhorn, CompatEnv::Nginx]);
+    }
 }

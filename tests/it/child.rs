@@ -249,3 +249,25 @@ fn compat_env_describes_the_fds_as_einhorn_and_server_starter_do() {
     );
     assert_eq!(env["SERVER_STARTER_GENERATION"], "1");
 }
+
+#[test]
+fn compat_env_nginx_sets_nginx_and_hands_the_sockets_over_non_blocking() {
+    let fixture = fixture();
+    #[rustfmt::skip]
+    let mut s = start_with(
+        &["--compat-env", "nginx", "-l", "127.0.0.1:0", "-l", "127.0.0.1:0",
+          "--ready", "notify", "--", &fixture, "--ready"],
+        // A stale NGINX from sockhold's own environment must not reach the child.
+        |cmd| {
+            cmd.env("NGINX", "7;8;");
+        },
+    );
+    s.expect_log("--compat-env nginx: every listener is handed over non-blocking");
+    let start = s.expect_event("start", 1);
+    assert_eq!(start["env"]["NGINX"], "3;4;", "a ';' after every fd, as nginx needs: {start}");
+    assert_eq!(start["fds"][3]["nonblock"], true, "{start}");
+    assert_eq!(start["fds"][4]["nonblock"], true, "{start}");
+    s.expect_ready();
+    s.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+}

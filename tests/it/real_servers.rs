@@ -127,8 +127,8 @@ fn reload_under_load(server: Server) {
     let script = contrib(&format!("{}/run", server.name));
     let bin_dir = sockhold_bin().parent().unwrap().to_path_buf();
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let path = std::env::join_paths(std::iter::once(bin_dir).chain(std::env::split_paths(&path)))
-        .unwrap();
+    let path =
+        std::env::join_paths(std::iter::once(bin_dir).chain(std::env::split_paths(&path))).unwrap();
     let mut env = (server.env)(dir.path());
     env.push(("LISTEN", format!("fd://{},name={}", listener.as_raw_fd(), server.name)));
     env.push(("CONFIG", config.display().to_string()));
