@@ -259,8 +259,10 @@ impl EventLoop {
         let (brain, acceptors) = match &config.accept {
             None => (Brain::Generations(Supervisor::new(config.policy.clone())), Vec::new()),
             Some(accept) => {
-                // Only sockhold accepts on them in this mode: non-blocking, so that a
-                // connection that vanished between poll and accept never blocks the loop.
+                // Only sockhold accepts on them in this mode (children get connections, never
+                // the listeners), so nothing else holds them and the flag is sockhold's to set:
+                // non-blocking, so that a connection that vanished between poll and accept
+                // never blocks the loop.
                 for listener in &held.listeners {
                     listener.set_nonblocking(true)?;
                 }
