@@ -74,6 +74,13 @@ fn get(port: u16) -> Result<i32, String> {
         .unwrap_or(0))
 }
 
+/// Adds what a load saw to the total.
+fn add(total: &mut Tally, (ok, failures, pids): Tally) {
+    total.0 += ok;
+    total.1.extend(failures);
+    total.2.extend(pids);
+}
+
 /// Whether `pid` has a handler for `signal` and does not block it (`/proc/PID/status`).
 fn handles(pid: i64, signal: Signal) -> bool {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
@@ -146,13 +153,17 @@ fn reload_under_load(server: Server) {
     });
     s.expect_ready();
 
-    let load = Load::start_with(port, 4, get);
+    let mut load = Load::start_with(port, 4, get);
+    let mut tally: Tally = Default::default();
     let mut generation = 1;
     let mut ready = String::new();
     for reload in 1..=RELOADS {
         if reload == RELOADS / 2 {
             // A broken configuration: the new generation exits, the reload fails, the old one
-            // keeps serving, with O_NONBLOCK as it set it.
+            // keeps serving, with O_NONBLOCK as it set it. The server is idle meanwhile, so
+            // that one request at a time then finds an empty accept queue behind it: a
+            // listener made blocking under the server would leave it asleep in accept().
+            add(&mut tally, load.finish());
             std::fs::write(&config, server.broken).unwrap();
             s.signal(SIGHUP);
             generation += 1;
@@ -160,6 +171,13 @@ fn reload_under_load(server: Server) {
             let ready = s.expect_ready();
             assert!(ready.contains("reload failed"), "{ready}");
             std::fs::write(&config, &good).unwrap();
+            for _ in 0..5 {
+                match get(port) {
+                    Ok(pid) => add(&mut tally, (1, Vec::new(), [pid].into())),
+                    Err(e) => add(&mut tally, (0, vec![e], Default::default())),
+                }
+            }
+            load = Load::start_with(port, 4, get);
         }
         s.signal(SIGHUP);
         generation += 1;
@@ -167,7 +185,8 @@ fn reload_under_load(server: Server) {
         ready = s.expect_ready();
         assert!(ready.contains(&format!("generation {generation} ")), "{ready}");
     }
-    let (ok, failures, pids) = load.finish();
+    add(&mut tally, load.finish());
+    let (ok, failures, pids) = tally;
     let flags = OFlag::from_bits_retain(fcntl(&listener, FcntlArg::F_GETFL).unwrap());
     eprintln!(
         "{}: {RELOADS} reloads and 1 failed reload, {} requests, {} failed, answered by {} pids",
