@@ -74,6 +74,29 @@ fn get(port: u16) -> Result<i32, String> {
         .unwrap_or(0))
 }
 
+/// The process groups of the generations a test saw (each generation leads its own): SIGKILLed
+/// when the test ends, also when it fails, so that no server outlives it (the harness's
+/// cleanup knows only the fixture's pids).
+#[derive(Default)]
+struct Groups(Vec<i32>);
+
+impl Groups {
+    /// Records the generation a `READY=1 ... (pid N)` message names; returns its pid.
+    fn record(&mut self, ready: &str) -> Option<i32> {
+        let pid = ready.split("(pid ").nth(1)?.split(')').next()?.parse().ok()?;
+        self.0.push(pid);
+        Some(pid)
+    }
+}
+
+impl Drop for Groups {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
 /// Adds what a load saw to the total.
 fn add(total: &mut Tally, (ok, failures, pids): Tally) {
     total.0 += ok;
@@ -82,7 +105,7 @@ fn add(total: &mut Tally, (ok, failures, pids): Tally) {
 }
 
 /// Whether `pid` has a handler for `signal` and does not block it (`/proc/PID/status`).
-fn handles(pid: i64, signal: Signal) -> bool {
+fn handles(pid: i32, signal: Signal) -> bool {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
         return false;
     };
@@ -151,7 +174,8 @@ fn reload_under_load(server: Server) {
         outer.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
         *cmd = outer;
     });
-    s.expect_ready();
+    let mut groups = Groups::default();
+    groups.record(&s.expect_ready());
 
     let mut load = Load::start_with(port, 4, get);
     let mut tally: Tally = Default::default();
@@ -184,6 +208,7 @@ fn reload_under_load(server: Server) {
         s.expect_manager("RELOADING=1", |m| m.starts_with("RELOADING=1"));
         ready = s.expect_ready();
         assert!(ready.contains(&format!("generation {generation} ")), "{ready}");
+        groups.record(&ready);
     }
     add(&mut tally, load.finish());
     let (ok, failures, pids) = tally;
@@ -208,17 +233,14 @@ fn reload_under_load(server: Server) {
     // HAProxy's master sends READY=1 a moment before it installs its handler for the stop
     // signal; a stop in that moment is lost (sockhold would SIGKILL it after --stop-timeout).
     // No event says when the handler is in place: poll /proc for it.
-    let serving: i64 = ready
-        .split("(pid ")
-        .nth(1)
-        .and_then(|rest| rest.split(')').next())
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {ready}"));
+    let serving = groups.record(&ready).unwrap_or_else(|| panic!("no pid in {ready}"));
     wait_until("the serving generation handles its stop signal", || {
         handles(serving, server.stop_signal)
     });
     s.signal(SIGTERM);
     assert_eq!(s.exit_code(), 0);
+    // Every generation has stopped: nothing is left to kill, and the pids may be reused.
+    groups.0.clear();
 }
 
 #[test]
