@@ -33,6 +33,7 @@ struct Args {
     notify_on_usr1: Option<String>,
     fork_notify_ready: bool,
     set_nonblock: bool,
+    set_nonblock_gens: Vec<String>,
     try_regain_root: bool,
     daemon: bool,
     hold: bool,
@@ -90,6 +91,7 @@ fn parse_args() -> Args {
             }
             "--fork-notify-ready" => args.fork_notify_ready = true,
             "--set-nonblock" => args.set_nonblock = true,
+            "--set-nonblock-gen" => args.set_nonblock_gens.push(value("--set-nonblock-gen")),
             "--try-regain-root" => args.try_regain_root = true,
             "--daemon" => args.daemon = true,
             "--hold" => args.hold = true,
@@ -449,6 +451,7 @@ fn main() {
                 || k.starts_with("FIXTURE_")
                 || k.starts_with("EINHORN_")
                 || k.starts_with("SERVER_STARTER_")
+                || k == "NGINX"
                 || k.starts_with("REMOTE_")
                 || k.starts_with("WORLD_")
         })
@@ -475,7 +478,7 @@ fn main() {
     );
 
     // 4. What the arguments ask for.
-    if args.set_nonblock {
+    if args.set_nonblock || in_gen(&args.set_nonblock_gens) {
         // As Go, gunicorn and uWSGI do: the flag lands on the description every holder shares.
         let fd = borrow(3).expect("fd 3");
         let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).expect("F_GETFL"));

@@ -143,8 +143,11 @@ pub struct Cli {
 
     /// Also hand the sockets over the way other tools do, so servers written for them move over
     /// unchanged: `einhorn` (EINHORN_FDS as socketmaster sets it, plus EINHORN_FD_COUNT,
-    /// EINHORN_FD_<i> and EINHORN_MASTER_PID as einhorn does) and/or `server-starter`
-    /// (SERVER_STARTER_PORT and SERVER_STARTER_GENERATION as Server::Starter sets them).
+    /// EINHORN_FD_<i> and EINHORN_MASTER_PID as einhorn does), `server-starter`
+    /// (SERVER_STARTER_PORT and SERVER_STARTER_GENERATION as Server::Starter sets them) and/or
+    /// `nginx` (NGINX=3;4;...; as nginx's binary upgrade sets it, so a new nginx master serves
+    /// the inherited sockets). `nginx` also makes every listener non-blocking (as if each had
+    /// `nonblock`): nginx never sets O_NONBLOCK on an inherited socket itself.
     #[arg(long, value_name = "LIST", value_enum, value_delimiter = ',')]
     pub compat_env: Vec<CompatEnv>,
 
@@ -227,6 +230,8 @@ pub enum CompatEnv {
     Einhorn,
     /// Server::Starter's SERVER_STARTER_PORT.
     ServerStarter,
+    /// nginx's NGINX (the listeners nginx's master inherits at a binary upgrade).
+    Nginx,
 }
 
 /// What the children do when sockhold dies without stopping them.
@@ -430,6 +435,14 @@ impl Cli {
         }
         if self.accept && self.ready.probes() {
             return Err("--ready http: and exec: do not apply to --accept, whose children serve one connection each".into());
+        }
+        if self.compat_env.contains(&CompatEnv::Nginx) {
+            // nginx never sets O_NONBLOCK on a socket it inherits, and a worker asleep in a
+            // blocking accept() can miss its master's QUIT: its listeners must come
+            // non-blocking, as nginx's own binary upgrade hands them over.
+            for spec in &mut listen {
+                spec.options.nonblock = true;
+            }
         }
         Ok(Config {
             listen,
@@ -784,5 +797,22 @@ mod tests {
         for bad in ["'open", "\"open", "trailing\\", "\"esc\\"] {
             assert!(split_command(bad).is_err(), "{bad:?} must be refused");
         }
+    }
+
+    #[test]
+    fn compat_env_nginx_makes_every_listener_non_blocking() {
+        use clap::Parser;
+        let config = |extra: &[&str]| {
+            let mut argv = vec!["sockhold", "-l", "127.0.0.1:0", "-l", "/tmp/x.sock"];
+            argv.extend_from_slice(extra);
+            argv.extend(["--", "nginx"]);
+            Cli::try_parse_from(argv).unwrap().into_config().unwrap()
+        };
+        let modes = |c: &Config| c.listen.iter().map(|l| l.options.nonblock).collect::<Vec<_>>();
+        assert_eq!(modes(&config(&[])), [false, false]);
+        assert_eq!(modes(&config(&["--compat-env", "einhorn"])), [false, false]);
+        let nginx = config(&["--compat-env", "einhorn,nginx"]);
+        assert_eq!(modes(&nginx), [true, true]);
+        assert_eq!(nginx.compat_env, [CompatEnv::Einhorn, CompatEnv::Nginx]);
     }
 }

@@ -49,6 +49,7 @@ fn is_stripped(name: &str) -> bool {
         || name.starts_with("WATCHDOG_")
         || name.starts_with("EINHORN_")
         || name.starts_with("SERVER_STARTER_")
+        || name == "NGINX"
         || name.starts_with("SOCKHOLD_UPGRADE_")
 }
 
@@ -245,6 +246,11 @@ impl EventLoop {
             );
             held.listeners.push(listener);
         }
+        if config.compat_env.contains(&CompatEnv::Nginx) {
+            info!(
+                "--compat-env nginx: every listener is handed over non-blocking (O_NONBLOCK), as nginx expects of the sockets it inherits"
+            );
+        }
         let signals = Signals::install()?;
         held.runtime_dir = Some(make_runtime_dir(&config.name, config.world.user.is_some())?);
         if let Some(path) = &config.pid_file {
@@ -257,8 +263,10 @@ impl EventLoop {
         let (brain, acceptors) = match &config.accept {
             None => (Brain::Generations(Supervisor::new(config.policy.clone())), Vec::new()),
             Some(accept) => {
-                // Only sockhold accepts on them in this mode: non-blocking, so that a
-                // connection that vanished between poll and accept never blocks the loop.
+                // Only sockhold accepts on them in this mode (children get connections, never
+                // the listeners), so nothing else holds them and the flag is sockhold's to set:
+                // non-blocking, so that a connection that vanished between poll and accept
+                // never blocks the loop.
                 for listener in &held.listeners {
                     listener.set_nonblocking(true)?;
                 }
@@ -865,12 +873,18 @@ impl EventLoop {
             _ => None,
         };
         self.repair_listeners();
-        // O_NONBLOCK lives on the open file description, shared with every generation: a
-        // previous child may have changed it. Give each new child the mode it is promised
-        // (blocking, or O_NONBLOCK for a spec with `nonblock`).
-        for listener in &self.held.listeners {
-            if let Err(e) = listener.prepare_for_child() {
-                warn!("{e:#}");
+        // O_NONBLOCK lives on the open file description that sockhold and every generation
+        // share, and a server that set it relies on it: clearing it under HAProxy leaves its
+        // workers blocked in accept() through their soft stop, under lighttpd it stops
+        // answering after a failed reload. So the spec's mode (blocking, or `nonblock`) is
+        // given only while no child of any generation holds the socket: at the first start,
+        // and when a restart finds nothing alive. Otherwise the new child inherits what the
+        // serving one set.
+        if self.brain.live_pids().is_empty() {
+            for listener in &self.held.listeners {
+                if let Err(e) = listener.set_spec_mode() {
+                    warn!("{e:#}");
+                }
             }
         }
         let mut spec = self.child_spec(generation, socket.path(), health.is_some());
@@ -1030,6 +1044,9 @@ impl EventLoop {
                         .collect();
                     env.push(("SERVER_STARTER_PORT".into(), ports.join(";").into()));
                     env.push(("SERVER_STARTER_GENERATION".into(), generation.to_string().into()));
+                }
+                CompatEnv::Nginx => {
+                    env.push(("NGINX".into(), crate::child_env::nginx_var(&fds).into()));
                 }
             }
         }

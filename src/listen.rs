@@ -3,7 +3,7 @@
 //! The `--listen` spec grammar lives in [`spec`], which is pure; this module owns binding and
 //! holding the sockets a [`ListenSpec`] names ([`Listener`]): socket options, the Unix socket
 //! file (its directory, owner and mode), `listen` for the kinds that listen, the `O_NONBLOCK`
-//! mode a child is promised, adopting inherited sockets, removing the socket files it created,
+//! mode its spec asks for, adopting inherited sockets, removing the socket files it created,
 //! repairing a listener a child has shut down, and handing listeners over to a new program. It
 //! must never accept, read or wait on a listener: sockhold only keeps the sockets open and
 //! passes them on; only children serve them.
@@ -214,6 +214,8 @@ impl Listener {
         }
         let fresh = Listener::bind(&self.spec, &self.name)
             .with_context(|| format!("failed to re-create {}", self.local))?;
+        // A new open file description that no child holds yet: it gets the spec's mode.
+        fresh.set_spec_mode()?;
         *self = fresh;
         Ok(())
     }
@@ -245,10 +247,11 @@ impl Listener {
         Ok(())
     }
 
-    /// Gives the socket the mode its spec promises the next child: `O_NONBLOCK` with
-    /// `nonblock`, blocking without. The flag lives on the open file description that every
-    /// generation (and sockhold) shares, so a previous child may have changed it.
-    pub fn prepare_for_child(&self) -> anyhow::Result<()> {
+    /// Gives the socket the mode its spec asks for: `O_NONBLOCK` with `nonblock`, blocking
+    /// without. The flag lives on the open file description that sockhold and every generation
+    /// share, and a server that set it relies on it (HAProxy's workers hang in accept() without
+    /// it): call this only while no child holds the socket, never under a running one.
+    pub fn set_spec_mode(&self) -> anyhow::Result<()> {
         self.set_nonblocking(self.spec.options.nonblock)
     }
 
@@ -764,12 +767,12 @@ mod tests {
     }
 
     #[test]
-    fn prepare_for_child_gives_the_mode_the_spec_asks_for() {
+    fn set_spec_mode_gives_the_mode_the_spec_asks_for() {
         for (text, nonblock) in [("127.0.0.1:0", false), ("127.0.0.1:0,nonblock", true)] {
             let listener = bind(text).unwrap();
             for previous in [true, false] {
                 listener.set_nonblocking(previous).unwrap(); // what a previous child left
-                listener.prepare_for_child().unwrap();
+                listener.set_spec_mode().unwrap();
                 assert_eq!(is_nonblocking(&listener), nonblock, "{text} after {previous}");
             }
         }

@@ -673,6 +673,9 @@ fn scripts() -> Vec<PathBuf> {
         "s6/sockhold-example/data/check",
         "s6/sockhold-example/conf",
         "s6/sockhold-example/log/run",
+        "haproxy/run",
+        "lighttpd/run",
+        "nginx/run",
     ]
     .iter()
     .map(|p| contrib(p))

@@ -161,7 +161,7 @@ _sockhold() {
                     return 0
                     ;;
                 --compat-env)
-                    COMPREPLY=($(compgen -W "einhorn server-starter" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "einhorn server-starter nginx" -- "${cur}"))
                     return 0
                     ;;
                 --control)

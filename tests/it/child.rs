@@ -148,15 +148,49 @@ fn status_lines_reach_the_log_and_the_manager() {
     assert!(ready.contains("warming up"), "{ready}");
 }
 
+/// The file status flags of fd 3 of a live process, from `/proc/PID/fdinfo/3` (octal).
+fn fd3_flags(pid: i64) -> u32 {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/3")).expect("fdinfo");
+    let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).expect("flags line");
+    u32::from_str_radix(flags.trim(), 8).expect("octal flags")
+}
+
+const O_NONBLOCK: u32 = 0o4000;
+
 #[test]
-fn a_child_that_sets_o_nonblock_does_not_change_what_the_next_one_gets() {
+fn a_child_that_sets_o_nonblock_keeps_it_through_reloads_and_a_failed_one() {
+    // Generation 1 sets O_NONBLOCK on the shared listener, as HAProxy and lighttpd do; no later
+    // generation sets it. sockhold must never clear it under a running server: every later
+    // generation inherits it, and the one serving still has it after 5 reloads and after a
+    // reload whose new child (generation 7) exits before it is ready.
     #[rustfmt::skip]
-    let mut s = start_fixture(&[], &["--ready", "--set-nonblock"]);
+    let mut s = start_fixture(&[], &[
+        "--set-nonblock-gen", "1", "--exit-gen", "7:3",
+        "--ready-gen", "1", "--ready-gen", "2", "--ready-gen", "3",
+        "--ready-gen", "4", "--ready-gen", "5", "--ready-gen", "6",
+    ]);
+    let first = s.expect_event("start", 1);
+    assert_eq!(first["fds"][3]["nonblock"], false, "blocking at start: {first}");
     s.expect_event("set-nonblock", 1);
     s.expect_ready();
+    assert_ne!(fd3_flags(pid_of(&first)) & O_NONBLOCK, 0);
+    let mut serving = first;
+    for generation in 2..=6 {
+        s.signal(nix::sys::signal::Signal::SIGHUP);
+        let start = s.expect_event("start", generation);
+        assert_eq!(start["fds"][3]["nonblock"], true, "inherited, not cleared: {start}");
+        let ready = s.expect_ready();
+        assert!(ready.contains(&format!("generation {generation} ")), "{ready}");
+        serving = start;
+    }
+    assert_ne!(fd3_flags(pid_of(&serving)) & O_NONBLOCK, 0, "after 5 reloads");
     s.signal(nix::sys::signal::Signal::SIGHUP);
-    let second = s.expect_event("start", 2);
-    assert_eq!(second["fds"][3]["nonblock"], false, "blocking again for generation 2: {second}");
+    let failing = s.expect_event("start", 7);
+    assert_eq!(failing["fds"][3]["nonblock"], true, "{failing}");
+    s.expect_event("exit", 7);
+    s.expect_log("reload failed");
+    assert!(process_exists(pid_of(&serving)), "generation 6 still serves");
+    assert_ne!(fd3_flags(pid_of(&serving)) & O_NONBLOCK, 0, "after a failed reload");
 }
 
 #[test]
@@ -214,4 +248,26 @@ fn compat_env_describes_the_fds_as_einhorn_and_server_starter_do() {
         "a bare port stays bare, as Server::Starter writes it"
     );
     assert_eq!(env["SERVER_STARTER_GENERATION"], "1");
+}
+
+#[test]
+fn compat_env_nginx_sets_nginx_and_hands_the_sockets_over_non_blocking() {
+    let fixture = fixture();
+    #[rustfmt::skip]
+    let mut s = start_with(
+        &["--compat-env", "nginx", "-l", "127.0.0.1:0", "-l", "127.0.0.1:0",
+          "--ready", "notify", "--", &fixture, "--ready"],
+        // A stale NGINX from sockhold's own environment must not reach the child.
+        |cmd| {
+            cmd.env("NGINX", "7;8;");
+        },
+    );
+    s.expect_log("--compat-env nginx: every listener is handed over non-blocking");
+    let start = s.expect_event("start", 1);
+    assert_eq!(start["env"]["NGINX"], "3;4;", "a ';' after every fd, as nginx needs: {start}");
+    assert_eq!(start["fds"][3]["nonblock"], true, "{start}");
+    assert_eq!(start["fds"][4]["nonblock"], true, "{start}");
+    s.expect_ready();
+    s.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(s.exit_code(), 0);
 }

@@ -10,7 +10,7 @@
 //! - an old child that ignores SIGTERM: lifecycle.rs,
 //!   `an_old_child_that_ignores_sigterm_is_killed_at_the_deadline_and_reaped`;
 //! - a child that sets O_NONBLOCK on a shared socket: child.rs,
-//!   `a_child_that_sets_o_nonblock_does_not_change_what_the_next_one_gets`, and sockets.rs,
+//!   `a_child_that_sets_o_nonblock_keeps_it_through_reloads_and_a_failed_one`, and sockets.rs,
 //!   `option_nonblock`.
 //!
 //! A daemon a generation double-forks stays in the generation's process group unless it calls

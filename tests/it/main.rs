@@ -13,6 +13,7 @@ mod lifecycle;
 mod load;
 mod pid1;
 mod readiness;
+mod real_servers;
 mod sockets;
 mod support;
 mod upgrade;

@@ -414,9 +414,12 @@ fn options_mode_owner_and_group() {
 
 #[test]
 fn option_nonblock() {
-    // fd 3 blocking, fd 4 non-blocking; generation 1 sets O_NONBLOCK on fd 3 (on the shared file
-    // description), yet generation 2 again gets what each spec asks for.
-    let (mut s, first) = run(&["127.0.0.1:0", "127.0.0.1:0,nonblock"], &[], &["--set-nonblock"]);
+    // fd 3 blocking, fd 4 non-blocking: each spec's mode is what the first generation gets.
+    // Generation 1 sets O_NONBLOCK on fd 3 (on the description every generation shares): a
+    // reload inherits it, since sockhold never changes the flag under a running server; once
+    // nothing is alive (generation 2 killed), the restart gets each spec's mode again.
+    #[rustfmt::skip]
+    let (mut s, first) = run(&["127.0.0.1:0", "127.0.0.1:0,nonblock"], &[], &["--set-nonblock-gen", "1"]);
     assert_eq!(
         (fd(&first, 3)["nonblock"].clone(), fd(&first, 4)["nonblock"].clone()),
         (false.into(), true.into())
@@ -425,8 +428,18 @@ fn option_nonblock() {
     s.expect_ready();
     s.signal(SIGHUP);
     let second = s.expect_event("start", 2);
-    assert_eq!(fd(&second, 3)["nonblock"], false, "{second}");
+    assert_eq!(fd(&second, 3)["nonblock"], true, "inherited from generation 1: {second}");
     assert_eq!(fd(&second, 4)["nonblock"], true, "{second}");
+    s.expect_ready();
+    s.expect_event("exit", 1);
+    let pid = nix::unistd::Pid::from_raw(pid_of(&second) as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let third = s.expect_event("start", 3);
+    assert_eq!(fd(&third, 3)["nonblock"], false, "nothing alive: the spec's mode: {third}");
+    assert_eq!(fd(&third, 4)["nonblock"], true, "{third}");
+    s.expect_event("ready-sent", 3);
+    s.signal(SIGTERM);
+    assert_eq!(s.exit_code(), 0);
     let (s, start) = run(&["udp://127.0.0.1:0,nonblock", "@x-nonblock-it,nonblock"], &[], &[]);
     assert_eq!(fd(&start, 3)["nonblock"], true);
     assert_eq!(fd(&start, 4)["nonblock"], true);

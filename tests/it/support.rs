@@ -472,6 +472,12 @@ pub type Tally = (u64, Vec<String>, std::collections::BTreeSet<i32>);
 impl Load {
     /// Starts `threads` clients against `127.0.0.1:port`.
     pub fn start(port: u16, threads: usize) -> Load {
+        Load::start_with(port, threads, http_get)
+    }
+
+    /// Like [`Load::start`], each request made by `get` (for servers that answer otherwise
+    /// than the example server).
+    pub fn start_with(port: u16, threads: usize, get: fn(u16) -> Result<i32, String>) -> Load {
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let clients = (0..threads)
@@ -480,7 +486,7 @@ impl Load {
                 std::thread::spawn(move || {
                     let mut tally: Tally = Default::default();
                     while !stop.load(Ordering::Relaxed) {
-                        match http_get(port) {
+                        match get(port) {
                             Ok(pid) => {
                                 tally.0 += 1;
                                 tally.2.insert(pid);
