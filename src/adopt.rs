@@ -105,11 +105,11 @@ pub fn take(raw: RawFd) -> Result<(OwnedFd, SockType)> {
     if taken.contains(&raw) {
         bail!("fd {raw} is already adopted by another --listen");
     }
-    let borrowed = crate::spawn::borrow_inherited_fd(raw)
+    let borrowed = crate::sys::borrow_inherited_fd(raw)
         .with_context(|| format!("fd {raw} is not open in sockhold"))?;
     let kind = getsockopt(&borrowed, sockopt::SockType)
         .map_err(|e| anyhow::anyhow!("fd {raw} is not a socket ({e})"))?;
-    let owned = crate::spawn::adopt_inherited_fd(raw);
+    let owned = crate::sys::adopt_inherited_fd(raw);
     taken.push(raw);
     fcntl(owned.as_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
         .with_context(|| format!("failed to make fd {raw} close-on-exec"))?;

@@ -180,7 +180,7 @@ impl ControlServer {
         let fd = fd.context("the control socket has no fd")?;
         let path = state["path"].as_str().context("the control socket has no path")?;
         let identity = (state["dev"].as_u64().unwrap_or(0), state["ino"].as_u64().unwrap_or(0));
-        let listener = UnixListener::from(crate::spawn::adopt_inherited_fd(fd));
+        let listener = UnixListener::from(crate::sys::adopt_inherited_fd(fd));
         listener.set_nonblocking(true).context("failed to make the control socket non-blocking")?;
         Ok(ControlServer {
             listener,
@@ -197,7 +197,7 @@ impl ControlServer {
     /// Takes over a client (fd `raw`, checked open) that waits for the answer to `outstanding`
     /// requests the old program accepted.
     pub fn take_client(&mut self, raw: std::os::fd::RawFd, outstanding: usize) -> ClientId {
-        let stream = UnixStream::from(crate::spawn::adopt_inherited_fd(raw));
+        let stream = UnixStream::from(crate::sys::adopt_inherited_fd(raw));
         let _ = stream.set_nonblocking(true);
         let id = self.next_id;
         self.next_id += 1;

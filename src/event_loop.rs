@@ -35,8 +35,9 @@ use crate::paths::PidFile;
 use crate::probe::Probe;
 use crate::protocol::{self, Answer, LastReload, Reloaded, Signalled};
 use crate::signals::{Signal, Signals, is_forwarded, signal_name};
-use crate::spawn::{ChildSpec, kill, killpg, peek_ended_child, reap, spawn};
+use crate::spawn::{ChildSpec, spawn};
 use crate::supervisor::{Action, Event, GenerationInfo, ReadyMode, Supervisor};
+use crate::sys::{kill, killpg, peek_ended_child, reap};
 
 /// Environment variables of sockhold's own that must not reach a child: they describe sockhold's
 /// sockets and manager, not the child's (a stale `LISTEN_PIDFDID` makes libsystemd ignore every

@@ -306,7 +306,7 @@ impl Listener {
         let fd = fd.ok_or("a listener without an fd")?;
         let text = state["spec"].as_str().ok_or("a listener without a spec")?;
         text.parse::<ListenSpec>().map_err(|e| e.to_string())?;
-        let borrowed = crate::spawn::borrow_inherited_fd(fd)
+        let borrowed = crate::sys::borrow_inherited_fd(fd)
             .map_err(|e| format!("listener fd {fd} ({text}) is not open: {e}"))?;
         socket::getsockopt(&borrowed, sockopt::SockType)
             .map_err(|e| format!("listener fd {fd} ({text}) is not a socket: {e}"))?;
@@ -331,7 +331,7 @@ impl Listener {
             Some("seqpacket") => SocketKind::SeqPacket,
             _ => SocketKind::Stream,
         };
-        let fd = crate::spawn::adopt_inherited_fd(fd);
+        let fd = crate::sys::adopt_inherited_fd(fd);
         let inet_addr = socket::getsockname::<SockaddrStorage>(fd.as_raw_fd()).ok().filter(|a| {
             matches!(
                 socket::SockaddrLike::family(a),

@@ -127,7 +127,7 @@ impl NotifySocket {
     /// Takes over the notify socket a self-upgrade handed over (fd `raw`, bound at `path`).
     /// The caller has checked that `raw` is open.
     pub fn take_handover(raw: std::os::fd::RawFd, path: PathBuf) -> NotifySocket {
-        NotifySocket { fd: crate::spawn::adopt_inherited_fd(raw), path }
+        NotifySocket { fd: crate::sys::adopt_inherited_fd(raw), path }
     }
 
     /// The path children get as `NOTIFY_SOCKET`.
@@ -187,7 +187,7 @@ impl NotifySocket {
             // Closing what arrived answers BARRIER=1 (the sender waits for the fd to close) and
             // keeps any other stray fd from leaking into sockhold.
             for raw in fds {
-                drop(crate::spawn::adopt_received_fd(raw));
+                drop(crate::sys::adopt_received_fd(raw));
             }
             if truncated || len > MAX_DATAGRAM {
                 warn!(

@@ -1,4 +1,5 @@
-//! Starting a child: fork, set up exactly what a child gets, exec. The only module with `unsafe`.
+//! Starting a child: fork, set up exactly what a child gets, exec. One of the two rooms with
+//! `unsafe` (the other is `sys`, for every raw syscall that is not fork/exec and the child's side).
 //!
 //! Everything is prepared before `fork` (argv, envp with fixed-width `LISTEN_PID` and
 //! `WATCHDOG_PID` slots, the fd plan, the signal set), because between `fork` and `execve` the child may only make
@@ -18,7 +19,7 @@
 #![allow(unsafe_code)]
 
 use std::ffi::{CString, OsStr, OsString};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -30,7 +31,7 @@ use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
 use nix::sys::wait::waitpid;
 use nix::unistd::{AccessFlags, ForkResult, Gid, Pid, Uid, access, fork, pipe2, setpgid};
 
-use crate::exit::{ChildStatus, ExitCode};
+use crate::exit::ExitCode;
 use crate::signals::Signal;
 
 /// Room for the decimal digits of any pid (pid_t is 32-bit; 20 digits fit even a 64-bit one).
@@ -93,81 +94,6 @@ impl std::fmt::Display for SpawnError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.message)
     }
-}
-
-/// Sends `signal` to process `pid`. Here rather than through nix, whose `kill` cannot send a
-/// realtime signal.
-pub fn kill(pid: Pid, signal: Signal) -> nix::Result<()> {
-    // SAFETY: kill(2) takes two integers and touches no memory of this process.
-    let rc = unsafe { libc::kill(pid.as_raw(), signal.raw()) };
-    Errno::result(rc).map(drop)
-}
-
-/// Sends `signal` to every process of process group `pgid`, as [`kill`] does to one.
-pub fn killpg(pgid: Pid, signal: Signal) -> nix::Result<()> {
-    // SAFETY: killpg(3) takes two integers and touches no memory of this process.
-    let rc = unsafe { libc::killpg(pgid.as_raw(), signal.raw()) };
-    Errno::result(rc).map(drop)
-}
-
-/// The pid of a child that has ended and waits to be reaped, left unreaped (`waitid` with
-/// `WNOWAIT`), or `None` when none has (or there are no children). nix's `waitid` fails on a
-/// child killed by a realtime signal, which then stayed a zombie nobody noticed.
-pub fn peek_ended_child() -> nix::Result<Option<Pid>> {
-    // SAFETY: an all-zero siginfo_t is a valid value of this plain C struct.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
-    // SAFETY: `info` is a valid, writable siginfo_t for the kernel to fill.
-    let rc = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, flags) };
-    match Errno::result(rc) {
-        Err(Errno::ECHILD) => Ok(None),
-        Err(e) => Err(e),
-        // SAFETY: waitid succeeded, so `info` is a SIGCHLD siginfo (or still all zero when
-        // no child has ended), whose si_pid field is the one to read.
-        Ok(_) => match unsafe { info.si_pid() } {
-            0 => Ok(None),
-            pid => Ok(Some(Pid::from_raw(pid))),
-        },
-    }
-}
-
-/// Reaps child `pid` if it has ended, without blocking: how it ended, or `None` while it runs.
-pub fn reap(pid: Pid) -> nix::Result<Option<ChildStatus>> {
-    let mut status = 0;
-    // SAFETY: `status` is a valid, writable int for the kernel to fill.
-    let rc = unsafe { libc::waitpid(pid.as_raw(), &mut status, libc::WNOHANG) };
-    match Errno::result(rc)? {
-        0 => Ok(None),
-        _ => Ok(ChildStatus::from_raw(status)),
-    }
-}
-
-/// Takes ownership of an fd the kernel just installed in sockhold's table through `SCM_RIGHTS`,
-/// so that dropping it closes it.
-pub fn adopt_received_fd(raw: RawFd) -> OwnedFd {
-    // SAFETY: `raw` was returned by recvmsg as an SCM_RIGHTS fd: the kernel created it in this
-    // process for this message, and nothing else holds or closes it.
-    unsafe { OwnedFd::from_raw_fd(raw) }
-}
-
-/// Borrows fd `raw`, which sockhold inherited, if it is open.
-pub fn borrow_inherited_fd(raw: RawFd) -> nix::Result<BorrowedFd<'static>> {
-    nix::fcntl::fcntl(
-        // SAFETY: F_GETFD on any number is harmless; it only tells whether the fd is open.
-        unsafe { BorrowedFd::borrow_raw(raw) },
-        nix::fcntl::FcntlArg::F_GETFD,
-    )?;
-    // SAFETY: the fd is open (checked above) and sockhold never closes an inherited fd it has
-    // not adopted, so it stays valid for as long as sockhold runs.
-    Ok(unsafe { BorrowedFd::borrow_raw(raw) })
-}
-
-/// Takes ownership of fd `raw`, which sockhold inherited and adopts as a listener (`fd://N`,
-/// `systemd://NAME`), so that it is closed with the listener.
-pub fn adopt_inherited_fd(raw: RawFd) -> OwnedFd {
-    // SAFETY: `raw` was checked open by `borrow_inherited_fd`; it was handed to sockhold by its
-    // parent, and each fd is adopted once (the caller takes each spec's fd once).
-    unsafe { OwnedFd::from_raw_fd(raw) }
 }
 
 /// Finds `program` as execvp would: as a path if it contains `/`, else in `path_var`.

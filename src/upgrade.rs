@@ -326,7 +326,7 @@ fn cstring(bytes: &[u8]) -> Result<CString, String> {
 pub fn set_cloexec(fds: &[RawFd], on: bool) -> Result<(), String> {
     let flag = if on { FdFlag::FD_CLOEXEC } else { FdFlag::empty() };
     for &raw in fds {
-        let fd = crate::spawn::borrow_inherited_fd(raw).map_err(|e| format!("fd {raw}: {e}"))?;
+        let fd = crate::sys::borrow_inherited_fd(raw).map_err(|e| format!("fd {raw}: {e}"))?;
         fcntl(fd, FcntlArg::F_SETFD(flag)).map_err(|e| format!("fd {raw}: {e}"))?;
     }
     Ok(())
@@ -352,8 +352,8 @@ impl Incoming {
         let bad = |why: String| format!("{FD_VAR}={}: {why}", text.to_string_lossy());
         let raw: RawFd =
             text.to_str().and_then(|t| t.parse().ok()).ok_or_else(|| bad("not an fd".into()))?;
-        crate::spawn::borrow_inherited_fd(raw).map_err(|e| bad(format!("not open: {e}")))?;
-        let memfd = crate::spawn::adopt_inherited_fd(raw);
+        crate::sys::borrow_inherited_fd(raw).map_err(|e| bad(format!("not open: {e}")))?;
+        let memfd = crate::sys::adopt_inherited_fd(raw);
         let mut bytes = Vec::new();
         let mut offset = 0;
         let mut buf = vec![0u8; 1 << 16];
@@ -411,7 +411,7 @@ impl Incoming {
             self.give_up(&format!("{reason}; and the state has no handle on the old program"));
         };
         let attempt = (|| -> Result<Infallible, String> {
-            let fd = crate::spawn::borrow_inherited_fd(old).map_err(|e| e.to_string())?;
+            let fd = crate::sys::borrow_inherited_fd(old).map_err(|e| e.to_string())?;
             let argv = self.old_argv()?;
             let oneline: String = reason.chars().map(|c| if c == '\n' { ' ' } else { c }).collect();
             let env = environment(&[
@@ -483,8 +483,8 @@ impl Incoming {
         }
         let handle = self
             .old_exe_fd()
-            .filter(|&fd| crate::spawn::borrow_inherited_fd(fd).is_ok())
-            .map(crate::spawn::adopt_inherited_fd);
+            .filter(|&fd| crate::sys::borrow_inherited_fd(fd).is_ok())
+            .map(crate::sys::adopt_inherited_fd);
         let on_probation = match (&self.failed, handle) {
             (None, Some(handle)) => match self.arm(&handle, adopted) {
                 Ok(()) => {

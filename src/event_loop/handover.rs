@@ -197,7 +197,7 @@ impl EventLoop {
         pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old_mask))
             .map_err(|e| format!("cannot block signals: {e}"))?;
         for signal in self.signals.pending() {
-            let _ = crate::spawn::kill(nix::unistd::getpid(), signal);
+            let _ = crate::sys::kill(nix::unistd::getpid(), signal);
         }
         let result = self.check_and_exec(target, asked);
         let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
@@ -359,8 +359,7 @@ impl EventLoop {
         let fd_of = |v: &Value, what: &str| -> Result<RawFd, String> {
             let fd = Incoming::check_fd_number(&v["fd"], what)?;
             if !dry {
-                crate::spawn::borrow_inherited_fd(fd)
-                    .map_err(|e| format!("{what} fd {fd}: {e}"))?;
+                crate::sys::borrow_inherited_fd(fd).map_err(|e| format!("{what} fd {fd}: {e}"))?;
             }
             Ok(fd)
         };
