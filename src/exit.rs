@@ -83,3 +83,60 @@ impl fmt::Display for ChildStatus {
         }
     }
 }
+
+/// Why sockhold ends before it could run to the end, and so how it says so and which code it
+/// exits with. Each failure is printed once, by [`Failure::report`].
+#[derive(Debug)]
+pub enum Failure {
+    /// The command line as clap read it: a usage error (exit 2), or `--help`/`--version`
+    /// (printed to stdout, exit 0).
+    CommandLine(clap::Error),
+    /// A usage error found after parsing (exit 2): the message names the input.
+    Usage(String),
+    /// A failure before the supervisor runs, or of `sockhold ctl` (exit 1): printed as
+    /// `sockhold: error: {err:#}`.
+    Error(anyhow::Error),
+    /// A failure of the supervisor (exit 1): logged, so that `--log-format json` gets it as a
+    /// JSON line like every other message.
+    Logged(anyhow::Error),
+}
+
+impl Failure {
+    /// The code sockhold exits with.
+    pub fn code(&self) -> ExitCode {
+        match self {
+            Failure::CommandLine(e) if !e.use_stderr() => ExitCode::SUCCESS,
+            Failure::CommandLine(_) | Failure::Usage(_) => ExitCode::USAGE,
+            Failure::Error(_) | Failure::Logged(_) => ExitCode::FAILURE,
+        }
+    }
+
+    /// The failure in one line, for the old program to report after a failed self-upgrade.
+    pub fn reason(&self) -> String {
+        match self {
+            Failure::CommandLine(e) => {
+                format!("the new program refuses the command line: {}", e.render())
+            }
+            Failure::Usage(message) => {
+                format!("the new program refuses the command line: {message}")
+            }
+            Failure::Error(err) | Failure::Logged(err) => format!("{err:#}"),
+        }
+    }
+
+    /// Prints the failure, once, and says which code to exit with.
+    pub fn report(self) -> ExitCode {
+        let code = self.code();
+        match self {
+            // --help and --version go to stdout, as clap prints them.
+            Failure::CommandLine(e) if !e.use_stderr() => {
+                let _ = e.print();
+            }
+            Failure::CommandLine(e) => eprint!("sockhold: {}", e.render()),
+            Failure::Usage(message) => eprintln!("sockhold: error: {message}"),
+            Failure::Error(err) => eprintln!("sockhold: error: {err:#}"),
+            Failure::Logged(err) => log::error!("{err:#}"),
+        }
+        code
+    }
+}

@@ -1,8 +1,9 @@
 //! sockhold: holds a service's listening sockets and runs its server as a child that inherits
 //! them under the systemd socket-activation protocol, reloading it without dropping a connection.
 //!
-//! `main` only parses the command line, starts logging, runs the event loop and maps the outcome
-//! to an exit code; see `supervisor` for the decisions and `event_loop` for the machinery.
+//! `main` only parses the command line, starts logging, builds the config, runs the event loop
+//! and exits with one code (`exit` decides which, and prints a failure once); see `supervisor`
+//! for the decisions and `event_loop` for the machinery.
 
 #![deny(unsafe_code)]
 
@@ -30,79 +31,47 @@ mod upgrade;
 
 use std::io::Write;
 
+use anyhow::anyhow;
 use clap::Parser;
 
-use crate::exit::ExitCode;
+use crate::exit::{ExitCode, Failure};
+use crate::upgrade::Incoming;
 
 fn main() {
     if std::env::args_os().nth(1).is_some_and(|a| a == upgrade::CHECK_FLAG) {
         upgrade::answer_check();
     }
-    // Exec'd by a self-upgrade: from here on, every failure goes back to the old program.
-    let incoming = match upgrade::Incoming::from_env() {
-        None => None,
-        Some(Ok(incoming)) => Some(incoming),
-        Some(Err(e)) => {
-            eprintln!("sockhold: error: {e}");
-            std::process::exit(ExitCode::FAILURE.0);
-        }
-    };
-    if let Some(incoming) = incoming.as_ref().filter(|_| upgrade::Incoming::is_dry_run()) {
+    let mut incoming = None;
+    let code = run(&mut incoming).unwrap_or_else(|failure| match incoming.take() {
+        // Exec'd by a self-upgrade and not taken over yet: the old program goes on instead.
+        Some(incoming) => incoming.roll_back(&failure.reason()),
+        None => failure.report(),
+    });
+    std::process::exit(code.0);
+}
+
+/// Parses the command line, starts logging, builds the config and runs the supervisor (or
+/// `sockhold ctl`). `incoming` holds the state of the self-upgrade that exec'd this program, if
+/// one did, until the event loop takes it over: a failure while it is held goes back to the
+/// old program.
+fn run(incoming: &mut Option<Incoming>) -> Result<ExitCode, Failure> {
+    *incoming = Incoming::from_env().transpose().map_err(|e| Failure::Error(anyhow!(e)))?;
+    if let Some(incoming) = incoming.as_ref().filter(|_| Incoming::is_dry_run()) {
         dry_run(incoming);
     }
-    let cli = match (cli::Cli::try_parse(), incoming) {
-        (Ok(cli), incoming) => (cli, incoming),
-        (Err(e), Some(incoming)) => {
-            incoming.roll_back(&format!("the new program refuses the command line: {}", e.render()))
-        }
-        // --help and --version go to stdout and exit 0, as clap prints them.
-        (Err(e), None) if !e.use_stderr() => e.exit(),
-        (Err(e), None) => {
-            eprint!("sockhold: {}", e.render());
-            std::process::exit(ExitCode::USAGE.0);
-        }
-    };
-    let (mut cli, incoming) = cli;
+    let mut cli = cli::Cli::try_parse().map_err(Failure::CommandLine)?;
     init_logging(&cli);
     if let Some(cli::Sub::Ctl(mut args)) = cli.ctl.take() {
-        if let Err(message) = args.resolve() {
-            eprintln!("sockhold: error: {message}");
-            std::process::exit(ExitCode::USAGE.0);
-        }
-        let code = match ctl::run(&args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("sockhold: error: {err:#}");
-                ExitCode::FAILURE
-            }
-        };
-        std::process::exit(code.0);
+        args.resolve().map_err(Failure::Usage)?;
+        return ctl::run(&args).map(|()| ExitCode::SUCCESS).map_err(Failure::Error);
     }
-    let config = match (cli.into_config(), incoming) {
-        (Ok(config), incoming) => (config, incoming),
-        (Err(message), Some(incoming)) => {
-            incoming.roll_back(&format!("the new program refuses the command line: {message}"))
-        }
-        (Err(message), None) => {
-            eprintln!("sockhold: error: {message}");
-            std::process::exit(ExitCode::USAGE.0);
-        }
+    let config = cli.into_config().map_err(Failure::Usage)?;
+    init::apply(&config).map_err(Failure::Logged)?;
+    let event_loop = match incoming.take() {
+        Some(incoming) => event_loop::EventLoop::resume(config, incoming),
+        None => event_loop::EventLoop::new(config).map_err(Failure::Logged)?,
     };
-    let started = match config {
-        (config, None) => init::apply(&config).and_then(|()| event_loop::EventLoop::new(config)),
-        (config, Some(incoming)) => match init::apply(&config) {
-            Ok(()) => Ok(event_loop::EventLoop::resume(config, incoming)),
-            Err(e) => incoming.roll_back(&format!("{e:#}")),
-        },
-    };
-    let code = match started.and_then(event_loop::EventLoop::run) {
-        Ok(code) => code,
-        Err(err) => {
-            log::error!("{err:#}");
-            ExitCode::FAILURE
-        }
-    };
-    std::process::exit(code.0);
+    event_loop.run().map_err(Failure::Logged)
 }
 
 /// A dry run before a self-upgrade: reads the command line and the state as a takeover would,
