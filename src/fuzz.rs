@@ -704,6 +704,7 @@ mod notify {
         #[test]
         fn every_line_does_what_it_says((bytes, effects) in datagram()) {
             let message = check(&bytes)?;
+            let notes = message.notes();
             let mut want = NotifyMessage::default();
             for effect in effects {
                 match effect {
@@ -730,6 +731,20 @@ mod notify {
             prop_assert_eq!(message.watchdog_trigger, want.watchdog_trigger);
             prop_assert_eq!(message.watchdog_usec, want.watchdog_usec);
             prop_assert_eq!(message.extend_timeout_usec, want.extend_timeout_usec);
+            // The log notes one line for each of STOPPING, RELOADING and ERRNO, in that order.
+            let wanted = [want.stopping, want.reloading, want.errno.is_some()];
+            prop_assert_eq!(notes.len(), wanted.iter().filter(|&&w| w).count());
+            let mut notes = notes.iter();
+            if want.stopping {
+                prop_assert!(notes.next().is_some_and(|n| n.contains("STOPPING=1")));
+            }
+            if want.reloading {
+                prop_assert!(notes.next().is_some_and(|n| n.contains("RELOADING=1")));
+            }
+            if let Some(errno) = want.errno {
+                let errno_note = format!("(ERRNO={errno})");
+                prop_assert!(notes.next().is_some_and(|n| n.ends_with(&errno_note)));
+            }
         }
 
         /// Unknown lines anywhere in a datagram change nothing in it.

@@ -83,6 +83,27 @@ impl NotifyMessage {
         }
         message
     }
+
+    /// What the message says that sockhold takes no action on but a reader of its log wants to
+    /// know, as systemd logs it: `STOPPING=1`, `RELOADING=1`, and `ERRNO=` with the error's
+    /// name. The child's own reload and stop are sockhold's to run, so these change nothing.
+    pub fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if self.stopping {
+            notes.push("is stopping (STOPPING=1)".to_string());
+        }
+        if self.reloading {
+            notes.push("is reloading (RELOADING=1)".to_string());
+        }
+        if let Some(errno) = self.errno {
+            let error = Errno::from_raw(errno);
+            notes.push(match error {
+                Errno::UnknownErrno => format!("reports error {errno} (ERRNO={errno})"),
+                error => format!("reports error {error:?}: {} (ERRNO={errno})", error.desc()),
+            });
+        }
+        notes
+    }
 }
 
 /// A datagram as it arrived: who sent it and what it says.
@@ -294,6 +315,24 @@ pub enum ManagerMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notes_name_what_systemd_logs() {
+        let message = NotifyMessage::parse(b"STOPPING=1\nRELOADING=1\nERRNO=5");
+        assert_eq!(
+            message.notes(),
+            [
+                "is stopping (STOPPING=1)",
+                "is reloading (RELOADING=1)",
+                "reports error EIO: I/O error (ERRNO=5)",
+            ]
+        );
+        assert_eq!(
+            NotifyMessage::parse(b"ERRNO=100000").notes(),
+            ["reports error 100000 (ERRNO=100000)"]
+        );
+        assert!(NotifyMessage::parse(b"READY=1\nSTATUS=up").notes().is_empty());
+    }
 
     #[test]
     fn parse_table() {

@@ -567,6 +567,9 @@ impl Supervisor {
             );
             return;
         }
+        for note in message.notes() {
+            debug!("generation {generation} (pid {sender}) {note}");
+        }
         if let Some(text) = &message.status {
             info!("generation {generation} (pid {pid}): status: {text}");
             u.status_text = Some(text.clone());
