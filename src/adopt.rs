@@ -5,6 +5,9 @@
 //! sets it), and taking an inherited fd: checking that it is an open socket of the expected
 //! type, and making it close-on-exec inside sockhold like every socket it binds. It must not
 //! bind anything, and it never trusts `LISTEN_FDS` that name another process in `LISTEN_PID`.
+//!
+//! Its errors are plain messages naming the variable or the name at fault: without `--listen`
+//! they are usage errors (exit 2).
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd, RawFd};

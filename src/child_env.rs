@@ -7,6 +7,9 @@
 //! serving) instead of starting a child with a half-right world. It also opens a generation's
 //! notify socket to the child's user, and writes the `NGINX` variable of `--compat-env nginx`.
 //!
+//! Its errors are plain messages naming the input, not `anyhow` chains: at startup they are usage
+//! errors (exit 2), and before a spawn they become the reason a generation failed to start.
+//!
 //! It must not fork, change sockhold's own credentials or decide anything about the lifecycle: the
 //! credentials are changed in the child only, by `spawn`.
 

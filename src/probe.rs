@@ -9,6 +9,9 @@
 //! (in its own process group, so a timed-out one is killed with whatever it started) that is
 //! ready when it exits 0.
 //!
+//! An attempt's outcome is `Result<(), String>`: the reason a child is not ready yet, carried by
+//! the supervisor's event and named when the child is given up on, not an error of sockhold's.
+//!
 //! This module must not decide anything: when to probe, how often, and what a failure means are
 //! the supervisor's decisions. It only runs one attempt and says how it went.
 

@@ -516,7 +516,8 @@ impl Incoming {
             reason_var: FAILED_VAR,
             fds,
             deadline_ns: deadline,
-        })?;
+        })
+        .map_err(|e| format!("{e:#}"))?;
         info!(
             "on probation for {PROBATION:?}: a crash goes back to version {}",
             self.state["from_version"].as_str().unwrap_or("?")

@@ -19,6 +19,7 @@ use std::ffi::{CString, c_char, c_int};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, Ordering};
 
+use anyhow::{Context, Result, anyhow};
 use nix::libc;
 
 /// The fatal signals that end a new program on probation in a return to the old one.
@@ -92,8 +93,8 @@ fn signal_name(signal: c_int) -> &'static str {
 
 /// Starts probation: from now until `deadline_ns` (or [`disarm`]), a panic or a fatal signal
 /// re-executes the old binary. Call once per process image.
-pub fn arm(p: Probation) -> Result<(), String> {
-    let nul = |s: String| CString::new(s).map_err(|_| "a NUL byte in a message".to_string());
+pub fn arm(p: Probation) -> Result<()> {
+    let nul = |s: String| CString::new(s).map_err(|_| anyhow!("a NUL byte in a message"));
     let mut envs = Vec::new();
     for signal in FATAL {
         let reason = format!(
@@ -129,11 +130,9 @@ pub fn arm(p: Probation) -> Result<(), String> {
             action.sa_flags = libc::SA_ONSTACK | libc::SA_RESETHAND;
             libc::sigfillset(&mut action.sa_mask);
             if libc::sigaction(signal, &action, std::ptr::null_mut()) != 0 {
-                return Err(format!(
-                    "cannot install the {} handler: {}",
-                    signal_name(signal),
-                    std::io::Error::last_os_error()
-                ));
+                return Err(std::io::Error::last_os_error()).with_context(|| {
+                    format!("cannot install the {} handler", signal_name(signal))
+                });
             }
         }
     }
@@ -187,16 +186,14 @@ fn pointers(strings: &[CString], extra: Option<&CString>) -> Vec<*const c_char> 
 
 /// Gives the main thread a stack for the handler of its own: a stack overflow's SIGSEGV finds
 /// the ordinary stack full.
-fn alternate_stack() -> Result<(), String> {
+fn alternate_stack() -> Result<()> {
     let memory: &'static mut [u8] = Box::leak(vec![0u8; ALT_STACK_SIZE].into_boxed_slice());
     let stack =
         libc::stack_t { ss_sp: memory.as_mut_ptr().cast(), ss_flags: 0, ss_size: memory.len() };
     // SAFETY: `stack` describes leaked memory that lives for the rest of the process.
     if unsafe { libc::sigaltstack(&stack, std::ptr::null_mut()) } != 0 {
-        return Err(format!(
-            "cannot set an alternate signal stack: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(std::io::Error::last_os_error())
+            .context("cannot set an alternate signal stack");
     }
     Ok(())
 }
