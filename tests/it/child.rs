@@ -148,6 +148,23 @@ fn status_lines_reach_the_log_and_the_manager() {
     assert!(ready.contains("warming up"), "{ready}");
 }
 
+/// STOPPING=1, RELOADING=1 and ERRNO= from a child change nothing, but `-v` logs them with
+/// the generation and the pid, ERRNO= with the error's name, as systemd does.
+#[test]
+fn a_childs_stopping_reloading_and_errno_are_logged_at_debug() {
+    let status = "failing\nSTOPPING=1\nRELOADING=1\nERRNO=5";
+    let mut s = start_fixture(&["-v"], &["--status", status, "--ready"]);
+    s.expect_log("status: failing");
+    let stopping = s.expect_log("is stopping (STOPPING=1)");
+    assert!(stopping.contains("generation 1 (pid "), "{stopping}");
+    s.expect_log("is reloading (RELOADING=1)");
+    s.expect_log("reports error EIO: I/O error (ERRNO=5)");
+    // Nothing changed: the child still becomes ready and serves.
+    s.expect_ready();
+    s.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+}
+
 /// The file status flags of fd 3 of a live process, from `/proc/PID/fdinfo/3` (octal).
 fn fd3_flags(pid: i64) -> u32 {
     let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/3")).expect("fdinfo");
