@@ -3,7 +3,8 @@
 //! sockhold exits 0 after a clean stop, 1 on a runtime failure, 2 on a usage error, 126 when the
 //! command is not executable, 127 when it is not found, and with the child's own code (or 128+N
 //! for death by signal N) when the child's end is sockhold's end. The man page's EXIT STATUS
-//! section lists the same codes; keep them in step.
+//! section lists the same codes; keep them in step. A [`Failure`] that ends sockhold early gets
+//! its code here too, and is printed here, once.
 
 use std::fmt;
 
@@ -138,5 +139,37 @@ impl Failure {
             Failure::Logged(err) => log::error!("{err:#}"),
         }
         code
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    #[test]
+    fn failures_exit_with_their_code() {
+        let clap = |kind| Failure::CommandLine(clap::Error::new(kind));
+        assert_eq!(clap(ErrorKind::DisplayHelp).code(), ExitCode::SUCCESS);
+        assert_eq!(clap(ErrorKind::DisplayVersion).code(), ExitCode::SUCCESS);
+        assert_eq!(clap(ErrorKind::UnknownArgument).code(), ExitCode::USAGE);
+        assert_eq!(Failure::Usage("bad".into()).code(), ExitCode::USAGE);
+        assert_eq!(Failure::Error(anyhow::anyhow!("bad")).code(), ExitCode::FAILURE);
+        assert_eq!(Failure::Logged(anyhow::anyhow!("bad")).code(), ExitCode::FAILURE);
+    }
+
+    #[test]
+    fn a_failure_as_the_old_program_reports_it_after_a_failed_upgrade() {
+        let usage = Failure::Usage("invalid --name 'a:b'".into());
+        assert_eq!(
+            usage.reason(),
+            "the new program refuses the command line: invalid --name 'a:b'"
+        );
+        let chain =
+            anyhow::anyhow!("Address already in use").context("failed to bind 127.0.0.1:80");
+        assert_eq!(
+            Failure::Logged(chain).reason(),
+            "failed to bind 127.0.0.1:80: Address already in use"
+        );
     }
 }
