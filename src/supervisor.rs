@@ -1158,7 +1158,7 @@ impl Supervisor {
     }
 }
 
-mod snapshot;
+pub mod snapshot;
 
 #[cfg(test)]
 mod tests;

@@ -38,11 +38,12 @@ use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, killpg, pthread_sigmask};
 use nix::unistd::{AccessFlags, Pid, access};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 /// The version of the state's format. A program only takes over a state of its own format; a
 /// change that an older or newer program could misread must bump it.
-pub const STATE_FORMAT: u64 = 1;
+pub const STATE_FORMAT: u64 = 2;
 /// The hidden first argument that makes sockhold print the state format it reads and exit.
 pub const CHECK_FLAG: &str = "--upgrade-check";
 /// Names the fd of the memfd that holds the state, for the new program.
@@ -62,6 +63,105 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a new program is on probation after it took over, at most (it ends earlier once it
 /// acts on a child: the state it would hand back would no longer describe them).
 pub const PROBATION: Duration = Duration::from_secs(10);
+
+/// Everything a program hands over to the next one, as one JSON object in the memfd. Each
+/// module owns its part next to its code ([`crate::supervisor::snapshot::Snapshot`],
+/// [`crate::listen::Handover`], [`crate::control::Handover`],
+/// [`crate::paths::PidFileHandover`], the event loop's entries in `event_loop::handover`); this
+/// module owns the envelope (`format`, `old_exe_fd`, `argv`). Every field is required and no
+/// other is accepted: a state this program does not understand (an unknown or a missing field, a
+/// wrong type, another format) is refused with the reason, before anything is taken over.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    /// [`STATE_FORMAT`] of the program that wrote it.
+    pub format: u64,
+    /// The handle on the old program's binary, for the way back.
+    pub old_exe_fd: RawFd,
+    /// The command line as sockhold was started, as bytes (an argument need not be UTF-8):
+    /// going back must not use the new program's, which a wrapper script may have changed.
+    pub argv: Vec<Vec<u8>>,
+    /// `CLOCK_MONOTONIC` in nanoseconds when the supervisor's snapshot was taken.
+    pub monotonic_ns: i64,
+    /// The supervisor's units, reload and restart bookkeeping.
+    pub supervisor: crate::supervisor::snapshot::Snapshot,
+    /// The listeners held.
+    pub listeners: Vec<crate::listen::Handover>,
+    /// The notify socket of each unit.
+    pub notify: Vec<crate::event_loop::handover::NotifyHandover>,
+    /// The health listener address of each unit.
+    pub health: Vec<crate::event_loop::handover::HealthHandover>,
+    /// The control socket.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub control: Option<crate::control::Handover>,
+    /// The control clients waiting for an answer.
+    pub clients: Vec<crate::event_loop::handover::ClientHandover>,
+    /// The runtime directory (notify sockets).
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub runtime_dir: Option<std::path::PathBuf>,
+    /// The pid file, to remove at exit.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub pid_file: Option<crate::paths::PidFileHandover>,
+    /// When sockhold was first started, in milliseconds since the epoch.
+    pub started_ms: u64,
+    /// The last reload's outcome.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub last_reload: Option<crate::event_loop::handover::LastReloadHandover>,
+    /// `--lazy`: no generation started yet.
+    pub lazy_waiting: bool,
+    /// What to execute without `--upgrade-binary`.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub exe: Option<std::path::PathBuf>,
+    /// Upgrades that succeeded so far.
+    pub upgrades: u64,
+    /// The version of the program that wrote the state.
+    pub from_version: String,
+    /// The program it is handed to.
+    pub target: std::path::PathBuf,
+}
+
+impl State {
+    /// Reads a state, refusing one of another format first (its shape may be anything), then
+    /// anything this program does not understand, with serde's reason (which names the field).
+    pub fn parse(bytes: &[u8]) -> Result<State, String> {
+        let envelope: Envelope = serde_json::from_slice(bytes)
+            .map_err(|e| format!("the state is not an upgrade state: {e}"))?;
+        if envelope.format != STATE_FORMAT {
+            return Err(format!(
+                "the state is in format {}, and this sockhold reads format {STATE_FORMAT}",
+                envelope.format
+            ));
+        }
+        serde_json::from_slice(bytes)
+            .map_err(|e| format!("the state is not one this sockhold understands: {e}"))
+    }
+
+    /// The state as it goes into the memfd.
+    pub fn to_json(&self) -> Result<Vec<u8>, String> {
+        serde_json::to_vec(self).map_err(|e| format!("cannot write the state: {e}"))
+    }
+}
+
+/// What any state of any format has, and what the way back needs even from a state this
+/// program does not understand: its format, the handle on the old binary, the old command line,
+/// and the pids to kill if nothing can supervise them. Other fields are not looked at here.
+#[derive(Deserialize)]
+struct Envelope {
+    format: u64,
+    old_exe_fd: RawFd,
+    argv: Vec<Vec<u8>>,
+    supervisor: EnvelopeSupervisor,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeSupervisor {
+    units: Vec<EnvelopeUnit>,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeUnit {
+    pid: i32,
+}
 
 /// Answers `--upgrade-check`: the state format this program reads, and its version.
 pub fn answer_check() -> ! {
@@ -157,15 +257,14 @@ fn read_until_eof(pipe: impl Read + AsFd, deadline: Instant) -> Vec<u8> {
 /// Hands `state` over to `target` by execve. `fds` are the fds the state names, which the new
 /// program inherits. Returns only if the exec failed, with every fd and the signal mask as they
 /// were.
-pub fn exec(target: &Path, mut state: Value, fds: &[RawFd]) -> Result<Infallible, String> {
+/// The envelope's fields (`format`, `old_exe_fd`, `argv`) are filled in here.
+pub fn exec(target: &Path, mut state: State, fds: &[RawFd]) -> Result<Infallible, String> {
     let old_exe = std::fs::File::open("/proc/self/exe")
         .map_err(|e| format!("cannot keep a handle on the running binary: {e}"))?;
-    state["format"] = json!(STATE_FORMAT);
-    state["old_exe_fd"] = json!(old_exe.as_raw_fd());
-    // The command line as sockhold was started, as bytes (an argument need not be UTF-8): going
-    // back must not use the new program's, which a wrapper script may have changed.
+    state.format = STATE_FORMAT;
+    state.old_exe_fd = old_exe.as_raw_fd();
     let args: Vec<Vec<u8>> = std::env::args_os().map(OsStringExt::into_vec).collect();
-    state["argv"] = json!(args);
+    state.argv = args.clone();
     let file = sealed_state(&state)?;
     dry_run(target, &file, &args)?;
     let path = cstring(target.as_os_str().as_bytes())?;
@@ -188,14 +287,14 @@ pub fn exec(target: &Path, mut state: Value, fds: &[RawFd]) -> Result<Infallible
 
 /// `state` in a new memfd, sealed: no program it is handed to (the dry run, the new program)
 /// can change what the old one would get back.
-fn sealed_state(state: &Value) -> Result<std::fs::File, String> {
+fn sealed_state(state: &State) -> Result<std::fs::File, String> {
     use nix::fcntl::SealFlag;
     use nix::sys::memfd::{MFdFlags, memfd_create};
     let memfd =
         memfd_create(c"sockhold-upgrade", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
             .map_err(|e| format!("cannot create a memfd for the state: {e}"))?;
     let mut file = std::fs::File::from(memfd);
-    file.write_all(state.to_string().as_bytes())
+    file.write_all(&state.to_json()?)
         .map_err(|e| format!("cannot write the state: {e}"))?;
     let seals = SealFlag::F_SEAL_WRITE
         | SealFlag::F_SEAL_SHRINK
@@ -334,8 +433,10 @@ pub fn set_cloexec(fds: &[RawFd], on: bool) -> Result<(), String> {
 
 /// The state handed over by the program that exec'd this one.
 pub struct Incoming {
-    /// The state, as the old program wrote it.
-    pub state: Value,
+    /// The state, or why this program does not understand it.
+    state: Result<State, String>,
+    /// What the way back needs, read from any state.
+    envelope: Envelope,
     memfd: OwnedFd,
     /// Why the new program gave up, if this program is the old one, restored.
     pub failed: Option<String>,
@@ -372,26 +473,23 @@ impl Incoming {
                 }
             }
         }
-        let state: Value = match serde_json::from_slice(&bytes) {
-            Ok(state) => state,
+        // Without the envelope there is no way back: that is the only state refused here.
+        let envelope: Envelope = match serde_json::from_slice(&bytes) {
+            Ok(envelope) => envelope,
             Err(e) => {
                 std::mem::forget(memfd);
                 return Err(bad(format!("not an upgrade state: {e}")));
             }
         };
+        let state = State::parse(&bytes);
         let failed = std::env::var(FAILED_VAR).ok();
-        Ok(Incoming { state, memfd, failed })
+        Ok(Incoming { state, envelope, memfd, failed })
     }
 
-    /// Checks the state's format version.
-    pub fn check_format(&self) -> Result<(), String> {
-        match self.state["format"].as_u64() {
-            Some(STATE_FORMAT) => Ok(()),
-            Some(other) => Err(format!(
-                "the state is in format {other}, and this sockhold reads format {STATE_FORMAT}"
-            )),
-            None => Err("the state has no format version".into()),
-        }
+    /// The state, or why this program does not understand it (its format, or a field unknown,
+    /// missing or of the wrong type, named).
+    pub fn state(&self) -> Result<&State, String> {
+        self.state.as_ref().map_err(Clone::clone)
     }
 
     /// The state could not be taken over: re-execute the old binary with it, which goes on
@@ -406,10 +504,7 @@ impl Incoming {
             "sockhold[{}]: error: cannot take over from the running sockhold: {reason}; going back to the old program",
             std::process::id()
         );
-        let Some(old) = self.state["old_exe_fd"].as_i64().and_then(|fd| RawFd::try_from(fd).ok())
-        else {
-            self.give_up(&format!("{reason}; and the state has no handle on the old program"));
-        };
+        let old = self.envelope.old_exe_fd;
         let attempt = (|| -> Result<Infallible, String> {
             let fd = crate::spawn::borrow_inherited_fd(old).map_err(|e| e.to_string())?;
             let argv = self.old_argv()?;
@@ -426,22 +521,7 @@ impl Incoming {
 
     /// The old program's command line, as the state has it.
     fn old_argv(&self) -> Result<Vec<CString>, String> {
-        self.state["argv"]
-            .as_array()
-            .ok_or("the state has no command line")?
-            .iter()
-            .map(|arg| {
-                let bytes: Option<Vec<u8>> = arg.as_array().and_then(|a| {
-                    a.iter().map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok())).collect()
-                });
-                cstring(&bytes.ok_or("the state's command line is malformed")?)
-            })
-            .collect()
-    }
-
-    /// The handle on the old binary the state names.
-    fn old_exe_fd(&self) -> Option<RawFd> {
-        self.state["old_exe_fd"].as_i64().and_then(|fd| RawFd::try_from(fd).ok())
+        self.envelope.argv.iter().map(|arg| cstring(arg)).collect()
     }
 
     /// Whether this program runs only to check that it could take over (see [`DRY_RUN_VAR`]).
@@ -449,14 +529,13 @@ impl Incoming {
         std::env::var_os(DRY_RUN_VAR).is_some()
     }
 
-    /// Checks that every fd number the state names is one an fd can have, without looking at
-    /// the fds (a dry run has none of them).
-    pub fn check_fd_number(fd: &Value, what: &str) -> Result<RawFd, String> {
-        let fd = fd.as_i64().ok_or_else(|| format!("{what} without an fd"))?;
-        RawFd::try_from(fd)
-            .ok()
-            .filter(|&fd| fd >= 0)
-            .ok_or_else(|| format!("{what} has fd {fd}, which cannot be handed over"))
+    /// Checks that an fd number the state names is one an fd can have, without looking at the
+    /// fd (a dry run has none of them).
+    pub fn check_fd_number(fd: RawFd, what: &str) -> Result<RawFd, String> {
+        if fd < 0 {
+            return Err(format!("{what} has fd {fd}, which cannot be handed over"));
+        }
+        Ok(fd)
     }
 
     /// Kills the process group of every generation the state names and exits 1: children
@@ -464,7 +543,8 @@ impl Incoming {
     fn give_up(&self, reason: &str) -> ! {
         let me = std::process::id();
         eprintln!("sockhold[{me}]: error: {reason}");
-        for pid in state_pids(&self.state) {
+        let pids = self.envelope.supervisor.units.iter().map(|u| u.pid).filter(|&p| p > 1);
+        for pid in pids.map(Pid::from_raw) {
             eprintln!(
                 "sockhold[{me}]: error: killing process group {pid}: nothing can supervise it any more"
             );
@@ -481,15 +561,15 @@ impl Incoming {
         if let Err(e) = set_cloexec(adopted, true) {
             warn!("after the upgrade: {e}");
         }
-        let handle = self
-            .old_exe_fd()
+        let handle = Some(self.envelope.old_exe_fd)
             .filter(|&fd| crate::spawn::borrow_inherited_fd(fd).is_ok())
             .map(crate::spawn::adopt_inherited_fd);
         let on_probation = match (&self.failed, handle) {
             (None, Some(handle)) => match self.arm(&handle, adopted) {
-                Ok(()) => {
-                    Some(OnProbation { memfd: self.memfd, _handle: handle, state: self.state })
-                }
+                Ok(()) => match self.state {
+                    Ok(state) => Some(OnProbation { memfd: self.memfd, _handle: handle, state }),
+                    Err(_) => None,
+                },
                 Err(e) => {
                     warn!("after the upgrade, a crash cannot go back to the old program: {e}");
                     None
@@ -517,10 +597,8 @@ impl Incoming {
             fds,
             deadline_ns: deadline,
         })?;
-        info!(
-            "on probation for {PROBATION:?}: a crash goes back to version {}",
-            self.state["from_version"].as_str().unwrap_or("?")
-        );
+        let state = self.state()?;
+        info!("on probation for {PROBATION:?}: a crash goes back to version {}", state.from_version);
         Ok(())
     }
 }
@@ -531,7 +609,7 @@ impl Incoming {
 pub struct OnProbation {
     memfd: OwnedFd,
     _handle: OwnedFd,
-    state: Value,
+    state: State,
 }
 
 impl OnProbation {
@@ -544,18 +622,13 @@ impl OnProbation {
     /// not answer them again (their fds may be someone else's by then). Rewrites the state
     /// without them, in a new memfd put in place of the old one in one step.
     pub fn answered_upgrade(&mut self) -> Result<(), String> {
-        if let Some(clients) = self.state["clients"].as_array_mut() {
-            let waits = |c: &Value| c["reloads"].as_array().is_some_and(|r| !r.is_empty());
-            let answered: Vec<RawFd> = clients
-                .iter()
-                .filter(|c| !waits(c))
-                .filter_map(|c| c["fd"].as_i64().and_then(|fd| RawFd::try_from(fd).ok()))
-                .collect();
-            crate::sys::forget_fds(&answered);
-            clients.retain(waits);
-            for client in clients.iter_mut() {
-                client["upgrade"] = json!(0);
-            }
+        let clients = &mut self.state.clients;
+        let answered: Vec<RawFd> =
+            clients.iter().filter(|c| c.reloads.is_empty()).map(|c| c.fd).collect();
+        crate::sys::forget_fds(&answered);
+        clients.retain(|c| !c.reloads.is_empty());
+        for client in clients.iter_mut() {
+            client.upgrade = 0;
         }
         let file = sealed_state(&self.state)?;
         nix::unistd::dup3(&file, &mut self.memfd, nix::fcntl::OFlag::O_CLOEXEC)
@@ -567,17 +640,4 @@ impl OnProbation {
         crate::sys::disarm();
         info!("probation over ({why}): the old program is let go");
     }
-}
-
-/// The main pid of every unit a state names.
-pub(crate) fn state_pids(state: &Value) -> Vec<Pid> {
-    let units = state["supervisor"]["units"].as_array();
-    units
-        .into_iter()
-        .flatten()
-        .filter_map(|g| g["pid"].as_i64())
-        .filter_map(|p| i32::try_from(p).ok())
-        .filter(|&p| p > 1)
-        .map(Pid::from_raw)
-        .collect()
 }
