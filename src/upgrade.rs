@@ -524,6 +524,18 @@ impl Incoming {
         self.envelope.argv.iter().map(|arg| cstring(arg)).collect()
     }
 
+    /// Test-only: `bytes` as a state handed over in a new memfd.
+    #[cfg(test)]
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Result<Incoming, String> {
+        use nix::sys::memfd::{MFdFlags, memfd_create};
+        use std::os::fd::IntoRawFd;
+        let memfd = memfd_create(c"sockhold-test-state", MFdFlags::MFD_CLOEXEC)
+            .map_err(|e| e.to_string())?;
+        let mut file = std::fs::File::from(memfd);
+        file.write_all(bytes).map_err(|e| e.to_string())?;
+        Self::read(std::ffi::OsStr::new(&file.into_raw_fd().to_string()))
+    }
+
     /// Whether this program runs only to check that it could take over (see [`DRY_RUN_VAR`]).
     pub fn is_dry_run() -> bool {
         std::env::var_os(DRY_RUN_VAR).is_some()
@@ -639,5 +651,186 @@ impl OnProbation {
     pub fn end(self, why: &str) {
         crate::sys::disarm();
         info!("probation over ({why}): the old program is let go");
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::supervisor::snapshot::{
+        PurposeSnapshot, ReloadSnapshot, Snapshot, UnitSnapshot, UnitStateSnapshot,
+    };
+    use serde_json::Value;
+
+    /// A state with one of everything: every unit state, a listener with a socket file, a
+    /// control socket, a waiting client, a pid file, the last reload.
+    pub(crate) fn sample() -> State {
+        let unit = |key: u64, state: UnitStateSnapshot| UnitSnapshot {
+            key,
+            generation: key,
+            pid: 100 + key as i32,
+            purpose: PurposeSnapshot::Reload,
+            state,
+            since_ns: -5,
+            status: Some("up".into()),
+            watchdog_ns: None,
+            crashed: false,
+        };
+        State {
+            format: STATE_FORMAT,
+            old_exe_fd: 7,
+            argv: vec![b"sockhold".to_vec(), vec![0xff, b'x']],
+            monotonic_ns: 123_456_789,
+            supervisor: Snapshot {
+                units: vec![
+                    unit(1, UnitStateSnapshot::Killed),
+                    unit(2, UnitStateSnapshot::Stopping { kill_at_ns: 30, signal: 15 }),
+                    unit(3, UnitStateSnapshot::Serving { watchdog_at_ns: Some(-2) }),
+                    unit(
+                        4,
+                        UnitStateSnapshot::Starting {
+                            ready_deadline_ns: 60,
+                            ready_at_ns: None,
+                            probe_at_ns: Some(0),
+                            last_probe: None,
+                        },
+                    ),
+                ],
+                next_unit: 5,
+                next_generation: 5,
+                reload: Some(ReloadSnapshot { generation: 4, waiting_for: None }),
+                reload_pending: true,
+                restart_at_ns: None,
+                backoff_ns: 100,
+                failed_starts: 0,
+                restarts: 2,
+                retired: 0,
+            },
+            listeners: vec![crate::listen::Handover {
+                fd: 3,
+                spec: "/run/app.sock".into(),
+                name: "app".into(),
+                local: "/run/app.sock".into(),
+                unix_file: Some(crate::listen::UnixFileHandover {
+                    path: "/run/app.sock".into(),
+                    dev: 1,
+                    ino: 2,
+                }),
+                kind: crate::listen::KindHandover::Stream,
+            }],
+            notify: vec![crate::event_loop::handover::NotifyHandover {
+                unit: 4,
+                fd: 5,
+                path: "/run/sockhold/notify-4".into(),
+            }],
+            health: vec![crate::event_loop::handover::HealthHandover {
+                unit: 4,
+                addr: "127.0.0.1:8080".parse().expect("an address"),
+            }],
+            control: Some(crate::control::Handover {
+                fd: 4,
+                path: "/run/sockhold/ctl".into(),
+                dev: 1,
+                ino: 3,
+                created_dir: None,
+            }),
+            clients: vec![crate::event_loop::handover::ClientHandover {
+                fd: 6,
+                upgrade: 1,
+                reloads: vec![Some(4), None],
+            }],
+            runtime_dir: Some("/run/sockhold".into()),
+            pid_file: Some(crate::paths::PidFileHandover {
+                path: "/run/app.pid".into(),
+                dir: "/run".into(),
+                name: "app.pid".into(),
+                dev: Some(1),
+                ino: Some(4),
+                pid: 42,
+            }),
+            started_ms: 1_700_000_000_000,
+            last_reload: Some(crate::event_loop::handover::LastReloadHandover {
+                ok: false,
+                generation: 3,
+                error: Some("it died".into()),
+                at: "2026-01-01T00:00:00Z".into(),
+            }),
+            lazy_waiting: false,
+            exe: Some("/usr/bin/sockhold".into()),
+            upgrades: 1,
+            from_version: "0.1.0".into(),
+            target: "/usr/bin/sockhold".into(),
+        }
+    }
+
+    /// `sample()` as JSON, changed by `edit`, read back.
+    fn parse_edited(edit: impl FnOnce(&mut Value)) -> Result<State, String> {
+        let mut value = serde_json::to_value(sample()).expect("a state serialises");
+        edit(&mut value);
+        State::parse(value.to_string().as_bytes())
+    }
+
+    #[test]
+    fn a_state_reads_back_as_written() {
+        let state = sample();
+        assert_eq!(State::parse(&state.to_json().expect("written")), Ok(state));
+    }
+
+    #[test]
+    fn an_unknown_field_is_refused_naming_it() {
+        let err = parse_edited(|v| v["brand_new"] = true.into()).unwrap_err();
+        assert!(err.contains("unknown field `brand_new`"), "{err}");
+        let err = parse_edited(|v| v["supervisor"]["units"][2]["state"]["extra"] = 1.into())
+            .unwrap_err();
+        assert!(err.contains("unknown field `extra`"), "{err}");
+        let err = parse_edited(|v| v["listeners"][0]["unix_file"]["mode"] = 1.into()).unwrap_err();
+        assert!(err.contains("unknown field `mode`"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_field_is_refused_naming_it() {
+        let remove = |path: &'static [&'static str]| {
+            parse_edited(move |v| {
+                let (last, parents) = path.split_last().expect("a path");
+                let mut at = v;
+                for key in parents {
+                    at = match key.parse::<usize>() {
+                        Ok(i) => &mut at[i],
+                        Err(_) => &mut at[*key],
+                    };
+                }
+                at.as_object_mut().expect("an object").remove(*last);
+            })
+            .unwrap_err()
+        };
+        let err = remove(&["lazy_waiting"]);
+        assert!(err.contains("missing field `lazy_waiting`"), "{err}");
+        // An optional value is written as null, never left out: no field means "not understood".
+        let err = remove(&["supervisor", "units", "0", "status"]);
+        assert!(err.contains("missing field `status`"), "{err}");
+        let err = remove(&["pid_file", "dev"]);
+        assert!(err.contains("missing field `dev`"), "{err}");
+        let err = remove(&["control"]);
+        assert!(err.contains("missing field `control`"), "{err}");
+    }
+
+    #[test]
+    fn a_wrong_type_is_refused() {
+        let err = parse_edited(|v| v["upgrades"] = "3".into()).unwrap_err();
+        assert!(err.contains("invalid type: string \"3\", expected u64"), "{err}");
+        let err = parse_edited(|v| v["supervisor"]["units"][0]["state"]["name"] = "asleep".into())
+            .unwrap_err();
+        assert!(err.contains("unknown variant `asleep`"), "{err}");
+    }
+
+    #[test]
+    fn another_format_is_refused_before_its_shape_is_read() {
+        let err = parse_edited(|v| {
+            v["format"] = 1.into();
+            v["something_only_format_1_has"] = 0.into();
+        })
+        .unwrap_err();
+        let want = format!("the state is in format 1, and this sockhold reads format {STATE_FORMAT}");
+        assert_eq!(err, want);
     }
 }

@@ -550,3 +550,34 @@ impl EventLoop {
         Ok(Some((event_loop, adopted)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn config() -> Config {
+        let cli = crate::cli::Cli::try_parse_from(["sockhold", "-l", "127.0.0.1:0", "--", "true"])
+            .expect("a command line");
+        cli.into_config().expect("a config")
+    }
+
+    /// The takeover reads nothing with a default: a state with a field this program does not
+    /// know is refused, naming it, before anything is looked at (the dry run and the real one
+    /// alike).
+    #[test]
+    fn take_over_refuses_a_state_it_does_not_understand() {
+        let mut value = serde_json::to_value(upgrade::tests::sample()).expect("serialises");
+        value["supervisor"]["units"][0]["new_bookkeeping"] = 1.into();
+        let incoming = Incoming::from_bytes(value.to_string().as_bytes()).expect("read");
+        let err = EventLoop::dry_run(config(), &incoming).unwrap_err();
+        assert!(err.contains("unknown field `new_bookkeeping`"), "{err}");
+        let err = EventLoop::take_over(config(), &incoming, false).err().expect("refused");
+        assert!(err.contains("unknown field `new_bookkeeping`"), "{err}");
+
+        // What it understands gets past the state to the fds, which this test does not have.
+        let incoming = Incoming::from_bytes(&upgrade::tests::sample().to_json().expect("json"))
+            .expect("read");
+        EventLoop::dry_run(config(), &incoming).expect("a dry run checks no fd");
+    }
+}
