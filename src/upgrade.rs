@@ -683,7 +683,7 @@ pub(crate) mod tests {
             monotonic_ns: 123_456_789,
             supervisor: Snapshot {
                 units: vec![
-                    unit(1, UnitStateSnapshot::Killed),
+                    unit(1, UnitStateSnapshot::Killed {}),
                     unit(2, UnitStateSnapshot::Stopping { kill_at_ns: 30, signal: 15 }),
                     unit(3, UnitStateSnapshot::Serving { watchdog_at_ns: Some(-2) }),
                     unit(
@@ -783,6 +783,11 @@ pub(crate) mod tests {
         let err = parse_edited(|v| v["supervisor"]["units"][2]["state"]["extra"] = 1.into())
             .unwrap_err();
         assert!(err.contains("unknown field `extra`"), "{err}");
+        // Found by the fuzz properties: serde lets a unit variant of a tagged enum through with
+        // any other field beside its tag, so a killed unit's state is an empty struct variant.
+        let err = parse_edited(|v| v["supervisor"]["units"][0]["state"]["kill_at_ns"] = 1.into())
+            .unwrap_err();
+        assert!(err.contains("unknown field `kill_at_ns`"), "{err}");
         let err = parse_edited(|v| v["listeners"][0]["unix_file"]["mode"] = 1.into()).unwrap_err();
         assert!(err.contains("unknown field `mode`"), "{err}");
     }

@@ -115,8 +115,9 @@ pub enum UnitStateSnapshot {
         /// The signal it was sent.
         signal: i32,
     },
-    /// Sent SIGKILL.
-    Killed,
+    /// Sent SIGKILL. (A struct variant: serde lets a unit variant of a tagged enum through with
+    /// any other field beside its tag.)
+    Killed {},
 }
 
 /// The reload in progress in a [`Snapshot`].
@@ -165,7 +166,7 @@ impl Supervisor {
                 UnitState::Stopping { kill_at, signal } => {
                     UnitStateSnapshot::Stopping { kill_at_ns: ns(*kill_at), signal: signal.raw() }
                 }
-                UnitState::Killed => UnitStateSnapshot::Killed,
+                UnitState::Killed => UnitStateSnapshot::Killed {},
             };
             let Some(pid) = u.pid else {
                 return Err(format!("generation {} has no process", u.generation));
@@ -234,7 +235,7 @@ impl Supervisor {
                         format!("generation {} has stop signal {signal}, which is none", u.generation)
                     })?,
                 },
-                UnitStateSnapshot::Killed => UnitState::Killed,
+                UnitStateSnapshot::Killed {} => UnitState::Killed,
             };
             if u.pid <= 1 {
                 return Err(format!("generation {} has pid {}, which is none", u.generation, u.pid));
