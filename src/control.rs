@@ -6,7 +6,8 @@
 //! world-writable, every client's uid is checked with
 //! `SO_PEERCRED` (root and sockhold's own uid only), requests are limited to [`MAX_REQUEST`]
 //! bytes, and a client that is slow, malformed or gone is answered with an error or dropped.
-//! Nothing a client does can block the event loop or reach a child.
+//! Nothing a client does can block the event loop or reach a child. For a self-upgrade it owns
+//! the control socket's part of the state ([`Handover`]) and taking it over.
 //!
 //! It must not act on a request: it hands [`Request`]s to the event loop and writes the answers
 //! it is given.

@@ -1143,7 +1143,11 @@ mod state {
             (any::<Option<u64>>(), any::<bool>()),
         )
             .prop_map(
-                |((key, generation, pid, purpose), (state, since_ns, status), (watchdog_ns, crashed))| {
+                |(
+                    (key, generation, pid, purpose),
+                    (state, since_ns, status),
+                    (watchdog_ns, crashed),
+                )| {
                     UnitSnapshot {
                         key,
                         generation,
@@ -1161,8 +1165,9 @@ mod state {
 
     /// Any supervisor snapshot: any units, any bookkeeping.
     fn snapshot() -> impl Strategy<Value = Snapshot> {
-        let reload = any::<Option<(u64, Option<u64>)>>()
-            .prop_map(|r| r.map(|(generation, waiting_for)| ReloadSnapshot { generation, waiting_for }));
+        let reload = any::<Option<(u64, Option<u64>)>>().prop_map(|r| {
+            r.map(|(generation, waiting_for)| ReloadSnapshot { generation, waiting_for })
+        });
         (
             prop::collection::vec(unit(), 0..6),
             (any::<u64>(), any::<u64>(), reload, any::<bool>()),

@@ -4,7 +4,8 @@
 //! holding the sockets a [`ListenSpec`] names ([`Listener`]): socket options, the Unix socket
 //! file (its directory, owner and mode), `listen` for the kinds that listen, the `O_NONBLOCK`
 //! mode its spec asks for, adopting inherited sockets, removing the socket files it created,
-//! repairing a listener a child has shut down, and handing listeners over to a new program. It
+//! repairing a listener a child has shut down, and handing listeners over to a new program
+//! (their part of the self-upgrade state, [`Handover`], and taking them over). It
 //! must never accept, read or wait on a listener: sockhold only keeps the sockets open and
 //! passes them on; only children serve them.
 
@@ -350,7 +351,10 @@ impl Listener {
     pub fn check_handover_dry(state: &Handover) -> Result<RawFd, String> {
         state.spec.parse::<ListenSpec>().map_err(|e| e.to_string())?;
         if state.fd < 0 {
-            return Err(format!("listener {} has fd {}, which cannot be handed over", state.spec, state.fd));
+            return Err(format!(
+                "listener {} has fd {}, which cannot be handed over",
+                state.spec, state.fd
+            ));
         }
         Ok(state.fd)
     }
@@ -371,8 +375,7 @@ impl Listener {
     pub fn take_handover(state: &Handover) -> Listener {
         let fd = state.fd;
         let spec = state.spec.parse::<ListenSpec>().expect("checked by check_handover");
-        let unix_file =
-            state.unix_file.as_ref().map(|f| (f.path.clone(), f.dev, f.ino));
+        let unix_file = state.unix_file.as_ref().map(|f| (f.path.clone(), f.dev, f.ino));
         let kind = match state.kind {
             KindHandover::Stream => SocketKind::Stream,
             KindHandover::Datagram => SocketKind::Datagram,

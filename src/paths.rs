@@ -8,7 +8,8 @@
 //! directory checked is the directory used: a symlink swapped in afterwards is refused, not
 //! followed. It also owns [`PidFile`], created under a random name with
 //! `O_CREAT|O_EXCL|O_NOFOLLOW` and renamed into place through that directory fd, and removed at
-//! exit only while it is still the file sockhold wrote.
+//! exit only while it is still the file sockhold wrote, and the pid file's part of the
+//! self-upgrade state ([`PidFileHandover`]).
 //!
 //! It must not create directories or decide what to do about a refusal: callers name the option
 //! in the error and stop.

@@ -20,9 +20,16 @@
 //! clients that asked for the upgrade are answered after its first turn of the loop, so a crash
 //! before then is reported to them by the old program.
 //!
-//! This module owns the state's envelope (format version, fds, the handle) and the syscalls of
-//! the change; what the state says is the event loop's (`event_loop::handover`) and the
-//! supervisor's (`Supervisor::snapshot`). It must not decide when to upgrade.
+//! This module owns the typed [`State`] and its envelope (format version, the handle on the old
+//! binary, the command line) and the syscalls of the change. Each part of the state is owned by
+//! the module it describes, next to its code: the supervisor's snapshot
+//! (`supervisor::snapshot`), the listeners' (`listen`), the control socket's (`control`), the pid
+//! file's (`paths`) and the event loop's own entries (`event_loop::handover`, which composes the
+//! whole). Every part is `deny_unknown_fields` with every field required: a state of another
+//! format, or with a field unknown, missing or of the wrong type, is refused with serde's reason
+//! before anything is taken over, and the dry run reports it to whoever asked. Only the way back
+//! reads a state it does not understand, and only its envelope. It must not decide when to
+//! upgrade.
 
 use std::convert::Infallible;
 use std::ffi::CString;
@@ -294,8 +301,7 @@ fn sealed_state(state: &State) -> Result<std::fs::File, String> {
         memfd_create(c"sockhold-upgrade", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
             .map_err(|e| format!("cannot create a memfd for the state: {e}"))?;
     let mut file = std::fs::File::from(memfd);
-    file.write_all(&state.to_json()?)
-        .map_err(|e| format!("cannot write the state: {e}"))?;
+    file.write_all(&state.to_json()?).map_err(|e| format!("cannot write the state: {e}"))?;
     let seals = SealFlag::F_SEAL_WRITE
         | SealFlag::F_SEAL_SHRINK
         | SealFlag::F_SEAL_GROW
@@ -610,7 +616,10 @@ impl Incoming {
             deadline_ns: deadline,
         })?;
         let state = self.state()?;
-        info!("on probation for {PROBATION:?}: a crash goes back to version {}", state.from_version);
+        info!(
+            "on probation for {PROBATION:?}: a crash goes back to version {}",
+            state.from_version
+        );
         Ok(())
     }
 }
@@ -780,8 +789,8 @@ pub(crate) mod tests {
     fn an_unknown_field_is_refused_naming_it() {
         let err = parse_edited(|v| v["brand_new"] = true.into()).unwrap_err();
         assert!(err.contains("unknown field `brand_new`"), "{err}");
-        let err = parse_edited(|v| v["supervisor"]["units"][2]["state"]["extra"] = 1.into())
-            .unwrap_err();
+        let err =
+            parse_edited(|v| v["supervisor"]["units"][2]["state"]["extra"] = 1.into()).unwrap_err();
         assert!(err.contains("unknown field `extra`"), "{err}");
         // Found by the fuzz properties: serde lets a unit variant of a tagged enum through with
         // any other field beside its tag, so a killed unit's state is an empty struct variant.
@@ -835,7 +844,8 @@ pub(crate) mod tests {
             v["something_only_format_1_has"] = 0.into();
         })
         .unwrap_err();
-        let want = format!("the state is in format 1, and this sockhold reads format {STATE_FORMAT}");
+        let want =
+            format!("the state is in format 1, and this sockhold reads format {STATE_FORMAT}");
         assert_eq!(err, want);
     }
 }

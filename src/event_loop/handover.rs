@@ -85,7 +85,12 @@ pub struct LastReloadHandover {
 
 impl From<&LastReload> for LastReloadHandover {
     fn from(r: &LastReload) -> Self {
-        LastReloadHandover { ok: r.ok, generation: r.generation, error: r.error.clone(), at: r.at.clone() }
+        LastReloadHandover {
+            ok: r.ok,
+            generation: r.generation,
+            error: r.error.clone(),
+            at: r.at.clone(),
+        }
     }
 }
 
@@ -400,12 +405,8 @@ impl EventLoop {
         // every fd back as it was.
         let elapsed =
             Duration::from_nanos(u64::try_from(monotonic_ns() - state.monotonic_ns).unwrap_or(0));
-        let supervisor = Supervisor::restore(
-            config.policy.clone(),
-            &state.supervisor,
-            Instant::now(),
-            elapsed,
-        )?;
+        let supervisor =
+            Supervisor::restore(config.policy.clone(), &state.supervisor, Instant::now(), elapsed)?;
         let mut adopted = Vec::new();
         for listener in &state.listeners {
             adopted.push(if dry {
@@ -441,8 +442,7 @@ impl EventLoop {
                 clients.push((fd, client));
             }
         }
-        let runtime_dir =
-            state.runtime_dir.as_ref().ok_or("the state has no runtime directory")?;
+        let runtime_dir = state.runtime_dir.as_ref().ok_or("the state has no runtime directory")?;
         if dry {
             return Ok(None);
         }
@@ -576,8 +576,8 @@ mod tests {
         assert!(err.contains("unknown field `new_bookkeeping`"), "{err}");
 
         // What it understands gets past the state to the fds, which this test does not have.
-        let incoming = Incoming::from_bytes(&upgrade::tests::sample().to_json().expect("json"))
-            .expect("read");
+        let incoming =
+            Incoming::from_bytes(&upgrade::tests::sample().to_json().expect("json")).expect("read");
         EventLoop::dry_run(config(), &incoming).expect("a dry run checks no fd");
     }
 }

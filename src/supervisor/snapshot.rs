@@ -232,13 +232,19 @@ impl Supervisor {
                 UnitStateSnapshot::Stopping { kill_at_ns, signal } => UnitState::Stopping {
                     kill_at: at(*kill_at_ns),
                     signal: Signal::try_from(*signal).map_err(|_| {
-                        format!("generation {} has stop signal {signal}, which is none", u.generation)
+                        format!(
+                            "generation {} has stop signal {signal}, which is none",
+                            u.generation
+                        )
                     })?,
                 },
                 UnitStateSnapshot::Killed {} => UnitState::Killed,
             };
             if u.pid <= 1 {
-                return Err(format!("generation {} has pid {}, which is none", u.generation, u.pid));
+                return Err(format!(
+                    "generation {} has pid {}, which is none",
+                    u.generation, u.pid
+                ));
             }
             units.push(Unit {
                 key: u.key,
