@@ -168,9 +168,12 @@ fn an_upgrade_to_a_missing_or_broken_binary_leaves_everything_running() {
     write_script(&next, "exit 1");
     upgrade_refused(&control, "--upgrade-check` failed (exit status: 1)");
     write_script(&next, r#"echo '{"sockhold_state_format":999,"version":"9.0.0"}'"#);
+    let check = Command::new(sockhold_bin()).arg("--upgrade-check").output().unwrap();
+    let answer: Value = serde_json::from_slice(&check.stdout).expect("--upgrade-check's answer");
+    let format = &answer["sockhold_state_format"];
     upgrade_refused(
         &control,
-        "it reads upgrade state format 999, and this sockhold writes format 1",
+        &format!("it reads upgrade state format 999, and this sockhold writes format {format}"),
     );
     // Passes the check, then would not take the command line: the dry run says so.
     let real = sockhold_bin();
