@@ -403,8 +403,12 @@ impl EventLoop {
         }
         // First check everything, taking nothing: if anything is wrong, the old program gets
         // every fd back as it was.
-        let elapsed =
-            Duration::from_nanos(u64::try_from(monotonic_ns() - state.monotonic_ns).unwrap_or(0));
+        // The monotonic clock survives execve and never goes back: a state taken "later" than
+        // now was not written by the program that exec'd this one.
+        let elapsed = u64::try_from(monotonic_ns() - state.monotonic_ns).map_err(|_| {
+            format!("the state was taken at monotonic time {} ns, after now", state.monotonic_ns)
+        })?;
+        let elapsed = Duration::from_nanos(elapsed);
         let supervisor =
             Supervisor::restore(config.policy.clone(), &state.supervisor, Instant::now(), elapsed)?;
         let mut adopted = Vec::new();
@@ -574,6 +578,12 @@ mod tests {
         assert!(err.contains("unknown field `new_bookkeeping`"), "{err}");
         let err = EventLoop::take_over(config(), &incoming, false).err().expect("refused");
         assert!(err.contains("unknown field `new_bookkeeping`"), "{err}");
+
+        // A state from no clock this one shares is refused, not read as "no time passed".
+        let future = State { monotonic_ns: i64::MAX, ..upgrade::tests::sample() };
+        let incoming = Incoming::from_bytes(&future.to_json().expect("json")).expect("read");
+        let err = EventLoop::dry_run(config(), &incoming).unwrap_err();
+        assert!(err.contains("after now"), "{err}");
 
         // What it understands gets past the state to the fds, which this test does not have.
         let incoming =
