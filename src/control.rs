@@ -6,7 +6,8 @@
 //! world-writable, every client's uid is checked with
 //! `SO_PEERCRED` (root and sockhold's own uid only), requests are limited to [`MAX_REQUEST`]
 //! bytes, and a client that is slow, malformed or gone is answered with an error or dropped.
-//! Nothing a client does can block the event loop or reach a child.
+//! Nothing a client does can block the event loop or reach a child. For a self-upgrade it owns
+//! the control socket's part of the state ([`Handover`]) and taking it over.
 //!
 //! It must not act on a request: it hands [`Request`]s to the event loop and writes the answers
 //! it is given.
@@ -23,7 +24,6 @@ use anyhow::{Context, Result, bail};
 use log::{debug, info, warn};
 use nix::poll::PollFlags;
 use nix::sys::socket::{getsockopt, sockopt};
-use serde_json::{Value, json};
 
 use crate::paths::{Sticky, open_trusted_dir};
 use crate::protocol::Answer;
@@ -80,6 +80,24 @@ pub struct ControlServer {
     exhausted: bool,
     /// Since the last successful accept, an exhaustion was logged: say so once, not per retry.
     episode: bool,
+}
+
+/// Self-upgrade: the control socket as the next program reads it (the `control` part of
+/// [`crate::upgrade::State`]). Every field is required and no other is accepted.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Handover {
+    /// The fd number the next program inherits it at.
+    pub fd: std::os::fd::RawFd,
+    /// The socket file's path.
+    pub path: PathBuf,
+    /// The socket file's device, so that only our own file is removed at exit.
+    pub dev: u64,
+    /// The socket file's inode.
+    pub ino: u64,
+    /// The directory sockhold created for the socket.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub created_dir: Option<PathBuf>,
 }
 
 /// Whether a failed accept() means "no fd or memory left": the connection stays queued and the
@@ -156,15 +174,15 @@ impl ControlServer {
     }
 
     /// Self-upgrade: the listening socket as the state names it.
-    pub fn handover(&self) -> Value {
+    pub fn handover(&self) -> Handover {
         use std::os::fd::AsRawFd;
-        json!({
-            "fd": self.listener.as_raw_fd(),
-            "path": self.path,
-            "dev": self.identity.0,
-            "ino": self.identity.1,
-            "created_dir": self.created_dir,
-        })
+        Handover {
+            fd: self.listener.as_raw_fd(),
+            path: self.path.clone(),
+            dev: self.identity.0,
+            ino: self.identity.1,
+            created_dir: self.created_dir.clone(),
+        }
     }
 
     /// The fd of a client, to hand it over to the new program with its pending request.
@@ -175,18 +193,14 @@ impl ControlServer {
 
     /// Takes over a control socket from a [`ControlServer::handover`] entry. The fd must have
     /// been checked open.
-    pub fn take_handover(state: &Value) -> Result<ControlServer> {
-        let fd = state["fd"].as_i64().and_then(|f| std::os::fd::RawFd::try_from(f).ok());
-        let fd = fd.context("the control socket has no fd")?;
-        let path = state["path"].as_str().context("the control socket has no path")?;
-        let identity = (state["dev"].as_u64().unwrap_or(0), state["ino"].as_u64().unwrap_or(0));
-        let listener = UnixListener::from(crate::sys::adopt_inherited_fd(fd));
+    pub fn take_handover(state: &Handover) -> Result<ControlServer> {
+        let listener = UnixListener::from(crate::sys::adopt_inherited_fd(state.fd));
         listener.set_nonblocking(true).context("failed to make the control socket non-blocking")?;
         Ok(ControlServer {
             listener,
-            path: PathBuf::from(path),
-            identity,
-            created_dir: state["created_dir"].as_str().map(PathBuf::from),
+            path: state.path.clone(),
+            identity: (state.dev, state.ino),
+            created_dir: state.created_dir.clone(),
             clients: BTreeMap::new(),
             next_id: 1,
             exhausted: false,

@@ -10,7 +10,7 @@
 //!
 //! It must not make lifecycle decisions: those belong to [`Supervisor::step`].
 
-mod handover;
+pub mod handover;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;

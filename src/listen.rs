@@ -4,7 +4,8 @@
 //! holding the sockets a [`ListenSpec`] names ([`Listener`]): socket options, the Unix socket
 //! file (its directory, owner and mode), `listen` for the kinds that listen, the `O_NONBLOCK`
 //! mode its spec asks for, adopting inherited sockets, removing the socket files it created,
-//! repairing a listener a child has shut down, and handing listeners over to a new program. It
+//! repairing a listener a child has shut down, and handing listeners over to a new program
+//! (their part of the self-upgrade state, [`Handover`], and taking them over). It
 //! must never accept, read or wait on a listener: sockhold only keeps the sockets open and
 //! passes them on; only children serve them.
 
@@ -279,33 +280,90 @@ impl Listener {
     }
 }
 
+/// Self-upgrade: a held listener as the next program reads it (one entry of
+/// [`crate::upgrade::State`]'s `listeners`). Every field is required and no other is accepted.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Handover {
+    /// The fd number the next program inherits it at.
+    pub fd: RawFd,
+    /// Its `--listen` spec, as given.
+    pub spec: String,
+    /// Its name in `LISTEN_FDNAMES`.
+    pub name: String,
+    /// The local address, for messages.
+    pub local: String,
+    /// The socket file it created, to remove at exit.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub unix_file: Option<UnixFileHandover>,
+    /// Its socket type.
+    pub kind: KindHandover,
+}
+
+/// The socket file a listener created, with its identity.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnixFileHandover {
+    /// Its path.
+    pub path: PathBuf,
+    /// Its device.
+    pub dev: u64,
+    /// Its inode.
+    pub ino: u64,
+}
+
+/// A listener's socket type in a [`Handover`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KindHandover {
+    /// Stream.
+    Stream,
+    /// Datagram.
+    Datagram,
+    /// Sequential packet.
+    SeqPacket,
+}
+
 /// Self-upgrade: a held listener as the state names it, and back in the new program.
 impl Listener {
     /// What the new program needs to hold this listener as it is: its fd number and the rest.
-    pub fn handover(&self) -> serde_json::Value {
-        serde_json::json!({
-            "fd": self.fd.as_raw_fd(),
-            "spec": self.spec.text,
-            "name": self.name,
-            "local": self.local,
-            "unix_file": self.unix_file.as_ref().map(|(path, dev, ino)| {
-                serde_json::json!({ "path": path, "dev": dev, "ino": ino })
+    pub fn handover(&self) -> Handover {
+        Handover {
+            fd: self.fd.as_raw_fd(),
+            spec: self.spec.text.clone(),
+            name: self.name.clone(),
+            local: self.local.clone(),
+            unix_file: self.unix_file.as_ref().map(|(path, dev, ino)| UnixFileHandover {
+                path: path.clone(),
+                dev: *dev,
+                ino: *ino,
             }),
-            "kind": match self.kind {
-                SocketKind::Stream => "stream",
-                SocketKind::Datagram => "datagram",
-                SocketKind::SeqPacket => "seqpacket",
+            kind: match self.kind {
+                SocketKind::Stream => KindHandover::Stream,
+                SocketKind::Datagram => KindHandover::Datagram,
+                SocketKind::SeqPacket => KindHandover::SeqPacket,
             },
-        })
+        }
     }
 
-    /// Checks a [`Listener::handover`] entry: its spec parses and its fd is an open socket.
-    /// Returns the fd number; nothing is taken over yet.
-    pub fn check_handover(state: &serde_json::Value) -> Result<RawFd, String> {
-        let fd = state["fd"].as_i64().and_then(|f| RawFd::try_from(f).ok());
-        let fd = fd.ok_or("a listener without an fd")?;
-        let text = state["spec"].as_str().ok_or("a listener without a spec")?;
-        text.parse::<ListenSpec>().map_err(|e| e.to_string())?;
+    /// Checks a [`Handover`] without its fd (a dry run has none): its spec parses and its fd
+    /// number is one an fd can have.
+    pub fn check_handover_dry(state: &Handover) -> Result<RawFd, String> {
+        state.spec.parse::<ListenSpec>().map_err(|e| e.to_string())?;
+        if state.fd < 0 {
+            return Err(format!(
+                "listener {} has fd {}, which cannot be handed over",
+                state.spec, state.fd
+            ));
+        }
+        Ok(state.fd)
+    }
+
+    /// Checks a [`Handover`]: its spec parses and its fd is an open socket. Returns the fd
+    /// number; nothing is taken over yet.
+    pub fn check_handover(state: &Handover) -> Result<RawFd, String> {
+        let fd = Self::check_handover_dry(state)?;
+        let text = &state.spec;
         let borrowed = crate::sys::borrow_inherited_fd(fd)
             .map_err(|e| format!("listener fd {fd} ({text}) is not open: {e}"))?;
         socket::getsockopt(&borrowed, sockopt::SockType)
@@ -314,22 +372,14 @@ impl Listener {
     }
 
     /// Takes over a listener checked by [`Listener::check_handover`].
-    pub fn take_handover(state: &serde_json::Value) -> Listener {
-        let fd = state["fd"].as_i64().unwrap_or(-1) as RawFd;
-        let text = state["spec"].as_str().unwrap_or_default();
-        let spec = text.parse::<ListenSpec>().expect("checked by check_handover");
-        let string = |key: &str| state[key].as_str().unwrap_or_default().to_string();
-        let unix_file = state["unix_file"].as_object().and_then(|f| {
-            Some((
-                PathBuf::from(f.get("path")?.as_str()?),
-                f.get("dev")?.as_u64()?,
-                f.get("ino")?.as_u64()?,
-            ))
-        });
-        let kind = match state["kind"].as_str() {
-            Some("datagram") => SocketKind::Datagram,
-            Some("seqpacket") => SocketKind::SeqPacket,
-            _ => SocketKind::Stream,
+    pub fn take_handover(state: &Handover) -> Listener {
+        let fd = state.fd;
+        let spec = state.spec.parse::<ListenSpec>().expect("checked by check_handover");
+        let unix_file = state.unix_file.as_ref().map(|f| (f.path.clone(), f.dev, f.ino));
+        let kind = match state.kind {
+            KindHandover::Stream => SocketKind::Stream,
+            KindHandover::Datagram => SocketKind::Datagram,
+            KindHandover::SeqPacket => SocketKind::SeqPacket,
         };
         let fd = crate::sys::adopt_inherited_fd(fd);
         let inet_addr = socket::getsockname::<SockaddrStorage>(fd.as_raw_fd()).ok().filter(|a| {
@@ -341,8 +391,8 @@ impl Listener {
         Listener {
             fd,
             spec,
-            name: string("name"),
-            local: string("local"),
+            name: state.name.clone(),
+            local: state.local.clone(),
             unix_file,
             kind,
             inet_addr,

@@ -8,7 +8,8 @@
 //! directory checked is the directory used: a symlink swapped in afterwards is refused, not
 //! followed. It also owns [`PidFile`], created under a random name with
 //! `O_CREAT|O_EXCL|O_NOFOLLOW` and renamed into place through that directory fd, and removed at
-//! exit only while it is still the file sockhold wrote.
+//! exit only while it is still the file sockhold wrote, and the pid file's part of the
+//! self-upgrade state ([`PidFileHandover`]).
 //!
 //! It must not create directories or decide what to do about a refusal: callers name the option
 //! in the error and stop.
@@ -16,7 +17,6 @@
 use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -25,7 +25,7 @@ use nix::errno::Errno;
 use nix::fcntl::{OFlag, openat};
 use nix::sys::stat::{FileStat, Mode, SFlag, fchmod, fstat};
 use nix::unistd::{Uid, UnlinkatFlags, User, fsync, geteuid, unlinkat};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
 /// Whether a sticky directory writable by others (such as `/tmp`) may hold the file itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -238,35 +238,48 @@ impl PidFile {
     }
 
     /// Self-upgrade: what the next program needs to remove the file at exit.
-    pub fn handover(&self) -> Value {
-        json!({
-            "path": self.path,
-            "dir": self.dir,
-            "name": Path::new(&self.name),
-            "dev": self.identity.map(|i| i.0),
-            "ino": self.identity.map(|i| i.1),
-            "pid": self.pid,
-        })
+    pub fn handover(&self) -> PidFileHandover {
+        PidFileHandover {
+            path: self.path.clone(),
+            dir: self.dir.clone(),
+            name: PathBuf::from(&self.name),
+            dev: self.identity.map(|i| i.0),
+            ino: self.identity.map(|i| i.1),
+            pid: self.pid,
+        }
     }
 
-    /// Takes over a [`PidFile::handover`] entry; a bare path (an older program's state) is
-    /// removed at exit only if it still holds this process's pid.
-    pub fn take_handover(state: &Value) -> Option<PidFile> {
-        let pid = std::process::id();
-        if let Some(path) = state.as_str() {
-            let (dir, name) = split(Path::new(path)).ok()?;
-            return Some(PidFile { path: PathBuf::from(path), dir, name, identity: None, pid });
+    /// Takes over a [`PidFile::handover`] entry.
+    pub fn take_handover(state: &PidFileHandover) -> PidFile {
+        PidFile {
+            path: state.path.clone(),
+            dir: state.dir.clone(),
+            name: state.name.clone().into_os_string(),
+            identity: state.dev.zip(state.ino),
+            pid: state.pid,
         }
-        let text = |key: &str| state[key].as_str().map(PathBuf::from);
-        let identity = state["dev"].as_u64().zip(state["ino"].as_u64());
-        Some(PidFile {
-            path: text("path")?,
-            dir: text("dir")?,
-            name: OsStr::from_bytes(state["name"].as_str()?.as_bytes()).to_os_string(),
-            identity,
-            pid: state["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).unwrap_or(pid),
-        })
     }
+}
+
+/// Self-upgrade: the pid file as the next program reads it (the `pid_file` part of
+/// [`crate::upgrade::State`]). Every field is required and no other is accepted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PidFileHandover {
+    /// The path as given on the command line.
+    pub path: PathBuf,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// The file's name in it.
+    pub name: PathBuf,
+    /// The file's device when it was created.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub dev: Option<u64>,
+    /// The file's inode when it was created.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub ino: Option<u64>,
+    /// The pid written in it.
+    pub pid: u32,
 }
 
 #[cfg(test)]
@@ -351,7 +364,7 @@ mod tests {
         assert_eq!(meta.permissions().mode() & 0o7777, 0o644);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no temporary file is left");
         // Through a self-upgrade and back.
-        let again = PidFile::take_handover(&pid_file.handover()).unwrap();
+        let again = PidFile::take_handover(&pid_file.handover());
         assert_eq!(again, pid_file);
         again.remove();
         assert!(!path.exists());

@@ -1161,7 +1161,7 @@ impl Supervisor {
     }
 }
 
-mod snapshot;
+pub mod snapshot;
 
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,10 @@
-//! Self-upgrade, the event loop's side: what the state holds (listeners, notify sockets per
-//! generation, the control socket and the clients waiting for an answer, the runtime paths, the
-//! history `ctl status` shows, and the supervisor's snapshot), writing it before the exec, and
-//! taking it over in the new program (or only reading it all, in a dry run). After a takeover
+//! Self-upgrade, the event loop's side: composing the [`crate::upgrade::State`] from each
+//! module's own part (the supervisor's snapshot, the listeners', the control socket's, the pid
+//! file's) and its own entries, which this module owns ([`NotifyHandover`], [`HealthHandover`],
+//! [`ClientHandover`], [`LastReloadHandover`], and the runtime paths and the history `ctl status`
+//! shows), writing it before the exec, and taking it over in the new program (or only reading it
+//! all, in a dry run). A state the new program does not understand was refused when it was
+//! read; nothing here reads a field with a default. After a takeover
 //! it answers the askers after the loop's first turn and ends probation once the loop acts on a
 //! child.
 //!
@@ -17,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{error, info};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
 use super::{Brain, EventLoop, Held, is_stripped};
 use crate::cli::Config;
@@ -25,10 +28,77 @@ use crate::control::{ClientId, ControlServer, error_answer};
 use crate::listen::Listener;
 use crate::notify::{Manager, NotifySocket};
 use crate::paths::PidFile;
-use crate::protocol::{self, Answer, LastUpgrade, Upgraded};
+use crate::protocol::{self, Answer, LastReload, LastUpgrade, Upgraded};
 use crate::signals::Signals;
 use crate::supervisor::Supervisor;
-use crate::upgrade::{self, Incoming, OnProbation};
+use crate::upgrade::{self, Incoming, OnProbation, State};
+
+/// A unit's notify socket in the [`State`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyHandover {
+    /// The unit it belongs to.
+    pub unit: u64,
+    /// The fd number the next program inherits it at.
+    pub fd: RawFd,
+    /// Its path.
+    pub path: PathBuf,
+}
+
+/// A unit's health listener in the [`State`]: it stays with its child; only its address moves
+/// on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthHandover {
+    /// The unit it belongs to.
+    pub unit: u64,
+    /// Its address.
+    pub addr: std::net::SocketAddr,
+}
+
+/// A control client waiting for answers, in the [`State`], once with every answer it waits for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientHandover {
+    /// The fd number the next program inherits it at.
+    pub fd: RawFd,
+    /// How many upgrade answers it waits for.
+    pub upgrade: u64,
+    /// The reloads it waits for: the generation each waits for, if known.
+    pub reloads: Vec<Option<u64>>,
+}
+
+/// The last reload's outcome in the [`State`]: [`LastReload`] with every field required.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LastReloadHandover {
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// The generation it started.
+    pub generation: u64,
+    /// Why it failed.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub error: Option<String>,
+    /// When it ended (RFC 3339, seconds).
+    pub at: String,
+}
+
+impl From<&LastReload> for LastReloadHandover {
+    fn from(r: &LastReload) -> Self {
+        LastReloadHandover {
+            ok: r.ok,
+            generation: r.generation,
+            error: r.error.clone(),
+            at: r.at.clone(),
+        }
+    }
+}
+
+impl From<&LastReloadHandover> for LastReload {
+    fn from(r: &LastReloadHandover) -> Self {
+        LastReload { ok: r.ok, generation: r.generation, error: r.error.clone(), at: r.at.clone() }
+    }
+}
 
 /// What the event loop keeps about upgrades, across upgrades.
 pub(super) struct Upgrades {
@@ -85,10 +155,11 @@ fn now_text() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the same clock on both sides of an execve.
-fn monotonic_ns() -> i128 {
+/// `CLOCK_MONOTONIC` in nanoseconds: the same clock on both sides of an execve (an `i64` holds
+/// 292 years of it).
+fn monotonic_ns() -> i64 {
     match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
-        Ok(t) => i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()),
+        Ok(t) => t.tv_sec() * 1_000_000_000 + t.tv_nsec(),
         Err(_) => 0,
     }
 }
@@ -224,7 +295,7 @@ impl EventLoop {
             std::process::id()
         );
         let mut fds = Vec::new();
-        let listeners: Vec<Value> = self
+        let listeners: Vec<crate::listen::Handover> = self
             .held
             .listeners
             .iter()
@@ -233,67 +304,66 @@ impl EventLoop {
                 l.handover()
             })
             .collect();
-        let notify: Vec<Value> = self
+        let notify: Vec<NotifyHandover> = self
             .notify
             .iter()
             .map(|(unit, socket)| {
                 fds.push(socket.fd().as_raw_fd());
-                json!({ "unit": unit, "fd": socket.fd().as_raw_fd(), "path": socket.path() })
+                NotifyHandover {
+                    unit: *unit,
+                    fd: socket.fd().as_raw_fd(),
+                    path: socket.path().to_path_buf(),
+                }
             })
             .collect();
         // The health listeners stay with their children; only their addresses move on. A probe
         // in flight does not: the supervisor's state asks for a new one at once.
-        let health: Vec<Value> = self
+        let health: Vec<HealthHandover> = self
             .health
             .iter()
-            .map(|(unit, addr)| json!({ "unit": unit, "addr": addr.to_string() }))
+            .map(|(unit, addr)| HealthHandover { unit: *unit, addr: *addr })
             .collect();
-        let control = self.control.as_ref().map(|c| {
-            fds.push(c.handover()["fd"].as_i64().unwrap_or(-1) as RawFd);
-            c.handover()
-        });
+        let control = self.control.as_ref().map(ControlServer::handover);
+        fds.extend(control.as_ref().map(|c| c.fd));
         // Each waiting client once, with every answer it waits for.
-        let mut clients: BTreeMap<RawFd, Value> = BTreeMap::new();
+        let mut clients: BTreeMap<RawFd, ClientHandover> = BTreeMap::new();
         let client_fd = |id: ClientId| self.control.as_ref().and_then(|c| c.client_fd(id));
+        let new = |fd: RawFd| ClientHandover { fd, upgrade: 0, reloads: Vec::new() };
         for id in asked.iter().flatten() {
             if let Some(fd) = client_fd(*id) {
-                let entry = clients
-                    .entry(fd)
-                    .or_insert_with(|| json!({ "fd": fd, "upgrade": 0, "reloads": [] }));
-                entry["upgrade"] = json!(entry["upgrade"].as_u64().unwrap_or(0) + 1);
+                clients.entry(fd).or_insert_with(|| new(fd)).upgrade += 1;
             }
         }
         for (id, generation) in &self.reload_waiters {
             if let Some(fd) = client_fd(*id) {
-                let entry = clients
-                    .entry(fd)
-                    .or_insert_with(|| json!({ "fd": fd, "upgrade": 0, "reloads": [] }));
-                if let Some(list) = entry["reloads"].as_array_mut() {
-                    list.push(json!(generation));
-                }
+                clients.entry(fd).or_insert_with(|| new(fd)).reloads.push(*generation);
             }
         }
         fds.extend(clients.keys());
         let started_ms =
             self.started.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-        let state = json!({
-            "monotonic_ns": taken_at.to_string(),
-            "supervisor": supervisor_state,
-            "listeners": listeners,
-            "notify": notify,
-            "health": health,
-            "control": control,
-            "clients": clients.into_values().collect::<Vec<_>>(),
-            "runtime_dir": self.held.runtime_dir,
-            "pid_file": self.held.pid_file.as_ref().map(PidFile::handover),
-            "started_ms": started_ms,
-            "last_reload": self.last_reload,
-            "lazy_waiting": self.lazy_waiting,
-            "exe": self.upgrade.exe,
-            "upgrades": self.upgrade.count,
-            "from_version": env!("CARGO_PKG_VERSION"),
-            "target": target,
-        });
+        let state = State {
+            // The envelope is `upgrade::exec`'s to fill in.
+            format: upgrade::STATE_FORMAT,
+            old_exe_fd: -1,
+            argv: Vec::new(),
+            monotonic_ns: taken_at,
+            supervisor: supervisor_state,
+            listeners,
+            notify,
+            health,
+            control,
+            clients: clients.into_values().collect(),
+            runtime_dir: self.held.runtime_dir.clone(),
+            pid_file: self.held.pid_file.as_ref().map(PidFile::handover),
+            started_ms,
+            last_reload: self.last_reload.as_ref().map(LastReloadHandover::from),
+            lazy_waiting: self.lazy_waiting,
+            exe: self.upgrade.exe.clone(),
+            upgrades: self.upgrade.count,
+            from_version: env!("CARGO_PKG_VERSION").to_owned(),
+            target: target.to_path_buf(),
+        };
         upgrade::exec(target, state, &fds)
     }
 
@@ -327,69 +397,55 @@ impl EventLoop {
         incoming: &Incoming,
         dry: bool,
     ) -> Result<Option<(EventLoop, Vec<RawFd>)>, String> {
-        incoming.check_format()?;
-        let state = &incoming.state;
+        let state = incoming.state()?;
         if config.accept.is_some() {
             return Err("self-upgrade is not supported with --accept".into());
         }
         // First check everything, taking nothing: if anything is wrong, the old program gets
         // every fd back as it was.
-        let then: i128 = state["monotonic_ns"]
-            .as_str()
-            .and_then(|t| t.parse().ok())
-            .ok_or("the state has no valid monotonic_ns")?;
-        let elapsed = Duration::from_nanos(u64::try_from(monotonic_ns() - then).unwrap_or(0));
-        let supervisor = Supervisor::restore(
-            config.policy.clone(),
-            &state["supervisor"],
-            Instant::now(),
-            elapsed,
-        )?;
-        let list = |key: &str| state[key].as_array().cloned().unwrap_or_default();
+        // The monotonic clock survives execve and never goes back: a state taken "later" than
+        // now was not written by the program that exec'd this one.
+        let elapsed = u64::try_from(monotonic_ns() - state.monotonic_ns).map_err(|_| {
+            format!("the state was taken at monotonic time {} ns, after now", state.monotonic_ns)
+        })?;
+        let elapsed = Duration::from_nanos(elapsed);
+        let supervisor =
+            Supervisor::restore(config.policy.clone(), &state.supervisor, Instant::now(), elapsed)?;
         let mut adopted = Vec::new();
-        for listener in list("listeners") {
+        for listener in &state.listeners {
             adopted.push(if dry {
-                let text = listener["spec"].as_str().ok_or("a listener without a spec")?;
-                text.parse::<crate::listen::ListenSpec>().map_err(|e| e.to_string())?;
-                Incoming::check_fd_number(&listener["fd"], "a listener")?
+                Listener::check_handover_dry(listener)?
             } else {
-                Listener::check_handover(&listener)?
+                Listener::check_handover(listener)?
             });
         }
-        let fd_of = |v: &Value, what: &str| -> Result<RawFd, String> {
-            let fd = Incoming::check_fd_number(&v["fd"], what)?;
+        let fd_of = |fd: RawFd, what: &str| -> Result<RawFd, String> {
+            let fd = Incoming::check_fd_number(fd, what)?;
             if !dry {
                 crate::sys::borrow_inherited_fd(fd).map_err(|e| format!("{what} fd {fd}: {e}"))?;
             }
             Ok(fd)
         };
         let mut notify = Vec::new();
-        for entry in list("notify") {
-            let fd = fd_of(&entry, "a notify socket")?;
-            let unit = entry["unit"].as_u64().ok_or("a notify socket without a unit")?;
-            let path = entry["path"].as_str().ok_or("a notify socket without a path")?;
-            notify.push((unit, fd, PathBuf::from(path)));
+        for entry in &state.notify {
+            let fd = fd_of(entry.fd, "a notify socket")?;
+            notify.push((entry.unit, fd, entry.path.clone()));
             adopted.push(fd);
         }
-        let mut health = BTreeMap::new();
-        for entry in list("health") {
-            let unit = entry["unit"].as_u64().ok_or("a health listener without a unit")?;
-            let addr = entry["addr"].as_str().and_then(|a| a.parse().ok());
-            health.insert(unit, addr.ok_or("a health listener without an address")?);
-        }
-        let control_fd = match &state["control"] {
-            Value::Null => None,
-            control => Some(fd_of(control, "the control socket")?),
+        let health: BTreeMap<u64, std::net::SocketAddr> =
+            state.health.iter().map(|h| (h.unit, h.addr)).collect();
+        let control_fd = match &state.control {
+            None => None,
+            Some(control) => Some(fd_of(control.fd, "the control socket")?),
         };
         let mut clients = Vec::new();
-        for client in list("clients") {
+        for client in &state.clients {
             // A client that went away during the change is simply not answered.
-            if let Ok(fd) = fd_of(&client, "a control client") {
+            if let Ok(fd) = fd_of(client.fd, "a control client") {
                 clients.push((fd, client));
             }
         }
-        let runtime_dir =
-            state["runtime_dir"].as_str().ok_or("the state has no runtime directory")?;
+        let runtime_dir = state.runtime_dir.as_ref().ok_or("the state has no runtime directory")?;
         if dry {
             return Ok(None);
         }
@@ -403,12 +459,12 @@ impl EventLoop {
 
         // Everything checked: take the fds over. Nothing below fails.
         let held = Held {
-            listeners: list("listeners").iter().map(Listener::take_handover).collect(),
-            runtime_dir: Some(PathBuf::from(runtime_dir)),
-            pid_file: PidFile::take_handover(&state["pid_file"]),
+            listeners: state.listeners.iter().map(Listener::take_handover).collect(),
+            runtime_dir: Some(runtime_dir.clone()),
+            pid_file: state.pid_file.as_ref().map(PidFile::take_handover),
         };
-        let mut control = match (&state["control"], control_fd) {
-            (control, Some(fd)) => {
+        let mut control = match (&state.control, control_fd) {
+            (Some(control), Some(fd)) => {
                 adopted.push(fd);
                 match ControlServer::take_handover(control) {
                     Ok(server) => Some(server),
@@ -424,22 +480,21 @@ impl EventLoop {
         let mut upgrade_askers = Vec::new();
         if let Some(control) = &mut control {
             for (fd, client) in clients {
-                let upgrades = client["upgrade"].as_u64().unwrap_or(0) as usize;
-                let reloads = client["reloads"].as_array().cloned().unwrap_or_default();
-                let id = control.take_client(fd, upgrades + reloads.len());
+                let upgrades = client.upgrade as usize;
+                let id = control.take_client(fd, upgrades + client.reloads.len());
                 adopted.push(fd);
                 upgrade_askers.extend(std::iter::repeat_n(id, upgrades));
-                reload_waiters.extend(reloads.iter().map(|g| (id, g.as_u64())));
+                reload_waiters.extend(client.reloads.iter().map(|g| (id, *g)));
             }
         }
         let base_env: Vec<_> =
             std::env::vars_os().filter(|(k, _)| !is_stripped(&k.to_string_lossy())).collect();
-        let started = UNIX_EPOCH + Duration::from_millis(state["started_ms"].as_u64().unwrap_or(0));
+        let started = UNIX_EPOCH + Duration::from_millis(state.started_ms);
         let mut upgrades = Upgrades::at_start();
         upgrades.resumed = true;
-        upgrades.exe = state["exe"].as_str().map(PathBuf::from).or(upgrades.exe);
-        upgrades.count = state["upgrades"].as_u64().unwrap_or(0);
-        let target = state["target"].as_str().unwrap_or("?").to_string();
+        upgrades.exe = state.exe.clone().or(upgrades.exe);
+        upgrades.count = state.upgrades;
+        let target = state.target.display().to_string();
         let version = env!("CARGO_PKG_VERSION");
         let answer = match &incoming.failed {
             None => {
@@ -447,7 +502,7 @@ impl EventLoop {
                 upgrades.last = Some(LastUpgrade::succeeded(&target, version, now_text()));
                 info!(
                     "upgraded in place: version {version} from {target} took over from version {} (pid {} unchanged)",
-                    state["from_version"].as_str().unwrap_or("?"),
+                    state.from_version,
                     std::process::id()
                 );
                 Answer::Upgraded(Upgraded {
@@ -469,9 +524,9 @@ impl EventLoop {
         let mut event_loop = EventLoop {
             control,
             reload_waiters,
-            last_reload: serde_json::from_value(state["last_reload"].clone()).unwrap_or_default(),
+            last_reload: state.last_reload.as_ref().map(LastReload::from),
             started,
-            lazy_waiting: state["lazy_waiting"].as_bool().unwrap_or(false),
+            lazy_waiting: state.lazy_waiting,
             acceptors: Vec::new(),
             accept_exhausted: false,
             accept_episode: false,
@@ -496,5 +551,42 @@ impl EventLoop {
         // Nothing for the service manager: the main pid and the readiness it knows are unchanged,
         // and a send to a manager whose queue is full would block here, signals still blocked.
         Ok(Some((event_loop, adopted)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn config() -> Config {
+        let cli = crate::cli::Cli::try_parse_from(["sockhold", "-l", "127.0.0.1:0", "--", "true"])
+            .expect("a command line");
+        cli.into_config().expect("a config")
+    }
+
+    /// The takeover reads nothing with a default: a state with a field this program does not
+    /// know is refused, naming it, before anything is looked at (the dry run and the real one
+    /// alike).
+    #[test]
+    fn take_over_refuses_a_state_it_does_not_understand() {
+        let mut value = serde_json::to_value(upgrade::tests::sample()).expect("serialises");
+        value["supervisor"]["units"][0]["new_bookkeeping"] = 1.into();
+        let incoming = Incoming::from_bytes(value.to_string().as_bytes()).expect("read");
+        let err = EventLoop::dry_run(config(), &incoming).unwrap_err();
+        assert!(err.contains("unknown field `new_bookkeeping`"), "{err}");
+        let err = EventLoop::take_over(config(), &incoming, false).err().expect("refused");
+        assert!(err.contains("unknown field `new_bookkeeping`"), "{err}");
+
+        // A state from no clock this one shares is refused, not read as "no time passed".
+        let future = State { monotonic_ns: i64::MAX, ..upgrade::tests::sample() };
+        let incoming = Incoming::from_bytes(&future.to_json().expect("json")).expect("read");
+        let err = EventLoop::dry_run(config(), &incoming).unwrap_err();
+        assert!(err.contains("after now"), "{err}");
+
+        // What it understands gets past the state to the fds, which this test does not have.
+        let incoming =
+            Incoming::from_bytes(&upgrade::tests::sample().to_json().expect("json")).expect("read");
+        EventLoop::dry_run(config(), &incoming).expect("a dry run checks no fd");
     }
 }

@@ -1,26 +1,142 @@
-//! Self-upgrade's half of the state machine: the supervisor's whole state as JSON
-//! ([`Supervisor::snapshot`]) and a supervisor that goes on from it ([`Supervisor::restore`]).
+//! Self-upgrade's half of the state machine: the supervisor's whole state as a typed
+//! [`Snapshot`] ([`Supervisor::snapshot`]) and a supervisor that goes on from it
+//! ([`Supervisor::restore`]).
 //!
 //! This module owns the handover format of the units, the reload in progress and the restart
-//! bookkeeping, and the conversion of every deadline to nanoseconds from the snapshot and back.
-//! Like the rest of the machine it must not make a syscall, read the clock or touch a file: the
-//! caller gives it the time and carries the JSON across execve.
+//! bookkeeping (the `supervisor` part of [`crate::upgrade::State`]), and the conversion of every
+//! deadline to signed nanoseconds from the snapshot and back. Every field is required and no
+//! other is accepted: a snapshot this program does not understand is refused, never read with a
+//! default. Like the rest of the machine it must not make a syscall, read the clock or touch a
+//! file: the caller gives it the time and carries the snapshot across execve.
 
 use std::time::{Duration, Instant};
 
 use crate::signals::Signal;
 use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
 
 use super::{Mode, Policy, Purpose, Reload, Supervisor, Unit, UnitState};
 
-/// Self-upgrade: the supervisor's whole state as JSON, and back. Every instant is written as
-/// signed nanoseconds from the moment of the snapshot (negative: in the past), because an
-/// `Instant` means nothing outside the process; the monotonic clock itself survives execve, so
-/// the deadlines that run keep running.
+/// The supervisor's state as the next program reads it. Every instant is signed nanoseconds
+/// from the moment of the snapshot (negative: in the past).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    /// Every unit, in the supervisor's order.
+    pub units: Vec<UnitSnapshot>,
+    /// The key the next unit gets.
+    pub next_unit: u64,
+    /// The generation the next reload starts.
+    pub next_generation: u64,
+    /// The reload in progress.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub reload: Option<ReloadSnapshot>,
+    /// A reload asked for during the one in progress.
+    pub reload_pending: bool,
+    /// When the next restart is due.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub restart_at_ns: Option<i64>,
+    /// The restart backoff now.
+    pub backoff_ns: u64,
+    /// Starts that failed in a row.
+    pub failed_starts: u32,
+    /// Restarts so far.
+    pub restarts: u64,
+    /// Workers retired so far.
+    pub retired: u64,
+}
+
+/// One unit (a generation's worker) in a [`Snapshot`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnitSnapshot {
+    /// The unit's key.
+    pub key: u64,
+    /// Its generation.
+    pub generation: u64,
+    /// Its main pid (also its process group).
+    pub pid: i32,
+    /// Why it was started.
+    pub purpose: PurposeSnapshot,
+    /// Where it is in its life.
+    pub state: UnitStateSnapshot,
+    /// Since when it is in that state.
+    pub since_ns: i64,
+    /// Its last `STATUS=`.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub status: Option<String>,
+    /// Its `WATCHDOG_USEC=` interval.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub watchdog_ns: Option<u64>,
+    /// Whether it crashed.
+    pub crashed: bool,
+}
+
+/// Why a unit was started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PurposeSnapshot {
+    /// The first generation.
+    Initial,
+    /// A reload.
+    Reload,
+    /// A restart after a crash.
+    Restart,
+}
+
+/// Where a unit is in its life (a unit being spawned is never handed over).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "lowercase", deny_unknown_fields)]
+pub enum UnitStateSnapshot {
+    /// Running, not yet ready.
+    Starting {
+        /// When it must be ready.
+        ready_deadline_ns: i64,
+        /// With `delay:`: when it counts as ready.
+        #[serde(deserialize_with = "Option::deserialize")]
+        ready_at_ns: Option<i64>,
+        /// With a probe: when to send the next one.
+        #[serde(deserialize_with = "Option::deserialize")]
+        probe_at_ns: Option<i64>,
+        /// Why the last probe failed.
+        #[serde(deserialize_with = "Option::deserialize")]
+        last_probe: Option<String>,
+    },
+    /// Ready.
+    Serving {
+        /// When the next watchdog ping is due.
+        #[serde(deserialize_with = "Option::deserialize")]
+        watchdog_at_ns: Option<i64>,
+    },
+    /// Asked to stop.
+    Stopping {
+        /// When it gets SIGKILL.
+        kill_at_ns: i64,
+        /// The signal it was sent.
+        signal: i32,
+    },
+    /// Sent SIGKILL. (A struct variant: serde lets a unit variant of a tagged enum through with
+    /// any other field beside its tag.)
+    Killed {},
+}
+
+/// The reload in progress in a [`Snapshot`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadSnapshot {
+    /// The generation it starts.
+    pub generation: u64,
+    /// Rolling: the old unit the last step stopped.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub waiting_for: Option<u64>,
+}
+
+/// Self-upgrade: the supervisor's whole state as a [`Snapshot`], and back. An `Instant` means
+/// nothing outside the process, so every one is written relative to the snapshot; the monotonic
+/// clock itself survives execve, so the deadlines that run keep running.
 impl Supervisor {
     /// The state to hand over, or why there is nothing safe to hand over now.
-    pub fn snapshot(&self, now: Instant) -> Result<serde_json::Value, String> {
-        use serde_json::json;
+    pub fn snapshot(&self, now: Instant) -> Result<Snapshot, String> {
         if self.mode != Mode::Running {
             return Err("sockhold is stopping".into());
         }
@@ -31,143 +147,137 @@ impl Supervisor {
                 UnitState::Spawning => {
                     return Err(format!("generation {} is being spawned", u.generation));
                 }
-                UnitState::Starting { ready_deadline, ready_at, probe_at, last_probe } => json!({
-                    "name": "starting",
-                    "ready_deadline_ns": ns(*ready_deadline),
-                    "ready_at_ns": ready_at.map(ns),
-                    // A probe in flight is not handed over: the new program probes again now.
-                    "probe_at_ns": match probe_at {
-                        Some(t) => Some(ns(*t)),
-                        None if self.policy.ready.probes() => Some(0),
-                        None => None,
-                    },
-                    "last_probe": last_probe,
-                }),
-                UnitState::Serving { watchdog_at } => json!({
-                    "name": "serving",
-                    "watchdog_at_ns": watchdog_at.map(ns),
-                }),
-                UnitState::Stopping { kill_at, signal } => json!({
-                    "name": "stopping",
-                    "kill_at_ns": ns(*kill_at),
-                    "signal": signal.raw(),
-                }),
-                UnitState::Killed => json!({ "name": "killed" }),
+                UnitState::Starting { ready_deadline, ready_at, probe_at, last_probe } => {
+                    UnitStateSnapshot::Starting {
+                        ready_deadline_ns: ns(*ready_deadline),
+                        ready_at_ns: ready_at.map(ns),
+                        // A probe in flight is not handed over: the new program probes again now.
+                        probe_at_ns: match probe_at {
+                            Some(t) => Some(ns(*t)),
+                            None if self.policy.ready.probes() => Some(0),
+                            None => None,
+                        },
+                        last_probe: last_probe.clone(),
+                    }
+                }
+                UnitState::Serving { watchdog_at } => {
+                    UnitStateSnapshot::Serving { watchdog_at_ns: watchdog_at.map(ns) }
+                }
+                UnitState::Stopping { kill_at, signal } => {
+                    UnitStateSnapshot::Stopping { kill_at_ns: ns(*kill_at), signal: signal.raw() }
+                }
+                UnitState::Killed => UnitStateSnapshot::Killed {},
             };
-            units.push(json!({
-                "key": u.key,
-                "generation": u.generation,
-                "pid": u.pid.map(Pid::as_raw),
-                "purpose": match u.purpose {
-                    Purpose::Initial => "initial",
-                    Purpose::Reload => "reload",
-                    Purpose::Restart => "restart",
+            let Some(pid) = u.pid else {
+                return Err(format!("generation {} has no process", u.generation));
+            };
+            units.push(UnitSnapshot {
+                key: u.key,
+                generation: u.generation,
+                pid: pid.as_raw(),
+                purpose: match u.purpose {
+                    Purpose::Initial => PurposeSnapshot::Initial,
+                    Purpose::Reload => PurposeSnapshot::Reload,
+                    Purpose::Restart => PurposeSnapshot::Restart,
                 },
-                "state": state,
-                "since_ns": ns(u.since),
-                "status": u.status_text,
-                "watchdog_ns": u.watchdog.map(|d| d.as_nanos() as u64),
-                "crashed": u.crashed,
-            }));
+                state,
+                since_ns: ns(u.since),
+                status: u.status_text.clone(),
+                watchdog_ns: u.watchdog.map(|d| d.as_nanos() as u64),
+                crashed: u.crashed,
+            });
         }
-        Ok(json!({
-            "units": units,
-            "next_unit": self.next_unit,
-            "next_generation": self.next_generation,
-            "reload": self.reload.map(|r| json!({
-                "generation": r.generation,
-                "waiting_for": r.waiting_for,
-            })),
-            "reload_pending": self.reload_pending,
-            "restart_at_ns": self.restart_at.map(ns),
-            "backoff_ns": self.backoff.as_nanos() as u64,
-            "failed_starts": self.failed_starts,
-            "restarts": self.restarts,
-            "retired": self.retired,
-        }))
+        Ok(Snapshot {
+            units,
+            next_unit: self.next_unit,
+            next_generation: self.next_generation,
+            reload: self
+                .reload
+                .map(|r| ReloadSnapshot { generation: r.generation, waiting_for: r.waiting_for }),
+            reload_pending: self.reload_pending,
+            restart_at_ns: self.restart_at.map(ns),
+            backoff_ns: self.backoff.as_nanos() as u64,
+            failed_starts: self.failed_starts,
+            restarts: self.restarts,
+            retired: self.retired as u64,
+        })
     }
 
     /// A supervisor that goes on from `state`, a [`Supervisor::snapshot`] taken `elapsed` ago.
+    /// Refuses a snapshot whose values cannot stand (a pid or a signal that is none).
     pub fn restore(
         policy: Policy,
-        state: &serde_json::Value,
+        state: &Snapshot,
         now: Instant,
         elapsed: Duration,
     ) -> Result<Supervisor, String> {
-        use serde_json::Value;
-        let bad = |what: &str| format!("the supervisor state has no valid {what}");
-        let at = |v: &Value, what: &str| {
-            v.as_i64().map(|ns| instant_at(ns, now, elapsed)).ok_or_else(|| bad(what))
-        };
-        let maybe_at = |v: &Value, what: &str| match v {
-            Value::Null => Ok(None),
-            v => at(v, what).map(Some),
-        };
-        let u64_of = |v: &Value, what: &str| v.as_u64().ok_or_else(|| bad(what));
+        let at = |ns: i64| instant_at(ns, now, elapsed);
         let mut units = Vec::new();
-        for u in state["units"].as_array().ok_or_else(|| bad("units"))? {
-            let s = &u["state"];
-            let unit_state = match s["name"].as_str() {
-                Some("starting") => UnitState::Starting {
-                    ready_deadline: at(&s["ready_deadline_ns"], "ready deadline")?,
-                    ready_at: maybe_at(&s["ready_at_ns"], "ready time")?,
-                    probe_at: maybe_at(&s["probe_at_ns"], "probe time")?,
-                    last_probe: s["last_probe"].as_str().map(str::to_string),
+        for u in &state.units {
+            let unit_state = match &u.state {
+                UnitStateSnapshot::Starting {
+                    ready_deadline_ns,
+                    ready_at_ns,
+                    probe_at_ns,
+                    last_probe,
+                } => UnitState::Starting {
+                    ready_deadline: at(*ready_deadline_ns),
+                    ready_at: ready_at_ns.map(at),
+                    probe_at: probe_at_ns.map(at),
+                    last_probe: last_probe.clone(),
                 },
-                Some("serving") => UnitState::Serving {
-                    watchdog_at: maybe_at(&s["watchdog_at_ns"], "watchdog deadline")?,
+                UnitStateSnapshot::Serving { watchdog_at_ns } => {
+                    UnitState::Serving { watchdog_at: watchdog_at_ns.map(at) }
+                }
+                UnitStateSnapshot::Stopping { kill_at_ns, signal } => UnitState::Stopping {
+                    kill_at: at(*kill_at_ns),
+                    signal: Signal::try_from(*signal).map_err(|_| {
+                        format!(
+                            "generation {} has stop signal {signal}, which is none",
+                            u.generation
+                        )
+                    })?,
                 },
-                Some("stopping") => UnitState::Stopping {
-                    kill_at: at(&s["kill_at_ns"], "kill deadline")?,
-                    signal: s["signal"]
-                        .as_i64()
-                        .and_then(|n| Signal::try_from(n as i32).ok())
-                        .ok_or_else(|| bad("stop signal"))?,
-                },
-                Some("killed") => UnitState::Killed,
-                _ => return Err(bad("unit state")),
+                UnitStateSnapshot::Killed {} => UnitState::Killed,
             };
-            let pid =
-                u["pid"].as_i64().and_then(|p| i32::try_from(p).ok()).ok_or_else(|| bad("pid"))?;
+            if u.pid <= 1 {
+                return Err(format!(
+                    "generation {} has pid {}, which is none",
+                    u.generation, u.pid
+                ));
+            }
             units.push(Unit {
-                key: u64_of(&u["key"], "unit key")?,
-                generation: u64_of(&u["generation"], "generation")?,
-                pid: Some(Pid::from_raw(pid)),
-                purpose: match u["purpose"].as_str() {
-                    Some("initial") => Purpose::Initial,
-                    Some("reload") => Purpose::Reload,
-                    Some("restart") => Purpose::Restart,
-                    _ => return Err(bad("purpose")),
+                key: u.key,
+                generation: u.generation,
+                pid: Some(Pid::from_raw(u.pid)),
+                purpose: match u.purpose {
+                    PurposeSnapshot::Initial => Purpose::Initial,
+                    PurposeSnapshot::Reload => Purpose::Reload,
+                    PurposeSnapshot::Restart => Purpose::Restart,
                 },
                 state: unit_state,
-                since: at(&u["since_ns"], "since")?,
-                status_text: u["status"].as_str().map(str::to_string),
-                watchdog: u["watchdog_ns"].as_u64().map(Duration::from_nanos),
-                crashed: u["crashed"].as_bool().ok_or_else(|| bad("crashed flag"))?,
+                since: at(u.since_ns),
+                status_text: u.status.clone(),
+                watchdog: u.watchdog_ns.map(Duration::from_nanos),
+                crashed: u.crashed,
             });
         }
-        let reload = match &state["reload"] {
-            Value::Null => None,
-            r => Some(Reload {
-                generation: u64_of(&r["generation"], "reload generation")?,
-                waiting_for: r["waiting_for"].as_u64(),
-            }),
-        };
         Ok(Supervisor {
             policy,
             mode: Mode::Running,
             units,
-            next_unit: u64_of(&state["next_unit"], "next unit")?,
-            next_generation: u64_of(&state["next_generation"], "next generation")?,
-            reload,
-            reload_pending: state["reload_pending"]
-                .as_bool()
-                .ok_or_else(|| bad("reload_pending"))?,
-            restart_at: maybe_at(&state["restart_at_ns"], "restart time")?,
-            backoff: Duration::from_nanos(u64_of(&state["backoff_ns"], "backoff")?),
-            failed_starts: u64_of(&state["failed_starts"], "failed starts")? as u32,
-            restarts: u64_of(&state["restarts"], "restarts")?,
-            retired: u64_of(&state["retired"], "retired workers")? as usize,
+            next_unit: state.next_unit,
+            next_generation: state.next_generation,
+            reload: state
+                .reload
+                .map(|r| Reload { generation: r.generation, waiting_for: r.waiting_for }),
+            reload_pending: state.reload_pending,
+            restart_at: state.restart_at_ns.map(at),
+            backoff: Duration::from_nanos(state.backoff_ns),
+            failed_starts: state.failed_starts,
+            restarts: state.restarts,
+            retired: usize::try_from(state.retired)
+                .map_err(|_| format!("{} retired workers cannot be counted", state.retired))?,
         })
     }
 }
@@ -233,7 +343,7 @@ mod tests {
         let t3 = t2 + Duration::from_secs(1);
         let state = s.snapshot(t3).expect("snapshot");
         // What a failed upgrade kills when nothing can supervise the children any more.
-        let pids = crate::upgrade::state_pids(&serde_json::json!({ "supervisor": state }));
+        let pids: Vec<Pid> = state.units.iter().map(|u| Pid::from_raw(u.pid)).collect();
         assert_eq!(pids, [101, 102, 103].map(Pid::from_raw));
         // Restored 100ms later, by a clock that went on.
         let t4 = t3 + Duration::from_millis(100);

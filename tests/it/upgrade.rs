@@ -168,9 +168,12 @@ fn an_upgrade_to_a_missing_or_broken_binary_leaves_everything_running() {
     write_script(&next, "exit 1");
     upgrade_refused(&control, "--upgrade-check` failed (exit status: 1)");
     write_script(&next, r#"echo '{"sockhold_state_format":999,"version":"9.0.0"}'"#);
+    let check = Command::new(sockhold_bin()).arg("--upgrade-check").output().unwrap();
+    let answer: Value = serde_json::from_slice(&check.stdout).expect("--upgrade-check's answer");
+    let format = &answer["sockhold_state_format"];
     upgrade_refused(
         &control,
-        "it reads upgrade state format 999, and this sockhold writes format 1",
+        &format!("it reads upgrade state format 999, and this sockhold writes format {format}"),
     );
     // Passes the check, then would not take the command line: the dry run says so.
     let real = sockhold_bin();
@@ -504,5 +507,47 @@ fn a_crash_after_the_upgrade_was_answered_still_goes_back_to_the_old_one() {
         "upgrade to {} failed: new program crashed: killed by signal 11 (SIGSEGV)",
         next.display()
     ));
+    everything_runs_on(&mut s, &control, pid, &before, load);
+}
+
+/// The state is typed and exact: a target that passes `--upgrade-check` but whose dry run finds
+/// a field it does not know is refused before the handover, with serde's reason naming the field,
+/// and the old program goes on as if nothing had been asked.
+#[test]
+fn a_target_that_does_not_understand_the_state_is_refused_before_the_handover() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("ctl.sock");
+    let next = dir.path().join("sockhold-next");
+    let rewritten = dir.path().join("state.json");
+    let ran = dir.path().join("ran");
+    let real = sockhold_bin();
+    // A real sockhold, handed the state with one field its format does not have: the state as
+    // a newer program's could look.
+    write_script(
+        &next,
+        &format!(
+            r#"[ "$1" = --upgrade-check ] && exec {real} --upgrade-check
+echo "dry run: ${{SOCKHOLD_UPGRADE_DRY_RUN:-no}}" >> {ran}
+sed 's/"supervisor":{{/"supervisor":{{"new_bookkeeping":1,/' /proc/self/fd/$SOCKHOLD_UPGRADE_FD > {rewritten}
+exec 9< {rewritten}
+SOCKHOLD_UPGRADE_FD=9 exec {real} "$@""#,
+            real = real.display(),
+            ran = ran.display(),
+            rewritten = rewritten.display(),
+        ),
+    );
+    let (mut s, pid, port, before) = under_load(&control, &next);
+    let load = Load::start(port, 4);
+    upgrade_refused(
+        &control,
+        &format!(
+            "upgrade failed: {} failed its dry run: exit status 1: the state is not one this sockhold understands: unknown field `new_bookkeeping`",
+            next.display()
+        ),
+    );
+    let text = std::fs::read_to_string(&rewritten).expect("the dry run rewrote the state");
+    assert!(text.contains(r#""supervisor":{"new_bookkeeping":1,"units":["#), "{text}");
+    let runs = std::fs::read_to_string(&ran).expect("the target ran");
+    assert_eq!(runs, "dry run: 1\n", "only the dry run ran: nothing was handed over");
     everything_runs_on(&mut s, &control, pid, &before, load);
 }
