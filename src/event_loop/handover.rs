@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use log::{error, info};
 use serde_json::{Value, json};
 
-use super::{Brain, EventLoop, Held, is_stripped};
+use super::{Brain, EventLoop, Held, UnitIo};
 use crate::cli::Config;
 use crate::control::{ClientId, ControlServer, error_answer};
 use crate::listen::Listener;
@@ -234,9 +234,10 @@ impl EventLoop {
             })
             .collect();
         let notify: Vec<Value> = self
-            .notify
+            .units
             .iter()
-            .map(|(unit, socket)| {
+            .map(|(unit, io)| {
+                let socket = &io.notify;
                 fds.push(socket.fd().as_raw_fd());
                 json!({ "unit": unit, "fd": socket.fd().as_raw_fd(), "path": socket.path() })
             })
@@ -244,8 +245,9 @@ impl EventLoop {
         // The health listeners stay with their children; only their addresses move on. A probe
         // in flight does not: the supervisor's state asks for a new one at once.
         let health: Vec<Value> = self
-            .health
+            .units
             .iter()
+            .filter_map(|(unit, io)| io.health.map(|addr| (unit, addr)))
             .map(|(unit, addr)| json!({ "unit": unit, "addr": addr.to_string() }))
             .collect();
         let control = self.control.as_ref().map(|c| {
@@ -288,7 +290,9 @@ impl EventLoop {
             "pid_file": self.held.pid_file.as_ref().map(PidFile::handover),
             "started_ms": started_ms,
             "last_reload": self.last_reload,
-            "lazy_waiting": self.lazy_waiting,
+            // Derived again from the policy and the supervisor's state by the new program;
+            // written for one that reads it.
+            "lazy_waiting": self.brain.wants_first_connection(),
             "exe": self.upgrade.exe,
             "upgrades": self.upgrade.count,
             "from_version": env!("CARGO_PKG_VERSION"),
@@ -433,8 +437,7 @@ impl EventLoop {
                 reload_waiters.extend(reloads.iter().map(|g| (id, g.as_u64())));
             }
         }
-        let base_env: Vec<_> =
-            std::env::vars_os().filter(|(k, _)| !is_stripped(&k.to_string_lossy())).collect();
+        let base_env = crate::plan::base_env(std::env::vars_os());
         let started = UNIX_EPOCH + Duration::from_millis(state["started_ms"].as_u64().unwrap_or(0));
         let mut upgrades = Upgrades::at_start();
         upgrades.resumed = true;
@@ -463,16 +466,18 @@ impl EventLoop {
                 error_answer(&format!("upgrade failed: {reason}"))
             }
         };
-        let notify: BTreeMap<u64, NotifySocket> = notify
+        let units: BTreeMap<u64, UnitIo> = notify
             .into_iter()
-            .map(|(unit, fd, path)| (unit, NotifySocket::take_handover(fd, path)))
+            .map(|(unit, fd, path)| {
+                let notify = NotifySocket::take_handover(fd, path);
+                (unit, UnitIo { notify, health: health.remove(&unit), probe: None })
+            })
             .collect();
         let mut event_loop = EventLoop {
             control,
             reload_waiters,
             last_reload: serde_json::from_value(state["last_reload"].clone()).unwrap_or_default(),
             started,
-            lazy_waiting: state["lazy_waiting"].as_bool().unwrap_or(false),
             acceptors: Vec::new(),
             accept_exhausted: false,
             accept_episode: false,
@@ -480,9 +485,7 @@ impl EventLoop {
             held,
             signals,
             brain: Brain::Generations(supervisor),
-            notify,
-            health,
-            probes: BTreeMap::new(),
+            units,
             killed_probes: Vec::new(),
             manager,
             base_env,
