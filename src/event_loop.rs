@@ -12,13 +12,15 @@
 //!
 //! It must not make lifecycle decisions: those belong to [`Supervisor::step`].
 
+mod acceptor;
 mod handover;
+mod runtime_dir;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Instant, SystemTime};
 
 use anyhow::{Context, Result};
@@ -28,9 +30,11 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
+use self::acceptor::Acceptor;
+use self::runtime_dir::make_runtime_dir;
 use crate::accept::AcceptSupervisor;
 use crate::cli::{CompatEnv, Config};
-use crate::control::{ClientId, ControlServer, Request, Token, error_answer, is_exhaustion};
+use crate::control::{ClientId, ControlServer, Request, Token, error_answer};
 use crate::exit::ExitCode;
 use crate::listen::Listener;
 use crate::notify::{Manager, NotifySocket};
@@ -169,65 +173,6 @@ pub struct EventLoop {
     accept_episode: bool,
     /// Self-upgrade: who asked, where from, how the last one went.
     upgrade: handover::Upgrades,
-}
-
-/// A listener sockhold accepts on itself (`--accept`): a copy of the held fd, as std's type.
-enum Acceptor {
-    Tcp(std::net::TcpListener),
-    Unix(std::os::unix::net::UnixListener),
-}
-
-impl Acceptor {
-    /// Wraps a copy of a held stream listener; any other kind is refused.
-    fn new(listener: &Listener) -> Result<Acceptor> {
-        use nix::sys::socket::{
-            AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt,
-            sockopt,
-        };
-        let what = listener.local_description();
-        let kind = getsockopt(&listener.fd(), sockopt::SockType)
-            .with_context(|| format!("cannot inspect {what}"))?;
-        if kind != SockType::Stream {
-            anyhow::bail!("--accept takes stream sockets only, and {what} is not one");
-        }
-        let fd = nix::unistd::dup(listener.fd()).with_context(|| format!("cannot copy {what}"))?;
-        let family = getsockname::<SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(&fd))
-            .ok()
-            .and_then(|a| a.family());
-        Ok(match family {
-            Some(AddressFamily::Unix) => Acceptor::Unix(fd.into()),
-            _ => Acceptor::Tcp(fd.into()),
-        })
-    }
-
-    fn fd(&self) -> BorrowedFd<'_> {
-        use std::os::fd::AsFd;
-        match self {
-            Acceptor::Tcp(l) => l.as_fd(),
-            Acceptor::Unix(l) => l.as_fd(),
-        }
-    }
-
-    /// The next waiting connection and its peer (for TCP), or `None` when none waits. The error
-    /// is an exhaustion ([`is_exhaustion`]): the connection still waits.
-    fn accept(
-        &self,
-    ) -> std::io::Result<Option<(std::os::fd::OwnedFd, Option<std::net::SocketAddr>)>> {
-        let result = match self {
-            Acceptor::Tcp(l) => l.accept().map(|(c, peer)| (c.into(), Some(peer))),
-            Acceptor::Unix(l) => l.accept().map(|(c, _)| (c.into(), None)),
-        };
-        match result {
-            Ok(conn) => Ok(Some(conn)),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) if is_exhaustion(&e) => Err(e),
-            Err(e) => {
-                // ECONNABORTED and the like: that connection is gone, the listener is fine.
-                debug!("accept: {e}");
-                Ok(None)
-            }
-        }
-    }
 }
 
 /// What sockhold created and removes when it ends, however it ends: the listeners (and the Unix
@@ -453,10 +398,8 @@ impl EventLoop {
             Err(e) => return Err(e).context("poll failed"),
         };
         let mut woken = Woken { timed_out, ..Woken::default() };
-        for (source, fd) in sources.into_iter().zip(&fds) {
-            if !fd.revents().is_some_and(|r| !r.is_empty()) {
-                continue;
-            }
+        let readable = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+        for (source, _) in sources.into_iter().zip(&fds).filter(|(_, fd)| readable(fd)) {
             match source {
                 Source::Signals => woken.signals = true,
                 Source::Control(token) => woken.control.push(token),
@@ -1025,102 +968,4 @@ fn acts_on_a_child(action: &Action) -> bool {
             | Action::Upgrade { .. }
             | Action::ReloadDone { generation: None, result: Ok(()) }
     )
-}
-
-/// Creates a private directory for the notify sockets: under `$RUNTIME_DIRECTORY` (set by
-/// systemd), `$XDG_RUNTIME_DIR`, `/run` for root, else `$TMPDIR` or `/tmp`. Its name is
-/// random, so two instances never collide and nobody can plant a socket there first.
-/// `$XDG_RUNTIME_DIR` belongs to sockhold's user alone (0700): not for children run as another.
-/// It records its owner in [`OWNER_FILE`]; the directories of this name that a sockhold killed
-/// with SIGKILL left behind are removed first (see [`remove_stale_runtime_dirs`]).
-fn make_runtime_dir(name: &str, other_user: bool) -> Result<PathBuf> {
-    let from_env = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from);
-    // systemd sets RUNTIME_DIRECTORY to a ':'-separated list when a unit has several.
-    let first = |p: PathBuf| p.to_str().and_then(|s| s.split(':').next()).map(PathBuf::from);
-    let base = from_env("RUNTIME_DIRECTORY")
-        .and_then(first)
-        .or_else(|| from_env("XDG_RUNTIME_DIR").filter(|_| !other_user))
-        .or_else(|| {
-            nix::unistd::geteuid().is_root().then(|| PathBuf::from("/run")).filter(|p| p.is_dir())
-        })
-        .or_else(|| from_env("TMPDIR"))
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    // Keep the path short: a Unix socket path must fit in 108 bytes.
-    let short: String =
-        name.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).take(24).collect();
-    let prefix = format!("sockhold-{short}.");
-    remove_stale_runtime_dirs(&base, &prefix);
-    let template = base.join(format!("{prefix}XXXXXX"));
-    let dir = nix::unistd::mkdtemp(&template)
-        .with_context(|| format!("failed to create a runtime directory in {}", base.display()))?;
-    let me = std::process::id();
-    let owner = format!("{me} {}\n", process_start_time(me).unwrap_or_default());
-    std::fs::write(dir.join(OWNER_FILE), owner)
-        .with_context(|| format!("failed to write {}", dir.join(OWNER_FILE).display()))?;
-    Ok(dir)
-}
-
-/// The file in a runtime directory that names the sockhold owning it: `PID STARTTIME`, the
-/// start time as field 22 of `/proc/PID/stat`, so that a reused pid is not taken for the owner.
-const OWNER_FILE: &str = "owner";
-
-/// When process `pid` started, in clock ticks since boot (`/proc/PID/stat`), if it exists.
-fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name, in parentheses, may contain spaces: count fields after its end.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(19)?.parse().ok()
-}
-
-/// Removes the runtime directories in `base` named `PREFIX*` that a sockhold killed without
-/// cleaning up (SIGKILL, the OOM killer) left behind. One is stale only if it is a real directory
-/// of sockhold's own uid, its owner file names a process that is gone (or a pid now used by a
-/// process started at another time), and no socket in it is still bound (connecting to it is
-/// refused). A directory without an owner file is left alone: an older sockhold's, or one that
-/// another sockhold is creating right now.
-fn remove_stale_runtime_dirs(base: &Path, prefix: &str) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = std::fs::read_dir(base) else { return };
-    let uid = nix::unistd::geteuid().as_raw();
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if !entry.file_name().to_str().is_some_and(|n| n.starts_with(prefix)) {
-            continue;
-        }
-        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
-        if !meta.is_dir() || meta.uid() != uid {
-            continue;
-        }
-        let Ok(owner) = std::fs::read_to_string(path.join(OWNER_FILE)) else { continue };
-        let mut fields = owner.split_whitespace().map(|f| f.parse::<u64>().ok());
-        let (Some(Some(pid)), Some(started)) = (fields.next(), fields.next()) else { continue };
-        let Ok(pid) = u32::try_from(pid) else { continue };
-        let alive = match process_start_time(pid) {
-            Some(now) => started.is_none_or(|then| then == 0 || then == now),
-            None => std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        };
-        if alive || holds_a_bound_socket(&path) {
-            continue;
-        }
-        match std::fs::remove_dir_all(&path) {
-            Ok(()) => info!(
-                "removed {}, left behind by sockhold pid {pid}, which is gone",
-                path.display()
-            ),
-            Err(e) => warn!("failed to remove the stale {}: {e}", path.display()),
-        }
-    }
-}
-
-/// Whether a Unix datagram socket in `dir` is still bound by some process (another pid
-/// namespace's sockhold sharing the directory, say): a connect to it succeeds.
-fn holds_a_bound_socket(dir: &Path) -> bool {
-    let Ok(entries) = std::fs::read_dir(dir) else { return true };
-    entries.flatten().any(|entry| {
-        use std::os::unix::fs::FileTypeExt;
-        entry.file_type().is_ok_and(|t| t.is_socket())
-            && std::os::unix::net::UnixDatagram::unbound()
-                .and_then(|s| s.connect(entry.path()))
-                .is_ok()
-    })
 }
