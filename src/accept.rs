@@ -96,7 +96,20 @@ impl AcceptSupervisor {
     pub fn step(&mut self, event: Event, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
         match event {
-            Event::Start | Event::Notify { .. } | Event::ProbeDone { .. } | Event::Timer => {}
+            Event::Start => {
+                info!("--accept: one child per connection");
+                out.push(Action::Manager(ManagerMessage::Ready(format!(
+                    "accepting connections for generation {}",
+                    self.generation
+                ))));
+            }
+            // --lazy does not go with --accept, which watches the listeners all the time.
+            Event::FirstConnection
+            | Event::Notify { .. }
+            | Event::ProbeDone { .. }
+            | Event::Timer => {}
+            // Refused at the end of the turn: the handover cannot carry connections' children.
+            Event::Upgrade { asker } => out.push(Action::Upgrade { asker }),
             Event::Spawned { unit: generation, pid } => {
                 info!("connection child started (pid {pid}, generation {generation})");
                 let child = Child { generation, since: now, kill_at: None, killed: false };
@@ -210,6 +223,7 @@ mod tests {
             workers: 1,
             reload_strategy: crate::supervisor::ReloadStrategy::Rolling,
             max_draining: crate::supervisor::MAX_DRAINING,
+            lazy: false,
         }
     }
 

@@ -5,7 +5,7 @@
 //! Everything is resolved again before every spawn, so a reload picks up a changed env file, and a
 //! user deleted since the start or a malformed env file fails that reload (the old generation keeps
 //! serving) instead of starting a child with a half-right world. It also opens a generation's
-//! notify socket to the child's user, and writes the `NGINX` variable of `--compat-env nginx`.
+//! notify socket to the child's user.
 //!
 //! Its errors are plain messages naming the input, not `anyhow` chains: at startup they are usage
 //! errors (exit 2), and before a spawn they become the reason a generation failed to start.
@@ -361,13 +361,6 @@ fn searchable(meta: &std::fs::Metadata, user: &Credentials) -> bool {
     mode & 0o001 != 0
 }
 
-/// The value of `NGINX` for listeners at `fds`: "3;4;", each fd followed by a `;`. nginx's
-/// master splits the variable at `;` and takes only the numbers a `;` ends, so without the last
-/// one it would silently leave the last socket out.
-pub fn nginx_var(fds: &[usize]) -> String {
-    fds.iter().map(|fd| format!("{fd};")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -495,12 +488,5 @@ mod tests {
         assert_eq!(bare.groups, vec![Gid::from_raw(4000001)]);
         let no_group = UserSpec { user: "4000000".into(), group: None }.resolve();
         assert!(no_group.unwrap_err().contains("has no entry in the user database"));
-    }
-
-    #[test]
-    fn nginx_var_ends_every_fd_with_a_semicolon() {
-        assert_eq!(nginx_var(&[3]), "3;");
-        assert_eq!(nginx_var(&[3, 4, 5]), "3;4;5;");
-        assert_eq!(nginx_var(&[]), "");
     }
 }

@@ -332,8 +332,6 @@ pub struct Config {
     pub pid_file: Option<PathBuf>,
     /// Where to serve the control protocol.
     pub control: Option<PathBuf>,
-    /// Wait for the first connection before starting the first child.
-    pub lazy: bool,
     /// Other tools' environment variables to set too.
     pub compat_env: Vec<CompatEnv>,
     /// Per-connection mode, if chosen.
@@ -459,12 +457,12 @@ impl Cli {
                 workers: self.workers as usize,
                 reload_strategy: self.reload_strategy,
                 max_draining: self.max_draining,
+                lazy: self.lazy,
             },
             probe_timeout: self.probe_timeout.unwrap_or(DEFAULT_PROBE_TIMEOUT),
             name,
             pid_file: self.pid_file,
             control: self.control,
-            lazy: self.lazy,
             compat_env: self.compat_env,
             accept: self.accept.then(|| AcceptConfig {
                 inetd: self.inetd,

@@ -6,16 +6,21 @@
 //! runtime directory, the pid file, and the link to sockhold's own service manager. One thread,
 //! one `poll` over the signal pipe, the control socket and its clients, and the notify sockets,
 //! with the nearest deadline as the timeout: while nothing happens, sockhold sleeps without
-//! waking. The listeners are never polled: only children accept on them.
+//! waking. The listeners are polled only while `--lazy` waits for the first connection, and
+//! with `--accept`; otherwise only children accept on them. Every polled fd carries what it
+//! belongs to ([`Source`]), and the child's environment is assembled by [`crate::plan`].
 //!
 //! It must not make lifecycle decisions: those belong to [`Supervisor::step`].
 
+mod acceptor;
 pub mod handover;
+mod runtime_dir;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Instant, SystemTime};
 
 use anyhow::{Context, Result};
@@ -25,34 +30,22 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
+use self::acceptor::Acceptor;
+use self::runtime_dir::make_runtime_dir;
 use crate::accept::AcceptSupervisor;
 use crate::cli::{CompatEnv, Config};
-use crate::control::{ClientId, ControlServer, Request, Token, error_answer, is_exhaustion};
+use crate::control::{ClientId, ControlServer, Request, Token, error_answer};
 use crate::exit::ExitCode;
 use crate::listen::Listener;
-use crate::notify::{Manager, ManagerMessage, NotifySocket};
+use crate::notify::{Manager, NotifySocket};
 use crate::paths::PidFile;
+use crate::plan;
 use crate::probe::Probe;
 use crate::protocol::{self, Answer, LastReload, Reloaded, Signalled};
 use crate::signals::{Signal, Signals, is_forwarded, signal_name};
-use crate::spawn::{ChildSpec, spawn};
+use crate::spawn::spawn;
 use crate::supervisor::{Action, Event, GenerationInfo, ReadyMode, Supervisor};
 use crate::sys::{kill, killpg, peek_ended_child, reap};
-
-/// Environment variables of sockhold's own that must not reach a child: they describe sockhold's
-/// sockets and manager, not the child's (a stale `LISTEN_PIDFDID` makes libsystemd ignore every
-/// socket; a stale `NOTIFY_SOCKET` would let the child speak for sockhold).
-/// The same goes for the variables of other socket-passing tools, which would name fds the child
-/// does not have.
-fn is_stripped(name: &str) -> bool {
-    name.starts_with("LISTEN_")
-        || name == "NOTIFY_SOCKET"
-        || name.starts_with("WATCHDOG_")
-        || name.starts_with("EINHORN_")
-        || name.starts_with("SERVER_STARTER_")
-        || name == "NGINX"
-        || name.starts_with("SOCKHOLD_UPGRADE_")
-}
 
 /// What decides: the generation supervisor, or the per-connection one with `--accept`.
 enum Brain {
@@ -104,6 +97,54 @@ impl Brain {
             Brain::PerConnection(_) => 0,
         }
     }
+
+    /// `--lazy` before the first connection: the listeners are polled for it.
+    fn wants_first_connection(&self) -> bool {
+        match self {
+            Brain::Generations(s) => s.wants_first_connection(),
+            Brain::PerConnection(_) => false,
+        }
+    }
+}
+
+/// What the loop holds for one live unit; [`Action::Release`] drops it.
+struct UnitIo {
+    /// Its private notify socket.
+    notify: NotifySocket,
+    /// With `--ready http:`: the address of its private health listener.
+    health: Option<SocketAddr>,
+    /// Its readiness probe in flight.
+    probe: Option<Probe>,
+}
+
+/// What a polled fd belongs to: a readable one is dispatched by it.
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    /// The signal self-pipe.
+    Signals,
+    /// The control socket or one of its clients.
+    Control(Token),
+    /// A unit's notify socket.
+    Notify(u64),
+    /// A held listener, while `--lazy` waits for the first connection.
+    LazyListener,
+    /// With `--accept`: the acceptor at this index.
+    Acceptor(usize),
+    /// A unit's HTTP probe, waiting on its connection.
+    Probe(u64),
+}
+
+/// What one poll found, by source.
+#[derive(Default)]
+struct Woken {
+    signals: bool,
+    control: Vec<Token>,
+    notify: Vec<u64>,
+    first_connection: bool,
+    connections: Vec<usize>,
+    probes: Vec<u64>,
+    /// Nothing was ready: a deadline is due.
+    timed_out: bool,
 }
 
 /// sockhold at work: the resources it holds and what decides.
@@ -112,12 +153,8 @@ pub struct EventLoop {
     held: Held,
     signals: Signals,
     brain: Brain,
-    /// The notify socket of every live unit, by unit key.
-    notify: BTreeMap<u64, NotifySocket>,
-    /// With `--ready http:`: the address of each starting unit's private health listener.
-    health: BTreeMap<u64, std::net::SocketAddr>,
-    /// Readiness probes in flight, by unit key.
-    probes: BTreeMap<u64, Probe>,
+    /// What the loop holds for every live unit, by unit key.
+    units: BTreeMap<u64, UnitIo>,
     /// Exec probes killed (timed out, or their unit gone) and not reaped yet: no orphans.
     killed_probes: Vec<Pid>,
     manager: Option<Manager>,
@@ -128,8 +165,6 @@ pub struct EventLoop {
     /// The outcome of the last reload, for `status`.
     last_reload: Option<LastReload>,
     started: SystemTime,
-    /// `--lazy` and no child started yet: the listeners are polled for the first connection.
-    lazy_waiting: bool,
     /// With `--accept`: the listeners sockhold accepts on itself.
     acceptors: Vec<Acceptor>,
     /// With `--accept`: accept() ran out of fds or memory. The listeners are left out of the
@@ -139,65 +174,6 @@ pub struct EventLoop {
     accept_episode: bool,
     /// Self-upgrade: who asked, where from, how the last one went.
     upgrade: handover::Upgrades,
-}
-
-/// A listener sockhold accepts on itself (`--accept`): a copy of the held fd, as std's type.
-enum Acceptor {
-    Tcp(std::net::TcpListener),
-    Unix(std::os::unix::net::UnixListener),
-}
-
-impl Acceptor {
-    /// Wraps a copy of a held stream listener; any other kind is refused.
-    fn new(listener: &Listener) -> Result<Acceptor> {
-        use nix::sys::socket::{
-            AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt,
-            sockopt,
-        };
-        let what = listener.local_description();
-        let kind = getsockopt(&listener.fd(), sockopt::SockType)
-            .with_context(|| format!("cannot inspect {what}"))?;
-        if kind != SockType::Stream {
-            anyhow::bail!("--accept takes stream sockets only, and {what} is not one");
-        }
-        let fd = nix::unistd::dup(listener.fd()).with_context(|| format!("cannot copy {what}"))?;
-        let family = getsockname::<SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(&fd))
-            .ok()
-            .and_then(|a| a.family());
-        Ok(match family {
-            Some(AddressFamily::Unix) => Acceptor::Unix(fd.into()),
-            _ => Acceptor::Tcp(fd.into()),
-        })
-    }
-
-    fn fd(&self) -> BorrowedFd<'_> {
-        use std::os::fd::AsFd;
-        match self {
-            Acceptor::Tcp(l) => l.as_fd(),
-            Acceptor::Unix(l) => l.as_fd(),
-        }
-    }
-
-    /// The next waiting connection and its peer (for TCP), or `None` when none waits. The error
-    /// is an exhaustion ([`is_exhaustion`]): the connection still waits.
-    fn accept(
-        &self,
-    ) -> std::io::Result<Option<(std::os::fd::OwnedFd, Option<std::net::SocketAddr>)>> {
-        let result = match self {
-            Acceptor::Tcp(l) => l.accept().map(|(c, peer)| (c.into(), Some(peer))),
-            Acceptor::Unix(l) => l.accept().map(|(c, _)| (c.into(), None)),
-        };
-        match result {
-            Ok(conn) => Ok(Some(conn)),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) if is_exhaustion(&e) => Err(e),
-            Err(e) => {
-                // ECONNABORTED and the like: that connection is gone, the listener is fine.
-                debug!("accept: {e}");
-                Ok(None)
-            }
-        }
-    }
 }
 
 /// What sockhold created and removes when it ends, however it ends: the listeners (and the Unix
@@ -233,8 +209,7 @@ impl EventLoop {
             Ok(path) if !path.is_empty() => Some(Manager::new(&path)?),
             _ => None,
         };
-        let base_env: Vec<_> =
-            std::env::vars_os().filter(|(k, _)| !is_stripped(&k.to_string_lossy())).collect();
+        let base_env = plan::base_env(std::env::vars_os());
         // Whatever is created from here on is removed again if a later step fails.
         let mut held = Held::default();
         for spec in &config.listen {
@@ -282,7 +257,6 @@ impl EventLoop {
             reload_waiters: Vec::new(),
             last_reload: None,
             started: SystemTime::now(),
-            lazy_waiting: config.lazy,
             acceptors,
             accept_exhausted: false,
             accept_episode: false,
@@ -290,9 +264,7 @@ impl EventLoop {
             held,
             signals,
             brain,
-            notify: BTreeMap::new(),
-            health: BTreeMap::new(),
-            probes: BTreeMap::new(),
+            units: BTreeMap::new(),
             killed_probes: Vec::new(),
             manager,
             base_env,
@@ -316,7 +288,7 @@ impl EventLoop {
             self.answer_client(client, &error_answer("sockhold stopped before the reload ended"));
         }
         // The notify sockets go first; `held` then removes the runtime directory and the rest.
-        self.notify.clear();
+        self.units.clear();
         self.control = None;
         result
     }
@@ -327,28 +299,17 @@ impl EventLoop {
             // Taken over from the previous program: the children run. Reap the ones that ended
             // during the change (their SIGCHLD may have been merged into one already read).
             self.reap(&mut pending);
-        } else if self.lazy_waiting {
-            info!("--lazy: the first connection or datagram starts generation 1");
-            if let Some(manager) = &self.manager {
-                manager.send(&ManagerMessage::Ready(
-                    "listening; waiting for the first connection".into(),
-                ));
-            }
-        } else if self.acceptors.is_empty() {
-            pending.push_back(Event::Start);
         } else {
-            info!("--accept: one child per connection");
-            if let Some(manager) = &self.manager {
-                manager
-                    .send(&ManagerMessage::Ready("accepting connections for generation 1".into()));
-            }
+            // The brain decides what starting means: generation 1, or (--lazy, --accept)
+            // waiting for a connection.
+            pending.push_back(Event::Start);
         }
         loop {
             let mut acted = false;
             while let Some(event) = pending.pop_front() {
                 let actions = self.brain.step(event, Instant::now());
                 for action in actions {
-                    acted |= !matches!(action, Action::Manager(_) | Action::Probe { .. });
+                    acted |= acts_on_a_child(&action);
                     if let Some(code) = self.perform(action, &mut pending) {
                         return Ok(code);
                     }
@@ -363,17 +324,25 @@ impl EventLoop {
     /// Blocks in poll until a signal, a notify datagram or the next deadline, and queues what
     /// happened.
     fn wait(&mut self, pending: &mut VecDeque<Event>) -> Result<()> {
+        let timeout = self.poll_timeout();
+        let woken = self.poll(timeout)?;
+        self.dispatch(woken, pending);
+        Ok(())
+    }
+
+    /// Until the nearest deadline: the brain's, the control clients', the probes', probation's.
+    fn poll_timeout(&self) -> PollTimeout {
         let deadline = [
             self.brain.next_deadline(),
             self.control.as_ref().and_then(|c| c.next_deadline()),
-            self.probes.values().map(|p| p.deadline).min(),
+            self.units.values().filter_map(|u| u.probe.as_ref()).map(|p| p.deadline).min(),
             // One wakeup at the end of probation, to close the state and the old binary.
             self.upgrade.probation_deadline(),
         ]
         .into_iter()
         .flatten()
         .min();
-        let timeout = match deadline {
+        match deadline {
             None => PollTimeout::NONE,
             Some(deadline) => {
                 // Round up: waking a hair early would only mean a second, useless wakeup.
@@ -381,170 +350,179 @@ impl EventLoop {
                 let ms = left.as_micros().div_ceil(1000);
                 PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
             }
-        };
-        let (
-            signal_ready,
-            control_ready,
-            notify_ready,
-            first_connection,
-            connections,
-            probed,
-            poll_timed_out,
-        ) = {
-            let ids: Vec<u64> = self.notify.keys().copied().collect();
-            let control_set =
-                self.control.as_ref().map(ControlServer::poll_set).unwrap_or_default();
-            let mut fds = Vec::with_capacity(1 + control_set.len() + ids.len());
-            fds.push(PollFd::new(self.signals.fd(), PollFlags::POLLIN));
-            fds.extend(control_set.iter().map(|(fd, flags, _)| PollFd::new(*fd, *flags)));
-            fds.extend(self.notify.values().map(|s| PollFd::new(s.fd(), PollFlags::POLLIN)));
-            // Only while --lazy waits for its first connection are the listeners watched: a
-            // holder that wakes on every connection would cost CPU under load.
-            let lazy: &[Listener] = if self.lazy_waiting { &self.held.listeners } else { &[] };
-            fds.extend(lazy.iter().map(|l| PollFd::new(l.fd(), PollFlags::POLLIN)));
-            // With --accept, sockhold accepts itself, unless --max-connections children run:
-            // then the connections wait in the backlog.
-            let accepting = matches!(&self.brain, Brain::PerConnection(a) if a.accepting())
-                && !self.accept_exhausted;
-            let acceptors: &[Acceptor] = if accepting { &self.acceptors } else { &[] };
-            let first_acceptor = fds.len();
-            fds.extend(acceptors.iter().map(|a| PollFd::new(a.fd(), PollFlags::POLLIN)));
-            // HTTP probes waiting on their connection.
-            let first_probe = fds.len();
-            let probe_set: Vec<(u64, PollFd<'_>)> = self
-                .probes
-                .iter()
-                .filter_map(|(&unit, p)| {
-                    p.poll_fd().map(|(fd, flags)| (unit, PollFd::new(fd, flags)))
-                })
-                .collect();
-            let probe_units: Vec<u64> = probe_set.iter().map(|(unit, _)| *unit).collect();
-            fds.extend(probe_set.into_iter().map(|(_, fd)| fd));
-            let poll_timed_out = match poll(&mut fds, timeout) {
-                Ok(n) => n == 0,
-                Err(Errno::EINTR) => false,
-                Err(e) => return Err(e).context("poll failed"),
-            };
-            let readable = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-            let control_fds = &fds[1..1 + control_set.len()];
-            let control_ready: Vec<Token> = control_set
-                .iter()
-                .zip(control_fds)
-                .filter(|(_, fd)| readable(fd))
-                .map(|((_, _, token), _)| *token)
-                .collect();
-            let notify_ready: Vec<u64> = ids
-                .iter()
-                .zip(&fds[1 + control_set.len()..])
-                .filter(|(_, fd)| readable(fd))
-                .map(|(id, _)| *id)
-                .collect();
-            let first_connection =
-                fds[1 + control_set.len() + ids.len()..first_acceptor].iter().any(readable);
-            let connections: Vec<usize> =
-                (0..acceptors.len()).filter(|i| readable(&fds[first_acceptor + i])).collect();
-            let probed: Vec<u64> = probe_units
-                .iter()
-                .zip(&fds[first_probe..])
-                .filter(|(_, fd)| readable(fd))
-                .map(|(unit, _)| *unit)
-                .collect();
-            let signal_ready = readable(&fds[0]);
-            (
-                signal_ready,
-                control_ready,
-                notify_ready,
-                first_connection,
-                connections,
-                probed,
-                poll_timed_out,
-            )
-        };
-        let probes_done = !probed.is_empty();
-        for unit in probed {
-            let outcome = self.probes.get_mut(&unit).and_then(Probe::on_ready);
-            if let Some(result) = outcome {
-                self.probes.remove(&unit);
-                pending.push_back(Event::ProbeDone { unit, result });
+        }
+    }
+
+    /// Every fd to poll, each with what it belongs to.
+    fn poll_set(&self) -> (Vec<PollFd<'_>>, Vec<Source>) {
+        let mut set: Vec<(BorrowedFd<'_>, PollFlags, Source)> = Vec::new();
+        set.push((self.signals.fd(), PollFlags::POLLIN, Source::Signals));
+        if let Some(control) = &self.control {
+            set.extend(
+                control.poll_set().into_iter().map(|(fd, f, t)| (fd, f, Source::Control(t))),
+            );
+        }
+        for (&unit, io) in &self.units {
+            set.push((io.notify.fd(), PollFlags::POLLIN, Source::Notify(unit)));
+        }
+        // Only while --lazy waits for its first connection are the listeners watched: a
+        // holder that wakes on every connection would cost CPU under load.
+        if self.brain.wants_first_connection() {
+            for listener in &self.held.listeners {
+                set.push((listener.fd(), PollFlags::POLLIN, Source::LazyListener));
             }
         }
+        // With --accept, sockhold accepts itself, unless --max-connections children run:
+        // then the connections wait in the backlog.
+        let accepting = matches!(&self.brain, Brain::PerConnection(a) if a.accepting())
+            && !self.accept_exhausted;
+        if accepting {
+            for (i, acceptor) in self.acceptors.iter().enumerate() {
+                set.push((acceptor.fd(), PollFlags::POLLIN, Source::Acceptor(i)));
+            }
+        }
+        // HTTP probes waiting on their connection.
+        for (&unit, io) in &self.units {
+            if let Some((fd, flags)) = io.probe.as_ref().and_then(Probe::poll_fd) {
+                set.push((fd, flags, Source::Probe(unit)));
+            }
+        }
+        set.into_iter().map(|(fd, flags, source)| (PollFd::new(fd, flags), source)).unzip()
+    }
+
+    /// Polls the set until something is ready or `timeout`, and sorts what is by source.
+    fn poll(&self, timeout: PollTimeout) -> Result<Woken> {
+        let (mut fds, sources) = self.poll_set();
+        let timed_out = match poll(&mut fds, timeout) {
+            Ok(n) => n == 0,
+            Err(Errno::EINTR) => false,
+            Err(e) => return Err(e).context("poll failed"),
+        };
+        let mut woken = Woken { timed_out, ..Woken::default() };
+        let readable = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+        for (source, _) in sources.into_iter().zip(&fds).filter(|(_, fd)| readable(fd)) {
+            match source {
+                Source::Signals => woken.signals = true,
+                Source::Control(token) => woken.control.push(token),
+                Source::Notify(unit) => woken.notify.push(unit),
+                Source::LazyListener => woken.first_connection = true,
+                Source::Acceptor(i) => woken.connections.push(i),
+                Source::Probe(unit) => woken.probes.push(unit),
+            }
+        }
+        Ok(woken)
+    }
+
+    /// Turns what the poll found into events, always in the same order: probes, connections,
+    /// the first connection, signals, notify datagrams, control requests; and a timer event
+    /// when none of the last three brought one.
+    fn dispatch(&mut self, woken: Woken, pending: &mut VecDeque<Event>) {
+        let probes_done = !woken.probes.is_empty();
+        self.advance_probes(&woken.probes, pending);
         let now = Instant::now();
-        let timed_out: Vec<u64> =
-            self.probes.iter().filter(|(_, p)| p.deadline <= now).map(|(&unit, _)| unit).collect();
-        for unit in timed_out {
-            if let Some(probe) = self.probes.remove(&unit) {
-                pending.push_back(Event::ProbeDone { unit, result: Err(probe.time_out()) });
-                self.killed_probes.extend(probe.pid());
-            }
-        }
+        self.expire_probes(now, pending);
         // An event that may free an fd (a signal such as SIGCHLD, a client, a notify socket, a
         // probe, a deadline) puts the sockets left out for want of fds back in the poll. A
         // listener that is merely readable again does not: two exhausted listeners would wake
         // each other forever. So a sockhold out of fds sleeps instead of spinning.
-        let may_have_freed = signal_ready
-            || poll_timed_out
-            || !notify_ready.is_empty()
+        let may_have_freed = woken.signals
+            || woken.timed_out
+            || !woken.notify.is_empty()
             || probes_done
-            || control_ready.iter().any(|t| matches!(t, Token::Client(_)));
+            || woken.control.iter().any(|t| matches!(t, Token::Client(_)));
         if may_have_freed {
             self.accept_exhausted = false;
             if let Some(control) = &mut self.control {
                 control.resume_accepting();
             }
         }
-        for i in connections {
-            // One connection per listener and wake-up: the supervisor counts the child before
-            // the next poll decides whether to accept more.
-            match self.acceptors[i].accept() {
-                Ok(Some((conn, peer))) => {
-                    if self.accept_episode {
-                        info!("--accept: accepting connections again");
-                        self.accept_episode = false;
-                    }
-                    pending.push_back(self.spawn_connection(conn, peer));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    if !self.accept_episode {
-                        warn!(
-                            "--accept: accept failed: {e}; connections wait in the backlog until sockhold has a file descriptor free"
-                        );
-                    }
-                    self.accept_episode = true;
-                    self.accept_exhausted = true;
-                }
-            }
+        for i in woken.connections {
+            self.accept_one(i, pending);
         }
-        if first_connection {
-            info!("--lazy: the first connection arrived; starting generation 1");
-            self.lazy_waiting = false;
-            pending.push_back(Event::Start);
+        if woken.first_connection {
+            pending.push_back(Event::FirstConnection);
         }
         let before = pending.len();
-        if signal_ready {
-            for signal in self.signals.pending() {
-                match signal {
-                    Signal::SIGCHLD => self.reap(pending),
-                    Signal::SIGHUP if self.lazy_waiting => {
-                        info!("received SIGHUP before the first connection: nothing to reload")
-                    }
-                    Signal::SIGHUP => pending.push_back(Event::Reload),
-                    Signal::SIGTERM | Signal::SIGINT => pending
-                        .push_back(Event::Stop(format!("received SIG{}", signal_name(signal)))),
-                    Signal::SIGUSR2 => {
-                        info!("received SIGUSR2: upgrading in place");
-                        self.upgrade.ask(None);
-                    }
-                    s if is_forwarded(s) => pending.push_back(Event::Forward(s)),
-                    s => debug!("ignoring SIG{}", signal_name(s)),
-                }
+        if woken.signals {
+            self.read_signals(pending);
+        }
+        self.read_notify(&woken.notify, pending);
+        self.serve_control(&woken.control, now, pending);
+        if pending.len() == before {
+            pending.push_back(Event::Timer);
+        }
+    }
+
+    /// Moves on the HTTP probes whose connection was ready; queues the outcome of those done.
+    fn advance_probes(&mut self, units: &[u64], pending: &mut VecDeque<Event>) {
+        for &unit in units {
+            let Some(io) = self.units.get_mut(&unit) else { continue };
+            if let Some(result) = io.probe.as_mut().and_then(Probe::on_ready) {
+                io.probe = None;
+                pending.push_back(Event::ProbeDone { unit, result });
             }
         }
-        for unit in notify_ready {
-            let Some(socket) = self.notify.get(&unit) else {
-                continue;
-            };
-            for received in socket.receive_all() {
+    }
+
+    /// Fails the probes whose time is up (an exec probe is killed, and reaped later).
+    fn expire_probes(&mut self, now: Instant, pending: &mut VecDeque<Event>) {
+        for (&unit, io) in &mut self.units {
+            if let Some(probe) = io.probe.take_if(|p| p.deadline <= now) {
+                pending.push_back(Event::ProbeDone { unit, result: Err(probe.time_out()) });
+                self.killed_probes.extend(probe.pid());
+            }
+        }
+    }
+
+    /// With `--accept`: accepts one waiting connection on acceptor `i` and starts its child.
+    fn accept_one(&mut self, i: usize, pending: &mut VecDeque<Event>) {
+        // One connection per listener and wake-up: the supervisor counts the child before
+        // the next poll decides whether to accept more.
+        match self.acceptors[i].accept() {
+            Ok(Some((conn, peer))) => {
+                if self.accept_episode {
+                    info!("--accept: accepting connections again");
+                    self.accept_episode = false;
+                }
+                pending.push_back(self.spawn_connection(conn, peer));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                if !self.accept_episode {
+                    warn!(
+                        "--accept: accept failed: {e}; connections wait in the backlog until sockhold has a file descriptor free"
+                    );
+                }
+                self.accept_episode = true;
+                self.accept_exhausted = true;
+            }
+        }
+    }
+
+    /// Turns the signals that arrived into events (SIGCHLD: the children that ended).
+    fn read_signals(&mut self, pending: &mut VecDeque<Event>) {
+        for signal in self.signals.pending() {
+            match signal {
+                Signal::SIGCHLD => self.reap(pending),
+                Signal::SIGHUP => pending.push_back(Event::Reload),
+                Signal::SIGTERM | Signal::SIGINT => {
+                    pending.push_back(Event::Stop(format!("received SIG{}", signal_name(signal))))
+                }
+                Signal::SIGUSR2 => {
+                    info!("received SIGUSR2: upgrading in place");
+                    pending.push_back(Event::Upgrade { asker: None });
+                }
+                s if is_forwarded(s) => pending.push_back(Event::Forward(s)),
+                s => debug!("ignoring SIG{}", signal_name(s)),
+            }
+        }
+    }
+
+    /// Queues every datagram waiting on the ready notify sockets.
+    fn read_notify(&self, units: &[u64], pending: &mut VecDeque<Event>) {
+        for &unit in units {
+            let Some(io) = self.units.get(&unit) else { continue };
+            for received in io.notify.receive_all() {
                 pending.push_back(Event::Notify {
                     unit,
                     sender: received.sender,
@@ -553,20 +531,20 @@ impl EventLoop {
                 });
             }
         }
-        if let Some(control) = &mut self.control {
-            let mut requests = Vec::new();
-            for token in control_ready {
-                requests.extend(control.on_ready(token, now));
-            }
-            control.expire(now);
-            for (client, request) in requests {
-                self.handle_request(client, request, pending);
-            }
+    }
+
+    /// Reads the ready control clients (and accepts new ones), drops the idle ones, and
+    /// handles every complete request.
+    fn serve_control(&mut self, ready: &[Token], now: Instant, pending: &mut VecDeque<Event>) {
+        let Some(control) = &mut self.control else { return };
+        let mut requests = Vec::new();
+        for &token in ready {
+            requests.extend(control.on_ready(token, now));
         }
-        if pending.len() == before {
-            pending.push_back(Event::Timer);
+        control.expire(now);
+        for (client, request) in requests {
+            self.handle_request(client, request, pending);
         }
-        Ok(())
     }
 
     /// Answers a control request at once, or turns it into an event (a reload is answered when
@@ -580,12 +558,6 @@ impl EventLoop {
         debug!("control client {client}: {request:?}");
         let answer = match request {
             Request::Status => self.status(),
-            // Nothing to replace, and nothing went wrong: the first connection starts the
-            // command as it is then, which is what the reload asks for.
-            Request::Reload if self.lazy_waiting => Answer::Reloaded(Reloaded::explained(
-                None,
-                "no child started yet (--lazy): the first connection will start generation 1",
-            )),
             Request::Reload => {
                 self.reload_waiters.push((client, None));
                 pending.push_back(Event::Reload);
@@ -605,7 +577,7 @@ impl EventLoop {
             },
             Request::Upgrade => {
                 // Answered by the new program, or here if the upgrade fails.
-                self.upgrade.ask(Some(client));
+                pending.push_back(Event::Upgrade { asker: Some(client) });
                 return;
             }
         };
@@ -700,8 +672,7 @@ impl EventLoop {
                     break;
                 }
             };
-            if let Some(unit) = self.probe_of(pid) {
-                let probe = self.probes.remove(&unit).expect("probe_of found it");
+            if let Some((unit, probe)) = self.take_exec_probe(pid) {
                 let result = match reap(pid) {
                     Ok(Some(status)) => probe.exited(&status),
                     Ok(None) => continue,
@@ -769,9 +740,7 @@ impl EventLoop {
                 }
             },
             Action::Release { unit } => {
-                self.notify.remove(&unit);
-                self.health.remove(&unit);
-                if let Some(probe) = self.probes.remove(&unit) {
+                if let Some(probe) = self.units.remove(&unit).and_then(|io| io.probe) {
                     probe.kill();
                     self.killed_probes.extend(probe.pid());
                 }
@@ -788,6 +757,7 @@ impl EventLoop {
                 }
             }
             Action::ReloadDone { generation, result } => self.reload_done(generation, result),
+            Action::Upgrade { asker } => self.upgrade.ask(asker),
             Action::Exit(code) => return Some(code),
         }
         None
@@ -807,6 +777,12 @@ impl EventLoop {
                     ),
                 ))
             }
+            // Nothing to replace, and nothing went wrong: the first connection starts the
+            // command as it is then, which is what the reload asks for.
+            Ok(()) if generation.is_none() => Answer::Reloaded(Reloaded::explained(
+                None,
+                "no child started yet (--lazy): the first connection will start generation 1",
+            )),
             Ok(()) => {
                 let pid = self.brain.serving_pids().first().map(|p| p.as_raw());
                 Answer::Reloaded(Reloaded::serving(generation, pid))
@@ -826,19 +802,22 @@ impl EventLoop {
         }
     }
 
-    /// The unit whose exec probe has this pid.
-    fn probe_of(&self, pid: Pid) -> Option<u64> {
-        self.probes.iter().find(|(_, p)| p.pid() == Some(pid)).map(|(&unit, _)| unit)
+    /// Takes the exec probe whose process has this pid, with its unit.
+    fn take_exec_probe(&mut self, pid: Pid) -> Option<(u64, Probe)> {
+        self.units.iter_mut().find_map(|(&unit, io)| {
+            io.probe.take_if(|p| p.pid() == Some(pid)).map(|probe| (unit, probe))
+        })
     }
 
     /// Starts one readiness probe of a unit.
     fn start_probe(&mut self, unit: u64, pid: Pid, generation: u64) -> Result<(), String> {
         let now = Instant::now();
         let timeout = self.config.probe_timeout;
+        let io = self.units.get_mut(&unit).ok_or("the unit is gone")?;
         let probe = match &self.config.policy.ready {
             ReadyMode::Http(path) => {
-                let addr = self.health.get(&unit).ok_or("no health listener")?;
-                Probe::http(*addr, path, timeout, now)?
+                let addr = io.health.ok_or("no health listener")?;
+                Probe::http(addr, path, timeout, now)?
             }
             ReadyMode::Exec(argv) => {
                 let env = [
@@ -850,7 +829,7 @@ impl EventLoop {
             ReadyMode::Notify | ReadyMode::Delay(_) => return Err("nothing to probe".into()),
         };
         debug!("probing generation {generation} (pid {pid})");
-        self.probes.insert(unit, probe);
+        io.probe = Some(probe);
         Ok(())
     }
 
@@ -888,21 +867,43 @@ impl EventLoop {
                 }
             }
         }
-        let mut spec = self.child_spec(generation, socket.path(), health.is_some());
+        let sockets: Vec<plan::Socket<'_>> = self
+            .held
+            .listeners
+            .iter()
+            .zip(&self.config.listen)
+            .map(|(listener, spec)| plan::Socket {
+                name: listener.name(),
+                given: spec.text.split(',').next().unwrap_or_default(),
+                bound: listener.local_description(),
+            })
+            .collect();
+        let (mut spec, plan_fds) = plan::generation(
+            self.command(),
+            plan::Generation {
+                sockets: &sockets,
+                generation,
+                notify_path: socket.path(),
+                health: health.is_some(),
+                watchdog: self.config.policy.watchdog,
+                compat: &self.config.compat_env,
+                supervisor_pid: std::process::id(),
+            },
+        );
         if let Err(error) = self.config.world.apply(&mut spec, Some(socket.path())) {
             return failed(error);
         }
-        let mut fds: Vec<BorrowedFd<'_>> = self.held.listeners.iter().map(Listener::fd).collect();
-        if let Some((listener, _)) = &health {
-            use std::os::fd::AsFd;
-            fds.push(listener.as_fd());
-        }
+        let fds: Vec<BorrowedFd<'_>> = plan_fds
+            .iter()
+            .filter_map(|fd| match fd {
+                plan::Fd::Listener(i) => Some(self.held.listeners[*i].fd()),
+                plan::Fd::Health => health.as_ref().map(|(l, _)| std::os::fd::AsFd::as_fd(l)),
+            })
+            .collect();
         match spawn(&spec, &fds, None) {
             Ok(pid) => {
-                self.notify.insert(unit, socket);
-                if let Some((_, addr)) = health {
-                    self.health.insert(unit, addr);
-                }
+                let health = health.map(|(_, addr)| addr);
+                self.units.insert(unit, UnitIo { notify: socket, health, probe: None });
                 Event::Spawned { unit, pid }
             }
             Err(e) => Event::SpawnFailed { unit, error: e.message, code: e.code },
@@ -910,36 +911,20 @@ impl EventLoop {
     }
 
     /// Starts the child for one accepted connection (`--accept`).
-    fn spawn_connection(
-        &self,
-        conn: std::os::fd::OwnedFd,
-        peer: Option<std::net::SocketAddr>,
-    ) -> Event {
+    fn spawn_connection(&self, conn: std::os::fd::OwnedFd, peer: Option<SocketAddr>) -> Event {
         use std::os::fd::AsFd;
         let Brain::PerConnection(accept) = &self.brain else {
             unreachable!("connections are accepted only in --accept mode")
         };
         let generation = accept.generation();
         let inetd = self.config.accept.as_ref().is_some_and(|a| a.inetd);
-        let mut env = self.base_env.clone();
-        if !inetd {
-            env.push(("LISTEN_FDS".into(), "1".into()));
-            env.push(("LISTEN_FDNAMES".into(), "connection".into()));
-        }
-        env.push(("SOCKHOLD_GENERATION".into(), generation.to_string().into()));
-        // As systemd sets them for Accept=yes services.
-        if let Some(peer) = peer {
-            env.push(("REMOTE_ADDR".into(), peer.ip().to_string().into()));
-            env.push(("REMOTE_PORT".into(), peer.port().to_string().into()));
-        }
-        let mut spec = self.command_spec(env, !inetd, false);
+        let (mut spec, fd) = plan::connection(self.command(), generation, peer, inetd);
         if let Err(error) = self.config.world.apply(&mut spec, None) {
             return Event::SpawnFailed { unit: generation, error, code: ExitCode::FAILURE };
         }
-        let result = if inetd {
-            spawn(&spec, &[], Some(conn.as_fd()))
-        } else {
-            spawn(&spec, &[conn.as_fd()], None)
+        let result = match fd {
+            plan::ConnectionFd::Stdio => spawn(&spec, &[], Some(conn.as_fd())),
+            plan::ConnectionFd::Listen => spawn(&spec, &[conn.as_fd()], None),
         };
         // sockhold's copy of the connection closes here: the child has its own.
         match result {
@@ -948,43 +933,9 @@ impl EventLoop {
         }
     }
 
-    fn child_spec(&self, generation: u64, notify_path: &Path, health: bool) -> ChildSpec {
-        let mut env = self.base_env.clone();
-        let mut names: Vec<&str> = self.held.listeners.iter().map(Listener::name).collect();
-        if health {
-            names.push("health");
-        }
-        if !names.is_empty() {
-            env.push(("LISTEN_FDS".into(), names.len().to_string().into()));
-            env.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
-        }
-        env.push(("NOTIFY_SOCKET".into(), notify_path.into()));
-        env.push(("SOCKHOLD_GENERATION".into(), generation.to_string().into()));
-        if let Some(period) = self.config.policy.watchdog {
-            env.push(("WATCHDOG_USEC".into(), period.as_micros().to_string().into()));
-        }
-        env.extend(self.compat_env(generation));
-        self.command_spec(env, !names.is_empty(), self.config.policy.watchdog.is_some())
-    }
-
-    /// COMMAND with `env`; `--user` and `--chdir` are added by [`ChildWorld::apply`].
-    ///
-    /// [`ChildWorld::apply`]: crate::child_env::ChildWorld::apply
-    fn command_spec(
-        &self,
-        env: Vec<(OsString, OsString)>,
-        listen_pid: bool,
-        watchdog_pid: bool,
-    ) -> ChildSpec {
-        ChildSpec {
-            program: self.config.command[0].clone(),
-            args: self.config.command.clone(),
-            env,
-            listen_pid,
-            watchdog_pid,
-            user: None,
-            chdir: None,
-        }
+    /// COMMAND and the environment every child inherits.
+    fn command(&self) -> plan::Command<'_> {
+        plan::Command { argv: &self.config.command, base_env: &self.base_env }
     }
 }
 
@@ -1004,151 +955,18 @@ impl EventLoop {
             }
         }
     }
-
-    /// The variables of `--compat-env`: the same fds, described as other tools describe them.
-    fn compat_env(&self, generation: u64) -> Vec<(OsString, OsString)> {
-        let mut env: Vec<(OsString, OsString)> = Vec::new();
-        let fds: Vec<usize> = (3..3 + self.held.listeners.len()).collect();
-        for compat in &self.config.compat_env {
-            match compat {
-                CompatEnv::Einhorn => {
-                    // socketmaster sets EINHORN_FDS ("3", or "3 4 ..."); einhorn's own client
-                    // libraries also read EINHORN_FD_COUNT and EINHORN_FD_<i>, and check that
-                    // EINHORN_MASTER_PID is their parent, which sockhold is.
-                    let list: Vec<String> = fds.iter().map(usize::to_string).collect();
-                    env.push(("EINHORN_FDS".into(), list.join(" ").into()));
-                    env.push(("EINHORN_FD_COUNT".into(), fds.len().to_string().into()));
-                    for (i, fd) in fds.iter().enumerate() {
-                        env.push((format!("EINHORN_FD_{i}").into(), fd.to_string().into()));
-                    }
-                    env.push(("EINHORN_MASTER_PID".into(), std::process::id().to_string().into()));
-                }
-                CompatEnv::ServerStarter => {
-                    // Server::Starter: "PORT=FD;HOST:PORT=FD;/path=FD", each key the address as
-                    // its --port gave it (a bare port stays bare), with the port really bound.
-                    let ports: Vec<String> = self
-                        .held
-                        .listeners
-                        .iter()
-                        .zip(&self.config.listen)
-                        .zip(&fds)
-                        .map(|((listener, spec), fd)| {
-                            let bound = listener.local_description();
-                            let address = spec.text.split(',').next().unwrap_or_default();
-                            let key = if address.chars().all(|c| c.is_ascii_digit()) {
-                                bound.rsplit(':').next().unwrap_or(bound)
-                            } else {
-                                bound
-                            };
-                            format!("{key}={fd}")
-                        })
-                        .collect();
-                    env.push(("SERVER_STARTER_PORT".into(), ports.join(";").into()));
-                    env.push(("SERVER_STARTER_GENERATION".into(), generation.to_string().into()));
-                }
-                CompatEnv::Nginx => {
-                    env.push(("NGINX".into(), crate::child_env::nginx_var(&fds).into()));
-                }
-            }
-        }
-        env
-    }
 }
 
-/// Creates a private directory for the notify sockets: under `$RUNTIME_DIRECTORY` (set by
-/// systemd), `$XDG_RUNTIME_DIR`, `/run` for root, else `$TMPDIR` or `/tmp`. Its name is
-/// random, so two instances never collide and nobody can plant a socket there first.
-/// `$XDG_RUNTIME_DIR` belongs to sockhold's user alone (0700): not for children run as another.
-/// It records its owner in [`OWNER_FILE`]; the directories of this name that a sockhold killed
-/// with SIGKILL left behind are removed first (see [`remove_stale_runtime_dirs`]).
-fn make_runtime_dir(name: &str, other_user: bool) -> Result<PathBuf> {
-    let from_env = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from);
-    // systemd sets RUNTIME_DIRECTORY to a ':'-separated list when a unit has several.
-    let first = |p: PathBuf| p.to_str().and_then(|s| s.split(':').next()).map(PathBuf::from);
-    let base = from_env("RUNTIME_DIRECTORY")
-        .and_then(first)
-        .or_else(|| from_env("XDG_RUNTIME_DIR").filter(|_| !other_user))
-        .or_else(|| {
-            nix::unistd::geteuid().is_root().then(|| PathBuf::from("/run")).filter(|p| p.is_dir())
-        })
-        .or_else(|| from_env("TMPDIR"))
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    // Keep the path short: a Unix socket path must fit in 108 bytes.
-    let short: String =
-        name.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).take(24).collect();
-    let prefix = format!("sockhold-{short}.");
-    remove_stale_runtime_dirs(&base, &prefix);
-    let template = base.join(format!("{prefix}XXXXXX"));
-    let dir = nix::unistd::mkdtemp(&template)
-        .with_context(|| format!("failed to create a runtime directory in {}", base.display()))?;
-    let me = std::process::id();
-    let owner = format!("{me} {}\n", process_start_time(me).unwrap_or_default());
-    std::fs::write(dir.join(OWNER_FILE), owner)
-        .with_context(|| format!("failed to write {}", dir.join(OWNER_FILE).display()))?;
-    Ok(dir)
-}
-
-/// The file in a runtime directory that names the sockhold owning it: `PID STARTTIME`, the
-/// start time as field 22 of `/proc/PID/stat`, so that a reused pid is not taken for the owner.
-const OWNER_FILE: &str = "owner";
-
-/// When process `pid` started, in clock ticks since boot (`/proc/PID/stat`), if it exists.
-fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name, in parentheses, may contain spaces: count fields after its end.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(19)?.parse().ok()
-}
-
-/// Removes the runtime directories in `base` named `PREFIX*` that a sockhold killed without
-/// cleaning up (SIGKILL, the OOM killer) left behind. One is stale only if it is a real directory
-/// of sockhold's own uid, its owner file names a process that is gone (or a pid now used by a
-/// process started at another time), and no socket in it is still bound (connecting to it is
-/// refused). A directory without an owner file is left alone: an older sockhold's, or one that
-/// another sockhold is creating right now.
-fn remove_stale_runtime_dirs(base: &Path, prefix: &str) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = std::fs::read_dir(base) else { return };
-    let uid = nix::unistd::geteuid().as_raw();
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if !entry.file_name().to_str().is_some_and(|n| n.starts_with(prefix)) {
-            continue;
-        }
-        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
-        if !meta.is_dir() || meta.uid() != uid {
-            continue;
-        }
-        let Ok(owner) = std::fs::read_to_string(path.join(OWNER_FILE)) else { continue };
-        let mut fields = owner.split_whitespace().map(|f| f.parse::<u64>().ok());
-        let (Some(Some(pid)), Some(started)) = (fields.next(), fields.next()) else { continue };
-        let Ok(pid) = u32::try_from(pid) else { continue };
-        let alive = match process_start_time(pid) {
-            Some(now) => started.is_none_or(|then| then == 0 || then == now),
-            None => std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        };
-        if alive || holds_a_bound_socket(&path) {
-            continue;
-        }
-        match std::fs::remove_dir_all(&path) {
-            Ok(()) => info!(
-                "removed {}, left behind by sockhold pid {pid}, which is gone",
-                path.display()
-            ),
-            Err(e) => warn!("failed to remove the stale {}: {e}", path.display()),
-        }
-    }
-}
-
-/// Whether a Unix datagram socket in `dir` is still bound by some process (another pid
-/// namespace's sockhold sharing the directory, say): a connect to it succeeds.
-fn holds_a_bound_socket(dir: &Path) -> bool {
-    let Ok(entries) = std::fs::read_dir(dir) else { return true };
-    entries.flatten().any(|entry| {
-        use std::os::unix::fs::FileTypeExt;
-        entry.file_type().is_ok_and(|t| t.is_socket())
-            && std::os::unix::net::UnixDatagram::unbound()
-                .and_then(|s| s.connect(entry.path()))
-                .is_ok()
-    })
+/// Whether carrying out `action` acts on a child, which ends an upgraded program's probation
+/// (the state a crash would hand back no longer describes the children). Telling the manager,
+/// probing, recording a request for an upgrade, or answering a reload before the first
+/// connection does not.
+fn acts_on_a_child(action: &Action) -> bool {
+    !matches!(
+        action,
+        Action::Manager(_)
+            | Action::Probe { .. }
+            | Action::Upgrade { .. }
+            | Action::ReloadDone { generation: None, result: Ok(()) }
+    )
 }

@@ -21,6 +21,7 @@ mod init;
 mod listen;
 mod notify;
 mod paths;
+mod plan;
 mod probe;
 mod protocol;
 mod signals;

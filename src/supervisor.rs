@@ -112,6 +112,8 @@ pub struct Policy {
     /// At most this many old generations drain (stopping) at once; a promotion that would leave
     /// more SIGKILLs the oldest.
     pub max_draining: usize,
+    /// `--lazy`: generation 1 starts on the first connection, not at [`Event::Start`].
+    pub lazy: bool,
 }
 
 /// Something that happened, as the event loop saw it.
@@ -119,8 +121,13 @@ pub struct Policy {
 pub enum Event {
     /// sockhold has bound its sockets and starts supervising.
     Start,
+    /// With `--lazy`: a connection or datagram arrived on a listener while
+    /// [`Supervisor::wants_first_connection`].
+    FirstConnection,
     /// A reload was asked for (SIGHUP).
     Reload,
+    /// A self-upgrade was asked for: by a control client (its id), or by SIGUSR2 (`None`).
+    Upgrade { asker: Option<u64> },
     /// A stop was asked for: by whom, for the log ("received SIGTERM", "ctl stop").
     Stop(String),
     /// A signal to pass on to the serving children.
@@ -165,8 +172,14 @@ pub enum Action {
     /// answered by this one.
     ReloadStarted { generation: u64 },
     /// A reload ended: the one that started `generation`, or (`None`) every request not yet
-    /// started, which will now never start.
+    /// started, which will now never start. `Ok` with no generation: there was nothing to
+    /// replace (`--lazy` before the first connection), and the first connection starts the
+    /// command as it is then, which is what the reload asks for.
     ReloadDone { generation: Option<u64>, result: Result<(), String> },
+    /// Upgrade sockhold in place at the end of the loop's turn, when every event already read
+    /// has been handled; `asker` is answered by the new program, or here if it fails. Every
+    /// request of a turn ends in the same one upgrade.
+    Upgrade { asker: Option<u64> },
     /// Exit sockhold with this code.
     Exit(ExitCode),
 }
@@ -309,6 +322,13 @@ impl Supervisor {
         unit_deadlines.flatten().chain(self.restart_at).min()
     }
 
+    /// With `--lazy`, until the first connection: no generation was ever started, and the event
+    /// loop watches the listeners for [`Event::FirstConnection`]. Derived from the state a
+    /// self-upgrade carries over (the policy and the generations' numbering), so it survives one.
+    pub fn wants_first_connection(&self) -> bool {
+        self.policy.lazy && self.next_generation == 1 && self.mode == Mode::Running
+    }
+
     /// Every live process: `(generation, pid)`.
     pub fn live_pids(&self) -> Vec<(u64, Pid)> {
         self.units.iter().filter_map(|u| u.pid.map(|p| (u.generation, p))).collect()
@@ -359,14 +379,22 @@ impl Supervisor {
 
     fn handle(&mut self, event: Event, now: Instant, out: &mut Vec<Action>) {
         match event {
-            Event::Start => {
-                let generation = self.new_generation();
-                info!("starting generation {generation}");
-                for _ in 0..self.policy.workers {
-                    self.spawn_unit(generation, Purpose::Initial, now, out);
-                }
+            Event::Start if self.wants_first_connection() => {
+                info!("--lazy: the first connection or datagram starts generation 1");
+                out.push(Action::Manager(ManagerMessage::Ready(
+                    "listening; waiting for the first connection".into(),
+                )));
             }
+            Event::Start => self.start(now, out),
+            Event::FirstConnection if self.wants_first_connection() => {
+                info!("--lazy: the first connection arrived; starting generation 1");
+                self.start(now, out);
+            }
+            Event::FirstConnection => {}
             Event::Reload => self.reload(now, out),
+            // Whether there is a state to hand over is the snapshot's answer, at the end of the
+            // turn: a stop that comes later in the same turn fails the upgrade too.
+            Event::Upgrade { asker } => out.push(Action::Upgrade { asker }),
             Event::Stop(why) => self.shut_down(ExitCode::SUCCESS, &why, now, out),
             Event::Forward(signal) => {
                 let serving: Vec<(u64, Pid)> =
@@ -402,6 +430,15 @@ impl Supervisor {
             }
             Event::ProbeDone { unit, result } => self.probed(unit, result, now, out),
             Event::Timer => {}
+        }
+    }
+
+    /// Starts generation 1, all its workers.
+    fn start(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let generation = self.new_generation();
+        info!("starting generation {generation}");
+        for _ in 0..self.policy.workers {
+            self.spawn_unit(generation, Purpose::Initial, now, out);
         }
     }
 
@@ -444,6 +481,13 @@ impl Supervisor {
                 generation: None,
                 result: Err("sockhold is stopping".into()),
             });
+            return;
+        }
+        if self.wants_first_connection() {
+            info!(
+                "reload asked for before the first connection (--lazy): nothing to reload; the first connection will start generation 1"
+            );
+            out.push(Action::ReloadDone { generation: None, result: Ok(()) });
             return;
         }
         let busy = self.reload.map(|r| r.generation).or(self.starting().map(|u| u.generation));

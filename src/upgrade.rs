@@ -114,8 +114,6 @@ pub struct State {
     /// The last reload's outcome.
     #[serde(deserialize_with = "Option::deserialize")]
     pub last_reload: Option<crate::event_loop::handover::LastReloadHandover>,
-    /// `--lazy`: no generation started yet.
-    pub lazy_waiting: bool,
     /// What to execute without `--upgrade-binary`.
     #[serde(deserialize_with = "Option::deserialize")]
     pub exe: Option<std::path::PathBuf>,
@@ -765,7 +763,6 @@ pub(crate) mod tests {
                 error: Some("it died".into()),
                 at: "2026-01-01T00:00:00Z".into(),
             }),
-            lazy_waiting: false,
             exe: Some("/usr/bin/sockhold".into()),
             upgrades: 1,
             from_version: "0.1.0".into(),
@@ -818,8 +815,8 @@ pub(crate) mod tests {
             })
             .unwrap_err()
         };
-        let err = remove(&["lazy_waiting"]);
-        assert!(err.contains("missing field `lazy_waiting`"), "{err}");
+        let err = remove(&["upgrades"]);
+        assert!(err.contains("missing field `upgrades`"), "{err}");
         // An optional value is written as null, never left out: no field means "not understood".
         let err = remove(&["supervisor", "units", "0", "status"]);
         assert!(err.contains("missing field `status`"), "{err}");

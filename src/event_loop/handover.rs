@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use log::{error, info};
 use serde::{Deserialize, Serialize};
 
-use super::{Brain, EventLoop, Held, is_stripped};
+use super::{Brain, EventLoop, Held, UnitIo};
 use crate::cli::Config;
 use crate::control::{ClientId, ControlServer, error_answer};
 use crate::listen::Listener;
@@ -305,9 +305,10 @@ impl EventLoop {
             })
             .collect();
         let notify: Vec<NotifyHandover> = self
-            .notify
+            .units
             .iter()
-            .map(|(unit, socket)| {
+            .map(|(unit, io)| {
+                let socket = &io.notify;
                 fds.push(socket.fd().as_raw_fd());
                 NotifyHandover {
                     unit: *unit,
@@ -319,9 +320,9 @@ impl EventLoop {
         // The health listeners stay with their children; only their addresses move on. A probe
         // in flight does not: the supervisor's state asks for a new one at once.
         let health: Vec<HealthHandover> = self
-            .health
+            .units
             .iter()
-            .map(|(unit, addr)| HealthHandover { unit: *unit, addr: *addr })
+            .filter_map(|(unit, io)| io.health.map(|addr| HealthHandover { unit: *unit, addr }))
             .collect();
         let control = self.control.as_ref().map(ControlServer::handover);
         fds.extend(control.as_ref().map(|c| c.fd));
@@ -358,7 +359,6 @@ impl EventLoop {
             pid_file: self.held.pid_file.as_ref().map(PidFile::handover),
             started_ms,
             last_reload: self.last_reload.as_ref().map(LastReloadHandover::from),
-            lazy_waiting: self.lazy_waiting,
             exe: self.upgrade.exe.clone(),
             upgrades: self.upgrade.count,
             from_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -432,7 +432,7 @@ impl EventLoop {
             notify.push((entry.unit, fd, entry.path.clone()));
             adopted.push(fd);
         }
-        let health: BTreeMap<u64, std::net::SocketAddr> =
+        let mut health: BTreeMap<u64, std::net::SocketAddr> =
             state.health.iter().map(|h| (h.unit, h.addr)).collect();
         let control_fd = match &state.control {
             None => None,
@@ -487,8 +487,7 @@ impl EventLoop {
                 reload_waiters.extend(client.reloads.iter().map(|g| (id, *g)));
             }
         }
-        let base_env: Vec<_> =
-            std::env::vars_os().filter(|(k, _)| !is_stripped(&k.to_string_lossy())).collect();
+        let base_env = crate::plan::base_env(std::env::vars_os());
         let started = UNIX_EPOCH + Duration::from_millis(state.started_ms);
         let mut upgrades = Upgrades::at_start();
         upgrades.resumed = true;
@@ -517,16 +516,18 @@ impl EventLoop {
                 error_answer(&format!("upgrade failed: {reason}"))
             }
         };
-        let notify: BTreeMap<u64, NotifySocket> = notify
+        let units: BTreeMap<u64, UnitIo> = notify
             .into_iter()
-            .map(|(unit, fd, path)| (unit, NotifySocket::take_handover(fd, path)))
+            .map(|(unit, fd, path)| {
+                let notify = NotifySocket::take_handover(fd, path);
+                (unit, UnitIo { notify, health: health.remove(&unit), probe: None })
+            })
             .collect();
         let mut event_loop = EventLoop {
             control,
             reload_waiters,
             last_reload: state.last_reload.as_ref().map(LastReload::from),
             started,
-            lazy_waiting: state.lazy_waiting,
             acceptors: Vec::new(),
             accept_exhausted: false,
             accept_episode: false,
@@ -534,9 +535,7 @@ impl EventLoop {
             held,
             signals,
             brain: Brain::Generations(supervisor),
-            notify,
-            health,
-            probes: BTreeMap::new(),
+            units,
             killed_probes: Vec::new(),
             manager,
             base_env,

@@ -318,6 +318,7 @@ mod tests {
             workers: 1,
             reload_strategy: ReloadStrategy::Rolling,
             max_draining: MAX_DRAINING,
+            lazy: false,
         };
         let t0 = Instant::now();
         let mut s = Supervisor::new(policy.clone());

@@ -21,6 +21,7 @@ fn policy(ready: ReadyMode) -> Policy {
         workers: 1,
         reload_strategy: ReloadStrategy::Rolling,
         max_draining: MAX_DRAINING,
+        lazy: false,
     }
 }
 
@@ -889,4 +890,91 @@ fn extend_timeout_usec_pushes_the_ready_and_stop_deadlines() {
         (6500, Event::Timer, vec![group_kill(100)]),
     ];
     run(p, &rows);
+}
+
+fn lazy() -> Policy {
+    let mut p = policy(ReadyMode::Notify);
+    p.lazy = true;
+    p
+}
+
+#[test]
+fn lazy_waits_for_the_first_connection_and_starts_generation_1_once() {
+    let waiting = Action::Manager(ManagerMessage::Ready(
+        "listening; waiting for the first connection".into(),
+    ));
+    let nothing_to_reload = Action::ReloadDone { generation: None, result: Ok(()) };
+    let t0 = Instant::now();
+    let mut sup = Supervisor::new(lazy());
+    assert!(sup.wants_first_connection());
+    let rows = [
+        // The start only says it is listening.
+        (0, Event::Start, vec![waiting]),
+        // A reload (SIGHUP, ctl reload) before the first connection changes nothing: it is
+        // answered at once, and nothing starts.
+        (5, Event::Reload, vec![nothing_to_reload]),
+        (6, Event::Timer, vec![]),
+        (10, Event::FirstConnection, vec![spawn(1)]),
+        (10, Event::Spawned { unit: 1, pid: pid(100) }, vec![]),
+        // Connections go on arriving before the listeners leave the poll: nothing more starts.
+        (11, Event::FirstConnection, vec![]),
+        (20, ready_from(1, 100), vec![]),
+        (21, Event::FirstConnection, vec![]),
+        // From now on a reload is a reload.
+        (30, Event::Reload, vec![reload_started(2), spawn(2)]),
+    ];
+    for (i, (at, event, want)) in rows.into_iter().enumerate() {
+        if i == 3 {
+            assert!(sup.wants_first_connection(), "still waiting after the reload");
+        }
+        let got = sup.step(event.clone(), t0 + Duration::from_millis(at));
+        let got: Vec<_> = if want.iter().any(|a| matches!(a, Action::Manager(_))) {
+            got
+        } else {
+            got.into_iter().filter(|a| !matches!(a, Action::Manager(_))).collect()
+        };
+        assert_eq!(got, want, "row {i}: {event:?}");
+    }
+    assert!(!sup.wants_first_connection());
+    assert_eq!(sup.generations().iter().map(|g| g.id).collect::<Vec<_>>(), [1, 2]);
+}
+
+#[test]
+fn without_lazy_the_start_starts_and_connections_mean_nothing() {
+    let mut sup = Supervisor::new(policy(ReadyMode::Notify));
+    assert!(!sup.wants_first_connection());
+    let t0 = Instant::now();
+    assert_eq!(sup.step(Event::FirstConnection, t0), vec![], "not lazy: nothing to start");
+    assert_eq!(sup.step(Event::Start, t0), vec![spawn(1)]);
+}
+
+#[test]
+fn a_stop_before_the_first_connection_exits_at_once() {
+    run(
+        lazy(),
+        &[
+            (0, Event::Start, vec![]),
+            (5, Event::Stop("received SIGTERM".into()), vec![Action::Exit(ExitCode::SUCCESS)]),
+        ],
+    );
+}
+
+#[test]
+fn upgrade_requests_become_upgrade_actions_whatever_the_state() {
+    let sigusr2 = Event::Upgrade { asker: None };
+    let ctl = |id| Event::Upgrade { asker: Some(id) };
+    let upgrade = |asker| Action::Upgrade { asker };
+    // Each request names its asker; the event loop gathers every one of a turn into the one
+    // upgrade it carries out at the end of that turn.
+    let mut rows = vec![(0, sigusr2.clone(), vec![upgrade(None)])];
+    rows.extend(started());
+    rows.push((20, ctl(7), vec![upgrade(Some(7))]));
+    rows.push((20, sigusr2, vec![upgrade(None)]));
+    // Mid-reload too: whether there is a state to hand over is decided at the end of the turn.
+    rows.push((30, Event::Reload, vec![reload_started(2), spawn(2)]));
+    rows.push((30, ctl(8), vec![upgrade(Some(8))]));
+    let sup = run(policy(ReadyMode::Notify), &rows);
+    assert_eq!(sup.generations().len(), 2, "an upgrade request changes no generation");
+    // Before the first connection, too.
+    run(lazy(), &[(0, Event::Start, vec![]), (1, ctl(9), vec![upgrade(Some(9))])]);
 }

@@ -13,6 +13,7 @@ fn zero_failed_requests_across_25_reloads_under_load() {
     s.expect_ready();
 
     let load = Load::start(port, 4);
+    load.wait_for(4);
 
     // SOCKHOLD_TEST_RELOADS raises the count for a longer soak; the suite's default stays quick.
     let reloads: u64 =
@@ -22,6 +23,8 @@ fn zero_failed_requests_across_25_reloads_under_load() {
         s.expect_manager("RELOADING=1", |m| m.starts_with("RELOADING=1"));
         let ready = s.expect_ready();
         assert!(ready.contains(&format!("generation {generation} ")), "{ready}");
+        // Requests go through every generation's time, not only before and after the reloads.
+        load.wait_for(4);
     }
     let (ok, failures, pids) = load.finish();
     eprintln!("{ok} requests succeeded across {reloads} reloads, answered by {} pids", pids.len());

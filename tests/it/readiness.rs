@@ -91,7 +91,9 @@ fn a_new_child_whose_health_check_answers_500_is_never_promoted() {
         stderr.contains("was not ready within 2s (last probe: the health check answered 500 Internal Server Error)"),
         "{stderr}"
     );
-    s.expect_log("generation 2 (pid");
+    // The answer comes when generation 2 is killed; status lists it until it is reaped.
+    let killed = s.expect_log(") was killed");
+    assert!(killed.contains("generation 2 (pid"), "{killed}");
     assert!(s.log().iter().all(|l| !l.contains("generation 2") || !l.contains("is ready")));
     let st = ctl_status(&control);
     let generations = st["generations"].as_array().expect("generations");

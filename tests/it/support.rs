@@ -463,6 +463,8 @@ pub fn ctl_status(control: &Path) -> Value {
 /// ([`http_get`]) until [`Load::finish`].
 pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Requests that succeeded so far, over every client, signalled on each one.
+    done: std::sync::Arc<(std::sync::Mutex<u64>, std::sync::Condvar)>,
     clients: Vec<std::thread::JoinHandle<Tally>>,
 }
 
@@ -480,9 +482,11 @@ impl Load {
     pub fn start_with(port: u16, threads: usize, get: fn(u16) -> Result<i32, String>) -> Load {
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let done = std::sync::Arc::new((std::sync::Mutex::new(0), std::sync::Condvar::new()));
         let clients = (0..threads)
             .map(|_| {
                 let stop = std::sync::Arc::clone(&stop);
+                let done = std::sync::Arc::clone(&done);
                 std::thread::spawn(move || {
                     let mut tally: Tally = Default::default();
                     while !stop.load(Ordering::Relaxed) {
@@ -490,6 +494,8 @@ impl Load {
                             Ok(pid) => {
                                 tally.0 += 1;
                                 tally.2.insert(pid);
+                                *done.0.lock().expect("load counter") += 1;
+                                done.1.notify_all();
                             }
                             Err(e) => tally.1.push(e),
                         }
@@ -498,7 +504,18 @@ impl Load {
                 })
             })
             .collect();
-        Load { stop, clients }
+        Load { stop, done, clients }
+    }
+
+    /// Blocks until `more` requests beyond those already counted have succeeded, so that a
+    /// test knows the load really ran through what it does next; fails after [`TIMEOUT`].
+    pub fn wait_for(&self, more: u64) {
+        let (count, changed) = &*self.done;
+        let start = *count.lock().expect("load counter");
+        let (_count, timeout) = changed
+            .wait_timeout_while(count.lock().expect("load counter"), TIMEOUT, |n| *n < start + more)
+            .expect("load counter");
+        assert!(!timeout.timed_out(), "the load did not get {more} more requests through");
     }
 
     /// Stops the clients and adds up what they saw.

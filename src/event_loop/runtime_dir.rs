@@ -1,0 +1,106 @@
+//! sockhold's private runtime directory, where the notify sockets live: where it is created,
+//! the owner file that names the sockhold it belongs to, and the removal of the ones a killed
+//! sockhold left behind. Removing it at the end is [`super::Held`]'s.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use log::{info, warn};
+
+/// Creates a private directory for the notify sockets: under `$RUNTIME_DIRECTORY` (set by
+/// systemd), `$XDG_RUNTIME_DIR`, `/run` for root, else `$TMPDIR` or `/tmp`. Its name is
+/// random, so two instances never collide and nobody can plant a socket there first.
+/// `$XDG_RUNTIME_DIR` belongs to sockhold's user alone (0700): not for children run as another.
+/// It records its owner in [`OWNER_FILE`]; the directories of this name that a sockhold killed
+/// with SIGKILL left behind are removed first (see [`remove_stale_runtime_dirs`]).
+pub(super) fn make_runtime_dir(name: &str, other_user: bool) -> Result<PathBuf> {
+    let from_env = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from);
+    // systemd sets RUNTIME_DIRECTORY to a ':'-separated list when a unit has several.
+    let first = |p: PathBuf| p.to_str().and_then(|s| s.split(':').next()).map(PathBuf::from);
+    let base = from_env("RUNTIME_DIRECTORY")
+        .and_then(first)
+        .or_else(|| from_env("XDG_RUNTIME_DIR").filter(|_| !other_user))
+        .or_else(|| {
+            nix::unistd::geteuid().is_root().then(|| PathBuf::from("/run")).filter(|p| p.is_dir())
+        })
+        .or_else(|| from_env("TMPDIR"))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    // Keep the path short: a Unix socket path must fit in 108 bytes.
+    let short: String =
+        name.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).take(24).collect();
+    let prefix = format!("sockhold-{short}.");
+    remove_stale_runtime_dirs(&base, &prefix);
+    let template = base.join(format!("{prefix}XXXXXX"));
+    let dir = nix::unistd::mkdtemp(&template)
+        .with_context(|| format!("failed to create a runtime directory in {}", base.display()))?;
+    let me = std::process::id();
+    let owner = format!("{me} {}\n", process_start_time(me).unwrap_or_default());
+    std::fs::write(dir.join(OWNER_FILE), owner)
+        .with_context(|| format!("failed to write {}", dir.join(OWNER_FILE).display()))?;
+    Ok(dir)
+}
+
+/// The file in a runtime directory that names the sockhold owning it: `PID STARTTIME`, the
+/// start time as field 22 of `/proc/PID/stat`, so that a reused pid is not taken for the owner.
+const OWNER_FILE: &str = "owner";
+
+/// When process `pid` started, in clock ticks since boot (`/proc/PID/stat`), if it exists.
+fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may contain spaces: count fields after its end.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Removes the runtime directories in `base` named `PREFIX*` that a sockhold killed without
+/// cleaning up (SIGKILL, the OOM killer) left behind. One is stale only if it is a real directory
+/// of sockhold's own uid, its owner file names a process that is gone (or a pid now used by a
+/// process started at another time), and no socket in it is still bound (connecting to it is
+/// refused). A directory without an owner file is left alone: an older sockhold's, or one that
+/// another sockhold is creating right now.
+fn remove_stale_runtime_dirs(base: &Path, prefix: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(base) else { return };
+    let uid = nix::unistd::geteuid().as_raw();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !entry.file_name().to_str().is_some_and(|n| n.starts_with(prefix)) {
+            continue;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        if !meta.is_dir() || meta.uid() != uid {
+            continue;
+        }
+        let Ok(owner) = std::fs::read_to_string(path.join(OWNER_FILE)) else { continue };
+        let mut fields = owner.split_whitespace().map(|f| f.parse::<u64>().ok());
+        let (Some(Some(pid)), Some(started)) = (fields.next(), fields.next()) else { continue };
+        let Ok(pid) = u32::try_from(pid) else { continue };
+        let alive = match process_start_time(pid) {
+            Some(now) => started.is_none_or(|then| then == 0 || then == now),
+            None => std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        };
+        if alive || holds_a_bound_socket(&path) {
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => info!(
+                "removed {}, left behind by sockhold pid {pid}, which is gone",
+                path.display()
+            ),
+            Err(e) => warn!("failed to remove the stale {}: {e}", path.display()),
+        }
+    }
+}
+
+/// Whether a Unix datagram socket in `dir` is still bound by some process (another pid
+/// namespace's sockhold sharing the directory, say): a connect to it succeeds.
+fn holds_a_bound_socket(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return true };
+    entries.flatten().any(|entry| {
+        use std::os::unix::fs::FileTypeExt;
+        entry.file_type().is_ok_and(|t| t.is_socket())
+            && std::os::unix::net::UnixDatagram::unbound()
+                .and_then(|s| s.connect(entry.path()))
+                .is_ok()
+    })
+}
