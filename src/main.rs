@@ -24,6 +24,7 @@ mod probe;
 mod protocol;
 mod signals;
 mod spawn;
+mod steer;
 mod supervisor;
 mod sys;
 mod upgrade;
