@@ -24,7 +24,7 @@
 #![cfg_attr(not(test), allow(dead_code))]
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
@@ -131,10 +131,6 @@ pub mod asm {
     pub enum Size {
         /// 4 bytes.
         W = 0x00,
-        /// 2 bytes.
-        H = 0x08,
-        /// 1 byte.
-        B = 0x10,
         /// 8 bytes.
         DW = 0x18,
     }
@@ -253,7 +249,13 @@ pub mod asm {
         }
 
         /// `if dst cond imm goto label`.
-        pub fn jmp_imm(&mut self, cond: Cond, dst: Reg, imm: i32, label: &'static str) -> &mut Self {
+        pub fn jmp_imm(
+            &mut self,
+            cond: Cond,
+            dst: Reg,
+            imm: i32,
+            label: &'static str,
+        ) -> &mut Self {
             self.jumps.push((self.insns.len(), label));
             self.push(JMP | cond as u8 | K, dst, 0, 0, imm)
         }
@@ -283,7 +285,8 @@ pub mod asm {
         /// Resolves the jumps (offsets count from the instruction after the jump) and encodes.
         pub fn finish(mut self) -> anyhow::Result<Vec<u64>> {
             for &(at, label) in &self.jumps {
-                let target = *self.labels.get(label).with_context(|| format!("no label {label}"))?;
+                let target =
+                    *self.labels.get(label).with_context(|| format!("no label {label}"))?;
                 let off = target as i64 - (at as i64 + 1);
                 let Ok(off) = i16::try_from(off) else {
                     bail!("jump to {label} out of range");
@@ -312,15 +315,15 @@ pub mod asm {
             let got: Vec<[u8; 8]> = a.finish().unwrap().into_iter().map(bytes).collect();
             // As clang and bpftool print them (little-endian).
             let want: [[u8; 8]; 9] = [
-                [0xb7, 0x00, 0, 0, 1, 0, 0, 0],                // r0 = 1
-                [0x95, 0x00, 0, 0, 0, 0, 0, 0],                // exit
-                [0x18, 0x11, 0, 0, 5, 0, 0, 0],                // r1 = map fd 5
-                [0x00, 0x00, 0, 0, 0, 0, 0, 0],                // (second half)
-                [0x61, 0x62, 32, 0, 0, 0, 0, 0],               // r2 = *(u32 *)(r6 + 32)
-                [0x7b, 0x0a, 0xf8, 0xff, 0, 0, 0, 0],          // *(u64 *)(r10 - 8) = r0
-                [0x62, 0x0a, 0xd4, 0xff, 0, 0, 0, 0],          // *(u32 *)(r10 - 44) = 0
-                [0x9c, 0x12, 0, 0, 0, 0, 0, 0],                // w2 %= w1
-                [0x85, 0x00, 0, 0, 82, 0, 0, 0],               // call 82
+                [0xb7, 0x00, 0, 0, 1, 0, 0, 0],       // r0 = 1
+                [0x95, 0x00, 0, 0, 0, 0, 0, 0],       // exit
+                [0x18, 0x11, 0, 0, 5, 0, 0, 0],       // r1 = map fd 5
+                [0x00, 0x00, 0, 0, 0, 0, 0, 0],       // (second half)
+                [0x61, 0x62, 32, 0, 0, 0, 0, 0],      // r2 = *(u32 *)(r6 + 32)
+                [0x7b, 0x0a, 0xf8, 0xff, 0, 0, 0, 0], // *(u64 *)(r10 - 8) = r0
+                [0x62, 0x0a, 0xd4, 0xff, 0, 0, 0, 0], // *(u32 *)(r10 - 44) = 0
+                [0x9c, 0x12, 0, 0, 0, 0, 0, 0],       // w2 %= w1
+                [0x85, 0x00, 0, 0, 82, 0, 0, 0],      // call 82
             ];
             if cfg!(target_endian = "little") {
                 assert_eq!(got, want);
@@ -678,6 +681,8 @@ pub fn monotonic_now() -> Duration {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     /// Whether this process may load eBPF; says SKIPPED (and fails under CI) when not.
@@ -691,6 +696,320 @@ mod tests {
         );
         eprintln!("SKIPPED: {test}: loading eBPF needs root");
         false
+    }
+
+    use std::net::UdpSocket;
+
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage, sockopt};
+
+    /// A member of a reuseport group, bound to `addr` with SO_REUSEPORT as sockhold binds.
+    fn member(addr: SocketAddr) -> UdpSocket {
+        let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+        let fd = socket::socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        socket::setsockopt(&fd, sockopt::ReusePort, &true).unwrap();
+        socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).unwrap();
+        UdpSocket::from(fd)
+    }
+
+    /// `n` members of one group on `ip` (the first bound to port 0, the others to its port),
+    /// and the steering attached to it.
+    fn group(ip: IpAddr, n: usize, max_flows: u32) -> (FlowSteering, Vec<UdpSocket>, SocketAddr) {
+        let first = member(SocketAddr::new(ip, 0));
+        let addr = first.local_addr().unwrap();
+        let mut members = vec![first];
+        members.extend((1..n).map(|_| member(addr)));
+        let steering = FlowSteering::new(max_flows).unwrap();
+        steering.attach(members[0].as_fd()).unwrap();
+        for (slot, m) in members.iter().enumerate() {
+            steering.set_slot(slot as u32, m.as_fd()).unwrap();
+        }
+        (steering, members, addr)
+    }
+
+    /// A client on its own port of `ip`.
+    fn client(ip: IpAddr) -> UdpSocket {
+        UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap()
+    }
+
+    /// Sends `payload` from `from` to `to` and says which of `members` (None: closed) got it.
+    fn deliver(from: &UdpSocket, to: SocketAddr, members: &[Option<&UdpSocket>]) -> usize {
+        let payload = format!("from {}", from.local_addr().unwrap());
+        from.send_to(payload.as_bytes(), to).unwrap();
+        let open: Vec<(usize, &UdpSocket)> =
+            members.iter().enumerate().filter_map(|(i, m)| m.map(|m| (i, m))).collect();
+        let mut fds: Vec<PollFd<'_>> =
+            open.iter().map(|(_, m)| PollFd::new(m.as_fd(), PollFlags::POLLIN)).collect();
+        let n = poll(&mut fds, PollTimeout::from(5000u16)).unwrap();
+        assert!(n > 0, "{payload}: no member got it within 5 s");
+        let ready: Vec<usize> = fds
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN)))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(ready.len(), 1, "{payload}: more than one member has data");
+        let (index, sock) = open[ready[0]];
+        let mut buf = [0u8; 64];
+        let (len, peer) = sock.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..len], payload.as_bytes());
+        // A dual-stack socket sees an IPv4 client v4-mapped.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        assert_eq!(peer, from.local_addr().unwrap());
+        index
+    }
+
+    fn flow_of(steering: &FlowSteering, c: &UdpSocket) -> Option<FlowInfo> {
+        let remote = c.local_addr().unwrap();
+        steering.flows().unwrap().into_iter().find(|f| f.remote == remote)
+    }
+
+    /// A flow stays on its socket when new flows go elsewhere, and is re-owned once its
+    /// socket's slot is cleared.
+    fn pinned_then_reowned(ip: IpAddr, test: &str) {
+        if !privileged(test) {
+            return;
+        }
+        let (steering, mut members, addr) = group(ip, 2, MAX_FLOWS);
+        steering.set_new_flow_slots(&[0]).unwrap();
+        let (x, y) = (client(ip), client(ip));
+        fn both(m: &[UdpSocket]) -> [Option<&UdpSocket>; 2] {
+            [Some(&m[0]), Some(&m[1])]
+        }
+        assert_eq!(deliver(&x, addr, &both(&members)), 0);
+        steering.set_new_flow_slots(&[1]).unwrap();
+        for _ in 0..3 {
+            assert_eq!(deliver(&x, addr, &both(&members)), 0, "the flow moved");
+        }
+        assert_eq!(deliver(&y, addr, &both(&members)), 1, "a new flow went to the old slot");
+        assert_eq!(flow_of(&steering, &x).unwrap().slot, 0);
+        assert_eq!(flow_of(&steering, &y).unwrap().slot, 1);
+        // The unit of slot 0 ends: its flows are forgotten, then re-owned by the new slot.
+        steering.clear_slot(0).unwrap();
+        assert_eq!(flow_of(&steering, &x), None);
+        let a = members.remove(0);
+        drop(a);
+        assert_eq!(deliver(&x, addr, &[None, Some(&members[0])]), 1);
+        assert_eq!(flow_of(&steering, &x).unwrap().slot, 1);
+        assert_eq!(deliver(&y, addr, &[None, Some(&members[0])]), 1);
+    }
+
+    #[test]
+    fn a_flow_stays_with_its_socket_v4() {
+        pinned_then_reowned(IpAddr::V4(Ipv4Addr::LOCALHOST), "a_flow_stays_with_its_socket_v4");
+    }
+
+    #[test]
+    fn a_flow_stays_with_its_socket_v6() {
+        pinned_then_reowned(IpAddr::V6(Ipv6Addr::LOCALHOST), "a_flow_stays_with_its_socket_v6");
+    }
+
+    #[test]
+    fn a_closed_socket_leaves_its_slot_and_its_flows_are_reowned() {
+        if !privileged("a_closed_socket_leaves_its_slot_and_its_flows_are_reowned") {
+            return;
+        }
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let (steering, mut members, addr) = group(ip, 2, MAX_FLOWS);
+        steering.set_new_flow_slots(&[0]).unwrap();
+        let x = client(ip);
+        assert_eq!(deliver(&x, addr, &[Some(&members[0]), Some(&members[1])]), 0);
+        steering.set_new_flow_slots(&[1]).unwrap();
+        // No clear_slot: closing the socket is enough, the kernel empties its slot.
+        drop(members.remove(0));
+        assert_eq!(deliver(&x, addr, &[None, Some(&members[0])]), 1);
+        assert_eq!(flow_of(&steering, &x).unwrap().slot, 1);
+    }
+
+    #[test]
+    fn new_flows_are_spread_over_the_new_flow_slots() {
+        if !privileged("new_flows_are_spread_over_the_new_flow_slots") {
+            return;
+        }
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let (steering, members, addr) = group(ip, 3, MAX_FLOWS);
+        steering.set_new_flow_slots(&[1, 2]).unwrap();
+        let all = [Some(&members[0]), Some(&members[1]), Some(&members[2])];
+        let clients: Vec<UdpSocket> = (0..32).map(|_| client(ip)).collect();
+        let mut got = [0usize; 3];
+        for c in &clients {
+            let first = deliver(c, addr, &all);
+            got[first] += 1;
+            assert_eq!(deliver(c, addr, &all), first, "a flow changed sockets");
+            assert_eq!(flow_of(&steering, c).unwrap().slot, first as u32);
+        }
+        assert_eq!(got[0], 0, "a flow went to a slot that takes no new flows: {got:?}");
+        assert!(got[1] > 0 && got[2] > 0, "not spread: {got:?}");
+        let by_slot = steering.flows_by_slot().unwrap();
+        assert_eq!(by_slot.get(&1).map(|s| s.count), Some(got[1]));
+        assert_eq!(by_slot.get(&2).map(|s| s.count), Some(got[2]));
+    }
+
+    #[test]
+    fn the_flow_table_is_bounded() {
+        if !privileged("the_flow_table_is_bounded") {
+            return;
+        }
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let (steering, members, addr) = group(ip, 1, 8);
+        steering.set_new_flow_slots(&[0]).unwrap();
+        let clients: Vec<UdpSocket> = (0..40).map(|_| client(ip)).collect();
+        for c in &clients {
+            assert_eq!(deliver(c, addr, &[Some(&members[0])]), 0);
+        }
+        let flows = steering.flows().unwrap();
+        assert!(!flows.is_empty() && flows.len() <= 8, "{} flows", flows.len());
+        assert!(flow_of(&steering, clients.last().unwrap()).is_some(), "the newest was evicted");
+    }
+
+    #[test]
+    fn counts_and_last_seen_follow_the_datagrams() {
+        if !privileged("counts_and_last_seen_follow_the_datagrams") {
+            return;
+        }
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let (steering, members, addr) = group(ip, 2, MAX_FLOWS);
+        let both = [Some(&members[0]), Some(&members[1])];
+        steering.set_new_flow_slots(&[1]).unwrap();
+        assert!(steering.flows_by_slot().unwrap().is_empty());
+        let (x, y) = (client(ip), client(ip));
+        let before = monotonic_now();
+        assert_eq!(deliver(&x, addr, &both), 1);
+        let first = flow_of(&steering, &x).unwrap();
+        assert_eq!(first.local, None, "a socket bound to one address has no local part");
+        assert!(first.last_seen >= before && first.last_seen <= monotonic_now());
+        assert_eq!(deliver(&x, addr, &both), 1);
+        let second = flow_of(&steering, &x).unwrap();
+        assert!(second.last_seen > first.last_seen);
+        assert_eq!(deliver(&y, addr, &both), 1);
+        let by_slot = steering.flows_by_slot().unwrap();
+        assert_eq!(by_slot.len(), 1);
+        let slot = by_slot[&1];
+        assert_eq!(slot.count, 2);
+        assert_eq!(slot.last_seen, flow_of(&steering, &y).unwrap().last_seen);
+        assert!(slot.last_seen >= second.last_seen);
+    }
+
+    #[test]
+    fn a_wildcard_socket_keys_flows_by_local_address_too() {
+        if !privileged("a_wildcard_socket_keys_flows_by_local_address_too") {
+            return;
+        }
+        let (steering, members, addr) = group(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 1, MAX_FLOWS);
+        steering.set_new_flow_slots(&[0]).unwrap();
+        let to = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port());
+        let x = client(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(deliver(&x, to, &[Some(&members[0])]), 0);
+        let flow = flow_of(&steering, &x).unwrap();
+        assert_eq!(flow.local, Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    }
+
+    #[test]
+    fn the_fds_carry_the_steering_over() {
+        if !privileged("the_fds_carry_the_steering_over") {
+            return;
+        }
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let (steering, members, addr) = group(ip, 2, MAX_FLOWS);
+        let both = [Some(&members[0]), Some(&members[1])];
+        steering.set_new_flow_slots(&[0]).unwrap();
+        let x = client(ip);
+        assert_eq!(deliver(&x, addr, &both), 0);
+        let taken = FlowSteering::from_fds(steering.into_fds(), MAX_FLOWS);
+        taken.set_new_flow_slots(&[1]).unwrap();
+        assert_eq!(deliver(&x, addr, &both), 0);
+        assert_eq!(deliver(&client(ip), addr, &both), 1);
+        assert_eq!(taken.flows().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn with_no_new_flow_slot_the_kernel_picks_and_nothing_is_recorded() {
+        if !privileged("with_no_new_flow_slot_the_kernel_picks_and_nothing_is_recorded") {
+            return;
+        }
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let (steering, members, addr) = group(ip, 2, MAX_FLOWS);
+        deliver(&client(ip), addr, &[Some(&members[0]), Some(&members[1])]);
+        assert!(steering.flows().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_dual_stack_socket_steers_ipv4_flows_too() {
+        if !privileged("a_dual_stack_socket_steers_ipv4_flows_too") {
+            return;
+        }
+        let (steering, members, addr) = group(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 2, MAX_FLOWS);
+        let both = [Some(&members[0]), Some(&members[1])];
+        steering.set_new_flow_slots(&[1]).unwrap();
+        let to = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port());
+        let x = client(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(deliver(&x, to, &both), 1);
+        steering.set_new_flow_slots(&[0]).unwrap();
+        assert_eq!(deliver(&x, to, &both), 1);
+        let flow = flow_of(&steering, &x).unwrap();
+        assert_eq!((flow.slot, flow.local), (1, Some(IpAddr::V4(Ipv4Addr::LOCALHOST))));
+    }
+
+    /// What `bpf_sk_select_reuseport` returns for an empty slot, which the program takes for
+    /// "this flow's unit is gone": -ENOENT.
+    #[test]
+    fn selecting_an_empty_slot_fails_with_enoent() {
+        if !privileged("selecting_an_empty_slot_fails_with_enoent") {
+            return;
+        }
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let (steering, members, addr) = group(ip, 1, MAX_FLOWS);
+        let out = bpf::map_create(&MapSpec {
+            map_type: BPF_MAP_TYPE_ARRAY,
+            key_size: 4,
+            value_size: 8,
+            max_entries: 1,
+            flags: 0,
+            name: "test_out",
+        })
+        .unwrap();
+        // out[0] = bpf_sk_select_reuseport(ctx, sockets, &7, 0); return SK_PASS.
+        let mut a = Asm::default();
+        a.mov(R6, R1).st(Size::W, R10, -4, 7);
+        a.ld_map(R2, steering.fds().sockets.as_raw_fd()).stack_ptr(R3, -4).mov_imm(R4, 0);
+        a.call(helper::SK_SELECT_REUSEPORT).stx(Size::DW, R10, -16, R0);
+        a.st(Size::W, R10, -20, 0).ld_map(R1, out.as_raw_fd()).stack_ptr(R2, -20);
+        a.stack_ptr(R3, -16).mov_imm(R4, BPF_ANY as i32).call(helper::MAP_UPDATE_ELEM);
+        a.mov_imm(R0, SK_PASS).exit();
+        let prog = load_program(&a.finish().unwrap()).unwrap();
+        bpf::attach_reuseport(members[0].as_fd(), prog.as_fd()).unwrap();
+        assert_eq!(deliver(&client(ip), addr, &[Some(&members[0])]), 0);
+        let mut value = [0u8; 8];
+        assert!(bpf::map_lookup(out.as_fd(), &0u32.to_ne_bytes(), &mut value).unwrap());
+        assert_eq!(i64::from_ne_bytes(value), -i64::from(Errno::ENOENT as i32));
+    }
+
+    /// Run by `without_privileges_the_cause_is_named` as an unprivileged user.
+    #[test]
+    #[ignore = "run as nobody by without_privileges_the_cause_is_named"]
+    fn unprivileged_load() {
+        let err = FlowSteering::new(16).unwrap_err();
+        println!("error: {err:#}");
+    }
+
+    #[test]
+    fn without_privileges_the_cause_is_named() {
+        use std::os::unix::process::CommandExt;
+        if !privileged("without_privileges_the_cause_is_named") {
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "steer::tests::unprivileged_load", "--ignored", "--nocapture"])
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            stdout.contains("error: creating the BPF map sockhold_socks failed: Operation not permitted (needs CAP_BPF and CAP_NET_ADMIN, or root)"),
+            "{stdout}"
+        );
     }
 
     #[test]
