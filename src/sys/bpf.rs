@@ -25,6 +25,8 @@ const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_ENABLE_STATS: libc::c_long = 32;
 
 /// `SO_ATTACH_REUSEPORT_EBPF` (include/uapi/asm-generic/socket.h).
 const SO_ATTACH_REUSEPORT_EBPF: libc::c_int = 52;
@@ -255,6 +257,57 @@ pub fn prog_load(spec: &ProgSpec<'_>) -> anyhow::Result<OwnedFd> {
             }
         }
     }
+}
+
+/// The `BPF_OBJ_GET_INFO_BY_FD` prefix of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// What the kernel says of a loaded program (from `struct bpf_prog_info`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgInfo {
+    /// Instructions after the verifier's rewriting, in bytes.
+    pub xlated_len: u32,
+    /// Machine code, in bytes (0 without the JIT).
+    pub jited_len: u32,
+    /// Time spent running it while statistics were on ([`enable_stats`]), in ns.
+    pub run_time_ns: u64,
+    /// Runs counted while statistics were on.
+    pub run_count: u64,
+}
+
+/// Reads a program's info (`BPF_OBJ_GET_INFO_BY_FD`).
+pub fn prog_info(prog: BorrowedFd<'_>) -> nix::Result<ProgInfo> {
+    // struct bpf_prog_info up to run_cnt (include/uapi/linux/bpf.h); the kernel fills what
+    // fits in the length passed.
+    let mut info = [0u8; 208];
+    let mut attr = InfoAttr {
+        bpf_fd: prog.as_raw_fd() as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let u32_at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_ne_bytes(info[o..o + 8].try_into().expect("8 bytes"));
+    Ok(ProgInfo {
+        xlated_len: u32_at(20),
+        jited_len: u32_at(16),
+        run_time_ns: u64_at(192),
+        run_count: u64_at(200),
+    })
+}
+
+/// Turns on the run-time statistics of every program (`BPF_ENABLE_STATS` with
+/// `BPF_STATS_RUN_TIME`) for as long as the returned fd is open.
+pub fn enable_stats() -> nix::Result<OwnedFd> {
+    // `struct { __u32 type; } enable_stats`; BPF_STATS_RUN_TIME is 0.
+    let mut attr: u32 = 0;
+    bpf(BPF_ENABLE_STATS, &mut attr).map(owned)
 }
 
 /// Attaches a `BPF_PROG_TYPE_SK_REUSEPORT` program to the reuseport group `sock` belongs to
