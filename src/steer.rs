@@ -610,11 +610,37 @@ impl FlowSteering {
         Ok(FlowSteering { fds: SteeringFds { program, sockets, flows, config }, max_flows, clock })
     }
 
-    /// Takes over the fds of a [`FlowSteering`] (handed over by a self-upgrade on the same
-    /// kernel, so the program uses the clock [`Clock::probe`] finds); the flow table was made
-    /// for `max_flows` flows.
-    pub fn from_fds(fds: SteeringFds, max_flows: u32) -> FlowSteering {
-        FlowSteering { fds, max_flows, clock: Clock::probe() }
+    /// Takes over the fds of a [`FlowSteering`] handed over by a self-upgrade, after checking
+    /// with the kernel that they are the program and maps it needs. The program keeps the
+    /// clock it was built with; the upgrade runs on the same kernel, so [`Clock::probe`] finds
+    /// the same one.
+    pub fn from_fds(fds: SteeringFds) -> anyhow::Result<FlowSteering> {
+        let prog = bpf::prog_info(fds.program.as_fd())
+            .map_err(|e| ctx_err(e, "the handed-over steering program"))?;
+        if prog.prog_type != BPF_PROG_TYPE_SK_REUSEPORT {
+            bail!("the handed-over steering program is of type {}", prog.prog_type);
+        }
+        let check = |fd: &OwnedFd, name: &str, want: (u32, u32, u32)| {
+            let info = bpf::map_info(fd.as_fd())
+                .map_err(|e| ctx_err(e, &format!("the handed-over {name} map")))?;
+            let got = (info.map_type, info.key_size, info.value_size);
+            if got != want {
+                bail!(
+                    "the handed-over {name} map has type, key and value sizes {got:?}, not {want:?}"
+                );
+            }
+            Ok(info.max_entries)
+        };
+        check(&fds.sockets, "socket", (BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8))?;
+        check(&fds.config, "new-flow", (BPF_MAP_TYPE_ARRAY, 4, CONFIG_SIZE as u32))?;
+        let max_flows =
+            check(&fds.flows, "flow", (BPF_MAP_TYPE_LRU_HASH, KEY_SIZE as u32, VALUE_SIZE as u32))?;
+        Ok(FlowSteering { fds, max_flows, clock: Clock::probe() })
+    }
+
+    /// The flow table's capacity.
+    pub fn max_flows(&self) -> u32 {
+        self.max_flows
     }
 
     /// Now, on the clock of [`FlowInfo::last_seen`].
@@ -987,11 +1013,17 @@ mod tests {
         steering.set_new_flow_slots(&[0]).unwrap();
         let x = client(ip);
         assert_eq!(deliver(&x, addr, &both), 0);
-        let taken = FlowSteering::from_fds(steering.into_fds(), MAX_FLOWS);
+        let taken = FlowSteering::from_fds(steering.into_fds()).unwrap();
+        assert_eq!(taken.max_flows(), MAX_FLOWS);
         taken.set_new_flow_slots(&[1]).unwrap();
         assert_eq!(deliver(&x, addr, &both), 0);
         assert_eq!(deliver(&client(ip), addr, &both), 1);
         assert_eq!(taken.flows().unwrap().len(), 2);
+        // The wrong fds are refused, naming what is wrong.
+        let SteeringFds { program, sockets, flows, config } = taken.into_fds();
+        let swapped = SteeringFds { program, sockets, flows: config, config: flows };
+        let err = format!("{:#}", FlowSteering::from_fds(swapped).unwrap_err());
+        assert!(err.contains("the handed-over new-flow map has type"), "{err}");
     }
 
     #[test]
@@ -1070,7 +1102,13 @@ mod tests {
         if !privileged("without_privileges_the_cause_is_named") {
             return;
         }
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
+        use std::os::unix::fs::PermissionsExt;
+        // A copy nobody can run, wherever the build directory lies.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let exe = dir.path().join("steer-test");
+        std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+        let out = std::process::Command::new(&exe)
             .args(["--exact", "steer::tests::unprivileged_load", "--ignored", "--nocapture"])
             .uid(65534)
             .gid(65534)

@@ -271,6 +271,8 @@ struct InfoAttr {
 /// What the kernel says of a loaded program (from `struct bpf_prog_info`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProgInfo {
+    /// `enum bpf_prog_type`.
+    pub prog_type: u32,
     /// Instructions after the verifier's rewriting, in bytes.
     pub xlated_len: u32,
     /// Machine code, in bytes (0 without the JIT).
@@ -281,20 +283,54 @@ pub struct ProgInfo {
     pub run_count: u64,
 }
 
+/// Fills `info` with the `struct bpf_*_info` of a bpf object (`BPF_OBJ_GET_INFO_BY_FD`).
+fn obj_info(fd: BorrowedFd<'_>, info: &mut [u8]) -> nix::Result<()> {
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(drop)
+}
+
+/// What the kernel says of a map (from `struct bpf_map_info`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapInfo {
+    /// `enum bpf_map_type`.
+    pub map_type: u32,
+    /// Key size in bytes.
+    pub key_size: u32,
+    /// Value size in bytes.
+    pub value_size: u32,
+    /// Capacity.
+    pub max_entries: u32,
+}
+
+/// Reads a map's info (`BPF_OBJ_GET_INFO_BY_FD`); fails with EINVAL for an fd that is not a
+/// bpf object.
+pub fn map_info(map: BorrowedFd<'_>) -> nix::Result<MapInfo> {
+    // struct bpf_map_info up to max_entries (include/uapi/linux/bpf.h).
+    let mut info = [0u8; 20];
+    obj_info(map, &mut info)?;
+    let u32_at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().expect("4 bytes"));
+    Ok(MapInfo {
+        map_type: u32_at(0),
+        key_size: u32_at(8),
+        value_size: u32_at(12),
+        max_entries: u32_at(16),
+    })
+}
+
 /// Reads a program's info (`BPF_OBJ_GET_INFO_BY_FD`).
 pub fn prog_info(prog: BorrowedFd<'_>) -> nix::Result<ProgInfo> {
     // struct bpf_prog_info up to run_cnt (include/uapi/linux/bpf.h); the kernel fills what
     // fits in the length passed.
     let mut info = [0u8; 208];
-    let mut attr = InfoAttr {
-        bpf_fd: prog.as_raw_fd() as u32,
-        info_len: info.len() as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    obj_info(prog, &mut info)?;
     let u32_at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().expect("4 bytes"));
     let u64_at = |o: usize| u64::from_ne_bytes(info[o..o + 8].try_into().expect("8 bytes"));
     Ok(ProgInfo {
+        prog_type: u32_at(0),
         xlated_len: u32_at(20),
         jited_len: u32_at(16),
         run_time_ns: u64_at(192),
