@@ -1103,7 +1103,7 @@ mod tests {
             return;
         }
         use std::os::unix::fs::PermissionsExt;
-        // A copy nobody can run, wherever the build directory lies.
+        // A copy that user nobody can run, wherever the build directory lies.
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let exe = dir.path().join("steer-test");
@@ -1161,13 +1161,19 @@ mod tests {
         let clients: Vec<UdpSocket> = (0..64).map(|_| client(ip)).collect();
         // A reuseport group of one without a program: what the group itself costs.
         let bare = member(SocketAddr::new(ip, 0));
+        // A flow table at its size limit: 64 flows through a table of 32, each datagram a new
+        // flow that evicts the least recently seen one.
+        let (full, full_members, full_addr) = group(ip, 1, 32);
+        full.set_new_flow_slots(&[0]).unwrap();
         let stats = bpf::enable_stats().unwrap();
         let n = 100_000;
         let (mut plain_rates, mut steered_rates, mut bare_rates) = (vec![], vec![], vec![]);
+        let mut full_rates = vec![];
         for _ in 0..11 {
             plain_rates.push(send_rate(&clients, plain.local_addr().unwrap(), &plain, n));
             steered_rates.push(send_rate(&clients, addr, &members[0], n));
             bare_rates.push(send_rate(&clients, bare.local_addr().unwrap(), &bare, n));
+            full_rates.push(send_rate(&clients, full_addr, &full_members[0], n));
         }
         assert_eq!(steering.flows_by_slot().unwrap()[&0].count, clients.len());
         let median = |v: &mut Vec<f64>| {
@@ -1176,10 +1182,17 @@ mod tests {
         };
         let (p, s) = (median(&mut plain_rates), median(&mut steered_rates));
         let b = median(&mut bare_rates);
+        let f = median(&mut full_rates);
         println!("plain {p:.0}/s, reuseport group without a program {b:.0}/s, steered {s:.0}/s");
         println!("steered/plain {:.3}, steered/group {:.3}", s / p, s / b);
+        println!("flow table full, a new flow per datagram: {f:.0}/s, {:.3} of plain", f / p);
         let info = bpf::prog_info(steering.fds().program.as_fd()).unwrap();
+        let full_info = bpf::prog_info(full.fds().program.as_fd()).unwrap();
         drop(stats);
+        println!(
+            "program with the table full: {:.1} ns per run",
+            full_info.run_time_ns as f64 / full_info.run_count.max(1) as f64
+        );
         println!(
             "program: {} insns, {} bytes jited, {:.1} ns per run over {} runs",
             FlowSteering::program_len(),
