@@ -26,6 +26,7 @@ mod probe;
 mod protocol;
 mod signals;
 mod spawn;
+mod steer;
 mod supervisor;
 mod sys;
 mod upgrade;

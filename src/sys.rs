@@ -5,12 +5,14 @@
 //! here, each call behind a safe function with a `// SAFETY:` line on every block: adopting fds
 //! ([`fd`]: inherited ones and `SCM_RIGHTS` ones), signalling and waiting for processes
 //! ([`process`]: realtime signals, which nix cannot send or decode), and the signal and panic
-//! handlers of the probation after a self-upgrade ([`probation`]).
+//! handlers of the probation after a self-upgrade ([`probation`]), and `bpf(2)` with the
+//! reuseport attachment for flow steering ([`bpf`]).
 //!
 //! This module must not decide anything: it makes calls that others decided on.
 
 #![allow(unsafe_code)]
 
+pub mod bpf;
 pub mod fd;
 pub mod probation;
 pub mod process;
