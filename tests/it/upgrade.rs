@@ -76,22 +76,7 @@ fn upgrades_under_load_lose_no_request_and_keep_the_pid_the_children_and_the_his
     let dir = tempfile::tempdir().unwrap();
     let control = dir.path().join("ctl.sock");
     let next = copy_of_sockhold(dir.path(), "sockhold-next");
-    let httpd = example("httpd").to_string_lossy().into_owned();
-    let mut s = start(&[
-        "-l",
-        "127.0.0.1:0",
-        "--ready",
-        "notify",
-        "--control",
-        control.to_str().unwrap(),
-        "--upgrade-binary",
-        next.to_str().unwrap(),
-        "--",
-        &httpd,
-    ]);
-    let pid = s.pid().as_raw();
-    let port = s.listening_port("127.0.0.1:");
-    s.expect_ready();
+    let (mut s, pid, port, _) = under_load(&control, &next);
     // Some history for the new program to keep: a reload.
     assert!(ctl(&control, &["reload"]).status.success());
     wait_until("generation 1 is gone", || {
