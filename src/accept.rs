@@ -107,6 +107,7 @@ impl AcceptSupervisor {
             Event::FirstConnection
             | Event::Notify { .. }
             | Event::ProbeDone { .. }
+            | Event::FlowsIdle { .. }
             | Event::Timer => {}
             // Refused at the end of the turn: the handover cannot carry connections' children.
             Event::Upgrade { asker } => out.push(Action::Upgrade { asker }),
@@ -224,6 +225,7 @@ mod tests {
             reload_strategy: crate::supervisor::ReloadStrategy::Rolling,
             max_draining: crate::supervisor::MAX_DRAINING,
             lazy: false,
+            flow_steering: None,
         }
     }
 

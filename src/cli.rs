@@ -106,6 +106,12 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = MAX_DRAINING, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_draining: usize,
 
+    /// With a `steer=flow` listener: a replaced generation that still owns flows gets its stop
+    /// signal only once none of them has had a datagram for DUR (one that owns none is stopped
+    /// at once; at shutdown every generation is stopped at once).
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    pub flow_idle: Duration,
+
     /// What to do when the serving child exits by itself: restart it (with backoff from 100ms
     /// to 30s) unless it exited 0, always restart it, or never (sockhold ends with its status).
     #[arg(long, value_name = "POLICY", value_enum, default_value_t = RestartPolicy::OnFailure)]
@@ -431,6 +437,15 @@ impl Cli {
                 "invalid --watchdog: it must be longer than 0 (leave it out to turn it off)".into(),
             );
         }
+        if let Some(spec) = listen.iter().find(|spec| spec.options.steer_flow)
+            && (self.accept || self.lazy)
+        {
+            let flag = if self.accept { "--accept" } else { "--lazy" };
+            return Err(format!(
+                "invalid --listen '{}': steer=flow does not apply with {flag} (each unit gets its own socket, and sockhold's own is never read)",
+                spec.text
+            ));
+        }
         if self.accept && self.ready.probes() {
             return Err("--ready http: and exec: do not apply to --accept, whose children serve one connection each".into());
         }
@@ -442,6 +457,7 @@ impl Cli {
                 spec.options.nonblock = true;
             }
         }
+        let flow_steering = listen.iter().any(|spec| spec.options.steer_flow);
         Ok(Config {
             listen,
             policy: Policy {
@@ -458,6 +474,7 @@ impl Cli {
                 reload_strategy: self.reload_strategy,
                 max_draining: self.max_draining,
                 lazy: self.lazy,
+                flow_steering: flow_steering.then_some(self.flow_idle),
             },
             probe_timeout: self.probe_timeout.unwrap_or(DEFAULT_PROBE_TIMEOUT),
             name,

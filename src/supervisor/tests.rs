@@ -22,6 +22,7 @@ fn policy(ready: ReadyMode) -> Policy {
         reload_strategy: ReloadStrategy::Rolling,
         max_draining: MAX_DRAINING,
         lazy: false,
+        flow_steering: None,
     }
 }
 
