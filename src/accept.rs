@@ -80,6 +80,7 @@ impl AcceptSupervisor {
             .iter()
             .map(|(&pid, c)| GenerationInfo {
                 id: c.generation,
+                unit: c.generation,
                 pid: Some(pid),
                 state: match (c.killed, c.kill_at) {
                     (true, _) => "killed",

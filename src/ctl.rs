@@ -147,6 +147,9 @@ pub fn format_status(status: &Status) -> String {
             if pids.is_empty() { "-".to_string() } else { pids.join(",") },
             g.since
         );
+        if let Some(flows) = g.flows {
+            out += &format!(", flows {flows}");
+        }
         if let Some(text) = &g.status {
             out += &format!(", status: {text}");
         }

@@ -457,6 +457,10 @@ pub struct Generation {
     /// Its processes, one per worker (missing from an older sockhold's answer).
     #[serde(default)]
     pub workers: Vec<Worker>,
+    /// With a `steer=flow` listener: the flows it owns over every steered listener; `null`
+    /// without one (and missing from an older sockhold's answer).
+    #[serde(default)]
+    pub flows: Option<usize>,
 }
 
 /// One process of a [`Generation`].

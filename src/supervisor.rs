@@ -254,6 +254,8 @@ struct Unit {
 pub struct GenerationInfo {
     /// The number of its generation.
     pub id: u64,
+    /// The unit's key.
+    pub unit: u64,
     /// Its main process, once forked.
     pub pid: Option<Pid>,
     /// `starting`, `serving`, `stopping` or `killed`.
@@ -1284,6 +1286,7 @@ impl Supervisor {
             .iter()
             .map(|u| GenerationInfo {
                 id: u.generation,
+                unit: u.key,
                 pid: u.pid,
                 state: match u.state {
                     UnitState::Spawning | UnitState::Starting { .. } => "starting",
