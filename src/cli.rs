@@ -738,6 +738,30 @@ mod tests {
         assert!(config(&["--ready", "notify", "--ready-timeout", "1s"]).is_ok());
     }
 
+    /// `--flow-idle` reaches the machine only when a listener is steered; `steer=flow` does not go
+    /// with `--lazy` or `--accept`.
+    #[test]
+    fn flow_idle_and_steer_flow() {
+        let config = |args: &[&str]| {
+            let mut all = args.to_vec();
+            all.push("srv");
+            parse(&all).map_err(|e| e.to_string()).and_then(Cli::into_config)
+        };
+        let steering = |args: &[&str]| config(args).unwrap().policy.flow_steering;
+        assert_eq!(steering(&["-l", "udp://127.0.0.1:0"]), None);
+        assert_eq!(steering(&["-l", "udp://127.0.0.1:0", "--flow-idle", "1s"]), None);
+        let steered = ["-l", "127.0.0.1:0", "-l", "udp://127.0.0.1:0,steer=flow"];
+        assert_eq!(steering(&steered), Some(Duration::from_secs(10)));
+        let args = [&steered[..], &["--flow-idle", "250ms"]].concat();
+        assert_eq!(steering(&args), Some(Duration::from_millis(250)));
+        for flag in ["--lazy", "--accept"] {
+            let err = config(&["-l", "udp://127.0.0.1:0,steer=flow", flag]).unwrap_err();
+            assert!(err.contains("'udp://127.0.0.1:0,steer=flow'") && err.contains(flag), "{err}");
+        }
+        let err = config(&["-l", "127.0.0.1:8080,steer=flow"]).unwrap_err();
+        assert!(err.contains("'127.0.0.1:8080,steer=flow': steer=flow is for UDP sockets only"), "{err}");
+    }
+
     #[test]
     fn durations() {
         let ok = [

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_sockhold_global_optspecs
-    string join \n l/listen= ready= ready-timeout= probe-delay= probe-interval= probe-timeout= watchdog= workers= reload-strategy= stop-signal= stop-timeout= max-draining= restart= notify-access= name= accept inetd max-connections= lazy compat-env= control= pid-file= user= chdir= env= env-file= subreaper on-supervisor-death= upgrade-binary= v/verbose q/quiet log-format= h/help V/version
+    string join \n l/listen= ready= ready-timeout= probe-delay= probe-interval= probe-timeout= watchdog= workers= reload-strategy= stop-signal= stop-timeout= max-draining= flow-idle= restart= notify-access= name= accept inetd max-connections= lazy compat-env= control= pid-file= user= chdir= env= env-file= subreaper on-supervisor-death= upgrade-binary= v/verbose q/quiet log-format= h/help V/version
 end
 
 function __fish_sockhold_needs_command
@@ -37,6 +37,7 @@ all-at-once\t'N new workers; when all are ready, the N old ones are stopped'"
 complete -c sockhold -n "__fish_sockhold_needs_command" -l stop-signal -d 'The signal that asks a child to stop (TERM, SIGTERM or 15; realtime ones as RTMIN+N, RTMAX-N or their numbers)' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l stop-timeout -d 'A child that has not exited this long after the stop signal gets SIGKILL, with its whole process group' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l max-draining -d 'At most N old generations drain at once (stopped but still finishing their connections): when a reload would leave more, the oldest is SIGKILLed early with its process group. Bounds what quick successive reloads leave behind when clients hold connections open' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l flow-idle -d 'With a `steer=flow` listener: a replaced generation that still owns flows gets its stop signal only once none of them has had a datagram for DUR (one that owns none is stopped at once; at shutdown every generation is stopped at once)' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l restart -d 'What to do when the serving child exits by itself: restart it (with backoff from 100ms to 30s) unless it exited 0, always restart it, or never (sockhold ends with its status)' -r -f -a "on-failure\t'Restart unless it exited with status 0'
 always\t'Always restart'
 never\t'Never restart: sockhold ends with the child\'s status'"
