@@ -41,7 +41,8 @@ pub struct Cli {
     /// unix://, unixgram://, unixpacket:// with /PATH or @ABSTRACT), or an inherited one to adopt
     /// (fd://N, systemd://NAME). Options follow after commas: name=, backlog=, v6only=,
     /// reuseport, freebind, device=, nodelay, keepalive, rcvbuf=, sndbuf=, mode=, owner=, group=,
-    /// nonblock. Repeatable: the order is the fd order (3, 4, ...).
+    /// nonblock, steer=flow (UDP: each unit its own socket, flows kept on it across reloads).
+    /// Repeatable: the order is the fd order (3, 4, ...).
     /// Without any, sockhold adopts every socket it was itself given under socket activation.
     #[arg(short = 'l', long = "listen", value_name = "SPEC")]
     pub listen: Vec<ListenSpec>,
