@@ -760,7 +760,10 @@ mod tests {
             assert!(err.contains("'udp://127.0.0.1:0,steer=flow'") && err.contains(flag), "{err}");
         }
         let err = config(&["-l", "127.0.0.1:8080,steer=flow"]).unwrap_err();
-        assert!(err.contains("'127.0.0.1:8080,steer=flow': steer=flow is for UDP sockets only"), "{err}");
+        assert!(
+            err.contains("'127.0.0.1:8080,steer=flow': steer=flow is for UDP sockets only"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1033,7 +1033,10 @@ impl EventLoop {
                 .flat_map(|io| io.steered.iter().filter(|s| s.listener == i).map(|s| s.slot))
                 .take(crate::steer::MAX_NEW_FLOW_SLOTS as usize)
                 .collect();
-            debug!("steer=flow on {}: new flows go to slots {slots:?}", listener.local_description());
+            debug!(
+                "steer=flow on {}: new flows go to slots {slots:?}",
+                listener.local_description()
+            );
             if let Err(e) = steering.set_new_flow_slots(&slots) {
                 warn!("steer=flow on {}: {e:#}", listener.local_description());
             }
@@ -1088,8 +1091,10 @@ impl EventLoop {
             if watch.at > now {
                 continue;
             }
-            let (count, quiet) =
-                self.units.get(&unit).map_or((0, Duration::MAX), |io| Self::unit_flows(io, &tables));
+            let (count, quiet) = self
+                .units
+                .get(&unit)
+                .map_or((0, Duration::MAX), |io| Self::unit_flows(io, &tables));
             if count == 0 || quiet >= idle_after {
                 idle.push((unit, count));
                 continue;

@@ -380,11 +380,8 @@ impl Supervisor {
     /// The units new flows go to: the newest ready generation's, else the newest started
     /// generation's (its sockets queue them until it reads), else the newest live one's.
     fn new_flow_units(&self) -> Vec<u64> {
-        let tiers: [fn(&Unit) -> bool; 3] = [
-            Self::is_serving,
-            Self::is_starting,
-            |u| !matches!(u.state, UnitState::Killed),
-        ];
+        let tiers: [fn(&Unit) -> bool; 3] =
+            [Self::is_serving, Self::is_starting, |u| !matches!(u.state, UnitState::Killed)];
         for tier in tiers {
             if let Some(newest) = self.units.iter().filter(|u| tier(u)).map(|u| u.generation).max()
             {
@@ -500,7 +497,10 @@ impl Supervisor {
                 let u = &self.units[i];
                 let (UnitState::Kept, Some(pid)) = (&u.state, u.pid) else { return };
                 if flows > 0 {
-                    info!("generation {} (pid {pid}): its flows are idle; stopping it", u.generation);
+                    info!(
+                        "generation {} (pid {pid}): its flows are idle; stopping it",
+                        u.generation
+                    );
                 }
                 self.signal_stop(i, self.policy.stop_signal, now, out);
             }

@@ -1108,9 +1108,10 @@ fn steered_workers_share_new_flows_and_a_rolling_reload_does_not_wait_for_kept_o
         quiet(sup.step(notify_ready(4, 201), at(40))),
         vec![watch(2, 1, 101), done_ok(2), new_flows(&[3, 4])]
     );
-    assert_eq!(quiet(sup.step(Event::FlowsIdle { unit: 2, flows: 0 }, at(50))), vec![sig(
-        101, SIGTERM
-    )]);
+    assert_eq!(
+        quiet(sup.step(Event::FlowsIdle { unit: 2, flows: 0 }, at(50))),
+        vec![sig(101, SIGTERM)]
+    );
     // A snapshot carries a kept unit; the restored machine names it for the loop to watch.
     let snapshot = sup.snapshot(at(60)).expect("snapshot");
     let restored = Supervisor::restore(steered(2), &snapshot, at(60), Duration::ZERO).unwrap();

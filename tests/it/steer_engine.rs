@@ -84,14 +84,8 @@ fn start_steered(control: &Path, extra: &[&str]) -> (Sockhold, u16) {
     let exe = std::env::current_exe().expect("the test binary");
     let exe = exe.to_string_lossy().into_owned();
     let control = control.to_string_lossy().into_owned();
-    let mut args = vec![
-        "-l",
-        "udp://127.0.0.1:0,steer=flow",
-        "--ready",
-        "notify",
-        "--control",
-        &control,
-    ];
+    let mut args =
+        vec!["-l", "udp://127.0.0.1:0,steer=flow", "--ready", "notify", "--control", &control];
     args.extend_from_slice(extra);
     args.extend([
         "--",
