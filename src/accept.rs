@@ -80,6 +80,7 @@ impl AcceptSupervisor {
             .iter()
             .map(|(&pid, c)| GenerationInfo {
                 id: c.generation,
+                unit: c.generation,
                 pid: Some(pid),
                 state: match (c.killed, c.kill_at) {
                     (true, _) => "killed",
@@ -107,6 +108,7 @@ impl AcceptSupervisor {
             Event::FirstConnection
             | Event::Notify { .. }
             | Event::ProbeDone { .. }
+            | Event::FlowsIdle { .. }
             | Event::Timer => {}
             // Refused at the end of the turn: the handover cannot carry connections' children.
             Event::Upgrade { asker } => out.push(Action::Upgrade { asker }),
@@ -224,6 +226,7 @@ mod tests {
             reload_strategy: crate::supervisor::ReloadStrategy::Rolling,
             max_draining: crate::supervisor::MAX_DRAINING,
             lazy: false,
+            flow_steering: None,
         }
     }
 

@@ -41,7 +41,8 @@ pub struct Cli {
     /// unix://, unixgram://, unixpacket:// with /PATH or @ABSTRACT), or an inherited one to adopt
     /// (fd://N, systemd://NAME). Options follow after commas: name=, backlog=, v6only=,
     /// reuseport, freebind, device=, nodelay, keepalive, rcvbuf=, sndbuf=, mode=, owner=, group=,
-    /// nonblock. Repeatable: the order is the fd order (3, 4, ...).
+    /// nonblock, steer=flow (UDP: each unit its own socket, flows kept on it across reloads).
+    /// Repeatable: the order is the fd order (3, 4, ...).
     /// Without any, sockhold adopts every socket it was itself given under socket activation.
     #[arg(short = 'l', long = "listen", value_name = "SPEC")]
     pub listen: Vec<ListenSpec>,
@@ -105,6 +106,12 @@ pub struct Cli {
     /// connections open.
     #[arg(long, value_name = "N", default_value_t = MAX_DRAINING, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_draining: usize,
+
+    /// With a `steer=flow` listener: a replaced generation that still owns flows gets its stop
+    /// signal only once none of them has had a datagram for DUR (one that owns none is stopped
+    /// at once; at shutdown every generation is stopped at once).
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    pub flow_idle: Duration,
 
     /// What to do when the serving child exits by itself: restart it (with backoff from 100ms
     /// to 30s) unless it exited 0, always restart it, or never (sockhold ends with its status).
@@ -431,6 +438,15 @@ impl Cli {
                 "invalid --watchdog: it must be longer than 0 (leave it out to turn it off)".into(),
             );
         }
+        if let Some(spec) = listen.iter().find(|spec| spec.options.steer_flow)
+            && (self.accept || self.lazy)
+        {
+            let flag = if self.accept { "--accept" } else { "--lazy" };
+            return Err(format!(
+                "invalid --listen '{}': steer=flow does not apply with {flag} (each unit gets its own socket, and sockhold's own is never read)",
+                spec.text
+            ));
+        }
         if self.accept && self.ready.probes() {
             return Err("--ready http: and exec: do not apply to --accept, whose children serve one connection each".into());
         }
@@ -442,6 +458,7 @@ impl Cli {
                 spec.options.nonblock = true;
             }
         }
+        let flow_steering = listen.iter().any(|spec| spec.options.steer_flow);
         Ok(Config {
             listen,
             policy: Policy {
@@ -458,6 +475,7 @@ impl Cli {
                 reload_strategy: self.reload_strategy,
                 max_draining: self.max_draining,
                 lazy: self.lazy,
+                flow_steering: flow_steering.then_some(self.flow_idle),
             },
             probe_timeout: self.probe_timeout.unwrap_or(DEFAULT_PROBE_TIMEOUT),
             name,
@@ -719,6 +737,33 @@ mod tests {
         }
         assert!(config(&["--ready", "delay:59s"]).is_ok());
         assert!(config(&["--ready", "notify", "--ready-timeout", "1s"]).is_ok());
+    }
+
+    /// `--flow-idle` reaches the machine only when a listener is steered; `steer=flow` does not go
+    /// with `--lazy` or `--accept`.
+    #[test]
+    fn flow_idle_and_steer_flow() {
+        let config = |args: &[&str]| {
+            let mut all = args.to_vec();
+            all.push("srv");
+            parse(&all).map_err(|e| e.to_string()).and_then(Cli::into_config)
+        };
+        let steering = |args: &[&str]| config(args).unwrap().policy.flow_steering;
+        assert_eq!(steering(&["-l", "udp://127.0.0.1:0"]), None);
+        assert_eq!(steering(&["-l", "udp://127.0.0.1:0", "--flow-idle", "1s"]), None);
+        let steered = ["-l", "127.0.0.1:0", "-l", "udp://127.0.0.1:0,steer=flow"];
+        assert_eq!(steering(&steered), Some(Duration::from_secs(10)));
+        let args = [&steered[..], &["--flow-idle", "250ms"]].concat();
+        assert_eq!(steering(&args), Some(Duration::from_millis(250)));
+        for flag in ["--lazy", "--accept"] {
+            let err = config(&["-l", "udp://127.0.0.1:0,steer=flow", flag]).unwrap_err();
+            assert!(err.contains("'udp://127.0.0.1:0,steer=flow'") && err.contains(flag), "{err}");
+        }
+        let err = config(&["-l", "127.0.0.1:8080,steer=flow"]).unwrap_err();
+        assert!(
+            err.contains("'127.0.0.1:8080,steer=flow': steer=flow is for UDP sockets only"),
+            "{err}"
+        );
     }
 
     #[test]

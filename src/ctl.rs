@@ -147,6 +147,9 @@ pub fn format_status(status: &Status) -> String {
             if pids.is_empty() { "-".to_string() } else { pids.join(",") },
             g.since
         );
+        if let Some(flows) = g.flows {
+            out += &format!(", flows {flows}");
+        }
         if let Some(text) = &g.status {
             out += &format!(", status: {text}");
         }
@@ -195,7 +198,7 @@ mod tests {
             "listeners": [{"fd": 3, "name": "web", "address": "127.0.0.1:8080"}],
             "generations": [
                 {"id": 2, "pids": [22], "state": "stopping", "since": "T2", "status": null},
-                {"id": 3, "pids": [33], "state": "serving", "since": "T3", "status": "ok"}
+                {"id": 3, "pids": [33], "state": "serving", "since": "T3", "status": "ok", "flows": 4}
             ],
             "restarts": 1,
             "last_reload": {"ok": false, "generation": 4, "error": "boom", "at": "T4"}
@@ -208,7 +211,7 @@ mod tests {
             "sockhold 0.1.0 (pid 10), instance web, up since 2026-01-01T00:00:00Z",
             "listener fd 3: 127.0.0.1:8080 (name web)",
             "generation 2: stopping, pid 22, since T2\n",
-            "generation 3: serving, pid 33, since T3, status: ok",
+            "generation 3: serving, pid 33, since T3, flows 4, status: ok",
             "restarts: 1",
             "last reload: failed at T4: boom",
         ] {

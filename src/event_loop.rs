@@ -21,7 +21,7 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use log::{debug, info, warn};
@@ -115,6 +115,28 @@ struct UnitIo {
     health: Option<SocketAddr>,
     /// Its readiness probe in flight.
     probe: Option<Probe>,
+    /// Its own sockets of the `steer=flow` listeners, each in its steering slot.
+    steered: Vec<UnitSocket>,
+}
+
+/// A unit's own socket of a `steer=flow` listener.
+struct UnitSocket {
+    /// The listener's index (its fd is 3 + index).
+    listener: usize,
+    /// sockhold's copy, kept while the unit lives (for a self-upgrade).
+    fd: std::os::fd::OwnedFd,
+    /// Its slot in the listener's steering.
+    slot: u32,
+}
+
+/// A replaced unit kept for its steered flows ([`Action::WatchFlows`]).
+struct Watch {
+    generation: u64,
+    pid: Pid,
+    /// When to look at its flows next.
+    at: Instant,
+    /// Whether the log said it is kept.
+    announced: bool,
 }
 
 /// What a polled fd belongs to: a readable one is dispatched by it.
@@ -174,6 +196,10 @@ pub struct EventLoop {
     accept_episode: bool,
     /// Self-upgrade: who asked, where from, how the last one went.
     upgrade: handover::Upgrades,
+    /// With `steer=flow`: the units kept for their flows, watched until these are idle.
+    watched: BTreeMap<u64, Watch>,
+    /// With `steer=flow`: the units new flows go to ([`Action::NewFlowsTo`]).
+    new_flow_units: Vec<u64>,
 }
 
 /// What sockhold created and removes when it ends, however it ends: the listeners (and the Unix
@@ -269,6 +295,8 @@ impl EventLoop {
             manager,
             base_env,
             upgrade: handover::Upgrades::at_start(),
+            watched: BTreeMap::new(),
+            new_flow_units: Vec::new(),
         })
     }
 
@@ -338,6 +366,8 @@ impl EventLoop {
             self.units.values().filter_map(|u| u.probe.as_ref()).map(|p| p.deadline).min(),
             // One wakeup at the end of probation, to close the state and the old binary.
             self.upgrade.probation_deadline(),
+            // Only while a unit is kept for its flows: an idle sockhold never wakes.
+            self.watched.values().map(|w| w.at).min(),
         ]
         .into_iter()
         .flatten()
@@ -443,6 +473,7 @@ impl EventLoop {
             pending.push_back(Event::FirstConnection);
         }
         let before = pending.len();
+        self.check_flows(now, pending);
         if woken.signals {
             self.read_signals(pending);
         }
@@ -614,6 +645,7 @@ impl EventLoop {
         // One entry per generation, its processes (workers) listed in it; the generation's
         // state is the most alive of theirs, so a half-replaced generation still shows serving.
         let units = self.brain.generations();
+        let flows = self.flows_by_generation();
         let mut ids: Vec<u64> = units.iter().map(|u| u.id).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -641,6 +673,7 @@ impl EventLoop {
                     since: at(since),
                     status: of.iter().find_map(|u| u.status.clone()),
                     workers,
+                    flows: flows.as_ref().map(|f| f.get(&id).copied().unwrap_or(0)),
                 }
             })
             .collect();
@@ -740,11 +773,24 @@ impl EventLoop {
                 }
             },
             Action::Release { unit } => {
-                if let Some(probe) = self.units.remove(&unit).and_then(|io| io.probe) {
-                    probe.kill();
-                    self.killed_probes.extend(probe.pid());
+                self.watched.remove(&unit);
+                if let Some(mut io) = self.units.remove(&unit) {
+                    if let Some(probe) = io.probe.take() {
+                        probe.kill();
+                        self.killed_probes.extend(probe.pid());
+                    }
+                    self.release_steered(std::mem::take(&mut io.steered));
                 }
                 self.repair_listeners();
+            }
+            Action::NewFlowsTo { units } => {
+                self.new_flow_units = units;
+                self.steer_new_flows();
+            }
+            Action::WatchFlows { unit, generation, pid } => {
+                let at = Instant::now();
+                self.watched.insert(unit, Watch { generation, pid, at, announced: false });
+                self.check_flows(at, pending);
             }
             Action::Manager(message) => {
                 if let Some(manager) = &self.manager {
@@ -853,6 +899,20 @@ impl EventLoop {
             _ => None,
         };
         self.repair_listeners();
+        // steer=flow: the unit's own socket of each steered listener, in a slot of its own.
+        let mut steered = Vec::new();
+        for listener in 0..self.held.listeners.len() {
+            if self.held.listeners[listener].steering().is_none() {
+                continue;
+            }
+            match self.held.listeners[listener].unit_socket() {
+                Ok((fd, slot)) => steered.push(UnitSocket { listener, fd, slot }),
+                Err(e) => {
+                    self.release_steered(steered);
+                    return failed(format!("{e:#}"));
+                }
+            }
+        }
         // O_NONBLOCK lives on the open file description that sockhold and every generation
         // share, and a server that set it relies on it: clearing it under HAProxy leaves its
         // workers blocked in accept() through their soft stop, under lighttpd it stops
@@ -896,17 +956,25 @@ impl EventLoop {
         let fds: Vec<BorrowedFd<'_>> = plan_fds
             .iter()
             .filter_map(|fd| match fd {
-                plan::Fd::Listener(i) => Some(self.held.listeners[*i].fd()),
+                plan::Fd::Listener(i) => Some(match steered.iter().find(|s| s.listener == *i) {
+                    Some(own) => std::os::fd::AsFd::as_fd(&own.fd),
+                    None => self.held.listeners[*i].fd(),
+                }),
                 plan::Fd::Health => health.as_ref().map(|(l, _)| std::os::fd::AsFd::as_fd(l)),
             })
             .collect();
-        match spawn(&spec, &fds, None) {
+        let result = spawn(&spec, &fds, None);
+        drop(fds);
+        match result {
             Ok(pid) => {
                 let health = health.map(|(_, addr)| addr);
-                self.units.insert(unit, UnitIo { notify: socket, health, probe: None });
+                self.units.insert(unit, UnitIo { notify: socket, health, probe: None, steered });
                 Event::Spawned { unit, pid }
             }
-            Err(e) => Event::SpawnFailed { unit, error: e.message, code: e.code },
+            Err(e) => {
+                self.release_steered(steered);
+                Event::SpawnFailed { unit, error: e.message, code: e.code }
+            }
         }
     }
 
@@ -936,6 +1004,131 @@ impl EventLoop {
     /// COMMAND and the environment every child inherits.
     fn command(&self) -> plan::Command<'_> {
         plan::Command { argv: &self.config.command, base_env: &self.base_env }
+    }
+}
+
+/// `steer=flow`: the units' own sockets, where new flows go, and the flows of kept units.
+impl EventLoop {
+    /// The units the machine keeps for their flows: `(unit, generation, pid)`.
+    fn brain_kept_units(&self) -> Vec<(u64, u64, Pid)> {
+        match &self.brain {
+            Brain::Generations(s) => s.kept_units(),
+            Brain::PerConnection(_) => Vec::new(),
+        }
+    }
+
+    /// Empties the slots of a unit's own sockets (forgetting their flows) and closes them.
+    fn release_steered(&mut self, steered: Vec<UnitSocket>) {
+        for own in steered {
+            self.held.listeners[own.listener].release_slot(own.slot);
+        }
+    }
+
+    /// Points each steered listener's new flows at the slots of [`Self::new_flow_units`].
+    fn steer_new_flows(&self) {
+        for (i, listener) in self.held.listeners.iter().enumerate() {
+            let Some(steering) = listener.steering() else { continue };
+            let slots: Vec<u32> = (self.new_flow_units.iter())
+                .filter_map(|unit| self.units.get(unit))
+                .flat_map(|io| io.steered.iter().filter(|s| s.listener == i).map(|s| s.slot))
+                .take(crate::steer::MAX_NEW_FLOW_SLOTS as usize)
+                .collect();
+            debug!(
+                "steer=flow on {}: new flows go to slots {slots:?}",
+                listener.local_description()
+            );
+            if let Err(e) = steering.set_new_flow_slots(&slots) {
+                warn!("steer=flow on {}: {e:#}", listener.local_description());
+            }
+        }
+    }
+
+    /// Per steered listener, the flows of each slot and the steering clock's now; `None` where
+    /// the table could not be read (logged).
+    fn flow_tables(&self) -> Vec<Option<(BTreeMap<u32, crate::steer::SlotFlows>, Duration)>> {
+        (self.held.listeners.iter())
+            .map(|listener| {
+                let steering = listener.steering()?;
+                match steering.flows_by_slot() {
+                    Ok(table) => Some((table, steering.now())),
+                    Err(e) => {
+                        warn!("steer=flow on {}: {e:#}", listener.local_description());
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// How many flows a unit owns, and how long since the last datagram of any of them.
+    fn unit_flows(
+        io: &UnitIo,
+        tables: &[Option<(BTreeMap<u32, crate::steer::SlotFlows>, Duration)>],
+    ) -> (usize, Duration) {
+        let mut count = 0;
+        let mut quiet = Duration::MAX;
+        for own in &io.steered {
+            let Some((table, now)) = &tables[own.listener] else { continue };
+            if let Some(flows) = table.get(&own.slot) {
+                count += flows.count;
+                quiet = quiet.min(now.saturating_sub(flows.last_seen));
+            }
+        }
+        (count, quiet)
+    }
+
+    /// Looks at the flows of the kept units that are due: one that owns none, or whose flows
+    /// have been quiet for `--flow-idle`, is reported idle; the others are looked at again when
+    /// they would be.
+    fn check_flows(&mut self, now: Instant, pending: &mut VecDeque<Event>) {
+        if !self.watched.values().any(|w| w.at <= now) {
+            return;
+        }
+        let idle_after = self.config.policy.flow_steering.unwrap_or_default();
+        let tables = self.flow_tables();
+        let mut idle = Vec::new();
+        for (&unit, watch) in &mut self.watched {
+            if watch.at > now {
+                continue;
+            }
+            let (count, quiet) = self
+                .units
+                .get(&unit)
+                .map_or((0, Duration::MAX), |io| Self::unit_flows(io, &tables));
+            if count == 0 || quiet >= idle_after {
+                idle.push((unit, count));
+                continue;
+            }
+            if !watch.announced {
+                info!(
+                    "generation {} (pid {}) is kept for its {count} flow(s) until they are idle for {}",
+                    watch.generation,
+                    watch.pid,
+                    humantime::format_duration(idle_after)
+                );
+                watch.announced = true;
+            }
+            watch.at = now + (idle_after - quiet);
+        }
+        for (unit, flows) in idle {
+            self.watched.remove(&unit);
+            pending.push_back(Event::FlowsIdle { unit, flows });
+        }
+    }
+
+    /// With `steer=flow`: how many flows each generation owns, over every steered listener;
+    /// `None` without a steered listener.
+    fn flows_by_generation(&self) -> Option<BTreeMap<u64, usize>> {
+        if !self.held.listeners.iter().any(|l| l.steering().is_some()) {
+            return None;
+        }
+        let tables = self.flow_tables();
+        let mut out = BTreeMap::new();
+        for info in self.brain.generations() {
+            let count = self.units.get(&info.unit).map_or(0, |io| Self::unit_flows(io, &tables).0);
+            *out.entry(info.id).or_insert(0) += count;
+        }
+        Some(out)
     }
 }
 

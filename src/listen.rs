@@ -17,6 +17,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeSet;
+
 use anyhow::{Context, bail};
 use nix::errno::Errno;
 use nix::fcntl::FcntlArg::{F_GETFL, F_SETFL};
@@ -29,6 +31,8 @@ use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid};
 
 mod spec;
+
+use crate::steer::{FlowSteering, MAX_FLOWS, MAX_SLOTS, SteeringFds};
 
 use spec::check_options_apply;
 pub use spec::{
@@ -50,6 +54,16 @@ pub struct Listener {
     /// For an internet socket, the address it was bound to, port included: a `shutdown(2)` can
     /// release a port the kernel chose, and repairing the socket binds it there again.
     inet_addr: Option<SockaddrStorage>,
+    /// With `steer=flow`: the steering of the reuseport group this socket anchors.
+    steer: Option<Steered>,
+}
+
+/// A `steer=flow` listener's steering: the program and maps, and which slots units hold.
+#[derive(Debug)]
+pub struct Steered {
+    steering: FlowSteering,
+    /// Slots given to a unit's socket and not cleared since.
+    in_use: BTreeSet<u32>,
 }
 
 /// A bound socket, what it is bound to, and the socket file it created.
@@ -81,10 +95,22 @@ impl Listener {
         };
         let name = (spec.options.name.clone()).unwrap_or(default_name);
         let spec = spec.clone();
-        let mut listener = Listener { fd, spec, name, local, unix_file, kind, inet_addr: None };
+        let mut listener =
+            Listener { fd, spec, name, local, unix_file, kind, inet_addr: None, steer: None };
         if let Err(e) = listener.set_up() {
             listener.remove_socket_file();
             return Err(e);
+        }
+        if listener.spec.options.steer_flow {
+            let steer = Steered::start(listener.fd.as_fd())
+                .with_context(|| format!("steer=flow on {}", listener.local))?;
+            log::info!(
+                "steer=flow on {}: each unit gets its own socket; flows are kept by a {}-instruction eBPF program (flow table of {} flows)",
+                listener.local,
+                FlowSteering::program_len(),
+                steer.steering.max_flows()
+            );
+            listener.steer = Some(steer);
         }
         listener.inet_addr =
             socket::getsockname::<SockaddrStorage>(listener.fd.as_raw_fd()).ok().filter(|a| {
@@ -225,6 +251,36 @@ impl Listener {
         self.fd.as_fd()
     }
 
+    /// With `steer=flow`: its steering.
+    pub fn steering(&self) -> Option<&FlowSteering> {
+        self.steer.as_ref().map(|s| &s.steering)
+    }
+
+    /// With `steer=flow`: a socket of its own for one unit, bound with the spec's options to
+    /// the address this socket is bound to (its real port) in the same reuseport group, and put
+    /// in a free steering slot. Returns the socket and its slot.
+    pub fn unit_socket(&mut self) -> anyhow::Result<(OwnedFd, u32)> {
+        let local = self.local.clone();
+        let context = || format!("steer=flow on {local}: a socket for a new unit");
+        let Some(steer) = &mut self.steer else { bail!("{local} is not steered") };
+        let slot = (0..MAX_SLOTS)
+            .find(|slot| !steer.in_use.contains(slot))
+            .with_context(|| format!("{}: all {MAX_SLOTS} steering slots are taken", context()))?;
+        let fd = bind_member(self.fd.as_fd(), &self.spec.options, &local).with_context(context)?;
+        steer.steering.set_slot(slot, fd.as_fd()).with_context(context)?;
+        steer.in_use.insert(slot);
+        Ok((fd, slot))
+    }
+
+    /// With `steer=flow`: empties a unit's slot and forgets its flows; the slot is free again.
+    pub fn release_slot(&mut self, slot: u32) {
+        let Some(steer) = &mut self.steer else { return };
+        if let Err(e) = steer.steering.clear_slot(slot) {
+            log::warn!("steer=flow on {}: {e:#}", self.local);
+        }
+        steer.in_use.remove(&slot);
+    }
+
     /// The socket's name for `LISTEN_FDNAMES`.
     pub fn name(&self) -> &str {
         &self.name
@@ -298,6 +354,32 @@ pub struct Handover {
     pub unix_file: Option<UnixFileHandover>,
     /// Its socket type.
     pub kind: KindHandover,
+    /// With `steer=flow`: the steering's program and maps, and the slots units hold.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub steering: Option<SteeringHandover>,
+}
+
+/// A `steer=flow` listener's steering in a [`Handover`]: the fd numbers of its program and maps
+/// (the socket itself is the listener's fd, the anchor of the group), and the slots in use.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SteeringHandover {
+    /// The `SK_REUSEPORT` program.
+    pub program: RawFd,
+    /// The slot → socket map.
+    pub sockets: RawFd,
+    /// The flow table.
+    pub flows: RawFd,
+    /// The new-flow slots.
+    pub config: RawFd,
+    /// The slots a unit's socket holds.
+    pub slots: Vec<u32>,
+}
+
+impl SteeringHandover {
+    fn fds(&self) -> [RawFd; 4] {
+        [self.program, self.sockets, self.flows, self.config]
+    }
 }
 
 /// The socket file a listener created, with its identity.
@@ -343,7 +425,62 @@ impl Listener {
                 SocketKind::Datagram => KindHandover::Datagram,
                 SocketKind::SeqPacket => KindHandover::SeqPacket,
             },
+            steering: self.steer.as_ref().map(|steer| {
+                let fds = steer.steering.fds();
+                SteeringHandover {
+                    program: fds.program.as_raw_fd(),
+                    sockets: fds.sockets.as_raw_fd(),
+                    flows: fds.flows.as_raw_fd(),
+                    config: fds.config.as_raw_fd(),
+                    slots: steer.in_use.iter().copied().collect(),
+                }
+            }),
         }
+    }
+
+    /// Every fd a [`Handover`] of this listener names: its socket, and its steering's.
+    pub fn handover_fds(&self) -> Vec<RawFd> {
+        let mut fds = vec![self.fd.as_raw_fd()];
+        if let Some(steer) = &self.steer {
+            let s = steer.steering.fds();
+            fds.extend([&s.program, &s.sockets, &s.flows, &s.config].map(|fd| fd.as_raw_fd()));
+        }
+        fds
+    }
+
+    /// Checks the steering of a [`Handover`]: with `dry`, only that its fd numbers can be fds;
+    /// else that they are the program and maps a steering needs (on copies, taking nothing).
+    /// Returns the fd numbers.
+    pub fn check_steering_handover(state: &Handover, dry: bool) -> Result<Vec<RawFd>, String> {
+        let Some(steering) = &state.steering else { return Ok(Vec::new()) };
+        let text = &state.spec;
+        if !state.spec.parse::<ListenSpec>().is_ok_and(|spec| spec.options.steer_flow) {
+            return Err(format!("listener {text} has a steering, but its spec does not steer"));
+        }
+        let fds = steering.fds();
+        if let Some(fd) = fds.iter().find(|fd| **fd < 0) {
+            return Err(format!("the steering of {text} has fd {fd}, which cannot be handed over"));
+        }
+        if let Some(slot) = steering.slots.iter().find(|slot| **slot >= MAX_SLOTS) {
+            return Err(format!("the steering of {text} has slot {slot}, beyond {MAX_SLOTS}"));
+        }
+        if dry {
+            return Ok(fds.to_vec());
+        }
+        let copy = |fd: RawFd| -> Result<OwnedFd, String> {
+            let borrowed = crate::sys::borrow_inherited_fd(fd)
+                .map_err(|e| format!("steering fd {fd} of {text} is not open: {e}"))?;
+            borrowed.try_clone_to_owned().map_err(|e| format!("steering fd {fd} of {text}: {e}"))
+        };
+        let [program, sockets, flows, config] = fds;
+        FlowSteering::from_fds(SteeringFds {
+            program: copy(program)?,
+            sockets: copy(sockets)?,
+            flows: copy(flows)?,
+            config: copy(config)?,
+        })
+        .map_err(|e| format!("the steering of {text}: {e:#}"))?;
+        Ok(fds.to_vec())
     }
 
     /// Checks a [`Handover`] without its fd (a dry run has none): its spec parses and its fd
@@ -388,6 +525,22 @@ impl Listener {
                 Some(AddressFamily::Inet | AddressFamily::Inet6)
             )
         });
+        let steer = state.steering.as_ref().and_then(|steering| {
+            let [program, sockets, flows, config] =
+                steering.fds().map(crate::sys::adopt_inherited_fd);
+            match FlowSteering::from_fds(SteeringFds { program, sockets, flows, config }) {
+                Ok(steering_now) => Some(Steered {
+                    steering: steering_now,
+                    in_use: steering.slots.iter().copied().collect(),
+                }),
+                // Checked on copies by check_steering_handover: only a kernel that changed its
+                // mind in between gets here. The program stays attached to the group.
+                Err(e) => {
+                    log::error!("after the upgrade, the steering of {} is lost: {e:#}", state.spec);
+                    None
+                }
+            }
+        });
         Listener {
             fd,
             spec,
@@ -396,8 +549,62 @@ impl Listener {
             unix_file,
             kind,
             inet_addr,
+            steer,
         }
     }
+}
+
+impl Steered {
+    /// Creates the steering and attaches its program to the group `anchor` belongs to.
+    fn start(anchor: BorrowedFd<'_>) -> anyhow::Result<Steered> {
+        let steering = FlowSteering::new(MAX_FLOWS)?;
+        steering.attach(anchor)?;
+        Ok(Steered { steering, in_use: BTreeSet::new() })
+    }
+}
+
+/// A new member of the reuseport group of `anchor`: a UDP socket with the spec's options, bound
+/// to the anchor's own address (port included, so a port the kernel chose is shared too).
+fn bind_member(
+    anchor: BorrowedFd<'_>,
+    options: &ListenOptions,
+    local: &str,
+) -> anyhow::Result<OwnedFd> {
+    let addr = os(socket::getsockname::<SockaddrStorage>(anchor.as_raw_fd()))
+        .context("getsockname on the held socket")?;
+    let family = socket::SockaddrLike::family(&addr).context("the held socket has no family")?;
+    let fd = os(new_socket(family, SocketKind::Datagram, SockFlag::empty()))
+        .context("failed to create a socket")?;
+    let set = |what: &str, result: nix::Result<()>| {
+        os(result).with_context(|| format!("failed to set {what}"))
+    };
+    if family == AddressFamily::Inet6 {
+        let v6only = os(socket::getsockopt(&anchor, sockopt::Ipv6V6Only))
+            .context("failed to read IPV6_V6ONLY of the held socket")?;
+        set("IPV6_V6ONLY", socket::setsockopt(&fd, sockopt::Ipv6V6Only, &v6only))?;
+    }
+    set("SO_REUSEPORT", socket::setsockopt(&fd, sockopt::ReusePort, &true))?;
+    if options.freebind {
+        set("IP_FREEBIND", socket::setsockopt(&fd, sockopt::IpFreebind, &true))?;
+    }
+    if let Some(device) = &options.device {
+        let name = std::ffi::OsString::from(device);
+        set("SO_BINDTODEVICE", socket::setsockopt(&fd, sockopt::BindToDevice, &name))?;
+    }
+    os(socket::bind(fd.as_raw_fd(), &addr)).context("failed to bind it")?;
+    if let Some(size) = options.rcvbuf {
+        let force = sockopt::RcvBufForce;
+        set_buffer_size(&fd, ("rcvbuf", "rmem_max"), size, sockopt::RcvBuf, force, local)?;
+    }
+    if let Some(size) = options.sndbuf {
+        let force = sockopt::SndBufForce;
+        set_buffer_size(&fd, ("sndbuf", "wmem_max"), size, sockopt::SndBuf, force, local)?;
+    }
+    if options.nonblock {
+        let flags = OFlag::from_bits_retain(os(fcntl(&fd, F_GETFL))?) | OFlag::O_NONBLOCK;
+        os(fcntl(&fd, F_SETFL(flags))).context("failed to set O_NONBLOCK")?;
+    }
+    Ok(fd)
 }
 
 /// Converts nix's errors to std's, whose message anyhow shows as
@@ -551,7 +758,8 @@ fn bind_inet(
     if kind == SocketKind::Stream {
         set("SO_REUSEADDR", socket::setsockopt(&fd, sockopt::ReuseAddr, &true))?;
     }
-    if options.reuseport {
+    // steer=flow: this socket anchors the reuseport group the units' sockets join.
+    if options.reuseport || options.steer_flow {
         set("SO_REUSEPORT", socket::setsockopt(&fd, sockopt::ReusePort, &true))?;
     }
     if options.freebind {

@@ -457,6 +457,10 @@ pub struct Generation {
     /// Its processes, one per worker (missing from an older sockhold's answer).
     #[serde(default)]
     pub workers: Vec<Worker>,
+    /// With a `steer=flow` listener: the flows it owns over every steered listener; `null`
+    /// without one (and missing from an older sockhold's answer).
+    #[serde(default)]
+    pub flows: Option<usize>,
 }
 
 /// One process of a [`Generation`].
@@ -631,6 +635,7 @@ mod tests {
                     state: "serving".into(),
                     since: "T1".into(),
                 }],
+                flows: None,
             }],
             restarts: 0,
             last_reload: None,
@@ -642,6 +647,8 @@ mod tests {
             count: 1,
             last: Some(LastUpgrade::succeeded("/usr/bin/sockhold", "0.2.0", "T3".into())),
         };
+        let mut steered = status.clone();
+        steered.generations[0].flows = Some(7);
         let mut failed = status.clone();
         failed.generations.clear();
         failed.last_reload = Some(LastReload::new(3, &Err("exit status 3".into()), "T4".into()));
@@ -679,7 +686,17 @@ mod tests {
                     r#"{"ok":true,"pid":10,"version":"0.1.0","name":"web","started":"T0","#,
                     r#""listeners":[{"fd":3,"name":"web","address":"127.0.0.1:80"}],"#,
                     r#""generations":[{"id":2,"pids":[22],"state":"serving","since":"T1","#,
-                    r#""status":null,"workers":[{"pid":22,"state":"serving","since":"T1"}]}],"#,
+                    r#""status":null,"workers":[{"pid":22,"state":"serving","since":"T1"}],"flows":null}],"#,
+                    r#""restarts":0,"last_reload":null,"upgrades":{"count":0,"last":null}}"#
+                ),
+            ),
+            (
+                Answer::Status(Box::new(steered)),
+                concat!(
+                    r#"{"ok":true,"pid":10,"version":"0.1.0","name":"web","started":"T0","#,
+                    r#""listeners":[{"fd":3,"name":"web","address":"127.0.0.1:80"}],"#,
+                    r#""generations":[{"id":2,"pids":[22],"state":"serving","since":"T1","#,
+                    r#""status":null,"workers":[{"pid":22,"state":"serving","since":"T1"}],"flows":7}],"#,
                     r#""restarts":0,"last_reload":null,"upgrades":{"count":0,"last":null}}"#
                 ),
             ),
@@ -689,7 +706,7 @@ mod tests {
                     r#"{"ok":true,"pid":10,"version":"0.1.0","name":"web","started":"T0","#,
                     r#""listeners":[{"fd":3,"name":"web","address":"127.0.0.1:80"}],"#,
                     r#""generations":[{"id":2,"pids":[22],"state":"serving","since":"T1","#,
-                    r#""status":null,"workers":[{"pid":22,"state":"serving","since":"T1"}]}],"#,
+                    r#""status":null,"workers":[{"pid":22,"state":"serving","since":"T1"}],"flows":null}],"#,
                     r#""restarts":0,"last_reload":{"ok":true,"generation":2,"at":"T2"},"#,
                     r#""upgrades":{"count":1,"last":{"ok":true,"binary":"/usr/bin/sockhold","#,
                     r#""version":"0.2.0","at":"T3"}}}"#

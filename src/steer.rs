@@ -26,9 +26,6 @@
 //! decide which generation is ready or which slot a unit gets (the supervisor does), and it
 //! holds no unsafe code: the raw calls live in `sys::bpf`.
 
-// Not driven by the listen specs yet; the tests below exercise all of it.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -654,6 +651,7 @@ impl FlowSteering {
     }
 
     /// Gives the fds up (to a self-upgrade).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn into_fds(self) -> SteeringFds {
         self.fds
     }

@@ -114,6 +114,9 @@ pub struct Policy {
     pub max_draining: usize,
     /// `--lazy`: generation 1 starts on the first connection, not at [`Event::Start`].
     pub lazy: bool,
+    /// With a `steer=flow` listener: `--flow-idle`, how long a replaced unit's flows must be
+    /// quiet before it gets its stop signal. `None`: no listener is steered.
+    pub flow_steering: Option<Duration>,
 }
 
 /// Something that happened, as the event loop saw it.
@@ -151,6 +154,9 @@ pub enum Event {
     ProbeDone { unit: u64, result: Result<(), String> },
     /// Time passed; deadlines that are due fire on every step, this event only wakes them.
     Timer,
+    /// A unit kept for its steered flows ([`Action::WatchFlows`]) owns none now (`flows` is 0),
+    /// or none of its `flows` has had a datagram for `--flow-idle`.
+    FlowsIdle { unit: u64, flows: usize },
 }
 
 /// Something for the event loop to do.
@@ -182,6 +188,13 @@ pub enum Action {
     Upgrade { asker: Option<u64> },
     /// Exit sockhold with this code.
     Exit(ExitCode),
+    /// With steered listeners: new flows go to these units (by flow hash), from now on. Sent
+    /// whenever the set changes: the newest ready generation's units, else the newest started
+    /// generation's, else the newest that lives.
+    NewFlowsTo { units: Vec<u64> },
+    /// With steered listeners: a replaced unit is kept until its flows are idle; answer with
+    /// [`Event::FlowsIdle`] once it owns none or they have been quiet for `--flow-idle`.
+    WatchFlows { unit: u64, generation: u64, pid: Pid },
 }
 
 /// Why a unit was started.
@@ -213,6 +226,9 @@ enum UnitState {
     Stopping { kill_at: Instant, signal: Signal },
     /// SIGKILLed; waiting to reap it.
     Killed,
+    /// Replaced while it may own steered flows: not signalled until the loop says they are idle
+    /// ([`Event::FlowsIdle`]); counts as draining.
+    Kept,
 }
 
 /// One unit: a child process of a generation, started on the held sockets.
@@ -238,6 +254,8 @@ struct Unit {
 pub struct GenerationInfo {
     /// The number of its generation.
     pub id: u64,
+    /// The unit's key.
+    pub unit: u64,
     /// Its main process, once forked.
     pub pid: Option<Pid>,
     /// `starting`, `serving`, `stopping` or `killed`.
@@ -288,6 +306,8 @@ pub struct Supervisor {
     /// Workers that exited and are not to be replaced (`--restart never`, or `on-failure` and
     /// status 0).
     retired: usize,
+    /// With steered listeners: the units new flows were last sent to ([`Action::NewFlowsTo`]).
+    new_flows: Option<Vec<u64>>,
 }
 
 impl Supervisor {
@@ -306,6 +326,7 @@ impl Supervisor {
             failed_starts: 0,
             restarts: 0,
             retired: 0,
+            new_flows: None,
         }
     }
 
@@ -340,7 +361,49 @@ impl Supervisor {
         self.handle(event, now, &mut out);
         self.fire_deadlines(now, &mut out);
         self.exit_if_done(&mut out);
+        self.steer_new_flows(&mut out);
         out
+    }
+
+    /// With steered listeners: tells the loop where new flows go when that changed.
+    fn steer_new_flows(&mut self, out: &mut Vec<Action>) {
+        if self.policy.flow_steering.is_none() {
+            return;
+        }
+        let units = self.new_flow_units();
+        if self.new_flows.as_ref() != Some(&units) {
+            out.push(Action::NewFlowsTo { units: units.clone() });
+            self.new_flows = Some(units);
+        }
+    }
+
+    /// The units new flows go to: the newest ready generation's, else the newest started
+    /// generation's (its sockets queue them until it reads), else the newest live one's.
+    fn new_flow_units(&self) -> Vec<u64> {
+        let tiers: [fn(&Unit) -> bool; 3] =
+            [Self::is_serving, Self::is_starting, |u| !matches!(u.state, UnitState::Killed)];
+        for tier in tiers {
+            if let Some(newest) = self.units.iter().filter(|u| tier(u)).map(|u| u.generation).max()
+            {
+                return self
+                    .units
+                    .iter()
+                    .filter(|u| u.generation == newest && tier(u))
+                    .map(|u| u.key)
+                    .collect();
+            }
+        }
+        Vec::new()
+    }
+
+    /// The units kept for their flows, for the loop to watch again after a self-upgrade:
+    /// `(unit, generation, pid)`.
+    pub fn kept_units(&self) -> Vec<(u64, u64, Pid)> {
+        self.units
+            .iter()
+            .filter(|u| u.state == UnitState::Kept)
+            .filter_map(|u| u.pid.map(|pid| (u.key, u.generation, pid)))
+            .collect()
     }
 
     fn is_serving(u: &Unit) -> bool {
@@ -429,6 +492,18 @@ impl Supervisor {
                 self.notified(unit, sender, sender_pgid, message, now, out)
             }
             Event::ProbeDone { unit, result } => self.probed(unit, result, now, out),
+            Event::FlowsIdle { unit, flows } => {
+                let Some(i) = self.index_of(unit) else { return };
+                let u = &self.units[i];
+                let (UnitState::Kept, Some(pid)) = (&u.state, u.pid) else { return };
+                if flows > 0 {
+                    info!(
+                        "generation {} (pid {pid}): its flows are idle; stopping it",
+                        u.generation
+                    );
+                }
+                self.signal_stop(i, self.policy.stop_signal, now, out);
+            }
             Event::Timer => {}
         }
     }
@@ -714,7 +789,8 @@ impl Supervisor {
                         );
                         self.stop_unit(j, self.policy.stop_signal, now, out);
                         self.cap_draining(now, out);
-                        if self.policy.workers > 1 {
+                        // A worker kept for its flows is not waited for: the next step goes on.
+                        if self.policy.workers > 1 && self.units[j].state != UnitState::Kept {
                             self.reload = Some(Reload { generation, waiting_for: Some(old_key) });
                         }
                     }
@@ -759,13 +835,32 @@ impl Supervisor {
         }
     }
 
-    /// Sends `signal` to unit `i` and arms its SIGKILL deadline.
+    /// Sends `signal` to unit `i` and arms its SIGKILL deadline. With steered listeners, a
+    /// serving unit replaced while sockhold runs is kept for its flows instead: the loop is
+    /// asked to watch them ([`Action::WatchFlows`]) and the signal waits for
+    /// [`Event::FlowsIdle`].
     fn stop_unit(&mut self, i: usize, signal: Signal, now: Instant, out: &mut Vec<Action>) {
         let u = &self.units[i];
         let Some(pid) = u.pid else { return };
         if matches!(u.state, UnitState::Stopping { .. } | UnitState::Killed) {
             return;
         }
+        if self.policy.flow_steering.is_some()
+            && self.mode == Mode::Running
+            && signal == self.policy.stop_signal
+            && matches!(u.state, UnitState::Serving { .. })
+            && !u.crashed
+        {
+            out.push(Action::WatchFlows { unit: u.key, generation: u.generation, pid });
+            self.set_state(i, UnitState::Kept, now);
+            return;
+        }
+        self.signal_stop(i, signal, now, out);
+    }
+
+    /// Sends `signal` to unit `i` and arms its SIGKILL deadline, now.
+    fn signal_stop(&mut self, i: usize, signal: Signal, now: Instant, out: &mut Vec<Action>) {
+        let Some(pid) = self.units[i].pid else { return };
         out.push(Action::Signal { pid, signal });
         let stopping = UnitState::Stopping { kill_at: now + self.policy.stop_timeout, signal };
         self.set_state(i, stopping, now);
@@ -781,7 +876,9 @@ impl Supervisor {
             let mut draining: Vec<u64> = self
                 .units
                 .iter()
-                .filter(|u| matches!(u.state, UnitState::Stopping { .. }) && !u.crashed)
+                .filter(|u| {
+                    matches!(u.state, UnitState::Stopping { .. } | UnitState::Kept) && !u.crashed
+                })
                 .map(|u| u.generation)
                 .collect();
             draining.sort_unstable();
@@ -792,7 +889,9 @@ impl Supervisor {
             let oldest = draining[0];
             for i in 0..self.units.len() {
                 let u = &self.units[i];
-                if u.generation != oldest || !matches!(u.state, UnitState::Stopping { .. }) {
+                if u.generation != oldest
+                    || !matches!(u.state, UnitState::Stopping { .. } | UnitState::Kept)
+                {
                     continue;
                 }
                 let Some(pid) = u.pid else { continue };
@@ -992,6 +1091,12 @@ impl Supervisor {
                 info!("generation {generation} (pid {pid}) was killed: {status}");
                 self.record_final_status(generation, status, None);
             }
+            UnitState::Kept => {
+                info!(
+                    "generation {generation} (pid {pid}) exited while kept for its flows: {status}"
+                );
+                self.record_final_status(generation, status, None);
+            }
         }
         if waited_for {
             self.advance_reload(now, out);
@@ -1181,11 +1286,12 @@ impl Supervisor {
             .iter()
             .map(|u| GenerationInfo {
                 id: u.generation,
+                unit: u.key,
                 pid: u.pid,
                 state: match u.state {
                     UnitState::Spawning | UnitState::Starting { .. } => "starting",
                     UnitState::Serving { .. } => "serving",
-                    UnitState::Stopping { .. } => "stopping",
+                    UnitState::Stopping { .. } | UnitState::Kept => "stopping",
                     UnitState::Killed => "killed",
                 },
                 since: u.since,

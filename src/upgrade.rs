@@ -98,6 +98,8 @@ pub struct State {
     pub notify: Vec<crate::event_loop::handover::NotifyHandover>,
     /// The health listener address of each unit.
     pub health: Vec<crate::event_loop::handover::HealthHandover>,
+    /// Each unit's own socket of each `steer=flow` listener, with its slot.
+    pub unit_sockets: Vec<crate::event_loop::handover::UnitSocketHandover>,
     /// The control socket.
     #[serde(deserialize_with = "Option::deserialize")]
     pub control: Option<crate::control::Handover>,
@@ -725,7 +727,9 @@ pub(crate) mod tests {
                     ino: 2,
                 }),
                 kind: crate::listen::KindHandover::Stream,
+                steering: None,
             }],
+            unit_sockets: vec![],
             notify: vec![crate::event_loop::handover::NotifyHandover {
                 unit: 4,
                 fd: 5,

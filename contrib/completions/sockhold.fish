@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_sockhold_global_optspecs
-    string join \n l/listen= ready= ready-timeout= probe-delay= probe-interval= probe-timeout= watchdog= workers= reload-strategy= stop-signal= stop-timeout= max-draining= restart= notify-access= name= accept inetd max-connections= lazy compat-env= control= pid-file= user= chdir= env= env-file= subreaper on-supervisor-death= upgrade-binary= v/verbose q/quiet log-format= h/help V/version
+    string join \n l/listen= ready= ready-timeout= probe-delay= probe-interval= probe-timeout= watchdog= workers= reload-strategy= stop-signal= stop-timeout= max-draining= flow-idle= restart= notify-access= name= accept inetd max-connections= lazy compat-env= control= pid-file= user= chdir= env= env-file= subreaper on-supervisor-death= upgrade-binary= v/verbose q/quiet log-format= h/help V/version
 end
 
 function __fish_sockhold_needs_command
@@ -24,7 +24,7 @@ function __fish_sockhold_using_subcommand
     contains -- $cmd[1] $argv
 end
 
-complete -c sockhold -n "__fish_sockhold_needs_command" -s l -l listen -d 'A socket to bind and hand over: a port (8080), ADDR:PORT (127.0.0.1:8080, [::1]:8080), tcp://, tcp4://, tcp6://, udp://, udp4://, udp6://HOST:PORT, a Unix socket (/run/app.sock, unix://, unixgram://, unixpacket:// with /PATH or @ABSTRACT), or an inherited one to adopt (fd://N, systemd://NAME). Options follow after commas: name=, backlog=, v6only=, reuseport, freebind, device=, nodelay, keepalive, rcvbuf=, sndbuf=, mode=, owner=, group=, nonblock. Repeatable: the order is the fd order (3, 4, ...). Without any, sockhold adopts every socket it was itself given under socket activation' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -s l -l listen -d 'A socket to bind and hand over: a port (8080), ADDR:PORT (127.0.0.1:8080, [::1]:8080), tcp://, tcp4://, tcp6://, udp://, udp4://, udp6://HOST:PORT, a Unix socket (/run/app.sock, unix://, unixgram://, unixpacket:// with /PATH or @ABSTRACT), or an inherited one to adopt (fd://N, systemd://NAME). Options follow after commas: name=, backlog=, v6only=, reuseport, freebind, device=, nodelay, keepalive, rcvbuf=, sndbuf=, mode=, owner=, group=, nonblock, steer=flow (UDP: each unit its own socket, flows kept on it across reloads). Repeatable: the order is the fd order (3, 4, ...). Without any, sockhold adopts every socket it was itself given under socket activation' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l ready -d 'How a new child proves it is ready: `notify` (it sends READY=1 to $NOTIFY_SOCKET), `delay:DUR` (it is still running after DUR), `http:PATH` (GET PATH on its private `health` listener, the fd after the --listen ones, answers 2xx) or `exec:CMD` (CMD, split into words as a shell would but run without one, exits 0; it gets SOCKHOLD_CHILD_PID and SOCKHOLD_GENERATION). Probes are retried per --probe-delay, --probe-interval and --probe-timeout until --ready-timeout' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l ready-timeout -d 'A new child that is not ready by then is killed; the old one keeps serving' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l probe-delay -d 'With --ready http: or exec:, the wait between a child\'s start and its first probe' -r
@@ -37,6 +37,7 @@ all-at-once\t'N new workers; when all are ready, the N old ones are stopped'"
 complete -c sockhold -n "__fish_sockhold_needs_command" -l stop-signal -d 'The signal that asks a child to stop (TERM, SIGTERM or 15; realtime ones as RTMIN+N, RTMAX-N or their numbers)' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l stop-timeout -d 'A child that has not exited this long after the stop signal gets SIGKILL, with its whole process group' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l max-draining -d 'At most N old generations drain at once (stopped but still finishing their connections): when a reload would leave more, the oldest is SIGKILLed early with its process group. Bounds what quick successive reloads leave behind when clients hold connections open' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l flow-idle -d 'With a `steer=flow` listener: a replaced generation that still owns flows gets its stop signal only once none of them has had a datagram for DUR (one that owns none is stopped at once; at shutdown every generation is stopped at once)' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l restart -d 'What to do when the serving child exits by itself: restart it (with backoff from 100ms to 30s) unless it exited 0, always restart it, or never (sockhold ends with its status)' -r -f -a "on-failure\t'Restart unless it exited with status 0'
 always\t'Always restart'
 never\t'Never restart: sockhold ends with the child\'s status'"

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use log::{error, info};
 use serde::{Deserialize, Serialize};
 
-use super::{Brain, EventLoop, Held, UnitIo};
+use super::{Brain, EventLoop, Held, UnitIo, UnitSocket, Watch};
 use crate::cli::Config;
 use crate::control::{ClientId, ControlServer, error_answer};
 use crate::listen::Listener;
@@ -54,6 +54,20 @@ pub struct HealthHandover {
     pub unit: u64,
     /// Its address.
     pub addr: std::net::SocketAddr,
+}
+
+/// A unit's own socket of a `steer=flow` listener in the [`State`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnitSocketHandover {
+    /// The unit it belongs to.
+    pub unit: u64,
+    /// The listener's index.
+    pub listener: usize,
+    /// The fd number the next program inherits it at.
+    pub fd: RawFd,
+    /// Its steering slot.
+    pub slot: u32,
 }
 
 /// A control client waiting for answers, in the [`State`], once with every answer it waits for.
@@ -300,10 +314,21 @@ impl EventLoop {
             .listeners
             .iter()
             .map(|l| {
-                fds.push(l.fd().as_raw_fd());
+                fds.extend(l.handover_fds());
                 l.handover()
             })
             .collect();
+        let unit_sockets: Vec<UnitSocketHandover> = (self.units.iter())
+            .flat_map(|(&unit, io)| {
+                io.steered.iter().map(move |own| UnitSocketHandover {
+                    unit,
+                    listener: own.listener,
+                    fd: own.fd.as_raw_fd(),
+                    slot: own.slot,
+                })
+            })
+            .collect();
+        fds.extend(unit_sockets.iter().map(|u| u.fd));
         let notify: Vec<NotifyHandover> = self
             .units
             .iter()
@@ -353,6 +378,7 @@ impl EventLoop {
             listeners,
             notify,
             health,
+            unit_sockets,
             control,
             clients: clients.into_values().collect(),
             runtime_dir: self.held.runtime_dir.clone(),
@@ -418,6 +444,7 @@ impl EventLoop {
             } else {
                 Listener::check_handover(listener)?
             });
+            adopted.extend(Listener::check_steering_handover(listener, dry)?);
         }
         let fd_of = |fd: RawFd, what: &str| -> Result<RawFd, String> {
             let fd = Incoming::check_fd_number(fd, what)?;
@@ -430,6 +457,19 @@ impl EventLoop {
         for entry in &state.notify {
             let fd = fd_of(entry.fd, "a notify socket")?;
             notify.push((entry.unit, fd, entry.path.clone()));
+            adopted.push(fd);
+        }
+        let mut unit_sockets: BTreeMap<u64, Vec<(usize, RawFd, u32)>> = BTreeMap::new();
+        for entry in &state.unit_sockets {
+            let steered = state.listeners.get(entry.listener).and_then(|l| l.steering.as_ref());
+            if !steered.is_some_and(|s| s.slots.contains(&entry.slot)) {
+                return Err(format!(
+                    "unit {}'s socket is in slot {} of listener {}, which holds no such slot",
+                    entry.unit, entry.slot, entry.listener
+                ));
+            }
+            let fd = fd_of(entry.fd, "a unit's steered socket")?;
+            unit_sockets.entry(entry.unit).or_default().push((entry.listener, fd, entry.slot));
             adopted.push(fd);
         }
         let mut health: BTreeMap<u64, std::net::SocketAddr> =
@@ -520,7 +560,14 @@ impl EventLoop {
             .into_iter()
             .map(|(unit, fd, path)| {
                 let notify = NotifySocket::take_handover(fd, path);
-                (unit, UnitIo { notify, health: health.remove(&unit), probe: None })
+                let steered = (unit_sockets.remove(&unit).unwrap_or_default().into_iter())
+                    .map(|(listener, fd, slot)| UnitSocket {
+                        listener,
+                        fd: crate::sys::adopt_inherited_fd(fd),
+                        slot,
+                    })
+                    .collect();
+                (unit, UnitIo { notify, health: health.remove(&unit), probe: None, steered })
             })
             .collect();
         let mut event_loop = EventLoop {
@@ -540,7 +587,15 @@ impl EventLoop {
             manager,
             base_env,
             upgrade: upgrades,
+            watched: BTreeMap::new(),
+            new_flow_units: Vec::new(),
         };
+        // The units kept for their flows are watched again; the first turn tells the steering
+        // where new flows go (the restored machine has not said it yet).
+        for (unit, generation, pid) in event_loop.brain_kept_units() {
+            let watch = Watch { generation, pid, at: Instant::now(), announced: true };
+            event_loop.watched.insert(unit, watch);
+        }
         // Answered after the first turn of the loop: a crash before then goes back to the old
         // program, which answers them.
         event_loop.upgrade.answer = Some((upgrade_askers, answer));

@@ -20,14 +20,14 @@ const PIECES: &[&str] = &[
     "127.0.0.1", "0.0.0.0", "::", "::1", "fe80::1", "::ffff:1.2.3.4", "localhost",
     "example.com", "eth0", "lo", "K", "M", "G", "0777", "7777", "yes", "no", "on", "name",
     "backlog", "v6only", "reuseport", "freebind", "device", "nodelay", "keepalive", "rcvbuf",
-    "sndbuf", "mode", "owner", "group", "nonblock", "root",
+    "sndbuf", "mode", "owner", "group", "nonblock", "steer", "flow", "root",
 ];
 
 /// Every option, as the README lists them.
 #[rustfmt::skip]
 const OPTION_NAMES: &[&str] = &[
     "name", "backlog", "v6only", "reuseport", "freebind", "device", "nodelay", "keepalive",
-    "rcvbuf", "sndbuf", "mode", "owner", "group", "nonblock",
+    "rcvbuf", "sndbuf", "mode", "owner", "group", "nonblock", "steer",
 ];
 
 #[rustfmt::skip]
@@ -85,6 +85,9 @@ fn check_options_fit(spec: &ListenSpec) -> Result<(), TestCaseError> {
     if o.backlog.is_some() {
         prop_assert!(adopted || !is_datagram(a), "backlog for {:?}", spec);
     }
+    if o.steer_flow {
+        prop_assert!(is_udp(a), "steer=flow for {:?}", spec);
+    }
     Ok(())
 }
 
@@ -94,6 +97,10 @@ fn is_inet(a: &Address) -> bool {
 
 fn is_tcp(a: &Address) -> bool {
     matches!(a, Address::Inet { kind: SocketKind::Stream, .. })
+}
+
+fn is_udp(a: &Address) -> bool {
+    matches!(a, Address::Inet { kind: SocketKind::Datagram, .. })
 }
 
 fn is_datagram(a: &Address) -> bool {
@@ -129,6 +136,7 @@ fn fits(name: &str, address: &Address) -> bool {
         "reuseport" | "freebind" | "device" => is_inet(address),
         "nodelay" | "keepalive" => is_tcp(address),
         "mode" | "owner" | "group" => has_file(address),
+        "steer" => is_udp(address),
         other => panic!("no such option {other}"),
     }
 }
@@ -322,6 +330,7 @@ fn option(name: &'static str) -> BoxedStrategy<(String, ListenOptions)> {
         "sndbuf" => size()
             .prop_map(move |(t, n)| (format!("sndbuf={t}"), with(&|o| o.sndbuf = Some(n))))
             .boxed(),
+        "steer" => Just(("steer=flow".to_owned(), with(&|o| o.steer_flow = true))).boxed(),
         "mode" => (edgy(0, 0o7777u32), prop::option::of(Just("0")))
             .prop_map(move |(m, zero)| {
                 let zero = zero.unwrap_or_default();
@@ -375,6 +384,7 @@ fn merge(into: &mut ListenOptions, from: ListenOptions) {
     into.owner = into.owner.or(from.owner);
     into.group = into.group.or(from.group);
     into.nonblock |= from.nonblock;
+    into.steer_flow |= from.steer_flow;
 }
 
 /// A valid spec: an address, then any of the options that fit it, in any order, with valid
@@ -463,6 +473,11 @@ proptest! {
     #[test]
     fn an_option_that_does_not_fit_is_refused((text, name) in misfit_spec()) {
         let err = text.parse::<ListenSpec>().expect_err(&text);
+        if name == "steer" && !text.starts_with("fd://") && !text.starts_with("systemd://") {
+            // Its own message, which says what it is for.
+            prop_assert_eq!(&err.reason, "steer=flow is for UDP sockets only", "{}", text);
+            return Ok(());
+        }
         prop_assert!(err.reason.contains(&format!("option '{name}'")), "{}: {}", text, err);
         prop_assert!(
             err.reason.contains("does not apply") || err.reason.contains("cannot be applied"),

@@ -123,6 +123,10 @@ impl Address {
         matches!(self, Address::Inet { .. })
     }
 
+    fn is_udp(&self) -> bool {
+        matches!(self, Address::Inet { kind: SocketKind::Datagram, .. })
+    }
+
     fn is_tcp(&self) -> bool {
         matches!(self, Address::Inet { kind: SocketKind::Stream, .. })
     }
@@ -204,6 +208,9 @@ pub struct ListenOptions {
     pub group: Option<Gid>,
     /// `nonblock`: children get the socket with `O_NONBLOCK` set.
     pub nonblock: bool,
+    /// `steer=flow`: each unit gets its own socket in a reuseport group that sockhold steers
+    /// by flow (UDP only; see [`crate::steer`]).
+    pub steer_flow: bool,
 }
 
 type OptionParser = fn(&mut ListenOptions, Option<&str>) -> Result<(), String>;
@@ -347,6 +354,15 @@ const OPTIONS: &[OptionDef] = &[
         applies: |_| true,
         applies_to: "every socket",
     },
+    OptionDef {
+        name: "steer",
+        parse: |o, v| {
+            o.steer_flow = parse_steer(v)?;
+            Ok(())
+        },
+        applies: Address::is_udp,
+        applies_to: "UDP sockets",
+    },
 ];
 
 /// The value of an option that needs one; `form` shows how it is written.
@@ -377,6 +393,14 @@ fn parse_bool(key: &str, value: Option<&str>) -> Result<bool, String> {
         _ => {
             Err(format!("{key} must be a boolean (yes/no, true/false, on/off, 1/0), got '{text}'"))
         }
+    }
+}
+
+/// `steer=flow`, the one steering there is.
+fn parse_steer(value: Option<&str>) -> Result<bool, String> {
+    match value_of(value, "steer", "flow")? {
+        "flow" => Ok(true),
+        other => Err(format!("steer must be 'flow', got '{other}'")),
     }
 }
 
@@ -485,6 +509,9 @@ pub(super) fn check_options_apply(address: &Address, given: &[&str]) -> Result<(
         };
     }
     for def in OPTIONS.iter().filter(|def| given.contains(&def.name)) {
+        if def.name == "steer" && !(def.applies)(address) {
+            return Err("steer=flow is for UDP sockets only".into());
+        }
         if !(def.applies)(address) {
             let kind = address.kind_name();
             let article = if kind.starts_with(['I', 'a']) { "an" } else { "a" };
@@ -934,6 +961,9 @@ pub(super) mod tests {
             ),
             ("/a.sock,nonblock", ListenOptions { nonblock: true, ..default() }),
             ("udp://53,nonblock=1", ListenOptions { nonblock: true, ..default() }),
+            ("udp://127.0.0.1:0,steer=flow", ListenOptions { steer_flow: true, ..default() }),
+            ("udp6://[::]:443,steer=flow", ListenOptions { steer_flow: true, ..default() }),
+            ("udp4://0.0.0.0:53,steer=flow", ListenOptions { steer_flow: true, ..default() }),
             (
                 "@a,nonblock,name=x",
                 ListenOptions { nonblock: true, name: Some("x".into()), ..default() },
@@ -1074,6 +1104,12 @@ pub(super) mod tests {
                 "'owner' does not apply to an abstract Unix datagram socket",
             ),
             ("udp://53,group=root", "'group' does not apply to a UDP socket"),
+            ("127.0.0.1:8080,steer=flow", "steer=flow is for UDP sockets only"),
+            ("unixgram:///a,steer=flow", "steer=flow is for UDP sockets only"),
+            ("@a,steer=flow", "steer=flow is for UDP sockets only"),
+            ("udp://53,steer", "option 'steer' needs a value: steer=flow"),
+            ("udp://53,steer=hash", "steer must be 'flow', got 'hash'"),
+            ("fd://3,steer=flow", "option 'steer' cannot be applied to an adopted socket"),
             // not (yet) supported
             ("fd://2", "fd 2 is standard input, output or error"),
             ("fd://x", "'x' is not an fd number"),

@@ -549,3 +549,91 @@ fn datagram_sockets_are_never_repaired() {
     let _ = socket::shutdown(listener.fd().as_raw_fd(), socket::Shutdown::Both);
     assert!(!listener.ensure_listening().unwrap());
 }
+
+/// Whether this process may load eBPF; says SKIPPED (and fails under CI) when not.
+fn may_steer(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{test}: needs root (CAP_BPF)");
+    eprintln!("SKIPPED: {test}: steer=flow needs root");
+    false
+}
+
+#[test]
+fn a_steered_listener_gives_each_unit_a_socket_of_its_own_in_a_free_slot() {
+    if !may_steer("a_steered_listener_gives_each_unit_a_socket_of_its_own_in_a_free_slot") {
+        return;
+    }
+    for text in ["udp://127.0.0.1:0,steer=flow,rcvbuf=64K,nonblock", "udp://[::]:0,steer=flow"] {
+        let mut listener = bind(text).unwrap();
+        assert!(listener.steering().is_some(), "{text}");
+        let anchor = socket::getsockname::<SockaddrStorage>(listener.fd().as_raw_fd()).unwrap();
+        let (a, slot_a) = listener.unit_socket().unwrap();
+        let (b, slot_b) = listener.unit_socket().unwrap();
+        assert_eq!((slot_a, slot_b), (0, 1), "{text}");
+        for own in [&a, &b] {
+            // The anchor's own address and port (the kernel chose it), and the same v6only.
+            assert_eq!(socket::getsockname::<SockaddrStorage>(own.as_raw_fd()).unwrap(), anchor);
+            assert!(socket::getsockopt(own, sockopt::ReusePort).unwrap());
+            if text.contains("[::]") {
+                assert!(!socket::getsockopt(own, sockopt::Ipv6V6Only).unwrap(), "{text}");
+            }
+            let flags = OFlag::from_bits_retain(fcntl(own, F_GETFL).unwrap());
+            assert_eq!(flags.contains(OFlag::O_NONBLOCK), text.contains("nonblock"), "{text}");
+        }
+        // A slot is free again only once it is released.
+        listener.release_slot(slot_a);
+        let (_, again) = listener.unit_socket().unwrap();
+        assert_eq!(again, slot_a);
+        let (_, next) = listener.unit_socket().unwrap();
+        assert_eq!(next, 2);
+        // The handover names the steering's fds and the slots in use.
+        let state = listener.handover();
+        let steering = state.steering.as_ref().expect("a steering");
+        assert_eq!(steering.slots, vec![0, 1, 2]);
+        assert_eq!(listener.handover_fds().len(), 5);
+        assert_eq!(Listener::check_steering_handover(&state, false).unwrap().len(), 4);
+    }
+}
+
+#[test]
+fn a_steering_handover_is_checked() {
+    let state = |spec: &str, program: RawFd, slots: Vec<u32>| Handover {
+        fd: 3,
+        spec: spec.into(),
+        name: "app".into(),
+        local: "udp://127.0.0.1:53".into(),
+        unix_file: None,
+        kind: KindHandover::Datagram,
+        steering: Some(SteeringHandover { program, sockets: 5, flows: 6, config: 7, slots }),
+    };
+    let steered = "udp://127.0.0.1:53,steer=flow";
+    assert_eq!(
+        Listener::check_steering_handover(&state(steered, 4, vec![0]), true),
+        Ok(vec![4, 5, 6, 7])
+    );
+    for (bad, want) in [
+        (state("udp://127.0.0.1:53", 4, vec![]), "its spec does not steer"),
+        (state(steered, -1, vec![]), "has fd -1"),
+        (state(steered, 4, vec![MAX_SLOTS]), "has slot 256"),
+    ] {
+        let err = Listener::check_steering_handover(&bad, true).unwrap_err();
+        assert!(err.contains(want), "{err}");
+    }
+    // Not a program at all: refused before anything is taken over.
+    let (a, _b) = UnixDatagram::pair().unwrap();
+    let fd = a.as_raw_fd();
+    let fake = Handover {
+        steering: Some(SteeringHandover {
+            program: fd,
+            sockets: fd,
+            flows: fd,
+            config: fd,
+            slots: vec![],
+        }),
+        ..state(steered, 4, vec![])
+    };
+    let err = Listener::check_steering_handover(&fake, false).unwrap_err();
+    assert!(err.contains("the steering of udp://127.0.0.1:53,steer=flow"), "{err}");
+}

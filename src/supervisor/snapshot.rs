@@ -115,6 +115,8 @@ pub enum UnitStateSnapshot {
         /// The signal it was sent.
         signal: i32,
     },
+    /// Replaced, kept for its steered flows until they are idle; not yet signalled.
+    Kept {},
     /// Sent SIGKILL. (A struct variant: serde lets a unit variant of a tagged enum through with
     /// any other field beside its tag.)
     Killed {},
@@ -167,6 +169,7 @@ impl Supervisor {
                     UnitStateSnapshot::Stopping { kill_at_ns: ns(*kill_at), signal: signal.raw() }
                 }
                 UnitState::Killed => UnitStateSnapshot::Killed {},
+                UnitState::Kept => UnitStateSnapshot::Kept {},
             };
             let Some(pid) = u.pid else {
                 return Err(format!("generation {} has no process", u.generation));
@@ -239,6 +242,7 @@ impl Supervisor {
                     })?,
                 },
                 UnitStateSnapshot::Killed {} => UnitState::Killed,
+                UnitStateSnapshot::Kept {} => UnitState::Kept,
             };
             if u.pid <= 1 {
                 return Err(format!(
@@ -278,6 +282,7 @@ impl Supervisor {
             restarts: state.restarts,
             retired: usize::try_from(state.retired)
                 .map_err(|_| format!("{} retired workers cannot be counted", state.retired))?,
+            new_flows: None,
         })
     }
 }
@@ -319,6 +324,7 @@ mod tests {
             reload_strategy: ReloadStrategy::Rolling,
             max_draining: MAX_DRAINING,
             lazy: false,
+            flow_steering: None,
         };
         let t0 = Instant::now();
         let mut s = Supervisor::new(policy.clone());

@@ -22,6 +22,7 @@ fn policy(ready: ReadyMode) -> Policy {
         reload_strategy: ReloadStrategy::Rolling,
         max_draining: MAX_DRAINING,
         lazy: false,
+        flow_steering: None,
     }
 }
 
@@ -977,4 +978,146 @@ fn upgrade_requests_become_upgrade_actions_whatever_the_state() {
     assert_eq!(sup.generations().len(), 2, "an upgrade request changes no generation");
     // Before the first connection, too.
     run(lazy(), &[(0, Event::Start, vec![]), (1, ctl(9), vec![upgrade(Some(9))])]);
+}
+
+fn steered(workers: usize) -> Policy {
+    let mut p = policy(ReadyMode::Notify);
+    p.workers = workers;
+    p.flow_steering = Some(Duration::from_secs(10));
+    p
+}
+
+fn new_flows(units: &[u64]) -> Action {
+    Action::NewFlowsTo { units: units.to_vec() }
+}
+
+fn watch(unit: u64, generation: u64, p: i32) -> Action {
+    Action::WatchFlows { unit, generation, pid: pid(p) }
+}
+
+#[test]
+fn steered_new_flows_go_to_the_newest_ready_generation_and_a_replaced_one_waits_for_its_flows() {
+    let rows = vec![
+        // Nothing is ready yet: new flows go to the newest started generation.
+        (0, Event::Start, vec![spawn(1), new_flows(&[1])]),
+        (0, Event::Spawned { unit: 1, pid: pid(100) }, vec![]),
+        (10, ready_from(1, 100), vec![]),
+        // A starting generation gets no new flows before it is ready.
+        (20, Event::Reload, vec![reload_started(2), spawn(2)]),
+        (20, Event::Spawned { unit: 2, pid: pid(200) }, vec![]),
+        // Ready: it gets the new flows; the old one is not signalled but watched.
+        (30, ready_from(2, 200), vec![watch(1, 1, 100), done_ok(2), new_flows(&[2])]),
+        (40, Event::Timer, vec![]),
+        // A stale or repeated idle report for a unit not kept changes nothing.
+        (45, Event::FlowsIdle { unit: 2, flows: 0 }, vec![]),
+        // Its flows went quiet: now it gets the stop signal, and --stop-timeout runs.
+        (50, Event::FlowsIdle { unit: 1, flows: 3 }, vec![sig(100, SIGTERM)]),
+        (60, exited(100, ChildStatus::Signaled(SIGTERM)), vec![Action::Release { unit: 1 }]),
+    ];
+    let sup = run(steered(1), &rows);
+    assert_eq!(sup.next_deadline(), None, "nothing left to wait for");
+}
+
+#[test]
+fn a_kept_generation_counts_as_draining_and_is_stopped_at_once_at_shutdown() {
+    let mut p = steered(1);
+    p.max_draining = 1;
+    let rows = vec![
+        (0, Event::Start, vec![spawn(1), new_flows(&[1])]),
+        (0, Event::Spawned { unit: 1, pid: pid(100) }, vec![]),
+        (10, ready_from(1, 100), vec![]),
+        (20, Event::Reload, vec![reload_started(2), spawn(2)]),
+        (20, Event::Spawned { unit: 2, pid: pid(200) }, vec![]),
+        (30, ready_from(2, 200), vec![watch(1, 1, 100), done_ok(2), new_flows(&[2])]),
+        (40, Event::Reload, vec![reload_started(3), spawn(3)]),
+        (40, Event::Spawned { unit: 3, pid: pid(300) }, vec![]),
+        // Two generations would be kept: the oldest is killed (--max-draining 1).
+        (
+            50,
+            ready_from(3, 300),
+            vec![watch(2, 2, 200), group_kill(100), done_ok(3), new_flows(&[3])],
+        ),
+        (55, exited(100, ChildStatus::Signaled(SIGKILL)), vec![Action::Release { unit: 1 }]),
+        // At shutdown the kept one gets its stop signal with the rest, at once.
+        (60, Event::Stop("test".into()), vec![sig(200, SIGTERM), sig(300, SIGTERM)]),
+    ];
+    run(p, &rows);
+}
+
+#[test]
+fn a_failed_new_generation_leaves_the_new_flows_with_the_old_one() {
+    let rows = vec![
+        (0, Event::Start, vec![spawn(1), new_flows(&[1])]),
+        (0, Event::Spawned { unit: 1, pid: pid(100) }, vec![]),
+        (10, ready_from(1, 100), vec![]),
+        (20, Event::Reload, vec![reload_started(2), spawn(2)]),
+        (20, Event::Spawned { unit: 2, pid: pid(200) }, vec![]),
+    ];
+    let t0 = Instant::now();
+    let mut sup = Supervisor::new(steered(1));
+    for (at, event, want) in &rows {
+        let got: Vec<_> = sup
+            .step(event.clone(), t0 + Duration::from_millis(*at))
+            .into_iter()
+            .filter(|a| !matches!(a, Action::Manager(_)))
+            .collect();
+        assert_eq!(&got, want, "{event:?}");
+    }
+    // It dies before it is ready: the old one keeps everything, new flows included.
+    let got = sup.step(exited(200, ChildStatus::Exited(1)), t0 + Duration::from_millis(30));
+    assert!(got.contains(&Action::Release { unit: 2 }), "{got:?}");
+    assert!(!got.iter().any(|a| matches!(a, Action::Signal { .. })), "the old one serves on");
+    assert!(!got.iter().any(|a| matches!(a, Action::NewFlowsTo { .. })), "{got:?}");
+    assert_eq!(sup.serving_pids(), vec![pid(100)]);
+}
+
+#[test]
+fn steered_workers_share_new_flows_and_a_rolling_reload_does_not_wait_for_kept_ones() {
+    let p = steered(2);
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let mut sup = Supervisor::new(p);
+    let quiet = |v: Vec<Action>| -> Vec<Action> {
+        v.into_iter().filter(|a| !matches!(a, Action::Manager(_))).collect()
+    };
+    assert_eq!(
+        quiet(sup.step(Event::Start, at(0))),
+        vec![
+            Action::Spawn { unit: 1, generation: 1 },
+            Action::Spawn { unit: 2, generation: 1 },
+            new_flows(&[1, 2])
+        ]
+    );
+    sup.step(Event::Spawned { unit: 1, pid: pid(100) }, at(0));
+    sup.step(Event::Spawned { unit: 2, pid: pid(101) }, at(0));
+    // One ready worker takes the new flows until the other is ready too.
+    assert_eq!(quiet(sup.step(notify_ready(1, 100), at(10))), vec![new_flows(&[1])]);
+    assert_eq!(quiet(sup.step(notify_ready(2, 101), at(10))), vec![new_flows(&[1, 2])]);
+    assert_eq!(
+        quiet(sup.step(Event::Reload, at(20))),
+        vec![reload_started(2), Action::Spawn { unit: 3, generation: 2 }]
+    );
+    sup.step(Event::Spawned { unit: 3, pid: pid(200) }, at(20));
+    // The first new worker is ready: an old one is kept, and the next new one starts at once.
+    assert_eq!(
+        quiet(sup.step(notify_ready(3, 200), at(30))),
+        vec![watch(1, 1, 100), Action::Spawn { unit: 4, generation: 2 }, new_flows(&[3])]
+    );
+    sup.step(Event::Spawned { unit: 4, pid: pid(201) }, at(30));
+    assert_eq!(
+        quiet(sup.step(notify_ready(4, 201), at(40))),
+        vec![watch(2, 1, 101), done_ok(2), new_flows(&[3, 4])]
+    );
+    assert_eq!(
+        quiet(sup.step(Event::FlowsIdle { unit: 2, flows: 0 }, at(50))),
+        vec![sig(101, SIGTERM)]
+    );
+    // A snapshot carries a kept unit; the restored machine names it for the loop to watch.
+    let snapshot = sup.snapshot(at(60)).expect("snapshot");
+    let restored = Supervisor::restore(steered(2), &snapshot, at(60), Duration::ZERO).unwrap();
+    assert_eq!(restored.kept_units(), vec![(1, 1, pid(100))]);
+}
+
+fn notify_ready(unit: u64, sender: i32) -> Event {
+    notify(unit, sender, NotifyMessage { ready: true, ..Default::default() })
 }
