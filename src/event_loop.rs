@@ -1020,7 +1020,7 @@ impl EventLoop {
     /// Empties the slots of a unit's own sockets (forgetting their flows) and closes them.
     fn release_steered(&mut self, steered: Vec<UnitSocket>) {
         for own in steered {
-            self.held.listeners[own.listener].release_slot(own.slot);
+            self.held.listeners[own.listener].release_slot(own.fd, own.slot);
         }
     }
 
@@ -1033,6 +1033,11 @@ impl EventLoop {
                 .flat_map(|io| io.steered.iter().filter(|s| s.listener == i).map(|s| s.slot))
                 .take(crate::steer::MAX_NEW_FLOW_SLOTS as usize)
                 .collect();
+            // No unit: the spare socket queues them for the next one.
+            let slots = match listener.spare_slot() {
+                Some(spare) if slots.is_empty() => vec![spare],
+                _ => slots,
+            };
             debug!(
                 "steer=flow on {}: new flows go to slots {slots:?}",
                 listener.local_description()

@@ -64,6 +64,13 @@ pub struct Steered {
     steering: FlowSteering,
     /// Slots given to a unit's socket and not cleared since.
     in_use: BTreeSet<u32>,
+    /// The socket of the last unit that was released while no other unit held one, kept in
+    /// its slot as the target of every flow: it queues their datagrams for the next unit,
+    /// which gets it (as the shared socket of a plain listener would), instead of letting them
+    /// fall on the group's held socket, which nobody reads. Not handed over by a self-upgrade:
+    /// closed by the exec, it leaves its slot, and the held socket takes its place until the
+    /// next unit starts.
+    spare: Option<(OwnedFd, u32)>,
 }
 
 /// A bound socket, what it is bound to, and the socket file it created.
@@ -263,6 +270,10 @@ impl Listener {
         let local = self.local.clone();
         let context = || format!("steer=flow on {local}: a socket for a new unit");
         let Some(steer) = &mut self.steer else { bail!("{local} is not steered") };
+        if let Some((fd, slot)) = steer.spare.take() {
+            steer.in_use.insert(slot);
+            return Ok((fd, slot));
+        }
         let slot = (0..MAX_SLOTS)
             .find(|slot| !steer.in_use.contains(slot))
             .with_context(|| format!("{}: all {MAX_SLOTS} steering slots are taken", context()))?;
@@ -272,13 +283,28 @@ impl Listener {
         Ok((fd, slot))
     }
 
-    /// With `steer=flow`: empties a unit's slot and forgets its flows; the slot is free again.
-    pub fn release_slot(&mut self, slot: u32) {
+    /// With `steer=flow`: a unit is gone. Its slot is emptied, its flows forgotten and the
+    /// slot free again; but when no other unit holds a socket of this listener, its socket
+    /// stays in its slot as the spare (see [`Steered::spare`]) and every flow goes there.
+    pub fn release_slot(&mut self, fd: OwnedFd, slot: u32) {
         let Some(steer) = &mut self.steer else { return };
+        steer.in_use.remove(&slot);
+        if steer.in_use.is_empty() && steer.spare.is_none() {
+            if let Err(e) = steer.steering.set_new_flow_slots(&[slot]) {
+                log::warn!("steer=flow on {}: {e:#}", self.local);
+            }
+            steer.spare = Some((fd, slot));
+            return;
+        }
         if let Err(e) = steer.steering.clear_slot(slot) {
             log::warn!("steer=flow on {}: {e:#}", self.local);
         }
-        steer.in_use.remove(&slot);
+    }
+
+    /// With `steer=flow`: the spare socket's slot, while no unit holds one (new flows go
+    /// there).
+    pub fn spare_slot(&self) -> Option<u32> {
+        self.steer.as_ref().and_then(|s| s.spare.as_ref()).map(|(_, slot)| *slot)
     }
 
     /// The socket's name for `LISTEN_FDNAMES`.
@@ -532,6 +558,7 @@ impl Listener {
                 Ok(steering_now) => Some(Steered {
                     steering: steering_now,
                     in_use: steering.slots.iter().copied().collect(),
+                    spare: None,
                 }),
                 // Checked on copies by check_steering_handover: only a kernel that changed its
                 // mind in between gets here. The program stays attached to the group.
@@ -559,7 +586,7 @@ impl Steered {
     fn start(anchor: BorrowedFd<'_>) -> anyhow::Result<Steered> {
         let steering = FlowSteering::new(MAX_FLOWS)?;
         steering.attach(anchor)?;
-        Ok(Steered { steering, in_use: BTreeSet::new() })
+        Ok(Steered { steering, in_use: BTreeSet::new(), spare: None })
     }
 }
 

@@ -372,7 +372,15 @@ impl Supervisor {
         }
         let units = self.new_flow_units();
         if self.new_flows.as_ref() != Some(&units) {
-            out.push(Action::NewFlowsTo { units: units.clone() });
+            // Before anything that reports the change (a reload's answer, READY=1 to the
+            // manager): whoever hears "reloaded" and opens a flow must reach the new generation.
+            // After every spawn, though: the units must exist for their slots to be named.
+            let reported = out
+                .iter()
+                .position(|a| matches!(a, Action::ReloadDone { .. } | Action::Manager(_)));
+            let spawned = out.iter().rposition(|a| matches!(a, Action::Spawn { .. }));
+            let at = reported.unwrap_or(out.len()).max(spawned.map_or(0, |i| i + 1));
+            out.insert(at, Action::NewFlowsTo { units: units.clone() });
             self.new_flows = Some(units);
         }
     }

@@ -583,11 +583,13 @@ fn a_steered_listener_gives_each_unit_a_socket_of_its_own_in_a_free_slot() {
             assert_eq!(flags.contains(OFlag::O_NONBLOCK), text.contains("nonblock"), "{text}");
         }
         // A slot is free again only once it is released.
-        listener.release_slot(slot_a);
-        let (_, again) = listener.unit_socket().unwrap();
+        listener.release_slot(a, slot_a);
+        assert_eq!(listener.spare_slot(), None, "unit b still holds a socket");
+        let (a, again) = listener.unit_socket().unwrap();
         assert_eq!(again, slot_a);
         let (_, next) = listener.unit_socket().unwrap();
         assert_eq!(next, 2);
+        drop((a, b));
         // The handover names the steering's fds and the slots in use.
         let state = listener.handover();
         let steering = state.steering.as_ref().expect("a steering");
@@ -636,4 +638,30 @@ fn a_steering_handover_is_checked() {
     };
     let err = Listener::check_steering_handover(&fake, false).unwrap_err();
     assert!(err.contains("the steering of udp://127.0.0.1:53,steer=flow"), "{err}");
+}
+
+#[test]
+fn the_last_units_socket_is_kept_and_queues_datagrams_for_the_next_unit() {
+    if !may_steer("the_last_units_socket_is_kept_and_queues_datagrams_for_the_next_unit") {
+        return;
+    }
+    let mut listener = bind("udp://127.0.0.1:0,steer=flow").unwrap();
+    let addr = socket::getsockname::<SockaddrStorage>(listener.fd().as_raw_fd()).unwrap();
+    let addr = addr.as_sockaddr_in().map(|a| std::net::SocketAddr::from((a.ip(), a.port())));
+    let addr = addr.expect("an IPv4 address");
+    let (own, slot) = listener.unit_socket().unwrap();
+    // The only unit is gone (a crash, say): its socket stays in its slot, the target of every flow.
+    listener.release_slot(own, slot);
+    assert_eq!(listener.spare_slot(), Some(slot));
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.send_to(b"while nobody runs", addr).unwrap();
+    // The next unit gets that very socket, with the datagram waiting in it.
+    let (next, again) = listener.unit_socket().unwrap();
+    assert_eq!(again, slot);
+    assert_eq!(listener.spare_slot(), None);
+    let next = std::net::UdpSocket::from(next);
+    next.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    let n = next.recv(&mut buf).expect("the datagram sent while no unit ran");
+    assert_eq!(&buf[..n], b"while nobody runs");
 }

@@ -1006,7 +1006,7 @@ fn steered_new_flows_go_to_the_newest_ready_generation_and_a_replaced_one_waits_
         (20, Event::Reload, vec![reload_started(2), spawn(2)]),
         (20, Event::Spawned { unit: 2, pid: pid(200) }, vec![]),
         // Ready: it gets the new flows; the old one is not signalled but watched.
-        (30, ready_from(2, 200), vec![watch(1, 1, 100), done_ok(2), new_flows(&[2])]),
+        (30, ready_from(2, 200), vec![watch(1, 1, 100), new_flows(&[2]), done_ok(2)]),
         (40, Event::Timer, vec![]),
         // A stale or repeated idle report for a unit not kept changes nothing.
         (45, Event::FlowsIdle { unit: 2, flows: 0 }, vec![]),
@@ -1028,14 +1028,14 @@ fn a_kept_generation_counts_as_draining_and_is_stopped_at_once_at_shutdown() {
         (10, ready_from(1, 100), vec![]),
         (20, Event::Reload, vec![reload_started(2), spawn(2)]),
         (20, Event::Spawned { unit: 2, pid: pid(200) }, vec![]),
-        (30, ready_from(2, 200), vec![watch(1, 1, 100), done_ok(2), new_flows(&[2])]),
+        (30, ready_from(2, 200), vec![watch(1, 1, 100), new_flows(&[2]), done_ok(2)]),
         (40, Event::Reload, vec![reload_started(3), spawn(3)]),
         (40, Event::Spawned { unit: 3, pid: pid(300) }, vec![]),
         // Two generations would be kept: the oldest is killed (--max-draining 1).
         (
             50,
             ready_from(3, 300),
-            vec![watch(2, 2, 200), group_kill(100), done_ok(3), new_flows(&[3])],
+            vec![watch(2, 2, 200), group_kill(100), new_flows(&[3]), done_ok(3)],
         ),
         (55, exited(100, ChildStatus::Signaled(SIGKILL)), vec![Action::Release { unit: 1 }]),
         // At shutdown the kept one gets its stop signal with the rest, at once.
@@ -1106,7 +1106,7 @@ fn steered_workers_share_new_flows_and_a_rolling_reload_does_not_wait_for_kept_o
     sup.step(Event::Spawned { unit: 4, pid: pid(201) }, at(30));
     assert_eq!(
         quiet(sup.step(notify_ready(4, 201), at(40))),
-        vec![watch(2, 1, 101), done_ok(2), new_flows(&[3, 4])]
+        vec![watch(2, 1, 101), new_flows(&[3, 4]), done_ok(2)]
     );
     assert_eq!(
         quiet(sup.step(Event::FlowsIdle { unit: 2, flows: 0 }, at(50))),

@@ -139,14 +139,19 @@ fn a_session_stays_with_its_generation_across_a_reload_until_it_goes_quiet() {
     let keeper = {
         let session = Session { socket: old.socket.try_clone().expect("clone"), port };
         let stop = stop.clone();
-        std::thread::spawn(move || {
+        let (asked, first_answer) = std::sync::mpsc::channel();
+        let keeper = std::thread::spawn(move || {
             let mut answers = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 answers.push(session.ask("ping"));
+                let _ = asked.send(());
+                // The pace of a client's keepalives, not a synchronisation.
                 std::thread::sleep(Duration::from_millis(100));
             }
             answers
-        })
+        });
+        first_answer.recv_timeout(Duration::from_secs(10)).expect("the keeper's first answer");
+        keeper
     };
     reload(&control);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -168,6 +173,11 @@ fn a_session_stays_with_its_generation_across_a_reload_until_it_goes_quiet() {
     // Quiet now: generation 1 is stopped once its flow has been idle for --flow-idle.
     sockhold.expect_log(&format!("generation 1 (pid {first}): its flows are idle; stopping it"));
     sockhold.expect_log(&format!("generation 1 (pid {first}) stopped"));
+    // Until sockhold has released generation 1's socket (in the turn that reaps it), a datagram
+    // of its flow still lands there: wait until the flow table no longer names it.
+    crate::support::wait_until("generation 1's socket is released", || {
+        flows(&ctl_status(&control)) == vec![(2, 1)]
+    });
     // Its flow is taken over by the generation that serves, which does not know the session.
     assert_eq!(old.ask("ping"), ("unknown".to_owned(), second));
     assert_eq!(flows(&ctl_status(&control)), vec![(2, 2)]);
