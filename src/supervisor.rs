@@ -21,182 +21,6 @@ use crate::exit::{ChildStatus, ExitCode};
 use crate::notify::{ManagerMessage, NotifyMessage};
 use crate::signals::{Signal, signal_name};
 
-/// First delay before restarting a child that exited by itself.
-pub const BACKOFF_START: Duration = Duration::from_millis(100);
-/// The backoff doubles up to this delay.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// A child that served this long before it crashed resets the backoff to its start.
-pub const STABLE_AFTER: Duration = Duration::from_secs(10);
-/// This many starts in a row that never became ready, with nothing serving, end sockhold.
-pub const START_LIMIT: u32 = 5;
-/// The default of `--max-draining`: old generations allowed to drain at once.
-pub const MAX_DRAINING: usize = 8;
-
-/// How a new child proves it is ready.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ReadyMode {
-    /// sd_notify `READY=1` on the child's private notify socket.
-    Notify,
-    /// Alive for this long.
-    Delay(Duration),
-    /// `GET PATH` on the child's private `health` listener answers 2xx.
-    Http(String),
-    /// The command (argv) exits 0.
-    Exec(Vec<String>),
-}
-
-impl ReadyMode {
-    /// Whether readiness is found out by probing (`http:` and `exec:`).
-    pub fn probes(&self) -> bool {
-        matches!(self, ReadyMode::Http(_) | ReadyMode::Exec(_))
-    }
-}
-
-/// Whose notify messages count.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum NotifyAccess {
-    /// Only the child's main process.
-    Main,
-    /// Any process in the child's process group.
-    Group,
-    /// Any process that can reach the socket.
-    All,
-}
-
-/// What to do when a serving child exits by itself.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum RestartPolicy {
-    /// Restart unless it exited with status 0.
-    OnFailure,
-    /// Always restart.
-    Always,
-    /// Never restart: sockhold ends with the child's status.
-    Never,
-}
-
-/// How a reload replaces the workers of a generation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ReloadStrategy {
-    /// One new worker, ready, then one old worker stopped and gone, then the next: never more
-    /// than N+1 workers of this reload alive.
-    Rolling,
-    /// N new workers; when all are ready, the N old ones are stopped.
-    AllAtOnce,
-}
-
-/// The part of the configuration the decisions depend on.
-#[derive(Clone, Debug)]
-pub struct Policy {
-    /// How readiness is proven.
-    pub ready: ReadyMode,
-    /// How long a new child has to become ready.
-    pub ready_timeout: Duration,
-    /// With a probing ready mode: the wait before the first probe.
-    pub probe_delay: Duration,
-    /// With a probing ready mode: the wait between the end of one probe and the next.
-    pub probe_interval: Duration,
-    /// The signal that asks a child to stop.
-    pub stop_signal: Signal,
-    /// How long a stopping child has before its process group is SIGKILLed.
-    pub stop_timeout: Duration,
-    /// What to do when a serving child exits by itself.
-    pub restart: RestartPolicy,
-    /// Whose notify messages count.
-    pub notify_access: NotifyAccess,
-    /// A serving child must send `WATCHDOG=1` at least this often.
-    pub watchdog: Option<Duration>,
-    /// Children per generation.
-    pub workers: usize,
-    /// How a reload replaces them.
-    pub reload_strategy: ReloadStrategy,
-    /// At most this many old generations drain (stopping) at once; a promotion that would leave
-    /// more SIGKILLs the oldest.
-    pub max_draining: usize,
-    /// `--lazy`: generation 1 starts on the first connection, not at [`Event::Start`].
-    pub lazy: bool,
-    /// With a `steer=flow` listener: `--flow-idle`, how long a replaced unit's flows must be
-    /// quiet before it gets its stop signal. `None`: no listener is steered.
-    pub flow_steering: Option<Duration>,
-}
-
-/// Something that happened, as the event loop saw it.
-#[derive(Clone, Debug)]
-pub enum Event {
-    /// sockhold has bound its sockets and starts supervising.
-    Start,
-    /// With `--lazy`: a connection or datagram arrived on a listener while
-    /// [`Supervisor::wants_first_connection`].
-    FirstConnection,
-    /// A reload was asked for (SIGHUP).
-    Reload,
-    /// A self-upgrade was asked for: by a control client (its id), or by SIGUSR2 (`None`).
-    Upgrade { asker: Option<u64> },
-    /// A stop was asked for: by whom, for the log ("received SIGTERM", "ctl stop").
-    Stop(String),
-    /// A signal to pass on to the serving children.
-    Forward(Signal),
-    /// A unit's process was started.
-    Spawned { unit: u64, pid: Pid },
-    /// A unit's process could not be started (command not found, not executable, ...).
-    SpawnFailed { unit: u64, error: String, code: ExitCode },
-    /// A child process ended and was reaped.
-    Exited { pid: Pid, status: ChildStatus },
-    /// A datagram arrived on a unit's notify socket.
-    Notify {
-        unit: u64,
-        /// The sender's pid, from `SCM_CREDENTIALS`.
-        sender: Pid,
-        /// The sender's process group, if it could be read.
-        sender_pgid: Option<Pid>,
-        message: NotifyMessage,
-    },
-    /// A readiness probe of a unit ended: `Ok` if it found the child ready, else why not.
-    ProbeDone { unit: u64, result: Result<(), String> },
-    /// Time passed; deadlines that are due fire on every step, this event only wakes them.
-    Timer,
-    /// A unit kept for its steered flows ([`Action::WatchFlows`]) owns none now (`flows` is 0),
-    /// or none of its `flows` has had a datagram for `--flow-idle`.
-    FlowsIdle { unit: u64, flows: usize },
-}
-
-/// Something for the event loop to do.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// Start the process of a new unit of `generation`; answer with `Spawned` or `SpawnFailed`.
-    Spawn { unit: u64, generation: u64 },
-    /// Send a signal to a unit's main process.
-    Signal { pid: Pid, signal: Signal },
-    /// Send a signal to a unit's whole process group.
-    SignalGroup { pgid: Pid, signal: Signal },
-    /// Probe whether unit `unit` (main process `pid`) is ready; answer with `ProbeDone`.
-    Probe { unit: u64, pid: Pid, generation: u64 },
-    /// A unit is gone: release what the loop holds for it (its notify socket, its probe).
-    Release { unit: u64 },
-    /// Tell sockhold's own service manager.
-    Manager(ManagerMessage),
-    /// A reload began by starting this generation: every reload request not yet started is
-    /// answered by this one.
-    ReloadStarted { generation: u64 },
-    /// A reload ended: the one that started `generation`, or (`None`) every request not yet
-    /// started, which will now never start. `Ok` with no generation: there was nothing to
-    /// replace (`--lazy` before the first connection), and the first connection starts the
-    /// command as it is then, which is what the reload asks for.
-    ReloadDone { generation: Option<u64>, result: Result<(), String> },
-    /// Upgrade sockhold in place at the end of the loop's turn, when every event already read
-    /// has been handled; `asker` is answered by the new program, or here if it fails. Every
-    /// request of a turn ends in the same one upgrade.
-    Upgrade { asker: Option<u64> },
-    /// Exit sockhold with this code.
-    Exit(ExitCode),
-    /// With steered listeners: new flows go to these units (by flow hash), from now on. Sent
-    /// whenever the set changes: the newest ready generation's units, else the newest started
-    /// generation's, else the newest that lives.
-    NewFlowsTo { units: Vec<u64> },
-    /// With steered listeners: a replaced unit is kept until its flows are idle; answer with
-    /// [`Event::FlowsIdle`] once it owns none or they have been quiet for `--flow-idle`.
-    WatchFlows { unit: u64, generation: u64, pid: Pid },
-}
-
 /// Why a unit was started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Purpose {
@@ -1319,7 +1143,12 @@ impl Supervisor {
     }
 }
 
+mod messages;
+mod policy;
 pub mod snapshot;
+
+pub use messages::{Action, Event};
+pub use policy::*;
 
 #[cfg(test)]
 mod tests;
