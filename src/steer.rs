@@ -364,7 +364,7 @@ impl FlowSteering {
     }
 
     /// Gives the fds up (to a self-upgrade).
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg(test)]
     pub fn into_fds(self) -> SteeringFds {
         self.fds
     }

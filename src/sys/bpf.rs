@@ -8,9 +8,6 @@
 //! are for: that is `steer`'s business. The safety inherited from `sys` (`allow(unsafe_code)`)
 //! covers this file; every unsafe block says why it is sound.
 
-// Used by `steer`, which the listen specs do not drive yet.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::ffi::c_void;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
@@ -26,6 +23,7 @@ const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+#[cfg(test)]
 const BPF_ENABLE_STATS: libc::c_long = 32;
 
 /// `SO_ATTACH_REUSEPORT_EBPF` (include/uapi/asm-generic/socket.h).
@@ -340,6 +338,7 @@ pub fn prog_info(prog: BorrowedFd<'_>) -> nix::Result<ProgInfo> {
 
 /// Turns on the run-time statistics of every program (`BPF_ENABLE_STATS` with
 /// `BPF_STATS_RUN_TIME`) for as long as the returned fd is open.
+#[cfg(test)]
 pub fn enable_stats() -> nix::Result<OwnedFd> {
     // `struct { __u32 type; } enable_stats`; BPF_STATS_RUN_TIME is 0.
     let mut attr: u32 = 0;
