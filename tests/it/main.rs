@@ -15,6 +15,7 @@ mod pid1;
 mod readiness;
 mod real_servers;
 mod sockets;
+mod steer;
 mod support;
 mod upgrade;
 mod world;
