@@ -12,6 +12,7 @@ mod hostile;
 mod lifecycle;
 mod load;
 mod pid1;
+mod quic;
 mod readiness;
 mod real_servers;
 mod sockets;
