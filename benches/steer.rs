@@ -18,7 +18,11 @@
 //! status` shows how many flows it owns, and the A/B rounds run again with the table full.
 //!
 //! Flags: `--slices N` (12), `--slice-ms MS` (500), `--clients N` (2), `--window N` (16),
-//! `--fill-flows N` (70000; 0 skips the second phase), `--a-spec SPEC` and `--b-spec SPEC`
+//! `--fill-flows N` (70000; 0 skips the second phase), `--pin CLIENT_CPU,SERVER_CPU` (`0,1` on
+//! two CPUs or more, else `none`: the clients run on one CPU, both sockholds and their children
+//! on the other, so that A and B get the same placement; unpinned, the scheduler's choice of
+//! one CPU or two for a client and its server swings a slice by ±30%), `--a-spec SPEC` and
+//! `--b-spec SPEC`
 //! (the two listeners, `udp://127.0.0.1:0,steer=flow` and `udp://127.0.0.1:0`; the bench's
 //! harness is checked by running it with plain against plain: `--a-spec udp://127.0.0.1:0
 //! --fill-flows 0`, where the ratio must come out near 1). It prints one JSON line with every
@@ -42,6 +46,8 @@ struct Params {
     fill_flows: usize,
     a_spec: String,
     b_spec: String,
+    /// CPUs for the clients and for the servers, or none.
+    pin: Option<(usize, usize)>,
 }
 
 fn params() -> Result<Params> {
@@ -53,6 +59,7 @@ fn params() -> Result<Params> {
         fill_flows: 70_000,
         a_spec: "udp://127.0.0.1:0,steer=flow".into(),
         b_spec: "udp://127.0.0.1:0".into(),
+        pin: (std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2).then_some((0, 1)),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -70,6 +77,11 @@ fn params() -> Result<Params> {
             "--fill-flows" => p.fill_flows = num()?,
             "--a-spec" => p.a_spec = value,
             "--b-spec" => p.b_spec = value,
+            "--pin" if value == "none" => p.pin = None,
+            "--pin" => {
+                let (c, s) = value.split_once(',').context("--pin takes CLIENT_CPU,SERVER_CPU")?;
+                p.pin = Some((c.parse()?, s.parse()?));
+            }
             other => bail!("unknown flag {other} (see the header of benches/steer.rs)"),
         }
     }
@@ -85,9 +97,25 @@ struct Server {
 }
 
 impl Server {
-    fn start(sockhold: &Path, child: &Path, spec: &str, dir: &Path, name: &str) -> Result<Server> {
+    fn start(
+        p: &Params,
+        dir: &Path,
+        bins: (&Path, &Path),
+        spec: &str,
+        name: &str,
+    ) -> Result<Server> {
+        let (sockhold, child) = bins;
         let control = dir.join(format!("{name}.sock"));
-        let mut proc = Command::new(sockhold)
+        // Pinned, sockhold and its child run on the server CPU (the child inherits it).
+        let mut cmd = match p.pin {
+            Some((_, cpu)) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", &cpu.to_string()]).arg(sockhold);
+                c
+            }
+            None => Command::new(sockhold),
+        };
+        let mut proc = cmd
             .args(["-l", spec, "--ready", "notify", "--control"])
             .arg(&control)
             .arg("--")
@@ -266,8 +294,16 @@ fn main() -> Result<()> {
     }
     ensure!(child.is_file(), "{} is missing", child.display());
     let dir = tempfile::tempdir()?;
-    let a = Server::start(&sockhold, &child, &p.a_spec, dir.path(), "a")?;
-    let b = Server::start(&sockhold, &child, &p.b_spec, dir.path(), "b")?;
+    let a = Server::start(&p, dir.path(), (&sockhold, &child), &p.a_spec, "a")?;
+    let b = Server::start(&p, dir.path(), (&sockhold, &child), &p.b_spec, "b")?;
+    if let Some((cpu, _)) = p.pin {
+        // The client threads, started later, inherit the main thread's CPU.
+        let status = Command::new("taskset")
+            .args(["-p", "-c", &cpu.to_string(), &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status()?;
+        ensure!(status.success(), "taskset -p -c {cpu} failed: {status}");
+    }
     let (ca, cb) = (clients(a.port, p.clients)?, clients(b.port, p.clients)?);
 
     eprintln!("steer bench: {} slices of {} ms each for A and B ...", p.slices, p.slice_ms);
@@ -276,6 +312,7 @@ fn main() -> Result<()> {
         "params": {
             "slices": p.slices, "slice_ms": p.slice_ms, "clients": p.clients,
             "window": p.window, "fill_flows": p.fill_flows, "a_spec": p.a_spec, "b_spec": p.b_spec,
+            "pin": p.pin.map(|(c, s)| json!({ "clients": c, "servers": s })),
         },
         "throughput": summary(&ra, &rb),
         "a_flows": flows_of(&a.status(&sockhold)?),

@@ -354,7 +354,11 @@ fn without_steering_a_reload_breaks_every_session() {
 #[test]
 fn with_two_workers_sessions_spread_and_each_keeps_its_worker() {
     let (_dir, control) = control_dir();
-    let (mut s, port) = start_steered(&control, &["--workers", "2", "--flow-idle", "60s"], &[]);
+    let (mut s, port) = start_steered(
+        &control,
+        &["--workers", "2", "--reload-strategy", "all-at-once", "--flow-idle", "60s"],
+        &[],
+    );
     s.expect_event("ready", 1);
     s.expect_event("ready", 1);
     let status = ctl_status(Path::new(&control));
@@ -373,7 +377,7 @@ fn with_two_workers_sessions_spread_and_each_keeps_its_worker() {
             session.ping_home();
         }
     }
-    // A reload (rolling, one worker at a time) moves none of them.
+    // A reload (both new workers ready, then both old ones kept for their flows) moves none.
     reload_ok(&control);
     for session in &sessions {
         session.ping_home();
