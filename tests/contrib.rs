@@ -763,6 +763,15 @@ fn stop_and_ready_timeouts_are_ordered() {
         unit.contains("--control /run/%N/control.sock") && unit.contains("RuntimeDirectory=%N")
     );
 
+    // The QUIC unit (steer=flow) keeps the same order.
+    let quic = read(&contrib("systemd/quic.service"));
+    let f = "quic.service";
+    let ready = number_after(&quic, "--ready-timeout", f);
+    let ctl_timeout = number_after(&quic, "control.sock --timeout", f);
+    assert!(number_after(&quic, "TimeoutStartSec=", f) > ctl_timeout && ctl_timeout > ready);
+    assert!(number_after(&quic, "TimeoutStopSec=", f) > number_after(&quic, "--stop-timeout", f));
+    assert!(quic.contains(",steer=flow") && quic.contains("--flow-idle"));
+
     // sysvinit: STOP_WAIT > --stop-timeout; RELOAD_TIMEOUT > --ready-timeout.
     let f = "sysvinit/sockhold-example";
     let init = read(&contrib(f));

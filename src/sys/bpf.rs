@@ -23,8 +23,6 @@ const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-#[cfg(test)]
-const BPF_ENABLE_STATS: libc::c_long = 32;
 
 /// `SO_ATTACH_REUSEPORT_EBPF` (include/uapi/asm-generic/socket.h).
 const SO_ATTACH_REUSEPORT_EBPF: libc::c_int = 52;
@@ -334,15 +332,6 @@ pub fn prog_info(prog: BorrowedFd<'_>) -> nix::Result<ProgInfo> {
         run_time_ns: u64_at(192),
         run_count: u64_at(200),
     })
-}
-
-/// Turns on the run-time statistics of every program (`BPF_ENABLE_STATS` with
-/// `BPF_STATS_RUN_TIME`) for as long as the returned fd is open.
-#[cfg(test)]
-pub fn enable_stats() -> nix::Result<OwnedFd> {
-    // `struct { __u32 type; } enable_stats`; BPF_STATS_RUN_TIME is 0.
-    let mut attr: u32 = 0;
-    bpf(BPF_ENABLE_STATS, &mut attr).map(owned)
 }
 
 /// Attaches a `BPF_PROG_TYPE_SK_REUSEPORT` program to the reuseport group `sock` belongs to
