@@ -211,6 +211,18 @@ impl Sockhold {
         }
     }
 
+    /// Waits until `n` stderr lines contain `needle` (the same report made again, say).
+    pub fn expect_log_times(&mut self, needle: &str, n: usize) {
+        let deadline = Instant::now() + TIMEOUT;
+        while self.log().iter().filter(|l| l.contains(needle)).count() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.fail(&format!("timed out waiting for {n} log lines containing {needle:?}"));
+            }
+            self.pump(left);
+        }
+    }
+
     /// The pids the fixtures report belong to another pid namespace: cleanup must not signal
     /// them (they would name unrelated processes here).
     pub fn pids_are_foreign(&mut self) {
