@@ -139,6 +139,9 @@ fn main() {
     let socket = inherited_socket();
     let local = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let gen_ = generation();
+    // The handlers are in place before "start" is reported: a test that signals this process
+    // once it has seen the line must not kill it with the default action.
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1]).expect("signal handlers");
     report("start", json!({ "local": local }));
     if let Some((_, code)) = args.exit_gens.iter().find(|(g, _)| *g == gen_) {
         report("exit", json!({ "sessions": 0, "datagrams": 0, "code": code }));
@@ -148,7 +151,6 @@ fn main() {
     let datagrams = Arc::new(AtomicU64::new(0));
     let sessions = Arc::new(AtomicU64::new(0));
     let wait_usr1 = args.ready_on_usr1_gens.contains(&gen_);
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1]).expect("signal handlers");
     {
         let (datagrams, sessions) = (Arc::clone(&datagrams), Arc::clone(&sessions));
         let (notify, drain) = (args.notify, args.drain);

@@ -54,6 +54,14 @@ struct Client {
 }
 
 impl Client {
+    /// Takes in every line that has arrived, so that what is counted next is only what comes
+    /// after this moment.
+    fn take_in(&mut self) {
+        while let Ok(v) = self.lines.try_recv() {
+            self.seen.push(v);
+        }
+    }
+
     /// Waits for lines until `done` holds over everything seen; fails after [`TIMEOUT`].
     fn until(&mut self, what: &str, done: impl Fn(&[Value]) -> bool) {
         let deadline = Instant::now() + TIMEOUT;
@@ -161,9 +169,18 @@ fn quic_under_reloads(spec: &str, reloads: usize) -> Option<(ExitStatus, Value, 
     let mut client = Client { child, lines: rx, seen: Vec::new() };
     client.until("every connection's first request", |seen| counts(seen).0.len() == CONNECTIONS);
 
-    for _ in 0..reloads {
+    let mut serving = gen1;
+    for reload in 0..reloads {
         let out = ctl(&control, &["reload"]);
         assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+        let new = pid_of(&s.expect_event("ready", reload as u64 + 2));
+        if !spec.contains("steer=flow") {
+            // On a shared socket the old generation reads the connections' datagrams until it
+            // exits: count from then on, or its last requests would be taken for survival.
+            s.expect_log(&format!("(pid {serving}) stopped"));
+        }
+        serving = new;
+        client.take_in();
         let (before, _) = counts(&client.seen);
         client.until("3 more requests or a break on every connection", |seen| {
             let (now, broken) = counts(seen);

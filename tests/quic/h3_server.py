@@ -66,6 +66,12 @@ def inherited_socket() -> socket.socket:
     return sock
 
 
+def report(event):
+    """One JSON line on stdout in a single write: generations share the pipe, and print()'s
+    separate writes of text and newline would interleave with another process's line."""
+    os.write(1, f'{{"event":"{event}","pid":{PID},"generation":"{GENERATION}"}}\n'.encode())
+
+
 def notify(message: str) -> None:
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
@@ -95,10 +101,10 @@ async def main() -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     notify("READY=1")
-    print(f'{{"event":"ready","pid":{PID},"generation":"{GENERATION}"}}', flush=True)
+    report("ready")
     await stop.wait()
     # At once, like most UDP servers: no goodbye to the clients.
-    print(f'{{"event":"exit","pid":{PID},"generation":"{GENERATION}"}}', flush=True)
+    report("exit")
     os._exit(0)
 
 
