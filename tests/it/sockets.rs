@@ -241,8 +241,8 @@ fn scoped_link_local_ipv6() {
 
 #[test]
 fn option_name() {
-    let (s, start) =
-        run(&["127.0.0.1:0,name=web", "udp://127.0.0.1:0", "@x-name,name=a b"], &[], &[]);
+    let named = format!("@{},name=a b", abstract_name("name"));
+    let (s, start) = run(&["127.0.0.1:0,name=web", "udp://127.0.0.1:0", &named], &[], &[]);
     assert_eq!(start["env"]["LISTEN_FDNAMES"], "web:fixture:a b");
     stop(s);
 }
@@ -440,7 +440,8 @@ fn option_nonblock() {
     s.expect_event("ready-sent", 3);
     s.signal(SIGTERM);
     assert_eq!(s.exit_code(), 0);
-    let (s, start) = run(&["udp://127.0.0.1:0,nonblock", "@x-nonblock-it,nonblock"], &[], &[]);
+    let unix = format!("@{},nonblock", abstract_name("nonblock"));
+    let (s, start) = run(&["udp://127.0.0.1:0,nonblock", &unix], &[], &[]);
     assert_eq!(fd(&start, 3)["nonblock"], true);
     assert_eq!(fd(&start, 4)["nonblock"], true);
     stop(s);
