@@ -209,24 +209,12 @@ mod tests {
 
     use super::*;
     use crate::exit::ChildStatus;
-    use crate::supervisor::{NotifyAccess, ReadyMode, RestartPolicy};
+    use crate::supervisor::ReadyMode;
 
     fn policy() -> Policy {
         Policy {
-            ready: ReadyMode::Notify,
-            ready_timeout: Duration::from_secs(60),
-            stop_signal: Signal::SIGTERM,
             stop_timeout: Duration::from_secs(5),
-            restart: RestartPolicy::OnFailure,
-            notify_access: NotifyAccess::Group,
-            probe_delay: Duration::ZERO,
-            probe_interval: Duration::from_millis(100),
-            watchdog: None,
-            workers: 1,
-            reload_strategy: crate::supervisor::ReloadStrategy::Rolling,
-            max_draining: crate::supervisor::MAX_DRAINING,
-            lazy: false,
-            flow_steering: None,
+            ..crate::supervisor::tests::policy(ReadyMode::Notify)
         }
     }
 

@@ -1151,4 +1151,4 @@ pub use messages::{Action, Event};
 pub use policy::*;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

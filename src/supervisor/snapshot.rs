@@ -306,25 +306,11 @@ fn instant_at(ns: i64, now: Instant, elapsed: Duration) -> Instant {
 mod tests {
     use crate::supervisor::*;
 
-    const SIGTERM: Signal = Signal::SIGTERM;
-
     #[test]
     fn snapshot_and_restore_keep_every_generation_and_deadline() {
         let policy = Policy {
-            ready: ReadyMode::Notify,
-            ready_timeout: Duration::from_secs(60),
-            stop_signal: SIGTERM,
-            stop_timeout: Duration::from_secs(30),
-            restart: RestartPolicy::OnFailure,
-            notify_access: NotifyAccess::Group,
-            probe_delay: Duration::ZERO,
-            probe_interval: Duration::from_millis(100),
             watchdog: Some(Duration::from_secs(20)),
-            workers: 1,
-            reload_strategy: ReloadStrategy::Rolling,
-            max_draining: MAX_DRAINING,
-            lazy: false,
-            flow_steering: None,
+            ..crate::supervisor::tests::policy(ReadyMode::Notify)
         };
         let t0 = Instant::now();
         let mut s = Supervisor::new(policy.clone());

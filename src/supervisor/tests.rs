@@ -7,7 +7,9 @@ const SIGKILL: Signal = Signal::SIGKILL;
 const SIGTERM: Signal = Signal::SIGTERM;
 const SIGUSR1: Signal = Signal::SIGUSR1;
 
-fn policy(ready: ReadyMode) -> Policy {
+/// The policy every table starts from (the command line's defaults, `--stop-timeout 30s`); the
+/// other machines' tests (`accept`, `snapshot`) start from it too.
+pub(crate) fn policy(ready: ReadyMode) -> Policy {
     Policy {
         ready,
         ready_timeout: Duration::from_secs(60),

@@ -425,12 +425,11 @@ fn a_target_that_crashes_or_hangs_in_its_dry_run_is_refused_and_nothing_is_touch
     everything_runs_on(&mut s, &control, pid, &before, load);
 }
 
-/// Upgrades to a real sockhold that crashes (`how`: `segv` or `panic`) a moment after it took
-/// over: the old program comes back in place and says why.
-fn crash_after_takeover(how: &str, reason: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let control = dir.path().join("ctl.sock");
-    let next = dir.path().join("sockhold-next");
+/// `DIR/sockhold-next`: the real sockhold, made to crash (`how`, see
+/// `SOCKHOLD_TEST_CRASH_AFTER_TAKEOVER`) once it has taken over; its `--upgrade-check` and dry
+/// run pass.
+fn crashing_target(dir: &Path, how: &str) -> PathBuf {
+    let next = dir.join("sockhold-next");
     write_script(
         &next,
         &format!(
@@ -438,6 +437,15 @@ fn crash_after_takeover(how: &str, reason: &str) {
             sockhold_bin().display()
         ),
     );
+    next
+}
+
+/// Upgrades to a real sockhold that crashes (`how`: `segv` or `panic`) a moment after it took
+/// over: the old program comes back in place and says why.
+fn crash_after_takeover(how: &str, reason: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("ctl.sock");
+    let next = crashing_target(dir.path(), how);
     let (mut s, pid, port, before) = under_load(&control, &next);
     let load = Load::start(port, 4);
     upgrade_refused(&control, &format!("upgrade failed: {reason}"));
@@ -469,14 +477,7 @@ fn a_new_program_whose_stack_overflows_after_taking_over_goes_back_to_the_old_on
 fn a_crash_after_the_upgrade_was_answered_still_goes_back_to_the_old_one() {
     let dir = tempfile::tempdir().unwrap();
     let control = dir.path().join("ctl.sock");
-    let next = dir.path().join("sockhold-next");
-    write_script(
-        &next,
-        &format!(
-            "[ \"$1\" = --upgrade-check ] && exec {0} --upgrade-check\nSOCKHOLD_TEST_CRASH_AFTER_TAKEOVER=segv-later exec {0} \"$@\"",
-            sockhold_bin().display()
-        ),
-    );
+    let next = crashing_target(dir.path(), "segv-later");
     let (mut s, pid, port, before) = under_load(&control, &next);
     let load = Load::start(port, 4);
     // The new program answers, then crashes on its next turn (the ctl connection closing wakes
