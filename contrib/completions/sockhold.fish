@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_sockhold_global_optspecs
-    string join \n l/listen= ready= ready-timeout= probe-delay= probe-interval= probe-timeout= watchdog= workers= reload-strategy= stop-signal= stop-timeout= max-draining= flow-idle= restart= notify-access= name= accept inetd max-connections= lazy compat-env= control= pid-file= user= chdir= env= env-file= subreaper on-supervisor-death= upgrade-binary= v/verbose q/quiet log-format= h/help V/version
+    string join \n l/listen= ready= ready-timeout= probe-delay= probe-interval= probe-timeout= watchdog= workers= reload-strategy= stop-signal= stop-timeout= max-draining= flow-idle= restart= notify-access= fd-store= name= accept inetd max-connections= lazy compat-env= control= pid-file= user= chdir= env= env-file= subreaper on-supervisor-death= upgrade-binary= v/verbose q/quiet log-format= h/help V/version
 end
 
 function __fish_sockhold_needs_command
@@ -44,6 +44,7 @@ never\t'Never restart: sockhold ends with the child\'s status'"
 complete -c sockhold -n "__fish_sockhold_needs_command" -l notify-access -d 'Whose notify messages count: the child\'s main process, any process in its process group, or anyone who can reach the socket' -r -f -a "main\t'Only the child\'s main process'
 group\t'Any process in the child\'s process group'
 all\t'Any process that can reach the socket'"
+complete -c sockhold -n "__fish_sockhold_needs_command" -l fd-store -d 'Keep up to N fds that children hand over with sd_notify FDSTORE=1 (systemd\'s fd store, FileDescriptorStoreMax=), named by FDNAME=, and pass them to every later generation after its sockets (in LISTEN_FDS and LISTEN_FDNAMES, newest first), with FDSTORE=N in its environment. FDSTOREREMOVE=1 closes a name\'s fds; a stored fd that hangs up is closed unless stored with FDPOLL=0. The store survives reloads, restarts and upgrades and closes when sockhold stops. 0: off, fds sent are closed' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l name -d 'The instance name, used in logs, as the default LISTEN_FDNAMES entry and in runtime paths [default: the basename of COMMAND]' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l max-connections -d 'With --accept: at most N children at once; further connections wait in the backlog' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l compat-env -d 'Also hand the sockets over the way other tools do, so servers written for them move over unchanged: `einhorn` (EINHORN_FDS as socketmaster sets it, plus EINHORN_FD_COUNT, EINHORN_FD_<i> and EINHORN_MASTER_PID as einhorn does), `server-starter` (SERVER_STARTER_PORT and SERVER_STARTER_GENERATION as Server::Starter sets them) and/or `nginx` (NGINX=3;4;...; as nginx\'s binary upgrade sets it, so a new nginx master serves the inherited sockets). `nginx` also makes every listener non-blocking (as if each had `nonblock`): nginx never sets O_NONBLOCK on an inherited socket itself' -r -f -a "einhorn\t'socketmaster\'s and einhorn\'s EINHORN_FDS'
