@@ -104,9 +104,11 @@ impl FdStore {
             None => DEFAULT_NAME,
         };
         if self.max == 0 {
+            // Closed before the log line says so.
+            let count = fds.len();
+            drop(fds);
             info!(
-                "generation {generation}: closing {} fd(s) sent with FDSTORE=1 (FDNAME={name}): the fd store is off (--fd-store 0)",
-                fds.len()
+                "generation {generation}: closing {count} fd(s) sent with FDSTORE=1 (FDNAME={name}): the fd store is off (--fd-store 0)"
             );
             return;
         }
@@ -117,6 +119,8 @@ impl FdStore {
                 continue;
             }
             if self.entries.len() >= self.max {
+                drop(fd);
+                drop(fds);
                 warn!(
                     "generation {generation}: the fd store is full (--fd-store {}); closing fd {name} and any other of its message",
                     self.max
@@ -146,8 +150,9 @@ impl FdStore {
     /// Closes the stored fd `raw`, which reported a hang-up or an error.
     pub fn hung_up(&mut self, raw: RawFd) {
         if let Some(i) = self.entries.iter().position(|e| e.fd.as_raw_fd() == raw) {
-            let entry = self.entries.remove(i);
-            info!("stored fd {} reported a hang-up or an error; closing it", entry.name);
+            let Entry { name, fd, .. } = self.entries.remove(i);
+            drop(fd);
+            info!("stored fd {name} reported a hang-up or an error; closing it");
         }
     }
 
