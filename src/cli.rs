@@ -191,7 +191,8 @@ pub struct Cli {
     pub chdir: Option<PathBuf>,
 
     /// Set K=V in the children's environment; repeatable. Wins over --env-file and sockhold's
-    /// own environment. LISTEN_*, NOTIFY_SOCKET, SOCKHOLD_* and WATCHDOG_* are sockhold's.
+    /// own environment. LISTEN_*, NOTIFY_SOCKET, FDSTORE, SOCKHOLD_* and WATCHDOG_* are
+    /// sockhold's.
     #[arg(long, value_name = "K=V", value_parser = parse_env_assignment)]
     pub env: Vec<(String, String)>,
 

@@ -30,6 +30,10 @@ use nix::unistd::{Pid, getpgid};
 /// The largest datagram the protocol allows; longer ones are ignored, as systemd does.
 pub const MAX_DATAGRAM: usize = 4096;
 
+/// The most fds the kernel passes in one `SCM_RIGHTS` message (`SCM_MAX_FD`): room for all of
+/// them, so an `FDSTORE=1` message never loses fds to a truncated control buffer.
+const SCM_MAX_FD: usize = 253;
+
 /// What one notify datagram says. Unknown assignments are ignored, as systemd ignores them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NotifyMessage {
@@ -186,8 +190,10 @@ impl NotifySocket {
         // kernel does not flag the truncation.
         let mut buf = [0u8; MAX_DATAGRAM + 1];
         loop {
-            let mut cmsg =
-                nix::cmsg_space!(nix::sys::socket::UnixCredentials, [std::os::fd::RawFd; 16]);
+            let mut cmsg = nix::cmsg_space!(
+                nix::sys::socket::UnixCredentials,
+                [std::os::fd::RawFd; SCM_MAX_FD]
+            );
             let mut iov = [IoSliceMut::new(&mut buf)];
             let (len, truncated, sender, fds) = match socket::recvmsg::<()>(
                 self.fd.as_raw_fd(),

@@ -42,14 +42,8 @@ fn number() -> impl Strategy<Value = String> {
 /// A line sockhold ignores: an sd_notify assignment it does not act on (with any number),
 /// an unknown key, a key in the wrong case or with spaces, no `=` at all, an empty line.
 fn ignored_line() -> impl Strategy<Value = Vec<u8>> {
-    const UNUSED: &[&str] = &[
-        "MAINPID",
-        "MONOTONIC_USEC",
-        "NOTIFYACCESS",
-        "BUSERROR",
-        "EXIT_STATUS",
-        "X_SOCKHOLD",
-    ];
+    const UNUSED: &[&str] =
+        &["MAINPID", "MONOTONIC_USEC", "NOTIFYACCESS", "BUSERROR", "EXIT_STATUS", "X_SOCKHOLD"];
     prop_oneof![
         (prop::sample::select(UNUSED), number())
             .prop_map(|(key, n)| format!("{key}={n}").into_bytes()),

@@ -145,7 +145,9 @@ impl Client {
     fn expect_eof(&mut self) {
         let mut rest = Vec::new();
         match self.reader.read_to_end(&mut rest) {
-            Ok(_) => assert!(rest.is_empty(), "unexpected data: {:?}", String::from_utf8_lossy(&rest)),
+            Ok(_) => {
+                assert!(rest.is_empty(), "unexpected data: {:?}", String::from_utf8_lossy(&rest))
+            }
             Err(e) => panic!("expected a clean close, got {e}"),
         }
     }
@@ -253,8 +255,7 @@ fn the_limit_closes_what_is_beyond_it() {
             client
         })
         .collect();
-    run.sockhold
-        .expect_log("generation 1: the fd store is full (--fd-store 2); closing fd conn-3");
+    run.sockhold.expect_log("generation 1: the fd store is full (--fd-store 2); closing fd conn-3");
     assert_eq!(stored(&run.control), (vec!["conn-2".to_owned(), "conn-1".to_owned()], 2));
     reload(&run.control);
     let next = run.sockhold.expect_event("start", 2);
