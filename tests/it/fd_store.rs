@@ -342,3 +342,75 @@ fn off_closes_what_is_sent() {
     expect_stopped(&mut run, 1, &start);
     client.expect_eof();
 }
+
+/// Messages count per `--notify-access`: fds that a process outside the generation's group
+/// sends with `FDSTORE=1` are closed under `group`, and stored under `all`.
+#[test]
+fn only_allowed_senders_store() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixDatagram;
+    let Some(server) = echo_server() else { return };
+    for (access, kept) in [("group", false), ("all", true)] {
+        let mut run = start_echo(&server, "4", &["--notify-access", access]);
+        let start = run.sockhold.expect_event("start", 1);
+        // The generation's notify socket, as its environment names it.
+        let environ = std::fs::read(format!("/proc/{}/environ", pid_of(&start))).expect("environ");
+        let socket = (environ.split(|&b| b == 0))
+            .find_map(|v| v.strip_prefix(b"NOTIFY_SOCKET="))
+            .map(|v| PathBuf::from(String::from_utf8_lossy(v).into_owned()))
+            .expect("NOTIFY_SOCKET");
+        let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
+        let sender = UnixDatagram::unbound().expect("socket");
+        let iov = [std::io::IoSlice::new(b"FDSTORE=1\nFDNAME=intruder")];
+        let fds = [write_end.as_raw_fd()];
+        let addr = nix::sys::socket::UnixAddr::new(&socket).expect("address");
+        nix::sys::socket::sendmsg(
+            sender.as_raw_fd(),
+            &iov,
+            &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+            nix::sys::socket::MsgFlags::empty(),
+            Some(&addr),
+        )
+        .expect("sendmsg");
+        drop(write_end);
+        if kept {
+            wait_until("the fd is stored", || stored(&run.control).0 == ["intruder"]);
+        } else {
+            run.sockhold.expect_log("which --notify-access group does not allow");
+            // The write end's last copy was sockhold's: closed, so the read end sees EOF.
+            let mut byte = [0u8; 1];
+            assert_eq!(nix::unistd::read(&read_end, &mut byte).expect("read"), 0);
+            assert!(stored(&run.control).0.is_empty());
+        }
+    }
+}
+
+/// Traffic on a stored connection never wakes sockhold: the store polls for hang-ups only.
+#[test]
+fn traffic_on_a_stored_connection_does_not_wake_sockhold() {
+    let Some(server) = echo_server() else { return };
+    let mut run = start_echo(&server, "4", &[]);
+    run.sockhold.expect_event("start", 1);
+    let (mut client, _) = Client::connect(run.port);
+    // The hello followed the store's barrier: nothing more is on its way to sockhold.
+    let pid = run.sockhold.pid();
+    let wakeups = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("voluntary_ctxt_switches")).unwrap();
+        line.split_whitespace().last().unwrap().parse().unwrap()
+    };
+    let in_poll = || {
+        let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let sleeping =
+            stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('S'));
+        wchan.contains("poll") || (sleeping && !wchan.chars().any(|c| c.is_alphabetic()))
+    };
+    wait_until("sockhold sleeps in poll", in_poll);
+    let before = wakeups();
+    for i in 0..20 {
+        assert_eq!(client.ping(&i.to_string()), 1);
+    }
+    let after = wakeups();
+    assert_eq!(after, before, "sockhold woke up {} times", after - before);
+}
