@@ -6,9 +6,9 @@
 //! runtime directory, the pid file, the fd store (`--fd-store`), and the link to sockhold's own
 //! service manager. One thread, one `poll` over the signal pipe, the control socket and its
 //! clients, the notify sockets, and the stored fds watched for a hang-up, with the nearest
-//! deadline as the timeout: while nothing happens, sockhold sleeps without
-//! waking. The listeners are polled only while `--lazy` waits for the first connection, and
-//! with `--accept`; otherwise only children accept on them. Every polled fd carries what it
+//! deadline as the timeout: while nothing happens, sockhold sleeps without waking. The
+//! listeners are polled only while `--lazy` waits for the first connection, and with
+//! `--accept`; otherwise only children accept on them. Every polled fd carries what it
 //! belongs to ([`Source`]), and the child's environment is assembled by [`crate::plan`].
 //!
 //! It must not make lifecycle decisions: those belong to [`Supervisor::step`].
@@ -286,7 +286,7 @@ impl EventLoop {
                 (Brain::PerConnection(brain), acceptors)
             }
         };
-        let config_fd_store = config.fd_store;
+        let store = FdStore::new(config.fd_store);
         Ok(EventLoop {
             control,
             reload_waiters: Vec::new(),
@@ -306,7 +306,7 @@ impl EventLoop {
             upgrade: handover::Upgrades::at_start(),
             watched: BTreeMap::new(),
             new_flow_units: Vec::new(),
-            store: FdStore::new(config_fd_store),
+            store,
         })
     }
 

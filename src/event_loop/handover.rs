@@ -1,8 +1,8 @@
 //! Self-upgrade, the event loop's side: composing the [`crate::upgrade::State`] from each
 //! module's own part (the supervisor's snapshot, the listeners', the control socket's, the pid
-//! file's, the fd store's) and its own entries, which this module owns ([`NotifyHandover`], [`HealthHandover`],
-//! [`ClientHandover`], [`LastReloadHandover`], and the runtime paths and the history `ctl status`
-//! shows), writing it before the exec, and taking it over in the new program (or only reading it
+//! file's, the fd store's) and its own entries, which this module owns ([`NotifyHandover`],
+//! [`HealthHandover`], [`ClientHandover`], [`LastReloadHandover`], and the runtime paths and the
+//! history `ctl status` shows), writing it before the exec, and taking it over in the new program (or only reading it
 //! all, in a dry run). A state the new program does not understand was refused when it was
 //! read; nothing here reads a field with a default. After a takeover
 //! it answers the askers after the loop's first turn and ends probation once the loop acts on a
