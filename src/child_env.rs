@@ -166,6 +166,7 @@ impl EnvFile {
 fn is_reserved(name: &str) -> bool {
     name.starts_with("LISTEN_")
         || name == "NOTIFY_SOCKET"
+        || name == "FDSTORE"
         || name.starts_with("SOCKHOLD_")
         || name.starts_with("WATCHDOG_")
 }
@@ -183,7 +184,7 @@ fn check_name(name: &str) -> Result<(), String> {
     }
     if is_reserved(name) {
         return Err(format!(
-            "{name} is set by sockhold itself (LISTEN_*, NOTIFY_SOCKET, SOCKHOLD_*, WATCHDOG_*)"
+            "{name} is set by sockhold itself (LISTEN_*, NOTIFY_SOCKET, FDSTORE, SOCKHOLD_*, WATCHDOG_*)"
         ));
     }
     Ok(())
@@ -408,9 +409,13 @@ mod tests {
         assert_eq!(parse_env_assignment("_K="), Ok(("_K".into(), String::new())));
         assert!(parse_env_assignment("K").unwrap_err().contains("'K' is not K=V"));
         assert!(parse_env_assignment("=v").unwrap_err().contains("not a valid variable name"));
-        for reserved in
-            ["LISTEN_PID=1", "NOTIFY_SOCKET=x", "SOCKHOLD_GENERATION=1", "WATCHDOG_USEC=1"]
-        {
+        for reserved in [
+            "LISTEN_PID=1",
+            "NOTIFY_SOCKET=x",
+            "SOCKHOLD_GENERATION=1",
+            "WATCHDOG_USEC=1",
+            "FDSTORE=2",
+        ] {
             let err = parse_env_assignment(reserved).unwrap_err();
             assert!(err.contains(reserved.split('=').next().unwrap()), "{err}");
         }

@@ -123,6 +123,15 @@ pub struct Cli {
     #[arg(long, value_name = "WHO", value_enum, default_value_t = NotifyAccess::Group)]
     pub notify_access: NotifyAccess,
 
+    /// Keep up to N fds that children hand over with sd_notify FDSTORE=1 (systemd's fd store,
+    /// FileDescriptorStoreMax=), named by FDNAME=, and pass them to every later generation
+    /// after its sockets (in LISTEN_FDS and LISTEN_FDNAMES, newest first), with FDSTORE=N in
+    /// its environment. FDSTOREREMOVE=1 closes a name's fds; a stored fd that hangs up is
+    /// closed unless stored with FDPOLL=0. The store survives reloads, restarts and upgrades and
+    /// closes when sockhold stops. 0: off, fds sent are closed.
+    #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "accept")]
+    pub fd_store: usize,
+
     /// The instance name, used in logs, as the default LISTEN_FDNAMES entry and in runtime
     /// paths [default: the basename of COMMAND].
     #[arg(long, value_name = "NAME")]
@@ -182,7 +191,8 @@ pub struct Cli {
     pub chdir: Option<PathBuf>,
 
     /// Set K=V in the children's environment; repeatable. Wins over --env-file and sockhold's
-    /// own environment. LISTEN_*, NOTIFY_SOCKET, SOCKHOLD_* and WATCHDOG_* are sockhold's.
+    /// own environment. LISTEN_*, NOTIFY_SOCKET, FDSTORE, SOCKHOLD_* and WATCHDOG_* are
+    /// sockhold's.
     #[arg(long, value_name = "K=V", value_parser = parse_env_assignment)]
     pub env: Vec<(String, String)>,
 
@@ -355,6 +365,8 @@ pub struct Config {
     pub death_signal: Option<Signal>,
     /// What SIGUSR2 and `ctl upgrade` execute, if not sockhold's own path.
     pub upgrade_binary: Option<PathBuf>,
+    /// `--fd-store`: the most fds the fd store keeps (0: off).
+    pub fd_store: usize,
 }
 
 /// `--accept` and its companions.
@@ -495,6 +507,7 @@ impl Cli {
                 OnSupervisorDeath::Kill => Some(Signal::SIGKILL),
             },
             upgrade_binary: self.upgrade_binary,
+            fd_store: self.fd_store,
         })
     }
 }

@@ -155,6 +155,13 @@ pub fn format_status(status: &Status) -> String {
         }
         out.push('\n');
     }
+    if let Some(store) = &status.fd_store {
+        out += &format!("fd store: {} of {}", store.names.len(), store.max);
+        if !store.names.is_empty() {
+            out += &format!(" ({})", store.names.join(", "));
+        }
+        out.push('\n');
+    }
     out += &format!("restarts: {}\n", status.restarts);
     out += &match &status.last_reload {
         None => "last reload: none\n".to_string(),
@@ -201,7 +208,8 @@ mod tests {
                 {"id": 3, "pids": [33], "state": "serving", "since": "T3", "status": "ok", "flows": 4}
             ],
             "restarts": 1,
-            "last_reload": {"ok": false, "generation": 4, "error": "boom", "at": "T4"}
+            "last_reload": {"ok": false, "generation": 4, "error": "boom", "at": "T4"},
+            "fd_store": {"max": 8, "names": ["conn-2", "conn-1"]}
         });
         let Ok(Answer::Status(status)) = Answer::read(&status.to_string(), &Request::Status) else {
             panic!("not read as a status answer: {status}");
@@ -213,6 +221,7 @@ mod tests {
             "generation 2: stopping, pid 22, since T2\n",
             "generation 3: serving, pid 33, since T3, flows 4, status: ok",
             "restarts: 1",
+            "fd store: 2 of 8 (conn-2, conn-1)\n",
             "last reload: failed at T4: boom",
         ] {
             assert!(text.contains(want), "{want:?} not in:\n{text}");

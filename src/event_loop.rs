@@ -3,11 +3,12 @@
 //!
 //! It owns what lives as long as sockhold: the held listeners, the signal self-pipe, the notify
 //! socket of every live generation, the control socket and the clients waiting for a reload, the
-//! runtime directory, the pid file, and the link to sockhold's own service manager. One thread,
-//! one `poll` over the signal pipe, the control socket and its clients, and the notify sockets,
-//! with the nearest deadline as the timeout: while nothing happens, sockhold sleeps without
-//! waking. The listeners are polled only while `--lazy` waits for the first connection, and
-//! with `--accept`; otherwise only children accept on them. Every polled fd carries what it
+//! runtime directory, the pid file, the fd store (`--fd-store`), and the link to sockhold's own
+//! service manager. One thread, one `poll` over the signal pipe, the control socket and its
+//! clients, the notify sockets, and the stored fds watched for a hang-up, with the nearest
+//! deadline as the timeout: while nothing happens, sockhold sleeps without waking. The
+//! listeners are polled only while `--lazy` waits for the first connection, and with
+//! `--accept`; otherwise only children accept on them. Every polled fd carries what it
 //! belongs to ([`Source`]), and the child's environment is assembled by [`crate::plan`].
 //!
 //! It must not make lifecycle decisions: those belong to [`Supervisor::step`].
@@ -36,6 +37,7 @@ use crate::accept::AcceptSupervisor;
 use crate::cli::{CompatEnv, Config};
 use crate::control::{ClientId, ControlServer, Request, Token, error_answer};
 use crate::exit::ExitCode;
+use crate::fd_store::FdStore;
 use crate::listen::Listener;
 use crate::notify::{Manager, NotifySocket};
 use crate::paths::PidFile;
@@ -154,6 +156,8 @@ enum Source {
     Acceptor(usize),
     /// A unit's HTTP probe, waiting on its connection.
     Probe(u64),
+    /// A stored fd (`--fd-store`), polled for nothing: only a hang-up or an error wakes it.
+    Stored(std::os::fd::RawFd),
 }
 
 /// What one poll found, by source.
@@ -165,6 +169,8 @@ struct Woken {
     first_connection: bool,
     connections: Vec<usize>,
     probes: Vec<u64>,
+    /// Stored fds that hung up or failed.
+    hung: Vec<std::os::fd::RawFd>,
     /// Nothing was ready: a deadline is due.
     timed_out: bool,
 }
@@ -200,6 +206,8 @@ pub struct EventLoop {
     watched: BTreeMap<u64, Watch>,
     /// With `steer=flow`: the units new flows go to ([`Action::NewFlowsTo`]).
     new_flow_units: Vec<u64>,
+    /// `--fd-store`: the fds children stored, for every later generation.
+    store: FdStore,
 }
 
 /// What sockhold created and removes when it ends, however it ends: the listeners (and the Unix
@@ -278,6 +286,7 @@ impl EventLoop {
                 (Brain::PerConnection(brain), acceptors)
             }
         };
+        let store = FdStore::new(config.fd_store);
         Ok(EventLoop {
             control,
             reload_waiters: Vec::new(),
@@ -297,6 +306,7 @@ impl EventLoop {
             upgrade: handover::Upgrades::at_start(),
             watched: BTreeMap::new(),
             new_flow_units: Vec::new(),
+            store,
         })
     }
 
@@ -315,6 +325,8 @@ impl EventLoop {
         for (client, _) in std::mem::take(&mut self.reload_waiters) {
             self.answer_client(client, &error_answer("sockhold stopped before the reload ended"));
         }
+        // The store closes with sockhold (it survives reloads, restarts and upgrades, not a stop).
+        self.store.close_all();
         // The notify sockets go first; `held` then removes the runtime directory and the rest.
         self.units.clear();
         self.control = None;
@@ -417,6 +429,12 @@ impl EventLoop {
                 set.push((fd, flags, Source::Probe(unit)));
             }
         }
+        // Stored fds, asking for no event: the kernel reports POLLHUP and POLLERR regardless,
+        // so a stored connection that is merely readable never wakes an idle sockhold.
+        for fd in self.store.polled() {
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+            set.push((fd, PollFlags::empty(), Source::Stored(raw)));
+        }
         set.into_iter().map(|(fd, flags, source)| (PollFd::new(fd, flags), source)).unzip()
     }
 
@@ -438,6 +456,7 @@ impl EventLoop {
                 Source::LazyListener => woken.first_connection = true,
                 Source::Acceptor(i) => woken.connections.push(i),
                 Source::Probe(unit) => woken.probes.push(unit),
+                Source::Stored(raw) => woken.hung.push(raw),
             }
         }
         Ok(woken)
@@ -455,8 +474,12 @@ impl EventLoop {
         // probe, a deadline) puts the sockets left out for want of fds back in the poll. A
         // listener that is merely readable again does not: two exhausted listeners would wake
         // each other forever. So a sockhold out of fds sleeps instead of spinning.
+        for &raw in &woken.hung {
+            self.store.hung_up(raw);
+        }
         let may_have_freed = woken.signals
             || woken.timed_out
+            || !woken.hung.is_empty()
             || !woken.notify.is_empty()
             || probes_done
             || woken.control.iter().any(|t| matches!(t, Token::Client(_)));
@@ -549,11 +572,33 @@ impl EventLoop {
         }
     }
 
-    /// Queues every datagram waiting on the ready notify sockets.
-    fn read_notify(&self, units: &[u64], pending: &mut VecDeque<Event>) {
+    /// Queues every datagram waiting on the ready notify sockets. The fd store's requests
+    /// (`FDSTOREREMOVE=1`, then `FDSTORE=1` with its fds, as systemd orders them) are carried
+    /// out here, for senders `--notify-access` allows; the fds of any other message were
+    /// closed on arrival.
+    fn read_notify(&mut self, units: &[u64], pending: &mut VecDeque<Event>) {
         for &unit in units {
             let Some(io) = self.units.get(&unit) else { continue };
-            for received in io.notify.receive_all() {
+            for mut received in io.notify.receive_all() {
+                let message = &received.message;
+                if message.fd_store || message.fd_store_remove {
+                    let allowed = match &self.brain {
+                        Brain::Generations(s) => {
+                            s.notify_allowed(unit, received.sender, received.sender_pgid)
+                        }
+                        Brain::PerConnection(_) => None,
+                    };
+                    // A sender not allowed is warned about when the machine sees the message;
+                    // its fds close here.
+                    if let Some(generation) = allowed {
+                        let name = message.fd_name.as_deref();
+                        if message.fd_store_remove {
+                            self.store.remove(generation, name);
+                        }
+                        let fds = std::mem::take(&mut received.fds);
+                        self.store.store(generation, name, !message.fd_no_poll, fds);
+                    }
+                }
                 pending.push_back(Event::Notify {
                     unit,
                     sender: received.sender,
@@ -684,6 +729,10 @@ impl EventLoop {
             started: humantime::format_rfc3339_seconds(self.started).to_string(),
             listeners,
             generations,
+            fd_store: (self.store.max() > 0).then(|| protocol::FdStoreStatus {
+                max: self.store.max(),
+                names: self.store.names().into_iter().map(str::to_owned).collect(),
+            }),
             restarts: self.brain.restarts(),
             last_reload: self.last_reload.clone(),
             upgrades: self.upgrade.status(),
@@ -938,6 +987,8 @@ impl EventLoop {
                 bound: listener.local_description(),
             })
             .collect();
+        let stored_names = self.store.names();
+        let stored_fds = self.store.fds();
         let (mut spec, plan_fds) = plan::generation(
             self.command(),
             plan::Generation {
@@ -948,6 +999,8 @@ impl EventLoop {
                 watchdog: self.config.policy.watchdog,
                 compat: &self.config.compat_env,
                 supervisor_pid: std::process::id(),
+                fd_store_max: self.store.max(),
+                stored: &stored_names,
             },
         );
         if let Err(error) = self.config.world.apply(&mut spec, Some(socket.path())) {
@@ -961,10 +1014,13 @@ impl EventLoop {
                     None => self.held.listeners[*i].fd(),
                 }),
                 plan::Fd::Health => health.as_ref().map(|(l, _)| std::os::fd::AsFd::as_fd(l)),
+                plan::Fd::Stored(i) => Some(stored_fds[*i]),
             })
             .collect();
         let result = spawn(&spec, &fds, None);
         drop(fds);
+        drop(stored_fds);
+        drop(stored_names);
         match result {
             Ok(pid) => {
                 let health = health.map(|(_, addr)| addr);

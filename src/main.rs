@@ -15,6 +15,7 @@ mod control;
 mod ctl;
 mod event_loop;
 mod exit;
+mod fd_store;
 #[cfg(test)]
 mod fuzz;
 mod init;

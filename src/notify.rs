@@ -4,8 +4,9 @@
 //! sockhold's runtime directory), so a message can only ever speak for the generation whose socket
 //! it reached: readiness of an old generation can never promote a new one. [`NotifySocket`] reads
 //! datagrams with the sender's credentials, drops the ones over 4096 bytes, and closes every fd a
-//! message carries (which is how `BARRIER=1` is answered). [`NotifyMessage::parse`] is the pure
-//! parser.
+//! message carries (which is how `BARRIER=1` is answered), except those of an `FDSTORE=1`
+//! message, which it hands on for the fd store to keep or close. [`NotifyMessage::parse`] is the
+//! pure parser.
 //!
 //! sockhold's own service manager: [`Manager`] sends `READY=1`, `RELOADING=1`, `STOPPING=1` and
 //! `STATUS=` to the `NOTIFY_SOCKET` sockhold itself was given.
@@ -28,6 +29,10 @@ use nix::unistd::{Pid, getpgid};
 
 /// The largest datagram the protocol allows; longer ones are ignored, as systemd does.
 pub const MAX_DATAGRAM: usize = 4096;
+
+/// The most fds the kernel passes in one `SCM_RIGHTS` message (`SCM_MAX_FD`): room for all of
+/// them, so an `FDSTORE=1` message never loses fds to a truncated control buffer.
+const SCM_MAX_FD: usize = 253;
 
 /// What one notify datagram says. Unknown assignments are ignored, as systemd ignores them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -52,6 +57,14 @@ pub struct NotifyMessage {
     pub watchdog_usec: Option<u64>,
     /// `EXTEND_TIMEOUT_USEC=N`: the current start or stop deadline is at least N µs away.
     pub extend_timeout_usec: Option<u64>,
+    /// `FDSTORE=1`: keep the fds this message carries in the fd store.
+    pub fd_store: bool,
+    /// `FDSTOREREMOVE=1`: close every stored fd named by `FDNAME=`.
+    pub fd_store_remove: bool,
+    /// `FDNAME=`, the first one in the datagram (as systemd reads it), not validated yet.
+    pub fd_name: Option<String>,
+    /// `FDPOLL=0`: the stored fds are kept even when they report a hang-up.
+    pub fd_no_poll: bool,
 }
 
 impl NotifyMessage {
@@ -78,6 +91,10 @@ impl NotifyMessage {
                 },
                 "WATCHDOG_USEC" => message.watchdog_usec = value.parse().ok(),
                 "EXTEND_TIMEOUT_USEC" => message.extend_timeout_usec = value.parse().ok(),
+                "FDSTORE" => message.fd_store |= value == "1",
+                "FDSTOREREMOVE" => message.fd_store_remove |= value == "1",
+                "FDNAME" if message.fd_name.is_none() => message.fd_name = Some(value.to_string()),
+                "FDPOLL" => message.fd_no_poll |= value == "0",
                 _ => {}
             }
         }
@@ -115,6 +132,9 @@ pub struct Received {
     pub sender_pgid: Option<Pid>,
     /// The parsed message.
     pub message: NotifyMessage,
+    /// The fds an `FDSTORE=1` message carried (every other message's fds are closed on
+    /// arrival).
+    pub fds: Vec<OwnedFd>,
 }
 
 /// A generation's private notify socket. Removes its file when dropped.
@@ -162,15 +182,18 @@ impl NotifySocket {
     }
 
     /// Reads every datagram waiting, without blocking. Oversized datagrams and datagrams without
-    /// credentials are logged and skipped. Every fd that arrives is closed.
+    /// credentials are logged and skipped. Every fd that arrives is closed, except those of a
+    /// datagram that says `FDSTORE=1`, which come with it.
     pub fn receive_all(&self) -> Vec<Received> {
         let mut out = Vec::new();
         // One byte more than the limit, so an over-long datagram is seen as such even when the
         // kernel does not flag the truncation.
         let mut buf = [0u8; MAX_DATAGRAM + 1];
         loop {
-            let mut cmsg =
-                nix::cmsg_space!(nix::sys::socket::UnixCredentials, [std::os::fd::RawFd; 16]);
+            let mut cmsg = nix::cmsg_space!(
+                nix::sys::socket::UnixCredentials,
+                [std::os::fd::RawFd; SCM_MAX_FD]
+            );
             let mut iov = [IoSliceMut::new(&mut buf)];
             let (len, truncated, sender, fds) = match socket::recvmsg::<()>(
                 self.fd.as_raw_fd(),
@@ -205,11 +228,10 @@ impl NotifySocket {
             // BARRIER=1 releases a sender such as systemd-notify, which then exits, and a gone
             // process has no group to check against --notify-access group.
             let sender_pgid = sender.and_then(|pid| getpgid(Some(pid)).ok());
-            // Closing what arrived answers BARRIER=1 (the sender waits for the fd to close) and
-            // keeps any other stray fd from leaking into sockhold.
-            for raw in fds {
-                drop(crate::sys::adopt_received_fd(raw));
-            }
+            // Owned at once, so that every path below closes them. Closing what arrived answers
+            // BARRIER=1 (the sender waits for the fd to close) and keeps any other stray fd
+            // from leaking into sockhold; only FDSTORE=1 keeps them, for the store to decide.
+            let fds: Vec<OwnedFd> = fds.into_iter().map(crate::sys::adopt_received_fd).collect();
             if truncated || len > MAX_DATAGRAM {
                 warn!(
                     "ignoring a notify datagram over {MAX_DATAGRAM} bytes on {}",
@@ -223,7 +245,8 @@ impl NotifySocket {
             };
             let message = NotifyMessage::parse(&buf[..len]);
             debug!("notify from pid {sender}: {:?}", String::from_utf8_lossy(&buf[..len]));
-            out.push(Received { sender, sender_pgid, message });
+            let fds = if message.fd_store { fds } else { Vec::new() };
+            out.push(Received { sender, sender_pgid, message, fds });
         }
         out
     }
@@ -375,6 +398,32 @@ mod tests {
                 },
             ),
             (b"WATCHDOG_USEC=-1\nEXTEND_TIMEOUT_USEC=x", NotifyMessage::default()),
+            (
+                b"FDSTORE=1\nFDNAME=conn-1",
+                NotifyMessage {
+                    fd_store: true,
+                    fd_name: Some("conn-1".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                b"FDNAME=first\nFDSTOREREMOVE=1\nFDNAME=second",
+                NotifyMessage {
+                    fd_store_remove: true,
+                    fd_name: Some("first".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                b"FDSTORE=1\nFDPOLL=0\nFDNAME=",
+                NotifyMessage {
+                    fd_store: true,
+                    fd_no_poll: true,
+                    fd_name: Some(String::new()),
+                    ..Default::default()
+                },
+            ),
+            (b"FDSTORE=0\nFDSTOREREMOVE=yes\nFDPOLL=1", NotifyMessage::default()),
         ];
         for (input, want) in cases {
             assert_eq!(
@@ -452,6 +501,26 @@ mod tests {
         assert_eq!(got[1].sender, nix::unistd::getpid());
         let mut byte = [0u8; 1];
         assert_eq!(nix::unistd::read(&r, &mut byte).unwrap(), 0, "the barrier fd was closed");
+        assert!(got.iter().all(|g| g.fds.is_empty()));
+        // FDSTORE=1 hands its fds on, open.
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let iov = [IoSlice::new(b"FDSTORE=1\nFDNAME=pipe")];
+        let fds = [w.as_raw_fd()];
+        socket::sendmsg(
+            client.as_raw_fd(),
+            &iov,
+            &[socket::ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            Some(&addr),
+        )
+        .unwrap();
+        drop(w);
+        let mut got = sock.receive_all();
+        assert_eq!(got.len(), 1, "{got:?}");
+        let kept = got.remove(0).fds;
+        assert_eq!(kept.len(), 1);
+        nix::unistd::write(&kept[0], b"!").unwrap();
+        assert_eq!(nix::unistd::read(&r, &mut byte).unwrap(), 1, "the stored fd is open");
         drop(sock);
         assert!(!path.exists(), "the socket file is removed on drop");
     }

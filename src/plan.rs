@@ -4,7 +4,8 @@
 //! path, sockhold's pid) is handed in, so every variable is unit-tested here.
 //!
 //! It owns the socket-activation protocol as the child sees it (`LISTEN_FDS`, `LISTEN_FDNAMES`,
-//! `NOTIFY_SOCKET`, `WATCHDOG_USEC`, `SOCKHOLD_GENERATION`), the variables of `--compat-env`,
+//! `NOTIFY_SOCKET`, `WATCHDOG_USEC`, `FDSTORE`, `SOCKHOLD_GENERATION`, and the fd store's fds
+//! after the sockets), the variables of `--compat-env`,
 //! those of a connection's child with `--accept`, and which inherited variables never reach a
 //! child. `--user`, `--chdir`, `--env` and `--env-file` are applied afterwards, by
 //! [`crate::child_env::ChildWorld::apply`], which reads files and the user database.
@@ -21,10 +22,12 @@ use crate::spawn::ChildSpec;
 /// sockets and manager, not the child's (a stale `LISTEN_PIDFDID` makes libsystemd ignore every
 /// socket; a stale `NOTIFY_SOCKET` would let the child speak for sockhold).
 /// The same goes for the variables of other socket-passing tools, which would name fds the child
-/// does not have.
+/// does not have, and for the size of sockhold's own manager's fd store (`FDSTORE`): the child's
+/// store is sockhold's, whose size `--fd-store` sets.
 pub fn is_stripped(name: &str) -> bool {
     name.starts_with("LISTEN_")
         || name == "NOTIFY_SOCKET"
+        || name == "FDSTORE"
         || name.starts_with("WATCHDOG_")
         || name.starts_with("EINHORN_")
         || name.starts_with("SERVER_STARTER_")
@@ -56,6 +59,8 @@ pub enum Fd {
     Listener(usize),
     /// The child's private health listener (`--ready http:`).
     Health,
+    /// The fd store's fd at this index (newest first).
+    Stored(usize),
 }
 
 /// The command and what sockhold adds to the environment of every child.
@@ -102,9 +107,15 @@ pub struct Generation<'a> {
     pub compat: &'a [CompatEnv],
     /// sockhold's pid (`EINHORN_MASTER_PID`).
     pub supervisor_pid: u32,
+    /// `--fd-store`: the most the store holds (0: off).
+    pub fd_store_max: usize,
+    /// The fd store's names, newest first.
+    pub stored: &'a [&'a str],
 }
 
-/// A generation's child: its spec, and the fds it gets from 3 on, in order.
+/// A generation's child: its spec, and the fds it gets from 3 on, in order: the listeners, the
+/// health listener, then the fd store's fds (counted in `LISTEN_FDS` and named in
+/// `LISTEN_FDNAMES` as systemd passes its store after the sockets).
 pub fn generation(command: Command<'_>, g: Generation<'_>) -> (ChildSpec, Vec<Fd>) {
     let mut fds: Vec<Fd> = (0..g.sockets.len()).map(Fd::Listener).collect();
     let mut names: Vec<&str> = g.sockets.iter().map(|s| s.name).collect();
@@ -112,6 +123,8 @@ pub fn generation(command: Command<'_>, g: Generation<'_>) -> (ChildSpec, Vec<Fd
         fds.push(Fd::Health);
         names.push("health");
     }
+    fds.extend((0..g.stored.len()).map(Fd::Stored));
+    names.extend(g.stored);
     let mut env: Vec<(OsString, OsString)> = Vec::new();
     if !names.is_empty() {
         env.push(("LISTEN_FDS".into(), names.len().to_string().into()));
@@ -119,6 +132,10 @@ pub fn generation(command: Command<'_>, g: Generation<'_>) -> (ChildSpec, Vec<Fd
     }
     env.push(("NOTIFY_SOCKET".into(), g.notify_path.into()));
     env.push(("SOCKHOLD_GENERATION".into(), g.generation.to_string().into()));
+    // As systemd says it: the store's size, so a server knows whether storing is worth it.
+    if g.fd_store_max > 0 {
+        env.push(("FDSTORE".into(), g.fd_store_max.to_string().into()));
+    }
     if let Some(period) = g.watchdog {
         env.push(("WATCHDOG_USEC".into(), period.as_micros().to_string().into()));
     }
@@ -250,6 +267,8 @@ mod tests {
             watchdog: None,
             compat,
             supervisor_pid: 42,
+            fd_store_max: 0,
+            stored: &[],
         }
     }
 
@@ -262,6 +281,7 @@ mod tests {
             ("LISTEN_PIDFDID", "9"),
             ("LISTEN_FDNAMES", "a:b"),
             ("NOTIFY_SOCKET", "/run/systemd/notify"),
+            ("FDSTORE", "16"),
             ("WATCHDOG_USEC", "1000"),
             ("WATCHDOG_PID", "1"),
             ("EINHORN_FDS", "3"),
@@ -298,6 +318,47 @@ mod tests {
             (spec.program.as_os_str(), spec.args.as_slice()),
             (argv[0].as_os_str(), &argv[..])
         );
+    }
+
+    #[test]
+    fn stored_fds_follow_the_sockets_newest_first_as_systemd_numbers_them() {
+        let argv = argv();
+        let command = Command { argv: &argv, base_env: &[] };
+        let sockets = [HTTP, ADMIN];
+        let stored = ["conn-2", "conn-1"];
+        let mut g = generation_of(&sockets, true, &[CompatEnv::Einhorn]);
+        g.fd_store_max = 4;
+        g.stored = &stored;
+        let (spec, fds) = generation(command, g);
+        assert_eq!(
+            fds,
+            [Fd::Listener(0), Fd::Listener(1), Fd::Health, Fd::Stored(0), Fd::Stored(1)]
+        );
+        assert_eq!(var(&spec.env, "LISTEN_FDS").as_deref(), Some("5"));
+        assert_eq!(
+            var(&spec.env, "LISTEN_FDNAMES").as_deref(),
+            Some("http:admin:health:conn-2:conn-1")
+        );
+        assert_eq!(var(&spec.env, "FDSTORE").as_deref(), Some("4"));
+        // Other tools' variables describe the listeners only.
+        assert_eq!(var(&spec.env, "EINHORN_FDS").as_deref(), Some("3 4"));
+
+        // A store alone is still fds to hand over; an empty one on is only FDSTORE=.
+        let mut g = generation_of(&[], false, &[]);
+        g.fd_store_max = 1;
+        g.stored = &stored[..1];
+        let (spec, fds) = generation(command, g);
+        assert_eq!(fds, [Fd::Stored(0)]);
+        assert_eq!(var(&spec.env, "LISTEN_FDNAMES").as_deref(), Some("conn-2"));
+        assert!(spec.listen_pid);
+        g.stored = &[];
+        let (spec, fds) = generation(command, g);
+        assert!(fds.is_empty() && !spec.listen_pid);
+        assert_eq!(var(&spec.env, "FDSTORE").as_deref(), Some("1"));
+        assert_eq!(var(&spec.env, "LISTEN_FDS"), None);
+        // Off: no FDSTORE at all.
+        let (spec, _) = generation(command, generation_of(&sockets, false, &[]));
+        assert_eq!(var(&spec.env, "FDSTORE"), None);
     }
 
     #[test]

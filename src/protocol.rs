@@ -428,6 +428,19 @@ pub struct Status {
     /// Self-upgrades (missing from an older sockhold's answer).
     #[serde(default)]
     pub upgrades: Upgrades,
+    /// With `--fd-store`: the fd store; absent when it is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd_store: Option<FdStoreStatus>,
+}
+
+/// The fd store (`--fd-store`) in [`Status`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdStoreStatus {
+    /// The most it holds.
+    pub max: usize,
+    /// The stored fds' names, newest first: their order after the listeners in the next
+    /// generation.
+    pub names: Vec<String>,
 }
 
 /// One listening socket in [`Status`].
@@ -640,6 +653,7 @@ mod tests {
             restarts: 0,
             last_reload: None,
             upgrades: Upgrades::default(),
+            fd_store: None,
         };
         let mut reloaded = status.clone();
         reloaded.last_reload = Some(LastReload::new(2, &Ok(()), "T2".into()));
@@ -649,6 +663,9 @@ mod tests {
         };
         let mut steered = status.clone();
         steered.generations[0].flows = Some(7);
+        let mut stored = status.clone();
+        stored.fd_store =
+            Some(FdStoreStatus { max: 4, names: vec!["conn-2".into(), "conn-1".into()] });
         let mut failed = status.clone();
         failed.generations.clear();
         failed.last_reload = Some(LastReload::new(3, &Err("exit status 3".into()), "T4".into()));
@@ -698,6 +715,17 @@ mod tests {
                     r#""generations":[{"id":2,"pids":[22],"state":"serving","since":"T1","#,
                     r#""status":null,"workers":[{"pid":22,"state":"serving","since":"T1"}],"flows":7}],"#,
                     r#""restarts":0,"last_reload":null,"upgrades":{"count":0,"last":null}}"#
+                ),
+            ),
+            (
+                Answer::Status(Box::new(stored)),
+                concat!(
+                    r#"{"ok":true,"pid":10,"version":"0.1.0","name":"web","started":"T0","#,
+                    r#""listeners":[{"fd":3,"name":"web","address":"127.0.0.1:80"}],"#,
+                    r#""generations":[{"id":2,"pids":[22],"state":"serving","since":"T1","#,
+                    r#""status":null,"workers":[{"pid":22,"state":"serving","since":"T1"}],"flows":null}],"#,
+                    r#""restarts":0,"last_reload":null,"upgrades":{"count":0,"last":null},"#,
+                    r#""fd_store":{"max":4,"names":["conn-2","conn-1"]}}"#
                 ),
             ),
             (

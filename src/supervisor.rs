@@ -490,6 +490,21 @@ impl Supervisor {
         }
     }
 
+    /// Whether a notify message that `sender` (of process group `sender_pgid`) sent to unit
+    /// `key`'s socket counts under `--notify-access`; if so, the unit's generation. The event
+    /// loop asks before it stores the fds of an `FDSTORE=1` message, which this machine never
+    /// sees; [`Event::Notify`] is decided by the same rule.
+    pub fn notify_allowed(&self, key: u64, sender: Pid, sender_pgid: Option<Pid>) -> Option<u64> {
+        let u = &self.units[self.index_of(key)?];
+        let pid = u.pid?;
+        let allowed = match self.policy.notify_access {
+            NotifyAccess::Main => sender == pid,
+            NotifyAccess::Group => sender == pid || sender_pgid == Some(pid),
+            NotifyAccess::All => true,
+        };
+        allowed.then_some(u.generation)
+    }
+
     fn notified(
         &mut self,
         key: u64,
@@ -500,13 +515,9 @@ impl Supervisor {
         out: &mut Vec<Action>,
     ) {
         let Some(i) = self.index_of(key) else { return };
+        let allowed = self.notify_allowed(key, sender, sender_pgid).is_some();
         let u = &mut self.units[i];
         let (generation, Some(pid)) = (u.generation, u.pid) else { return };
-        let allowed = match self.policy.notify_access {
-            NotifyAccess::Main => sender == pid,
-            NotifyAccess::Group => sender == pid || sender_pgid == Some(pid),
-            NotifyAccess::All => true,
-        };
         if !allowed {
             warn!(
                 "generation {generation}: ignoring notify message from pid {sender}, which --notify-access {} does not allow",

@@ -50,7 +50,7 @@ use serde_json::{Value, json};
 
 /// The version of the state's format. A program only takes over a state of its own format; a
 /// change that an older or newer program could misread must bump it.
-pub const STATE_FORMAT: u64 = 2;
+pub const STATE_FORMAT: u64 = 3;
 /// The hidden first argument that makes sockhold print the state format it reads and exit.
 pub const CHECK_FLAG: &str = "--upgrade-check";
 /// Names the fd of the memfd that holds the state, for the new program.
@@ -100,6 +100,8 @@ pub struct State {
     pub health: Vec<crate::event_loop::handover::HealthHandover>,
     /// Each unit's own socket of each `steer=flow` listener, with its slot.
     pub unit_sockets: Vec<crate::event_loop::handover::UnitSocketHandover>,
+    /// The fd store (`--fd-store`), newest first.
+    pub fd_store: Vec<crate::fd_store::StoredHandover>,
     /// The control socket.
     #[serde(deserialize_with = "Option::deserialize")]
     pub control: Option<crate::control::Handover>,
@@ -730,6 +732,11 @@ pub(crate) mod tests {
                 steering: None,
             }],
             unit_sockets: vec![],
+            fd_store: vec![crate::fd_store::StoredHandover {
+                fd: 9,
+                name: "conn-1".into(),
+                poll: true,
+            }],
             notify: vec![crate::event_loop::handover::NotifyHandover {
                 unit: 4,
                 fd: 5,

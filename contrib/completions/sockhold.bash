@@ -86,7 +86,7 @@ _sockhold() {
 
     case "${cmd}" in
         sockhold)
-            opts="-l -v -q -h -V --listen --ready --ready-timeout --probe-delay --probe-interval --probe-timeout --watchdog --workers --reload-strategy --stop-signal --stop-timeout --max-draining --flow-idle --restart --notify-access --name --accept --inetd --max-connections --lazy --compat-env --control --pid-file --user --chdir --env --env-file --subreaper --on-supervisor-death --upgrade-binary --verbose --quiet --log-format --help --version ctl help"
+            opts="-l -v -q -h -V --listen --ready --ready-timeout --probe-delay --probe-interval --probe-timeout --watchdog --workers --reload-strategy --stop-signal --stop-timeout --max-draining --flow-idle --restart --notify-access --fd-store --name --accept --inetd --max-connections --lazy --compat-env --control --pid-file --user --chdir --env --env-file --subreaper --on-supervisor-death --upgrade-binary --verbose --quiet --log-format --help --version ctl help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -154,6 +154,10 @@ _sockhold() {
                     ;;
                 --notify-access)
                     COMPREPLY=($(compgen -W "main group all" -- "${cur}"))
+                    return 0
+                    ;;
+                --fd-store)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --name)

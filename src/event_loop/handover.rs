@@ -1,8 +1,8 @@
 //! Self-upgrade, the event loop's side: composing the [`crate::upgrade::State`] from each
 //! module's own part (the supervisor's snapshot, the listeners', the control socket's, the pid
-//! file's) and its own entries, which this module owns ([`NotifyHandover`], [`HealthHandover`],
-//! [`ClientHandover`], [`LastReloadHandover`], and the runtime paths and the history `ctl status`
-//! shows), writing it before the exec, and taking it over in the new program (or only reading it
+//! file's, the fd store's) and its own entries, which this module owns ([`NotifyHandover`],
+//! [`HealthHandover`], [`ClientHandover`], [`LastReloadHandover`], and the runtime paths and the
+//! history `ctl status` shows), writing it before the exec, and taking it over in the new program (or only reading it
 //! all, in a dry run). A state the new program does not understand was refused when it was
 //! read; nothing here reads a field with a default. After a takeover
 //! it answers the askers after the loop's first turn and ends probation once the loop acts on a
@@ -329,6 +329,8 @@ impl EventLoop {
             })
             .collect();
         fds.extend(unit_sockets.iter().map(|u| u.fd));
+        let fd_store = self.store.handover();
+        fds.extend(fd_store.iter().map(|s| s.fd));
         let notify: Vec<NotifyHandover> = self
             .units
             .iter()
@@ -379,6 +381,7 @@ impl EventLoop {
             notify,
             health,
             unit_sockets,
+            fd_store,
             control,
             clients: clients.into_values().collect(),
             runtime_dir: self.held.runtime_dir.clone(),
@@ -470,6 +473,12 @@ impl EventLoop {
             }
             let fd = fd_of(entry.fd, "a unit's steered socket")?;
             unit_sockets.entry(entry.unit).or_default().push((entry.listener, fd, entry.slot));
+            adopted.push(fd);
+        }
+        let mut stored = Vec::new();
+        for entry in &state.fd_store {
+            let fd = fd_of(entry.fd, "a stored fd")?;
+            stored.push((entry.clone(), fd));
             adopted.push(fd);
         }
         let mut health: BTreeMap<u64, std::net::SocketAddr> =
@@ -570,6 +579,11 @@ impl EventLoop {
                 (unit, UnitIo { notify, health: health.remove(&unit), probe: None, steered })
             })
             .collect();
+        let stored = stored
+            .into_iter()
+            .map(|(entry, fd)| (entry, crate::sys::adopt_inherited_fd(fd)))
+            .collect();
+        let store = crate::fd_store::FdStore::take_handover(config.fd_store, stored);
         let mut event_loop = EventLoop {
             control,
             reload_waiters,
@@ -589,6 +603,7 @@ impl EventLoop {
             upgrade: upgrades,
             watched: BTreeMap::new(),
             new_flow_units: Vec::new(),
+            store,
         };
         // The units kept for their flows are watched again; the first turn tells the steering
         // where new flows go (the restored machine has not said it yet).

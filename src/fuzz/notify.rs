@@ -1,5 +1,6 @@
 //! Notify datagrams: arbitrary bytes never panic, and generated messages parse to the fields
-//! a model of sd_notify's grammar says they carry.
+//! a model of sd_notify's grammar says they carry (the fd store's `FDSTORE=1`,
+//! `FDSTOREREMOVE=1`, `FDNAME=` and `FDPOLL=0` among them).
 
 use proptest::prelude::*;
 
@@ -20,6 +21,10 @@ enum Effect {
     WatchdogTrigger,
     WatchdogUsec(Option<u64>),
     ExtendTimeout(Option<u64>),
+    FdStore,
+    FdStoreRemove,
+    FdName(String),
+    FdNoPoll,
 }
 
 /// Numbers of every size, and things that are not numbers, for the numeric assignments.
@@ -37,18 +42,8 @@ fn number() -> impl Strategy<Value = String> {
 /// A line sockhold ignores: an sd_notify assignment it does not act on (with any number),
 /// an unknown key, a key in the wrong case or with spaces, no `=` at all, an empty line.
 fn ignored_line() -> impl Strategy<Value = Vec<u8>> {
-    const UNUSED: &[&str] = &[
-        "MAINPID",
-        "MONOTONIC_USEC",
-        "FDSTORE",
-        "FDSTOREREMOVE",
-        "FDNAME",
-        "FDPOLL",
-        "NOTIFYACCESS",
-        "BUSERROR",
-        "EXIT_STATUS",
-        "X_SOCKHOLD",
-    ];
+    const UNUSED: &[&str] =
+        &["MAINPID", "MONOTONIC_USEC", "NOTIFYACCESS", "BUSERROR", "EXIT_STATUS", "X_SOCKHOLD"];
     prop_oneof![
         (prop::sample::select(UNUSED), number())
             .prop_map(|(key, n)| format!("{key}={n}").into_bytes()),
@@ -77,7 +72,8 @@ fn unknown_line() -> impl Strategy<Value = Vec<u8>> {
 
 /// A line of any kind, with its effect.
 fn line() -> impl Strategy<Value = (Vec<u8>, Effect)> {
-    const FLAGS: &[&str] = &["READY", "STOPPING", "RELOADING", "BARRIER"];
+    const FLAGS: &[&str] =
+        &["READY", "STOPPING", "RELOADING", "BARRIER", "FDSTORE", "FDSTOREREMOVE"];
     let flag_value = prop_oneof![3 => Just(b"1".to_vec()), 1 => line_bytes(5)];
     prop_oneof![
         (prop::sample::select(FLAGS), flag_value).prop_map(|(key, value)| {
@@ -86,6 +82,8 @@ fn line() -> impl Strategy<Value = (Vec<u8>, Effect)> {
                 ("READY", true) => Effect::Ready,
                 ("STOPPING", true) => Effect::Stopping,
                 ("RELOADING", true) => Effect::Reloading,
+                ("FDSTORE", true) => Effect::FdStore,
+                ("FDSTOREREMOVE", true) => Effect::FdStoreRemove,
                 _ => Effect::Barrier,
             };
             ([key.as_bytes(), b"=", &value[..]].concat(), effect)
@@ -112,6 +110,14 @@ fn line() -> impl Strategy<Value = (Vec<u8>, Effect)> {
             let effect = Effect::ExtendTimeout(n.parse().ok());
             (format!("EXTEND_TIMEOUT_USEC={n}").into_bytes(), effect)
         }),
+        line_bytes(40).prop_map(|value| {
+            let name = String::from_utf8_lossy(&value).into_owned();
+            ([&b"FDNAME="[..], &value[..]].concat(), Effect::FdName(name))
+        }),
+        prop_oneof![Just("0"), Just("1"), Just(""), Just("00"), Just("no")].prop_map(|v| {
+            let effect = if v == "0" { Effect::FdNoPoll } else { Effect::Nothing };
+            (format!("FDPOLL={v}").into_bytes(), effect)
+        }),
         ignored_line().prop_map(|line| (line, Effect::Nothing)),
     ]
 }
@@ -136,6 +142,15 @@ fn check(datagram: &[u8]) -> Result<NotifyMessage, TestCaseError> {
     prop_assert_eq!(message.stopping, has_line(b"STOPPING=1"));
     prop_assert_eq!(message.reloading, has_line(b"RELOADING=1"));
     prop_assert_eq!(message.barrier, has_line(b"BARRIER=1"));
+    prop_assert_eq!(message.fd_store, has_line(b"FDSTORE=1"));
+    prop_assert_eq!(message.fd_store_remove, has_line(b"FDSTOREREMOVE=1"));
+    prop_assert_eq!(message.fd_no_poll, has_line(b"FDPOLL=0"));
+    // The first FDNAME= counts, as systemd reads it.
+    let first_name = datagram
+        .split(|&b| b == b'\n')
+        .find_map(|l| l.strip_prefix(b"FDNAME="))
+        .map(|v| String::from_utf8_lossy(v).into_owned());
+    prop_assert_eq!(&message.fd_name, &first_name);
     if let Some(status) = &message.status {
         prop_assert!(!status.contains('\n'));
     }
@@ -147,7 +162,7 @@ const NOTIFY_PIECES: &[&[u8]] = &[
     b"READY=1", b"READY", b"=", b"1", b"\n", b"\n\n", b"STATUS=", b"ERRNO=", b"MAINPID=",
     b"WATCHDOG_USEC=", b"EXTEND_TIMEOUT_USEC=", b"BARRIER=1", b"STOPPING=1", b"RELOADING=1",
     b"18446744073709551616", b"-9223372036854775809", b"\0", b"\xff", b"\xe2\x82", b"\xf0\x9f",
-    b" ", b"\r",
+    b" ", b"\r", b"FDSTORE=1", b"FDSTOREREMOVE=1", b"FDNAME=", b"FDPOLL=0", b"conn-1", b":",
 ];
 
 proptest! {
@@ -184,6 +199,12 @@ proptest! {
                 Effect::WatchdogTrigger => want.watchdog_trigger = true,
                 Effect::WatchdogUsec(usec) => want.watchdog_usec = usec,
                 Effect::ExtendTimeout(usec) => want.extend_timeout_usec = usec,
+                Effect::FdStore => want.fd_store = true,
+                Effect::FdStoreRemove => want.fd_store_remove = true,
+                Effect::FdName(name) => {
+                    want.fd_name.get_or_insert(name);
+                }
+                Effect::FdNoPoll => want.fd_no_poll = true,
             }
         }
         prop_assert_eq!(message.ready, want.ready);
@@ -196,6 +217,10 @@ proptest! {
         prop_assert_eq!(message.watchdog_trigger, want.watchdog_trigger);
         prop_assert_eq!(message.watchdog_usec, want.watchdog_usec);
         prop_assert_eq!(message.extend_timeout_usec, want.extend_timeout_usec);
+        prop_assert_eq!(message.fd_store, want.fd_store);
+        prop_assert_eq!(message.fd_store_remove, want.fd_store_remove);
+        prop_assert_eq!(&message.fd_name, &want.fd_name);
+        prop_assert_eq!(message.fd_no_poll, want.fd_no_poll);
         // The log notes one line for each of STOPPING, RELOADING and ERRNO, in that order.
         let wanted = [want.stopping, want.reloading, want.errno.is_some()];
         prop_assert_eq!(notes.len(), wanted.iter().filter(|&&w| w).count());

@@ -147,6 +147,10 @@ fn notify_access_rules() {
         let mut sup = Supervisor::new(p);
         sup.step(Event::Start, t0);
         sup.step(Event::Spawned { unit: 1, pid: pid(100) }, t0);
+        // The event loop asks the same rule before it stores a message's fds.
+        let allowed = sup.notify_allowed(1, pid(sender), sender_pgid.map(pid));
+        assert_eq!(allowed, promoted.then_some(1), "{access:?} sender {sender}");
+        assert_eq!(sup.notify_allowed(2, pid(sender), sender_pgid.map(pid)), None, "no unit 2");
         let message = NotifyMessage { ready: true, ..Default::default() };
         let event = Event::Notify {
             unit: 1,

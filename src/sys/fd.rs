@@ -34,3 +34,34 @@ pub fn adopt_inherited_fd(raw: RawFd) -> OwnedFd {
     // parent, and each fd is adopted once (the caller takes each spec's fd once).
     unsafe { OwnedFd::from_raw_fd(raw) }
 }
+
+/// Whether `a` and `b` are the same open file description (one fd dup'd or passed twice), as
+/// systemd's `same_fd` tells them apart: `kcmp(KCMP_FILE)` where the kernel allows it, else the
+/// same inode on the same device (right for sockets and pipes, each of which has an inode of its
+/// own).
+pub fn same_file(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    const KCMP_FILE: nix::libc::c_long = 0;
+    let pid = nix::libc::c_long::from(nix::unistd::getpid().as_raw());
+    // SAFETY: kcmp only compares two fds of this process; it reads no memory of ours and has no
+    // effect. Both fds are borrowed, so they are open for the duration of the call.
+    let r = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_FILE,
+            nix::libc::c_long::from(a.as_raw_fd()),
+            nix::libc::c_long::from(b.as_raw_fd()),
+        )
+    };
+    match r {
+        0 => true,
+        1..=3 => false,
+        // No kcmp (ENOSYS, or EPERM under a restrictive seccomp/Yama policy): the inode decides.
+        _ => match (nix::sys::stat::fstat(a), nix::sys::stat::fstat(b)) {
+            (Ok(x), Ok(y)) => x.st_dev == y.st_dev && x.st_ino == y.st_ino,
+            _ => false,
+        },
+    }
+}

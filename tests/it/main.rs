@@ -8,6 +8,7 @@ mod control;
 mod docs;
 mod exit_codes;
 mod faults;
+mod fd_store;
 mod hostile;
 mod lifecycle;
 mod load;
