@@ -19,6 +19,7 @@ mod exit;
 mod fuzz;
 mod init;
 mod listen;
+mod metrics;
 mod notify;
 mod paths;
 mod plan;

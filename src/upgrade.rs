@@ -50,7 +50,7 @@ use serde_json::{Value, json};
 
 /// The version of the state's format. A program only takes over a state of its own format; a
 /// change that an older or newer program could misread must bump it.
-pub const STATE_FORMAT: u64 = 2;
+pub const STATE_FORMAT: u64 = 3;
 /// The hidden first argument that makes sockhold print the state format it reads and exit.
 pub const CHECK_FLAG: &str = "--upgrade-check";
 /// Names the fd of the memfd that holds the state, for the new program.
@@ -125,6 +125,8 @@ pub struct State {
     pub from_version: String,
     /// The program it is handed to.
     pub target: std::path::PathBuf,
+    /// What the metrics count, and the `--metrics` endpoint's socket.
+    pub metrics: crate::metrics::Handover,
 }
 
 impl State {
@@ -771,6 +773,20 @@ pub(crate) mod tests {
             upgrades: 1,
             from_version: "0.1.0".into(),
             target: "/usr/bin/sockhold".into(),
+            metrics: crate::metrics::Handover {
+                reloads_succeeded: 4,
+                reloads_failed: 1,
+                last_reload_ok: Some(false),
+                last_reload_ms: Some(1_767_225_600_000),
+                reload_buckets: vec![0, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                reload_sum_ns: 900_000_000_000,
+                reload_count: 4,
+                upgrades_failed: 2,
+                endpoint: Some(crate::metrics::endpoint::Handover {
+                    fd: 8,
+                    unix_file: Some(("/run/sockhold/metrics.sock".into(), 1, 5)),
+                }),
+            },
         }
     }
 

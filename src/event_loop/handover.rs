@@ -260,6 +260,7 @@ impl EventLoop {
         };
         let Err(reason) = result;
         error!("upgrade failed: {reason}; version {} goes on", env!("CARGO_PKG_VERSION"));
+        self.counters.upgrades_failed += 1;
         self.upgrade.last = Some(LastUpgrade::failed(&reason, now_text()));
         for client in asked.into_iter().flatten() {
             self.answer_client(client, &error_answer(&format!("upgrade failed: {reason}")));
@@ -366,6 +367,8 @@ impl EventLoop {
             }
         }
         fds.extend(clients.keys());
+        let metrics_endpoint = self.metrics.as_ref().map(|m| m.handover());
+        fds.extend(metrics_endpoint.as_ref().map(|m| m.fd));
         let started_ms =
             self.started.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let state = State {
@@ -389,6 +392,7 @@ impl EventLoop {
             upgrades: self.upgrade.count,
             from_version: env!("CARGO_PKG_VERSION").to_owned(),
             target: target.to_path_buf(),
+            metrics: self.counters.handover(metrics_endpoint),
         };
         upgrade::exec(target, state, &fds)
     }
@@ -486,6 +490,11 @@ impl EventLoop {
             }
         }
         let runtime_dir = state.runtime_dir.as_ref().ok_or("the state has no runtime directory")?;
+        let mut counters = crate::metrics::Counters::take_handover(&state.metrics)?;
+        let metrics_fd = match &state.metrics.endpoint {
+            None => None,
+            Some(endpoint) => Some(fd_of(endpoint.fd, "the metrics socket")?),
+        };
         if dry {
             return Ok(None);
         }
@@ -510,6 +519,22 @@ impl EventLoop {
                     Ok(server) => Some(server),
                     Err(e) => {
                         error!("after the upgrade, the control socket is lost: {e:#}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        // The endpoint goes on with the same socket; without --metrics now (a wrapper script
+        // changed the command line), it is closed.
+        let metrics = match (&state.metrics.endpoint, metrics_fd) {
+            (Some(endpoint), Some(fd)) => {
+                adopted.push(fd);
+                match crate::metrics::endpoint::MetricsServer::take_handover(endpoint) {
+                    Ok(server) if config.metrics.is_some() => Some(server),
+                    Ok(_) => None,
+                    Err(e) => {
+                        error!("after the upgrade, the metrics socket is lost: {e:#}");
                         None
                     }
                 }
@@ -552,6 +577,7 @@ impl EventLoop {
             }
             Some(reason) => {
                 error!("upgrade to {target} failed: {reason}; version {version} goes on");
+                counters.upgrades_failed += 1;
                 upgrades.last = Some(LastUpgrade::failed(reason, now_text()));
                 error_answer(&format!("upgrade failed: {reason}"))
             }
@@ -574,6 +600,10 @@ impl EventLoop {
             control,
             reload_waiters,
             last_reload: state.last_reload.as_ref().map(LastReload::from),
+            metrics,
+            counters,
+            reload_requested: None,
+            reloads_started: BTreeMap::new(),
             started,
             acceptors: Vec::new(),
             accept_exhausted: false,
