@@ -423,8 +423,6 @@ pub enum Status {
     RequestTimeout,
     /// 431: the request head is over [`endpoint::MAX_REQUEST`] bytes.
     TooLarge,
-    /// 503: too many scrapes at once.
-    Busy,
     /// 505: not HTTP/1.0 or 1.1.
     VersionNotSupported,
 }
@@ -438,7 +436,6 @@ impl Status {
             Status::MethodNotAllowed => "405 Method Not Allowed",
             Status::RequestTimeout => "408 Request Timeout",
             Status::TooLarge => "431 Request Header Fields Too Large",
-            Status::Busy => "503 Service Unavailable",
             Status::VersionNotSupported => "505 HTTP Version Not Supported",
         }
     }
@@ -505,7 +502,6 @@ pub fn refusal_body(status: Status) -> String {
         Status::MethodNotAllowed => "only GET and HEAD are allowed",
         Status::RequestTimeout => "the request did not arrive in time",
         Status::TooLarge => "the request head is too large",
-        Status::Busy => "too many scrapes at once",
         Status::VersionNotSupported => "only HTTP/1.0 and HTTP/1.1 are supported",
     };
     format!("{why}\n")

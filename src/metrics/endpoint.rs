@@ -4,8 +4,9 @@
 //!
 //! Each scrape is one connection: the request head is read (at most [`MAX_REQUEST`] bytes),
 //! answered once, and the connection closed. A scrape must be over [`SCRAPE_TIMEOUT`] after it
-//! connected, reading and writing included, and at most [`MAX_CLIENTS`] run at once; every read
-//! and write is non-blocking. So a client that never sends, sends too much, or never reads
+//! connected, reading and writing included, and at most [`MAX_CLIENTS`] run at once (more wait
+//! in the listen queue: a refusal written and closed at once would be lost to the reset its
+//! unread request causes); every read and write is non-blocking. So a client that never sends, sends too much, or never reads
 //! costs a buffer until its deadline and cannot stall the event loop. The deadline joins the
 //! loop's only while a scrape is in progress: an idle sockhold does not wake.
 //!
@@ -34,7 +35,7 @@ use crate::paths::{Sticky, open_trusted_dir};
 pub const MAX_REQUEST: usize = 8192;
 /// A scrape must be answered and gone this long after it connected.
 pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Scrapes served at once; more are answered 503 and closed.
+/// Scrapes served at once; more wait in the listen queue until one is done.
 pub const MAX_CLIENTS: usize = 16;
 
 /// Identifies a scrape's connection.
@@ -207,7 +208,7 @@ impl MetricsServer {
     /// The fds to poll, with what each stands for and the events wanted.
     pub fn poll_set(&self) -> Vec<(BorrowedFd<'_>, PollFlags, Token)> {
         let mut set = Vec::with_capacity(1 + self.clients.len());
-        if !self.exhausted {
+        if !self.exhausted && self.clients.len() < MAX_CLIENTS {
             set.push((self.listener_fd(), PollFlags::POLLIN, Token::Listener));
         }
         for (&id, client) in &self.clients {
@@ -275,12 +276,12 @@ impl MetricsServer {
     }
 
     fn accept_all(&mut self, now: Instant) {
-        loop {
+        while self.clients.len() < MAX_CLIENTS {
             let accepted = match &self.listener {
                 Listening::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
                 Listening::Unix(l, ..) => l.accept().map(|(s, _)| Stream::Unix(s)),
             };
-            let mut stream = match accepted {
+            let stream = match accepted {
                 Ok(stream) => stream,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -305,12 +306,6 @@ impl MetricsServer {
             }
             if let Err(e) = stream.set_nonblocking() {
                 warn!("metrics socket: {e}");
-                continue;
-            }
-            if self.clients.len() >= MAX_CLIENTS {
-                debug!("metrics socket: more than {MAX_CLIENTS} scrapes at once; refused one");
-                // Best effort: the answer fits in the socket buffer of a fresh connection.
-                let _ = stream.write(&response(Status::Busy, &refusal_body(Status::Busy), false));
                 continue;
             }
             let id = self.next_id;

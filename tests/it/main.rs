@@ -11,6 +11,7 @@ mod faults;
 mod hostile;
 mod lifecycle;
 mod load;
+mod metrics;
 mod pid1;
 mod quic;
 mod readiness;
