@@ -255,6 +255,20 @@ fn every_family_parses_with_the_official_parser_and_promtool_and_agrees_with_sta
         format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics: {said}");
 
+    // The man page and the README list every family with its type.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let man = std::fs::read_to_string(root.join("man/sockhold.1")).unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    for line in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let (name, kind) = line.split_once(' ').unwrap();
+        let at =
+            man.find(&format!("\n.B {name}\n")).or_else(|| man.find(&format!("\n.BR {name} ")));
+        let item = at.map(|i| &man[i..man.len().min(i + 120)]).unwrap_or_default();
+        assert!(item.contains(&format!("\n({kind})\n")), "man/sockhold.1 lacks {name} ({kind})");
+        let row = readme.lines().find(|l| l.starts_with(&format!("| `{name}")));
+        assert!(row.is_some_and(|r| r.contains(&format!("| {kind} |"))), "README lacks {name}");
+    }
+
     let values = samples(&text);
     let status = ctl_status(&control);
     agrees_with_status(&values, &status);
@@ -600,4 +614,28 @@ fn idle_with_the_endpoint_on_sockhold_does_not_wake_up() {
     assert!(sleeps_in_poll(pid), "still asleep in poll");
     s.signal(SIGTERM);
     assert_eq!(s.exit_code(), 0);
+}
+
+#[test]
+fn the_contrib_prometheus_files_pass_promtool() {
+    let Some(promtool) = require_tool("promtool", "prometheus") else { return };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/prometheus");
+    for args in [
+        &["check", "config", "prometheus.yml"][..],
+        &["check", "rules", "sockhold.rules.yml"],
+        &["test", "rules", "sockhold.rules.test.yml"],
+    ] {
+        let out = Command::new(&promtool).args(args).current_dir(&dir).output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The rules name only metrics sockhold exports.
+    let rules = std::fs::read_to_string(dir.join("sockhold.rules.yml")).unwrap();
+    for name in ["sockhold_last_reload_success", "sockhold_restarts_total", "sockhold_children"] {
+        assert!(rules.contains(name), "{name}");
+    }
 }
