@@ -199,6 +199,8 @@ fn every_family_parses_with_the_official_parser_and_promtool_and_agrees_with_sta
             "127.0.0.1:0",
             "--control",
             control.to_str().unwrap(),
+            "--upgrade-binary",
+            "/nonexistent/sockhold",
         ],
         &ready_but(3),
     );
@@ -210,6 +212,7 @@ fn every_family_parses_with_the_official_parser_and_promtool_and_agrees_with_sta
     assert!(ctl(&control, &["reload"]).status.success());
     assert_eq!(ctl(&control, &["reload"]).status.code(), Some(1), "generation 3 fails");
     crash_and_restart(&mut s, &control);
+    assert_eq!(ctl(&control, &["upgrade"]).status.code(), Some(1), "no such program");
     // A flow for the serving generation.
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
     client.send_to(b"ping", ("127.0.0.1", udp_port)).unwrap();
@@ -277,6 +280,8 @@ fn every_family_parses_with_the_official_parser_and_promtool_and_agrees_with_sta
     assert_eq!(values["sockhold_reload_duration_seconds_count"], 1.0);
     assert_eq!(values["sockhold_last_reload_success"], 0.0);
     assert_eq!(values["sockhold_restarts_total"], 1.0);
+    assert_eq!(values["sockhold_upgrades_total{result=\"failure\"}"], 1.0);
+    assert_eq!(values["sockhold_upgrades_total{result=\"success\"}"], 0.0);
     assert_eq!(
         values[&format!("sockhold_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"))],
         1.0
@@ -638,4 +643,53 @@ fn the_contrib_prometheus_files_pass_promtool() {
     for name in ["sockhold_last_reload_success", "sockhold_restarts_total", "sockhold_children"] {
         assert!(rules.contains(name), "{name}");
     }
+}
+
+/// A new program that crashes after taking over goes back to the old one: the old one counts
+/// the failed upgrade, keeps its counters, and serves on the same socket.
+#[test]
+fn an_upgrade_that_goes_back_counts_as_failed_and_keeps_the_counters_and_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("ctl.sock");
+    let next = dir.path().join("sockhold-next");
+    let script = format!(
+        "#!/bin/sh\n[ \"$1\" = --upgrade-check ] && exec {0} --upgrade-check\nSOCKHOLD_TEST_CRASH_AFTER_TAKEOVER=panic exec {0} \"$@\"\n",
+        sockhold_bin().display()
+    );
+    std::fs::write(&next, script).unwrap();
+    std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut s = start_fixture(
+        &[
+            "--metrics",
+            "127.0.0.1:0",
+            "--control",
+            control.to_str().unwrap(),
+            "--upgrade-binary",
+            next.to_str().unwrap(),
+        ],
+        &["--ready"],
+    );
+    let addr = metrics_addr(&mut s);
+    s.expect_ready();
+    assert!(ctl(&control, &["reload"]).status.success());
+    let before = samples(&scrape(&addr));
+
+    let out = ctl(&control, &["upgrade"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    s.expect_log(&format!("upgrade to {} failed: new program panicked", next.display()));
+    let after = samples(&scrape(&addr));
+    assert_eq!(after["sockhold_upgrades_total{result=\"failure\"}"], 1.0);
+    assert_eq!(after["sockhold_upgrades_total{result=\"success\"}"], 0.0);
+    for key in [
+        "sockhold_reloads_total{result=\"success\"}",
+        "sockhold_reload_duration_seconds_count",
+        "sockhold_last_reload_timestamp_seconds",
+        "sockhold_start_time_seconds",
+        "sockhold_generation",
+    ] {
+        assert_eq!(after[key], before[key], "{key}");
+    }
+    agrees_with_status(&after, &ctl_status(&control));
+    s.signal(SIGTERM);
+    assert_eq!(s.exit_code(), 0);
 }
