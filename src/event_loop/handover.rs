@@ -525,8 +525,8 @@ impl EventLoop {
             }
             _ => None,
         };
-        // The endpoint goes on with the same socket; without --metrics now (a wrapper script
-        // changed the command line), it is closed.
+        // The endpoint goes on with the same socket; without --metrics now (the command line
+        // is the old program's, but a wrapper script may change it), it is closed.
         let metrics = match (&state.metrics.endpoint, metrics_fd) {
             (Some(endpoint), Some(fd)) => {
                 adopted.push(fd);
@@ -539,7 +539,12 @@ impl EventLoop {
                     }
                 }
             }
-            _ => None,
+            // The old program served no metrics: bind the endpoint now, as a start would.
+            _ => config.metrics.as_ref().and_then(|addr| {
+                crate::metrics::endpoint::MetricsServer::bind(addr)
+                    .map_err(|e| error!("after the upgrade, no metrics are served: {e:#}"))
+                    .ok()
+            }),
         };
         let mut reload_waiters = Vec::new();
         let mut upgrade_askers = Vec::new();
