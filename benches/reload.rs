@@ -32,7 +32,8 @@
 //! 4. **idle**: sockhold's wakeups per second, the sum over its threads of voluntary and
 //!    nonvoluntary context switches in /proc/PID/task/*/status over `--idle-seconds`, once before
 //!    and once after phase 3's reloads. The sockhold of phases 3 and 4 serves `--metrics` on a
-//!    Unix socket, scraped once before each idle window: the endpoint must not add a wakeup.
+//!    Unix socket, scraped once before each memory reading and idle window: the endpoint must
+//!    not add a wakeup.
 //! 5. **throughput**: requests per second through sockhold's socket (A: sockhold + httpd) against
 //!    httpd binding the port itself (B: `httpd --bind 127.0.0.1:0`), with the same clients. Both
 //!    run at once (the one not under load sleeps) and the clients switch between them every
@@ -1203,10 +1204,12 @@ fn phase_memory_idle(ctx: &Ctx) -> Result<(Option<Value>, Option<Value>)> {
     let events = Events::reader(sockhold.child.stdout.take().context("stdout")?);
     events.wait("generation 1's READY=1", |s| s.order.first().copied())?;
     wait_one_generation(&ctl)?;
+    // A scrape before each idle window (and the memory read after it): the endpoint it leaves
+    // behind must not wake sockhold.
+    scrape_metrics(&metrics)?;
     thread::sleep(Duration::from_secs(1));
     let pid = sockhold.pid();
     let idle_before = if p.has("idle") {
-        scrape_metrics(&metrics)?;
         eprintln!("reload bench: idle window of {} s ...", p.idle_seconds);
         Some(idle_wakeups(pid, p.idle_seconds)?)
     } else {
@@ -1241,10 +1244,10 @@ fn phase_memory_idle(ctx: &Ctx) -> Result<(Option<Value>, Option<Value>)> {
         }
     }
     let took = (started.elapsed() - paused).as_secs_f64();
+    scrape_metrics(&metrics)?;
     let after = settled(Duration::from_secs(1))?;
     trace.push(json!({"reloads": p.mem_reloads, "memory": mem_json(after)}));
     let idle_after = if p.has("idle") {
-        scrape_metrics(&metrics)?;
         eprintln!("reload bench: idle window of {} s ...", p.idle_seconds);
         Some(idle_wakeups(pid, p.idle_seconds)?)
     } else {
