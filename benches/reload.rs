@@ -31,7 +31,9 @@
 //!    next), and read once only one generation is left; the figure is the last minus the first.
 //! 4. **idle**: sockhold's wakeups per second, the sum over its threads of voluntary and
 //!    nonvoluntary context switches in /proc/PID/task/*/status over `--idle-seconds`, once before
-//!    and once after phase 3's reloads.
+//!    and once after phase 3's reloads. The sockhold of phases 3 and 4 serves `--metrics` on a
+//!    Unix socket, scraped once before each memory reading and idle window: the endpoint must
+//!    not add a wakeup.
 //! 5. **throughput**: requests per second through sockhold's socket (A: sockhold + httpd) against
 //!    httpd binding the port itself (B: `httpd --bind 127.0.0.1:0`), with the same clients. Both
 //!    run at once (the one not under load sleeps) and the clients switch between them every
@@ -1031,6 +1033,18 @@ fn context_switches(pid: i32) -> Result<u64> {
     Ok(total)
 }
 
+/// One `GET /metrics` on sockhold's metrics socket, which must answer 200 and close.
+fn scrape_metrics(path: &Path) -> Result<()> {
+    let mut stream = UnixStream::connect(path)
+        .with_context(|| format!("failed to connect to {}", path.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    ensure!(answer.starts_with("HTTP/1.1 200 "), "metrics scrape: {answer:?}");
+    Ok(())
+}
+
 fn idle_wakeups(pid: i32, window: f64) -> Result<Value> {
     let before = context_switches(pid)?;
     thread::sleep(Duration::from_secs_f64(window));
@@ -1180,11 +1194,19 @@ fn phase_memory_idle(ctx: &Ctx) -> Result<(Option<Value>, Option<Value>)> {
     let p = &ctx.params;
     let ctl = ctx.control_path();
     let ctl_arg = ctl.to_string_lossy().into_owned();
-    let (mut sockhold, _) =
-        ctx.sockhold(&["--control", &ctl_arg], &ctx.bins.bench_child, Stdio::piped())?;
+    let metrics = ctl.with_extension("metrics.sock");
+    let metrics_arg = metrics.to_string_lossy().into_owned();
+    let (mut sockhold, _) = ctx.sockhold(
+        &["--control", &ctl_arg, "--metrics", &metrics_arg],
+        &ctx.bins.bench_child,
+        Stdio::piped(),
+    )?;
     let events = Events::reader(sockhold.child.stdout.take().context("stdout")?);
     events.wait("generation 1's READY=1", |s| s.order.first().copied())?;
     wait_one_generation(&ctl)?;
+    // A scrape before each idle window (and the memory read after it): the endpoint it leaves
+    // behind must not wake sockhold.
+    scrape_metrics(&metrics)?;
     thread::sleep(Duration::from_secs(1));
     let pid = sockhold.pid();
     let idle_before = if p.has("idle") {
@@ -1222,6 +1244,7 @@ fn phase_memory_idle(ctx: &Ctx) -> Result<(Option<Value>, Option<Value>)> {
         }
     }
     let took = (started.elapsed() - paused).as_secs_f64();
+    scrape_metrics(&metrics)?;
     let after = settled(Duration::from_secs(1))?;
     trace.push(json!({"reloads": p.mem_reloads, "memory": mem_json(after)}));
     let idle_after = if p.has("idle") {

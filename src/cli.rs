@@ -173,6 +173,12 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
+    /// Serve `GET /metrics` in the Prometheus text format on ADDR: IP:PORT (such as
+    /// 127.0.0.1:9101), or the path of a Unix socket (mode 0600, in a directory checked as
+    /// --control's is). Answered from the event loop: an idle sockhold still never wakes.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<crate::metrics::Addr>,
+
     /// Write sockhold's own pid to PATH (in a directory owned by root or sockhold's user that no
     /// one else can write to, or a sticky one such as /tmp); removed at exit if still ours.
     #[arg(long, value_name = "PATH")]
@@ -349,6 +355,8 @@ pub struct Config {
     pub pid_file: Option<PathBuf>,
     /// Where to serve the control protocol.
     pub control: Option<PathBuf>,
+    /// Where to serve the metrics.
+    pub metrics: Option<crate::metrics::Addr>,
     /// Other tools' environment variables to set too.
     pub compat_env: Vec<CompatEnv>,
     /// Per-connection mode, if chosen.
@@ -493,6 +501,7 @@ impl Cli {
             name,
             pid_file: self.pid_file,
             control: self.control,
+            metrics: self.metrics,
             compat_env: self.compat_env,
             accept: self.accept.then(|| AcceptConfig {
                 inetd: self.inetd,

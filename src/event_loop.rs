@@ -39,6 +39,7 @@ use crate::control::{ClientId, ControlServer, Request, Token, error_answer};
 use crate::exit::ExitCode;
 use crate::fd_store::FdStore;
 use crate::listen::Listener;
+use crate::metrics::{self, endpoint::MetricsServer};
 use crate::notify::{Manager, NotifySocket};
 use crate::paths::PidFile;
 use crate::plan;
@@ -158,6 +159,8 @@ enum Source {
     Probe(u64),
     /// A stored fd (`--fd-store`), polled for nothing: only a hang-up or an error wakes it.
     Stored(std::os::fd::RawFd),
+    /// The metrics endpoint or one of its scrapes.
+    Metrics(metrics::endpoint::Token),
 }
 
 /// What one poll found, by source.
@@ -171,6 +174,7 @@ struct Woken {
     probes: Vec<u64>,
     /// Stored fds that hung up or failed.
     hung: Vec<std::os::fd::RawFd>,
+    metrics: Vec<metrics::endpoint::Token>,
     /// Nothing was ready: a deadline is due.
     timed_out: bool,
 }
@@ -192,6 +196,15 @@ pub struct EventLoop {
     reload_waiters: Vec<(ClientId, Option<u64>)>,
     /// The outcome of the last reload, for `status`.
     last_reload: Option<LastReload>,
+    /// `--metrics`: the endpoint.
+    metrics: Option<MetricsServer>,
+    /// What the metrics count (kept with or without the endpoint, and across upgrades).
+    counters: metrics::Counters,
+    /// The oldest reload request no reload has started for yet: a reload's duration runs from
+    /// its request, also when it was coalesced behind another.
+    reload_requested: Option<Instant>,
+    /// The reloads in progress (by generation) and when they were requested.
+    reloads_started: BTreeMap<u64, Instant>,
     started: SystemTime,
     /// With `--accept`: the listeners sockhold accepts on itself.
     acceptors: Vec<Acceptor>,
@@ -270,6 +283,10 @@ impl EventLoop {
             Some(path) => Some(ControlServer::bind(path)?),
             None => None,
         };
+        let metrics = match &config.metrics {
+            Some(addr) => Some(MetricsServer::bind(addr)?),
+            None => None,
+        };
         let (brain, acceptors) = match &config.accept {
             None => (Brain::Generations(Supervisor::new(config.policy.clone())), Vec::new()),
             Some(accept) => {
@@ -291,6 +308,10 @@ impl EventLoop {
             control,
             reload_waiters: Vec::new(),
             last_reload: None,
+            metrics,
+            counters: metrics::Counters::default(),
+            reload_requested: None,
+            reloads_started: BTreeMap::new(),
             started: SystemTime::now(),
             acceptors,
             accept_exhausted: false,
@@ -330,6 +351,7 @@ impl EventLoop {
         // The notify sockets go first; `held` then removes the runtime directory and the rest.
         self.units.clear();
         self.control = None;
+        self.metrics = None;
         result
     }
 
@@ -345,17 +367,18 @@ impl EventLoop {
             pending.push_back(Event::Start);
         }
         loop {
-            let mut acted = false;
             while let Some(event) = pending.pop_front() {
                 let actions = self.brain.step(event, Instant::now());
                 for action in actions {
-                    acted |= acts_on_a_child(&action);
+                    if acts_on_a_child(&action) {
+                        self.end_probation("the new program acts on a child");
+                    }
                     if let Some(code) = self.perform(action, &mut pending) {
                         return Ok(code);
                     }
                 }
             }
-            self.after_turn(acted);
+            self.after_turn();
             self.upgrade_if_asked();
             self.wait(&mut pending)?;
         }
@@ -375,6 +398,8 @@ impl EventLoop {
         let deadline = [
             self.brain.next_deadline(),
             self.control.as_ref().and_then(|c| c.next_deadline()),
+            // Only while a scrape is in progress.
+            self.metrics.as_ref().and_then(MetricsServer::next_deadline),
             self.units.values().filter_map(|u| u.probe.as_ref()).map(|p| p.deadline).min(),
             // One wakeup at the end of probation, to close the state and the old binary.
             self.upgrade.probation_deadline(),
@@ -402,6 +427,11 @@ impl EventLoop {
         if let Some(control) = &self.control {
             set.extend(
                 control.poll_set().into_iter().map(|(fd, f, t)| (fd, f, Source::Control(t))),
+            );
+        }
+        if let Some(metrics) = &self.metrics {
+            set.extend(
+                metrics.poll_set().into_iter().map(|(fd, f, t)| (fd, f, Source::Metrics(t))),
             );
         }
         for (&unit, io) in &self.units {
@@ -457,6 +487,7 @@ impl EventLoop {
                 Source::Acceptor(i) => woken.connections.push(i),
                 Source::Probe(unit) => woken.probes.push(unit),
                 Source::Stored(raw) => woken.hung.push(raw),
+                Source::Metrics(token) => woken.metrics.push(token),
             }
         }
         Ok(woken)
@@ -482,11 +513,15 @@ impl EventLoop {
             || !woken.hung.is_empty()
             || !woken.notify.is_empty()
             || probes_done
-            || woken.control.iter().any(|t| matches!(t, Token::Client(_)));
+            || woken.control.iter().any(|t| matches!(t, Token::Client(_)))
+            || woken.metrics.iter().any(|t| matches!(t, metrics::endpoint::Token::Client(_)));
         if may_have_freed {
             self.accept_exhausted = false;
             if let Some(control) = &mut self.control {
                 control.resume_accepting();
+            }
+            if let Some(metrics) = &mut self.metrics {
+                metrics.resume_accepting();
             }
         }
         for i in woken.connections {
@@ -502,6 +537,7 @@ impl EventLoop {
         }
         self.read_notify(&woken.notify, pending);
         self.serve_control(&woken.control, now, pending);
+        self.serve_metrics(&woken.metrics, now);
         if pending.len() == before {
             pending.push_back(Event::Timer);
         }
@@ -558,7 +594,7 @@ impl EventLoop {
         for signal in self.signals.pending() {
             match signal {
                 Signal::SIGCHLD => self.reap(pending),
-                Signal::SIGHUP => pending.push_back(Event::Reload),
+                Signal::SIGHUP => self.reload_requested(pending),
                 Signal::SIGTERM | Signal::SIGINT => {
                     pending.push_back(Event::Stop(format!("received SIG{}", signal_name(signal))))
                 }
@@ -623,6 +659,69 @@ impl EventLoop {
         }
     }
 
+    /// Queues a reload request (SIGHUP, `ctl reload`), noting when the first one not yet
+    /// served arrived.
+    fn reload_requested(&mut self, pending: &mut VecDeque<Event>) {
+        self.reload_requested.get_or_insert_with(Instant::now);
+        pending.push_back(Event::Reload);
+    }
+
+    /// Reads the ready scrapes (and accepts new ones), drops the late ones, and answers every
+    /// complete request for the exposition, rendered once for all of them.
+    fn serve_metrics(&mut self, ready: &[metrics::endpoint::Token], now: Instant) {
+        let Some(server) = &mut self.metrics else { return };
+        let mut due = Vec::new();
+        for &token in ready {
+            due.extend(server.on_ready(token, now));
+        }
+        server.expire(now);
+        if due.is_empty() {
+            return;
+        }
+        let body = self.render_metrics();
+        if let Some(server) = &mut self.metrics {
+            for (client, head) in due {
+                server.answer(client, head, &body);
+            }
+        }
+    }
+
+    /// The exposition, as of now.
+    fn render_metrics(&self) -> String {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let seconds = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_millis() as f64 / 1e3)
+        };
+        let at = |t: Instant| wall.checked_sub(now.saturating_duration_since(t)).unwrap_or(wall);
+        let units = self.brain.generations();
+        let mut children = metrics::Children::default();
+        for unit in &units {
+            match unit.state {
+                "starting" => children.starting += 1,
+                "serving" => children.serving += 1,
+                _ => children.stopping += 1,
+            }
+        }
+        // The newest serving generation, ready since its first process was.
+        let serving = units.iter().filter(|u| u.state == "serving").map(|u| u.id).max().map(|id| {
+            let since = units.iter().filter(|u| u.id == id && u.state == "serving");
+            (id, seconds(at(since.map(|u| u.since).min().unwrap_or(now))))
+        });
+        let flows = self.flows_by_generation();
+        metrics::render(&metrics::Sample {
+            version: env!("CARGO_PKG_VERSION"),
+            start_time: seconds(self.started),
+            counters: &self.counters,
+            upgrades_succeeded: self.upgrade.status().count,
+            restarts: self.brain.restarts(),
+            serving,
+            children,
+            flows: flows.as_ref(),
+            fd_store: (self.store.max() > 0).then(|| self.store.names().len()),
+        })
+    }
+
     /// Answers a control request at once, or turns it into an event (a reload is answered when
     /// it ends).
     fn handle_request(
@@ -636,7 +735,7 @@ impl EventLoop {
             Request::Status => self.status(),
             Request::Reload => {
                 self.reload_waiters.push((client, None));
-                pending.push_back(Event::Reload);
+                self.reload_requested(pending);
                 return;
             }
             Request::Stop => {
@@ -771,6 +870,9 @@ impl EventLoop {
             }
             let leader = leaders.contains(&pid);
             if leader {
+                // Once a child of the handed-over state is reaped, that state no longer
+                // describes the children: a crash from here on cannot go back to it.
+                self.end_probation("the new program reaps a child");
                 match killpg(pid, Signal::SIGKILL) {
                     Ok(()) | Err(Errno::ESRCH) => {}
                     Err(e) => warn!("failed to kill what is left of process group {pid}: {e}"),
@@ -850,6 +952,8 @@ impl EventLoop {
                 for (_, started) in &mut self.reload_waiters {
                     started.get_or_insert(generation);
                 }
+                let requested = self.reload_requested.take().unwrap_or_else(Instant::now);
+                self.reloads_started.insert(generation, requested);
             }
             Action::ReloadDone { generation, result } => self.reload_done(generation, result),
             Action::Upgrade { asker } => self.upgrade.ask(asker),
@@ -884,9 +988,21 @@ impl EventLoop {
             }
             Err(reason) => error_answer(&format!("reload failed: {reason}")),
         };
-        if let Some(generation) = generation {
-            let at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-            self.last_reload = Some(LastReload::new(generation, &result, at));
+        match generation {
+            Some(generation) => {
+                let wall = SystemTime::now();
+                let at = humantime::format_rfc3339_seconds(wall).to_string();
+                self.last_reload = Some(LastReload::new(generation, &result, at));
+                // A reload that was in progress across a self-upgrade has no start here: it is
+                // counted, but its duration is not observed.
+                let took = self.reloads_started.remove(&generation).map(|requested| {
+                    u64::try_from(requested.elapsed().as_nanos()).unwrap_or(u64::MAX)
+                });
+                self.counters.reload_ended(result.is_ok(), epoch_ms(wall), took);
+            }
+            // Answered without starting a generation (stopping, or --lazy before the first
+            // connection): no reload was done for the requests so far.
+            None => self.reload_requested = None,
         }
         let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reload_waiters)
             .into_iter()
@@ -1211,8 +1327,14 @@ impl EventLoop {
     }
 }
 
+/// Milliseconds since the epoch.
+fn epoch_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Whether carrying out `action` acts on a child, which ends an upgraded program's probation
-/// (the state a crash would hand back no longer describes the children). Telling the manager,
+/// before it is carried out (the state a crash would hand back would no longer describe the
+/// children). Telling the manager,
 /// probing, recording a request for an upgrade, or answering a reload before the first
 /// connection does not.
 fn acts_on_a_child(action: &Action) -> bool {

@@ -20,6 +20,7 @@ mod fd_store;
 mod fuzz;
 mod init;
 mod listen;
+mod metrics;
 mod notify;
 mod paths;
 mod plan;

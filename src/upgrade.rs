@@ -127,6 +127,8 @@ pub struct State {
     pub from_version: String,
     /// The program it is handed to.
     pub target: std::path::PathBuf,
+    /// What the metrics count, and the `--metrics` endpoint's socket.
+    pub metrics: crate::metrics::Handover,
 }
 
 impl State {
@@ -778,6 +780,20 @@ pub(crate) mod tests {
             upgrades: 1,
             from_version: "0.1.0".into(),
             target: "/usr/bin/sockhold".into(),
+            metrics: crate::metrics::Handover {
+                reloads_succeeded: 4,
+                reloads_failed: 1,
+                last_reload_ok: Some(false),
+                last_reload_ms: Some(1_767_225_600_000),
+                reload_buckets: vec![0, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                reload_sum_ns: 900_000_000_000,
+                reload_count: 4,
+                upgrades_failed: 2,
+                endpoint: Some(crate::metrics::endpoint::Handover {
+                    fd: 8,
+                    unix_file: Some(("/run/sockhold/metrics.sock".into(), 1, 5)),
+                }),
+            },
         }
     }
 

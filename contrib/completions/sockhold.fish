@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_sockhold_global_optspecs
-    string join \n l/listen= ready= ready-timeout= probe-delay= probe-interval= probe-timeout= watchdog= workers= reload-strategy= stop-signal= stop-timeout= max-draining= flow-idle= restart= notify-access= fd-store= name= accept inetd max-connections= lazy compat-env= control= pid-file= user= chdir= env= env-file= subreaper on-supervisor-death= upgrade-binary= v/verbose q/quiet log-format= h/help V/version
+    string join \n l/listen= ready= ready-timeout= probe-delay= probe-interval= probe-timeout= watchdog= workers= reload-strategy= stop-signal= stop-timeout= max-draining= flow-idle= restart= notify-access= fd-store= name= accept inetd max-connections= lazy compat-env= control= metrics= pid-file= user= chdir= env= env-file= subreaper on-supervisor-death= upgrade-binary= v/verbose q/quiet log-format= h/help V/version
 end
 
 function __fish_sockhold_needs_command
@@ -51,6 +51,7 @@ complete -c sockhold -n "__fish_sockhold_needs_command" -l compat-env -d 'Also h
 server-starter\t'Server::Starter\'s SERVER_STARTER_PORT'
 nginx\t'nginx\'s NGINX (the listeners nginx\'s master inherits at a binary upgrade)'"
 complete -c sockhold -n "__fish_sockhold_needs_command" -l control -d 'Serve the JSON-lines control protocol on a Unix socket at PATH (mode 0600, in a directory owned by root or sockhold\'s user that no one else can write to, /tmp included; only root and sockhold\'s own user may use it), for `sockhold ctl`' -r -F
+complete -c sockhold -n "__fish_sockhold_needs_command" -l metrics -d 'Serve `GET /metrics` in the Prometheus text format on ADDR: IP:PORT (such as 127.0.0.1:9101), or the path of a Unix socket (mode 0600, in a directory checked as --control\'s is). Answered from the event loop: an idle sockhold still never wakes' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l pid-file -d 'Write sockhold\'s own pid to PATH (in a directory owned by root or sockhold\'s user that no one else can write to, or a sticky one such as /tmp); removed at exit if still ours' -r -F
 complete -c sockhold -n "__fish_sockhold_needs_command" -l user -d 'Run the children as USER (a name or uid) with its primary group, or GROUP (a name or gid), and its supplementary groups: setgroups, setgid, setuid in that order, in the child only. sockhold keeps its own rights and binds the sockets itself. Looked up again at every spawn' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l chdir -d 'The children\'s working directory, entered after the --user change (so with the user\'s rights). A relative COMMAND path is then found from DIR' -r -F

@@ -5,8 +5,8 @@
 //! history `ctl status` shows), writing it before the exec, and taking it over in the new program (or only reading it
 //! all, in a dry run). A state the new program does not understand was refused when it was
 //! read; nothing here reads a field with a default. After a takeover
-//! it answers the askers after the loop's first turn and ends probation once the loop acts on a
-//! child.
+//! it answers the askers after the loop's first turn and ends probation before the loop first
+//! acts on a child or reaps one.
 //!
 //! An upgrade asked for (SIGUSR2, `ctl upgrade`) is carried out between two turns of the loop,
 //! when every event already read has been handled, so nothing read is lost in the exec. The
@@ -203,9 +203,10 @@ fn crash_for_a_test(how: &str) {
 
 impl EventLoop {
     /// After the first turn of the loop in a program that took over: answers the clients that
-    /// asked for the upgrade. On probation, ends it once the loop acted on a child (`acted`: the
-    /// state a crash would hand back no longer describes the children) or its time is up.
-    pub(super) fn after_turn(&mut self, acted: bool) {
+    /// asked for the upgrade. On probation, ends it once its time is up (the loop ends it
+    /// earlier, before it first acts on a child or reaps one: the state a crash would hand back
+    /// would no longer describe the children).
+    pub(super) fn after_turn(&mut self) {
         // `-later`: on the turn after the askers have their answer.
         if let Some(how) = self.upgrade.crash_test.take() {
             match how.strip_suffix("-later") {
@@ -215,12 +216,10 @@ impl EventLoop {
             }
         }
         self.answer_upgrade_askers();
-        match &self.upgrade.probation {
-            Some(_) if acted => self.end_probation("the new program acted on a child"),
-            Some((probation, since)) if probation.expired(*since) => {
-                self.end_probation("its time is up")
-            }
-            _ => {}
+        if let Some((probation, since)) = &self.upgrade.probation
+            && probation.expired(*since)
+        {
+            self.end_probation("its time is up");
         }
     }
 
@@ -240,7 +239,7 @@ impl EventLoop {
         }
     }
 
-    fn end_probation(&mut self, why: &str) {
+    pub(super) fn end_probation(&mut self, why: &str) {
         if let Some((probation, _)) = self.upgrade.probation.take() {
             probation.end(why);
         }
@@ -260,6 +259,7 @@ impl EventLoop {
         };
         let Err(reason) = result;
         error!("upgrade failed: {reason}; version {} goes on", env!("CARGO_PKG_VERSION"));
+        self.counters.upgrades_failed += 1;
         self.upgrade.last = Some(LastUpgrade::failed(&reason, now_text()));
         for client in asked.into_iter().flatten() {
             self.answer_client(client, &error_answer(&format!("upgrade failed: {reason}")));
@@ -368,6 +368,8 @@ impl EventLoop {
             }
         }
         fds.extend(clients.keys());
+        let metrics_endpoint = self.metrics.as_ref().map(|m| m.handover());
+        fds.extend(metrics_endpoint.as_ref().map(|m| m.fd));
         let started_ms =
             self.started.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let state = State {
@@ -392,6 +394,7 @@ impl EventLoop {
             upgrades: self.upgrade.count,
             from_version: env!("CARGO_PKG_VERSION").to_owned(),
             target: target.to_path_buf(),
+            metrics: self.counters.handover(metrics_endpoint),
         };
         upgrade::exec(target, state, &fds)
     }
@@ -495,6 +498,11 @@ impl EventLoop {
             }
         }
         let runtime_dir = state.runtime_dir.as_ref().ok_or("the state has no runtime directory")?;
+        let mut counters = crate::metrics::Counters::take_handover(&state.metrics)?;
+        let metrics_fd = match &state.metrics.endpoint {
+            None => None,
+            Some(endpoint) => Some(fd_of(endpoint.fd, "the metrics socket")?),
+        };
         if dry {
             return Ok(None);
         }
@@ -524,6 +532,27 @@ impl EventLoop {
                 }
             }
             _ => None,
+        };
+        // The endpoint goes on with the same socket; without --metrics now (the command line
+        // is the old program's, but a wrapper script may change it), it is closed.
+        let metrics = match (&state.metrics.endpoint, metrics_fd) {
+            (Some(endpoint), Some(fd)) => {
+                adopted.push(fd);
+                match crate::metrics::endpoint::MetricsServer::take_handover(endpoint) {
+                    Ok(server) if config.metrics.is_some() => Some(server),
+                    Ok(_) => None,
+                    Err(e) => {
+                        error!("after the upgrade, the metrics socket is lost: {e:#}");
+                        None
+                    }
+                }
+            }
+            // The old program served no metrics: bind the endpoint now, as a start would.
+            _ => config.metrics.as_ref().and_then(|addr| {
+                crate::metrics::endpoint::MetricsServer::bind(addr)
+                    .map_err(|e| error!("after the upgrade, no metrics are served: {e:#}"))
+                    .ok()
+            }),
         };
         let mut reload_waiters = Vec::new();
         let mut upgrade_askers = Vec::new();
@@ -561,6 +590,7 @@ impl EventLoop {
             }
             Some(reason) => {
                 error!("upgrade to {target} failed: {reason}; version {version} goes on");
+                counters.upgrades_failed += 1;
                 upgrades.last = Some(LastUpgrade::failed(reason, now_text()));
                 error_answer(&format!("upgrade failed: {reason}"))
             }
@@ -588,6 +618,10 @@ impl EventLoop {
             control,
             reload_waiters,
             last_reload: state.last_reload.as_ref().map(LastReload::from),
+            metrics,
+            counters,
+            reload_requested: None,
+            reloads_started: BTreeMap::new(),
             started,
             acceptors: Vec::new(),
             accept_exhausted: false,

@@ -242,12 +242,15 @@ fn fdstoreremove_closes_the_stored_copy() {
 }
 
 /// Beyond `--fd-store N`, an fd is closed with a warning naming the generation and the name;
-/// the next generation gets the N stored, newest first.
+/// the next generation gets the N stored, newest first. `sockhold_fd_store_fds` counts them.
 #[test]
 fn the_limit_closes_what_is_beyond_it() {
     let Some(server) = echo_server() else { return };
-    let mut run = start_echo(&server, "2", &[]);
+    let mut run = start_echo(&server, "2", &["--metrics", "127.0.0.1:0"]);
+    let metrics = crate::metrics::metrics_addr(&mut run.sockhold);
+    let stored_fds = |addr: &str| crate::metrics::samples(&crate::metrics::scrape(addr))["sockhold_fd_store_fds"];
     let start = run.sockhold.expect_event("start", 1);
+    assert_eq!(stored_fds(&metrics), 0.0);
     let mut clients: Vec<Client> = (1..=3)
         .map(|n| {
             let (client, name) = Client::connect(run.port);
@@ -257,6 +260,7 @@ fn the_limit_closes_what_is_beyond_it() {
         .collect();
     run.sockhold.expect_log("generation 1: the fd store is full (--fd-store 2); closing fd conn-3");
     assert_eq!(stored(&run.control), (vec!["conn-2".to_owned(), "conn-1".to_owned()], 2));
+    assert_eq!(stored_fds(&metrics), 2.0);
     reload(&run.control);
     let next = run.sockhold.expect_event("start", 2);
     assert_eq!(names_of(&next), ["echo", "conn-2", "conn-1"]);

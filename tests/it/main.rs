@@ -12,6 +12,7 @@ mod fd_store;
 mod hostile;
 mod lifecycle;
 mod load;
+mod metrics;
 mod pid1;
 mod quic;
 mod readiness;

@@ -579,3 +579,21 @@ pub fn require_tool(tool: &str, package: &str) -> Option<PathBuf> {
     }
     found
 }
+
+/// How often `pid` has given up the CPU of its own will (`voluntary_ctxt_switches`): every
+/// wakeup from poll ends in one when the process sleeps again; preemption while it runs
+/// (nonvoluntary) is the machine's business, not a wakeup.
+pub fn voluntary_switches(pid: Pid) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    let line = status.lines().find(|l| l.starts_with("voluntary_ctxt_switches")).expect("a count");
+    line.split_whitespace().last().and_then(|n| n.parse().ok()).expect("a number")
+}
+
+/// Whether `pid` sleeps in poll, as far as the kernel shows it.
+pub fn sleeps_in_poll(pid: Pid) -> bool {
+    let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let sleeping = stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('S'));
+    // Where the kernel hides symbol names, wchan reads "0": then sleeping is all we see.
+    wchan.contains("poll") || (sleeping && !wchan.chars().any(|c| c.is_alphabetic()))
+}
