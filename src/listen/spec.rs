@@ -202,6 +202,9 @@ pub struct ListenOptions {
     pub sndbuf: Option<usize>,
     /// `mode=OCTAL`: the Unix socket file's permissions.
     pub mode: Option<u32>,
+    /// `dirmode=OCTAL`: the permissions of the directories created for the socket file
+    /// (default 0755; systemd's `DirectoryMode=`).
+    pub dirmode: Option<u32>,
     /// `owner=USER`: the Unix socket file's owner, resolved when parsing.
     pub owner: Option<Uid>,
     /// `group=GROUP`: the Unix socket file's group, resolved when parsing.
@@ -322,6 +325,15 @@ const OPTIONS: &[OptionDef] = &[
         name: "mode",
         parse: |o, v| {
             o.mode = Some(parse_mode(v)?);
+            Ok(())
+        },
+        applies: Address::has_file,
+        applies_to: "Unix sockets with a path; an abstract socket has no file",
+    },
+    OptionDef {
+        name: "dirmode",
+        parse: |o, v| {
+            o.dirmode = Some(parse_mode(v)?);
             Ok(())
         },
         applies: Address::has_file,
