@@ -210,16 +210,13 @@ fn socket_options(unit: &UnitEntries, t: &mut Translation) -> Result<bool, Strin
         }
         Ok(())
     };
-    if let Some(entry) = get("Backlog") {
-        common.push(format!("backlog={}", entry.value));
-    }
-    bool_option("ReusePort", "reuseport", &mut common)?;
     for (key, option) in [("ReceiveBuffer", "rcvbuf"), ("SendBuffer", "sndbuf")] {
         if let Some(entry) = get(key) {
             common.push(format!("{option}={}", entry.value));
         }
     }
     let mut inet = Vec::new();
+    bool_option("ReusePort", "reuseport", &mut inet)?;
     bool_option("FreeBind", "freebind", &mut inet)?;
     if let Some(entry) = get("BindToDevice") {
         inet.push(format!("device={}", expand(entry, &unit.names)?));
@@ -272,8 +269,16 @@ fn socket_options(unit: &UnitEntries, t: &mut Translation) -> Result<bool, Strin
             }
         };
         let mut options = common.clone();
+        // A datagram socket has no listen queue: systemd applies Backlog= to the others.
+        if let Some(backlog) = get("Backlog").filter(|_| entry.key != "ListenDatagram") {
+            options.insert(1, format!("backlog={}", backlog.value));
+        }
         if !unix {
-            options.extend(inet.iter().cloned());
+            // IPV6_V6ONLY means nothing to (and is refused for) an IPv4 address.
+            let v4 = address
+                .rsplit_once(':')
+                .is_some_and(|(host, _)| host.parse::<std::net::Ipv4Addr>().is_ok());
+            options.extend(inet.iter().filter(|o| !(v4 && o.starts_with("v6only="))).cloned());
         }
         if tcp_socket {
             options.extend(tcp.iter().cloned());
