@@ -18,5 +18,6 @@ mod real_servers;
 mod sockets;
 mod steer;
 mod support;
+mod units;
 mod upgrade;
 mod world;
