@@ -3,7 +3,8 @@
 //! nothing; `--print-config` shows the equivalent command line. Then real units nobody here
 //! wrote (`tests/units/`, copied unchanged, with a drop-in moving them to loopback): Debian's
 //! `ssh.socket` + `ssh.service` (sshd takes the socket and sends READY=1) across reloads, the
-//! per-connection `ssh@.service` running `sshd -i`, and fcgiwrap's pair reloaded under load.
+//! per-connection `ssh@.service` running `sshd -i`, fcgiwrap's pair reloaded under load, and the
+//! runit service in `contrib/runit/ssh-unit` running Debian's ssh units.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -357,4 +358,66 @@ fn debian_fcgiwrap_reloads_under_load() {
     assert!(failures.len() <= 4 * 5, "{} requests cut off by 5 stops of 4 clients' server", failures.len());
     sh.signal(SIGTERM);
     sh.wait_exit();
+}
+
+/// contrib/runit/ssh-unit/run, run as runsv would run it (from its directory, its output on
+/// stdout), with a conf pointing at a copy of Debian 12's ssh units: sshd serves, a reload
+/// through the control socket succeeds, sshd serves again.
+#[test]
+fn contrib_runit_service_runs_debian_ssh_units() {
+    if !is_root() {
+        return skipped("sshd needs root");
+    }
+    let Some(_) = require_tool("sshd", "openssh-server") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let Some(opts) = sshd_files(dir.path()) else { return };
+    let units = dir.path().join("units");
+    std::fs::create_dir(&units).unwrap();
+    copy_units("debian12", &["ssh.socket", "ssh.service"], &units);
+    write(&units.join("ssh.socket.d/test.conf"), "[Socket]\nListenStream=\nListenStream=127.0.0.1:0\n");
+    write(
+        &units.join("ssh.service.d/test.conf"),
+        &format!("[Service]\nEnvironmentFile=\nEnvironment=\"SSHD_OPTS={opts}\"\nRuntimeDirectoryPreserve=yes\n"),
+    );
+    let service = dir.path().join("ssh-unit");
+    std::fs::create_dir(&service).unwrap();
+    let contrib = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/runit/ssh-unit");
+    std::fs::copy(contrib.join("run"), service.join("run")).unwrap();
+    let conf = std::fs::read_to_string(contrib.join("conf")).unwrap();
+    let rundir = dir.path().join("rundir");
+    let control = rundir.join("control.sock");
+    write(
+        &service.join("conf"),
+        &format!(
+            "{conf}\nSOCKHOLD={}\nUNIT={}\nRUNDIR={}\nCONTROL=$RUNDIR/control.sock\n",
+            sockhold_bin().display(),
+            units.join("ssh.socket").display(),
+            rundir.display()
+        ),
+    );
+    let mut sh = start_with(&[], |cmd| {
+        // runsv reads both streams from stdout; the harness reads sockhold's log from stderr.
+        let mut outer = std::process::Command::new("sh");
+        outer.args(["-c", "exec ./run >&2"]).current_dir(&service);
+        for (k, v) in cmd.get_envs() {
+            if let Some(v) = v {
+                outer.env(k, v);
+            }
+        }
+        outer
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        std::os::unix::process::CommandExt::process_group(&mut outer, 0);
+        *cmd = outer;
+    });
+    sh.expect_log("ExecStartPre=/usr/sbin/sshd -t: not applied by sockhold");
+    let port = sh.listening_port("127.0.0.1:");
+    sh.expect_log(") is ready");
+    assert!(ssh_banner(port).starts_with("SSH-2.0-OpenSSH"));
+    let out = ctl(&control, &["reload"]);
+    assert!(out.status.success(), "ctl reload: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(ssh_banner(port).starts_with("SSH-2.0-OpenSSH"));
+    sh.signal(SIGTERM);
+    assert_eq!(sh.wait_exit().code(), Some(0));
 }
