@@ -448,7 +448,8 @@ impl Cli {
                 runtime_directories.iter().map(|d| d.display().to_string()).collect();
             env.insert(0, ("RUNTIME_DIRECTORY".into(), joined.join(":")));
         }
-        let world = ChildWorld { user: self.user, chdir: self.chdir, env, env_files: self.env_file };
+        let world =
+            ChildWorld { user: self.user, chdir: self.chdir, env, env_files: self.env_file };
         world.check()?;
         if self.ready_timeout.is_zero() {
             return Err("invalid --ready-timeout: it must be longer than 0".into());
@@ -574,8 +575,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// A `--runtime-directory`: a relative path below /run, without `..`.
 fn parse_runtime_directory(text: &str) -> Result<PathBuf, String> {
-    if text.is_empty() || text.starts_with('/') || text.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
-        return Err(format!("'{text}' must be a relative path below /run, such as 'app' or 'app/sub'"));
+    if text.is_empty()
+        || text.starts_with('/')
+        || text.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+    {
+        return Err(format!(
+            "'{text}' must be a relative path below /run, such as 'app' or 'app/sub'"
+        ));
     }
     Ok(PathBuf::from(text))
 }

@@ -7,9 +7,9 @@
 //! The syntax is `unit/syntax.rs`; what each directive means is `unit/translate.rs`.
 
 mod syntax;
-mod translate;
 #[cfg(test)]
 mod tests;
+mod translate;
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -24,8 +24,12 @@ use self::translate::{Translation, UnitEntries, translate};
 
 /// Where systemd's system manager looks for units after the unit's own directory, highest
 /// priority first.
-pub const SEARCH_PATH: &[&str] =
-    &["/etc/systemd/system", "/run/systemd/system", "/lib/systemd/system", "/usr/lib/systemd/system"];
+pub const SEARCH_PATH: &[&str] = &[
+    "/etc/systemd/system",
+    "/run/systemd/system",
+    "/lib/systemd/system",
+    "/usr/lib/systemd/system",
+];
 
 /// A command line with its units read.
 #[derive(Debug)]
@@ -55,10 +59,18 @@ pub enum Error {
 /// replaces all the units' listeners, a COMMAND replaces `ExecStart=`, and `--env` adds to
 /// `Environment=` (a key given twice takes the user's value).
 pub fn expand(args: Vec<OsString>) -> Result<Expanded, Error> {
-    let matches = crate::cli::Cli::command().try_get_matches_from(&args).map_err(Error::CommandLine)?;
+    let matches =
+        crate::cli::Cli::command().try_get_matches_from(&args).map_err(Error::CommandLine)?;
     let unit = match matches.get_one::<PathBuf>("unit") {
         Some(unit) if matches.subcommand().is_none() => unit.clone(),
-        _ => return Ok(Expanded { argv: args, warnings: Vec::new(), equivalent: None, print: false }),
+        _ => {
+            return Ok(Expanded {
+                argv: args,
+                warnings: Vec::new(),
+                equivalent: None,
+                print: false,
+            });
+        }
     };
     let translation = load(&unit).map_err(Error::Unit)?;
     let given: HashSet<&str> = matches
@@ -90,7 +102,11 @@ pub fn expand(args: Vec<OsString>) -> Result<Expanded, Error> {
     }
     // COMMAND: the user's (with the `--` before it, if any), else ExecStart='s after `--`.
     let command: Vec<OsString> = if given.contains("command") {
-        let from = if command_at > 1 && args[command_at - 1] == "--" { command_at - 1 } else { command_at };
+        let from = if command_at > 1 && args[command_at - 1] == "--" {
+            command_at - 1
+        } else {
+            command_at
+        };
         own.truncate(own.len() - usize::from(from < command_at));
         args[from..].to_vec()
     } else if translation.command.is_empty() {
@@ -136,9 +152,8 @@ pub fn load(path: &Path) -> Result<Translation, String> {
     if file_name.ends_with(".socket") {
         let socket = read_unit(dir, &file_name, "Socket")?;
         let service_name = service_of(&socket)?;
-        let service = read_unit(dir, &service_name, "Service").map_err(|e| {
-            format!("{e} (the service that {} activates)", socket.names.full)
-        })?;
+        let service = read_unit(dir, &service_name, "Service")
+            .map_err(|e| format!("{e} (the service that {} activates)", socket.names.full))?;
         translate(Some(&socket), &service)
     } else if file_name.ends_with(".service") {
         translate(None, &read_unit(dir, &file_name, "Service")?)
@@ -150,8 +165,10 @@ pub fn load(path: &Path) -> Result<Translation, String> {
 /// The service a socket unit activates: `Service=`, else `NAME@.service` with `Accept=yes`,
 /// else `NAME.service`.
 fn service_of(socket: &UnitEntries) -> Result<String, String> {
-    let last = |key: &str| socket.entries.iter().rev().find(|e| e.section == "Socket" && e.key == key);
-    let accept = last("Accept").filter(|e| !e.value.is_empty()).map(translate::boolean).transpose()?;
+    let last =
+        |key: &str| socket.entries.iter().rev().find(|e| e.section == "Socket" && e.key == key);
+    let accept =
+        last("Accept").filter(|e| !e.value.is_empty()).map(translate::boolean).transpose()?;
     let prefix = socket.names.full.trim_end_matches(".socket");
     match last("Service").filter(|e| !e.value.is_empty()) {
         Some(entry) if accept == Some(true) => {
@@ -180,11 +197,7 @@ fn read_unit(dir: &Path, name: &str, section: &str) -> Result<UnitEntries, Strin
         .iter()
         .find_map(|n| dirs.iter().map(|d| d.join(n)).find(|p| p.is_file()))
         .ok_or_else(|| {
-            format!(
-                "unit {name} found in neither {} nor {}",
-                dir.display(),
-                SEARCH_PATH.join(", ")
-            )
+            format!("unit {name} found in neither {} nor {}", dir.display(), SEARCH_PATH.join(", "))
         })?;
     let sections = ["Unit", section, "Install"];
     let mut entries = read_file(&found, &sections)?;

@@ -47,7 +47,11 @@ pub(super) fn make_service_dirs(config: &crate::cli::Config) -> Result<Vec<PathB
             config.runtime_directory_mode
         );
     }
-    Ok(if config.runtime_directory_preserve { Vec::new() } else { config.runtime_directories.clone() })
+    Ok(if config.runtime_directory_preserve {
+        Vec::new()
+    } else {
+        config.runtime_directories.clone()
+    })
 }
 
 /// Creates a private directory for the notify sockets: under `$RUNTIME_DIRECTORY` (set by

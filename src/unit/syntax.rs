@@ -134,7 +134,10 @@ fn quote_name(q: char) -> &'static str {
 }
 
 /// One C escape after a backslash, as systemd's `cunescape` reads it.
-fn unescape(chars: &mut std::iter::Peekable<std::str::Chars<'_>>, word: &mut String) -> Result<(), String> {
+fn unescape(
+    chars: &mut std::iter::Peekable<std::str::Chars<'_>>,
+    word: &mut String,
+) -> Result<(), String> {
     let Some(c) = chars.next() else {
         return Err("the value ends with a lone backslash".into());
     };
@@ -172,7 +175,9 @@ fn unescape(chars: &mut std::iter::Peekable<std::str::Chars<'_>>, word: &mut Str
     let code = u32::from_str_radix(&digits, radix).map_err(|e| e.to_string())?;
     match char::from_u32(code).filter(|&c| c != '\0') {
         Some(ch) => word.push(ch),
-        None => return Err(format!("the escape gives the character {code}, which a word cannot hold")),
+        None => {
+            return Err(format!("the escape gives the character {code}, which a word cannot hold"));
+        }
     }
     Ok(())
 }
@@ -264,7 +269,11 @@ pub fn unescape_name(text: &str) -> String {
         match raw[i] {
             b'-' => bytes.push(b'/'),
             b'\\' if raw.get(i + 1) == Some(&b'x') => {
-                match raw.get(i + 2..i + 4).and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                match raw
+                    .get(i + 2..i + 4)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
                     Some(b) => {
                         bytes.push(b);
                         i += 3;

@@ -107,7 +107,8 @@ fn words_quoting_and_escapes() {
 #[test]
 fn specifiers_outside_systemd() {
     let n = names("web@a-b.service");
-    let run = if nix::unistd::geteuid().is_root() { "/run".to_string() } else { super::runtime_base() };
+    let run =
+        if nix::unistd::geteuid().is_root() { "/run".to_string() } else { super::runtime_base() };
     for (text, want) in [
         ("%n %N %p %i %I %%", "web@a-b.service web@a-b web a-b a/b %".to_string()),
         ("%t/x", format!("{run}/x")),
@@ -185,12 +186,8 @@ fn socket_directives_map_onto_listen_options() {
     let want = format!(
         "-l 127.0.0.1:8080,{common},reuseport,freebind,device=lo,nodelay,keepalive -l [::1]:8080,{common},reuseport,freebind,device=lo,v6only=no,nodelay,keepalive -l /run/app/app.sock,{common},{file} -l udp://127.0.0.1:5353,{dgram},reuseport,freebind,device=lo -l unixgram://@logs,{dgram} -l unixpacket:///run/app/p.sock,{common},{file}"
     );
-    let listens: Vec<String> = t
-        .options
-        .iter()
-        .filter(|(id, _)| *id == "listen")
-        .flat_map(|(_, w)| w.clone())
-        .collect();
+    let listens: Vec<String> =
+        t.options.iter().filter(|(id, _)| *id == "listen").flat_map(|(_, w)| w.clone()).collect();
     assert_eq!(listens.join(" "), want);
     assert!(t.warnings.is_empty(), "{:?}", t.warnings);
 }
@@ -213,7 +210,8 @@ fn socket_defaults_and_resets() {
 #[test]
 fn accept_yes_and_inetd() {
     let socket = "[Socket]\nListenStream=127.0.0.1:0\nAccept=yes\nMaxConnections=8\n";
-    let service = "[Service]\nExecStart=-/usr/sbin/sshd -i\nStandardInput=socket\nStandardOutput=socket\n";
+    let service =
+        "[Service]\nExecStart=-/usr/sbin/sshd -i\nStandardInput=socket\nStandardOutput=socket\n";
     let t = pair(Some(socket), service).unwrap();
     assert_eq!(
         line(&t),
@@ -242,7 +240,8 @@ fn service_directives_map_onto_options() {
 
 #[test]
 fn service_values_and_their_approximations() {
-    let opts = |extra: &str| pair(None, &format!("{SIMPLE}{extra}\n")).map(|t| (line(&t), t.warnings));
+    let opts =
+        |extra: &str| pair(None, &format!("{SIMPLE}{extra}\n")).map(|t| (line(&t), t.warnings));
     for (extra, want) in [
         ("Type=exec", "--ready delay:100ms"),
         ("Type=notify-reload", "--ready notify"),
@@ -271,7 +270,9 @@ fn service_values_and_their_approximations() {
         let (got, warnings) = opts(extra).unwrap();
         assert!(got.contains(want_opt), "{extra}: {want_opt} not in {got}");
         assert!(
-            warnings.len() == 1 && warnings[0].starts_with("app.service:3: ") && warnings[0].contains(want_warning),
+            warnings.len() == 1
+                && warnings[0].starts_with("app.service:3: ")
+                && warnings[0].contains(want_warning),
             "{extra}: {warnings:?}"
         );
     }
@@ -318,20 +319,33 @@ fn malformed_values_are_errors_naming_file_and_line() {
         ("ListenStream=/a.sock\nSocketMode=999", "app.socket:3: SocketMode= takes an octal mode"),
         ("ListenStream=1\nBindIPv6Only=sometimes", "app.socket:3: BindIPv6Only= takes"),
         ("ListenStream=1\nBacklog=-1", "app.socket:2: ListenStream=1: "),
-        ("ListenStream=/a.sock\nSocketUser=no-such-user-here", "app.socket:2: ListenStream=/a.sock"),
+        (
+            "ListenStream=/a.sock\nSocketUser=no-such-user-here",
+            "app.socket:2: ListenStream=/a.sock",
+        ),
         ("ListenSequentialPacket=127.0.0.1:1", "app.socket:2: ListenSequentialPacket= takes"),
-        ("ListenStream=1,backlog=3", "app.socket:2: ListenStream= '1,backlog=3' is not one address"),
-        ("ListenStream=1\nAccept=yes\nMaxConnections=0", "app.socket:4: MaxConnections= takes a positive number"),
+        (
+            "ListenStream=1,backlog=3",
+            "app.socket:2: ListenStream= '1,backlog=3' is not one address",
+        ),
+        (
+            "ListenStream=1\nAccept=yes\nMaxConnections=0",
+            "app.socket:4: MaxConnections= takes a positive number",
+        ),
         ("ListenStream=%Q", "app.socket:2: ListenStream=: unknown specifier '%Q'"),
     ] {
         let err = socket_err(body);
         assert!(err.contains(want), "{body:?}: {err}");
     }
-    let service_err = |body: &str| pair(None, &format!("[Service]\nExecStart=/bin/srv\n{body}\n")).unwrap_err();
+    let service_err =
+        |body: &str| pair(None, &format!("[Service]\nExecStart=/bin/srv\n{body}\n")).unwrap_err();
     for (body, want) in [
         ("Type=forking", "app.service:3: Type=forking is not supported"),
         ("Type=oneshot", "app.service:3: Type=oneshot is not supported"),
-        ("ExecStart=/bin/other", "app.service:3: a second ExecStart= (the first is at app.service:2)"),
+        (
+            "ExecStart=/bin/other",
+            "app.service:3: a second ExecStart= (the first is at app.service:2)",
+        ),
         ("KillSignal=SIGNOPE", "app.service:3: KillSignal=:"),
         ("TimeoutStopSec=soon", "app.service:3: TimeoutStopSec= takes a time span"),
         ("Restart=sometimes", "app.service:3: Restart= takes"),
@@ -343,8 +357,14 @@ fn malformed_values_are_errors_naming_file_and_line() {
         ("WorkingDirectory=relative", "app.service:3: WorkingDirectory= takes an absolute path"),
         ("RuntimeDirectory=/abs", "app.service:3: RuntimeDirectory= takes relative paths"),
         ("RuntimeDirectory=../up", "app.service:3: RuntimeDirectory= takes relative paths"),
-        ("RuntimeDirectory=x\nRuntimeDirectoryMode=rw", "app.service:4: RuntimeDirectoryMode= takes an octal mode"),
-        ("RuntimeDirectory=x\nRuntimeDirectoryPreserve=perhaps", "app.service:4: RuntimeDirectoryPreserve= takes a boolean"),
+        (
+            "RuntimeDirectory=x\nRuntimeDirectoryMode=rw",
+            "app.service:4: RuntimeDirectoryMode= takes an octal mode",
+        ),
+        (
+            "RuntimeDirectory=x\nRuntimeDirectoryPreserve=perhaps",
+            "app.service:4: RuntimeDirectoryPreserve= takes a boolean",
+        ),
     ] {
         let err = service_err(body);
         assert!(err.contains(want), "{body:?}: {err}");
@@ -370,20 +390,30 @@ fn files_drop_ins_and_the_service_found() {
     write("web.service.d/env.conf", "[Service]\nEnvironment=A=1\n");
     let t = super::load(&dir.path().join("web.socket")).unwrap();
     let text = line(&t);
-    assert!(text.starts_with("-l 127.0.0.1:2,name=web.socket -l 127.0.0.1:3,name=web.socket --name web"), "{text}");
+    assert!(
+        text.starts_with(
+            "-l 127.0.0.1:2,name=web.socket -l 127.0.0.1:3,name=web.socket --name web"
+        ),
+        "{text}"
+    );
     assert!(text.contains("--env A=1") && text.ends_with("-- /bin/web"), "{text}");
 
     write("other.socket", "[Socket]\nListenStream=127.0.0.1:1\nService=web.service\n");
     assert!(line(&super::load(&dir.path().join("other.socket")).unwrap()).ends_with("-- /bin/web"));
     write("conn.socket", "[Socket]\nListenStream=127.0.0.1:1\nAccept=yes\n");
     write("conn@.service", "[Service]\nExecStart=/bin/conn %p\n");
-    assert!(line(&super::load(&dir.path().join("conn.socket")).unwrap()).ends_with("-- /bin/conn conn"));
+    assert!(
+        line(&super::load(&dir.path().join("conn.socket")).unwrap()).ends_with("-- /bin/conn conn")
+    );
     let t = super::load(&dir.path().join("conn@one.service")).unwrap();
     assert!(line(&t).ends_with("-- /bin/conn conn"), "{}", line(&t));
 
     write("lonely.socket", "[Socket]\nListenStream=127.0.0.1:1\n");
     let err = super::load(&dir.path().join("lonely.socket")).unwrap_err();
-    assert!(err.contains("unit lonely.service found in neither") && err.contains("/lib/systemd/system"), "{err}");
+    assert!(
+        err.contains("unit lonely.service found in neither") && err.contains("/lib/systemd/system"),
+        "{err}"
+    );
     write("bad.socket", "[Socket]\nListenStream=1\nAccept=yes\nService=web.service\n");
     let err = super::load(&dir.path().join("bad.socket")).unwrap_err();
     assert!(err.ends_with("bad.socket:4: Service= does not go with Accept=yes"), "{err}");
@@ -401,7 +431,8 @@ fn files_drop_ins_and_the_service_found() {
 fn the_command_line_overrides_the_units() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("web.socket");
-    std::fs::write(&socket, "[Socket]\nListenStream=127.0.0.1:1\nListenStream=127.0.0.1:2\n").unwrap();
+    std::fs::write(&socket, "[Socket]\nListenStream=127.0.0.1:1\nListenStream=127.0.0.1:2\n")
+        .unwrap();
     std::fs::write(
         dir.path().join("web.service"),
         "[Service]\nType=notify\nExecStart=/bin/web\nEnvironment=A=1 B=2\nTimeoutStopSec=9\n",
@@ -409,7 +440,8 @@ fn the_command_line_overrides_the_units() {
     .unwrap();
     let unit = socket.to_str().unwrap();
     let expand = |args: &[&str]| {
-        let argv = std::iter::once("sockhold").chain(args.iter().copied()).map(Into::into).collect();
+        let argv =
+            std::iter::once("sockhold").chain(args.iter().copied()).map(Into::into).collect();
         let e = super::expand(argv).unwrap_or_else(|e| panic!("{args:?}: {e:?}"));
         let show = |w: &[std::ffi::OsString]| super::shell_line(w);
         (show(&e.argv), show(&e.equivalent.unwrap()))
@@ -421,8 +453,19 @@ fn the_command_line_overrides_the_units() {
     );
     assert!(argv.contains(&format!("--unit {unit}")), "{argv}");
     let (_, equivalent) = expand(&[
-        "--unit", unit, "-l", "127.0.0.1:5", "--ready", "delay:1s", "--env", "B=3", "--print-config",
-        "--", "/bin/other", "--unit", "x",
+        "--unit",
+        unit,
+        "-l",
+        "127.0.0.1:5",
+        "--ready",
+        "delay:1s",
+        "--env",
+        "B=3",
+        "--print-config",
+        "--",
+        "/bin/other",
+        "--unit",
+        "x",
     ]);
     assert_eq!(
         equivalent,

@@ -125,7 +125,10 @@ pub fn boolean(entry: &Entry) -> Result<bool, String> {
     match entry.value.to_ascii_lowercase().as_str() {
         "1" | "yes" | "y" | "true" | "t" | "on" => Ok(true),
         "0" | "no" | "n" | "false" | "f" | "off" => Ok(false),
-        _ => Err(format!("{}: {}= takes a boolean (yes/no), not '{}'", entry.at, entry.key, entry.value)),
+        _ => Err(format!(
+            "{}: {}= takes a boolean (yes/no), not '{}'",
+            entry.at, entry.key, entry.value
+        )),
     }
 }
 
@@ -153,7 +156,9 @@ fn mode(entry: &Entry) -> Result<String, String> {
     let v = &entry.value;
     match u32::from_str_radix(v, 8) {
         Ok(m) if m <= 0o7777 => Ok(format!("{m:04o}")),
-        _ => Err(format!("{}: {}= takes an octal mode such as 0755, not '{v}'", entry.at, entry.key)),
+        _ => {
+            Err(format!("{}: {}= takes an octal mode such as 0755, not '{v}'", entry.at, entry.key))
+        }
     }
 }
 
@@ -164,7 +169,10 @@ fn expand(entry: &Entry, names: &Names) -> Result<String, String> {
 
 /// Translates a socket unit (if any) and its service into sockhold options. `socket` is `None`
 /// for `--unit NAME.service` alone.
-pub fn translate(socket: Option<&UnitEntries>, service: &UnitEntries) -> Result<Translation, String> {
+pub fn translate(
+    socket: Option<&UnitEntries>,
+    service: &UnitEntries,
+) -> Result<Translation, String> {
     let mut t = Translation::default();
     let mut accept = false;
     if let Some(socket) = socket {
@@ -237,7 +245,10 @@ fn socket_options(unit: &UnitEntries, t: &mut Translation) -> Result<bool, Strin
     bool_option("KeepAlive", "keepalive", &mut tcp)?;
     // systemd creates socket files 0666 and their directories 0755 unless told otherwise.
     let mut file = Vec::new();
-    file.push(format!("mode={}", get("SocketMode").map(mode).transpose()?.unwrap_or("0666".into())));
+    file.push(format!(
+        "mode={}",
+        get("SocketMode").map(mode).transpose()?.unwrap_or("0666".into())
+    ));
     if let Some(entry) = get("DirectoryMode") {
         file.push(format!("dirmode={}", mode(entry)?));
     }
@@ -247,8 +258,7 @@ fn socket_options(unit: &UnitEntries, t: &mut Translation) -> Result<bool, Strin
     if let Some(entry) = get("SocketGroup") {
         file.push(format!("group={}", expand(entry, &unit.names)?));
     }
-    let listens =
-        list(e, "Socket", &["ListenStream", "ListenDatagram", "ListenSequentialPacket"]);
+    let listens = list(e, "Socket", &["ListenStream", "ListenDatagram", "ListenSequentialPacket"]);
     for entry in listens {
         let address = expand(entry, &unit.names)?;
         if address.contains(',') || address.chars().any(char::is_whitespace) {
@@ -382,7 +392,10 @@ fn service_options(unit: &UnitEntries, accept: bool, t: &mut Translation) -> Res
             t.warn(entry, "the '-' prefix is not applied: a failure exit counts as a failure (with Accept=yes, statuses are only logged)");
         }
         if exec.ambient {
-            t.warn(entry, "the '!' prefix is not applied: the command runs as User= like any other");
+            t.warn(
+                entry,
+                "the '!' prefix is not applied: the command runs as User= like any other",
+            );
         }
         full_privileges = exec.full_privileges;
         if let Some(argv0) = exec.argv0 {
@@ -402,7 +415,10 @@ fn service_options(unit: &UnitEntries, accept: bool, t: &mut Translation) -> Res
     if let Some(user) = user {
         if full_privileges {
             let entry = starts[0];
-            t.warn(entry, "the '+' prefix: the command runs with sockhold's own rights, not as User=/Group=");
+            t.warn(
+                entry,
+                "the '+' prefix: the command runs with sockhold's own rights, not as User=/Group=",
+            );
         } else {
             t.push("user", &["--user", &user]);
         }
@@ -413,7 +429,10 @@ fn service_options(unit: &UnitEntries, accept: bool, t: &mut Translation) -> Res
         if dir == "~" {
             t.warn(entry, "'~' is not applied: the children start in sockhold's directory");
         } else if !dir.starts_with('/') {
-            return Err(format!("{}: WorkingDirectory= takes an absolute path, not '{dir}'", entry.at));
+            return Err(format!(
+                "{}: WorkingDirectory= takes an absolute path, not '{dir}'",
+                entry.at
+            ));
         } else {
             t.push("chdir", &["--chdir", &dir]);
         }
@@ -436,7 +455,10 @@ fn service_options(unit: &UnitEntries, accept: bool, t: &mut Translation) -> Res
         Some((_, "always")) => "always",
         Some((_, "on-failure")) => "on-failure",
         Some((entry, "on-abnormal" | "on-watchdog" | "on-abort")) => {
-            t.warn(entry, "approximated by --restart on-failure (also after an exit with a failure status)");
+            t.warn(
+                entry,
+                "approximated by --restart on-failure (also after an exit with a failure status)",
+            );
             "on-failure"
         }
         Some((entry, "on-success")) => {
@@ -462,7 +484,10 @@ fn service_options(unit: &UnitEntries, accept: bool, t: &mut Translation) -> Res
         Some((_, "main" | "exec")) => t.push("notify_access", &["--notify-access", "main"]),
         Some((_, "all")) => t.push("notify_access", &["--notify-access", "all"]),
         Some((entry, "none")) => {
-            t.warn(entry, "not applied: sockhold reads the main process's messages (--notify-access main)");
+            t.warn(
+                entry,
+                "not applied: sockhold reads the main process's messages (--notify-access main)",
+            );
             t.push("notify_access", &["--notify-access", "main"]);
         }
         Some((entry, other)) => {
@@ -578,14 +603,20 @@ pub fn exec_start(
             Some(':') => no_env = true,
             Some('+') => full_privileges = true,
             Some('!') => ambient = true,
-            Some('|') => return Err(format!("{at}: ExecStart=: the '|' prefix (run through a shell) is not supported")),
+            Some('|') => {
+                return Err(format!(
+                    "{at}: ExecStart=: the '|' prefix (run through a shell) is not supported"
+                ));
+            }
             _ => break,
         }
         rest = &rest[1..];
     }
     let words = split_words(rest).map_err(|e| format!("{at}: ExecStart=: {e}"))?;
     if words.iter().any(|w| w == ";") {
-        return Err(format!("{at}: ExecStart=: ';' separates several commands; sockhold runs one server"));
+        return Err(format!(
+            "{at}: ExecStart=: ';' separates several commands; sockhold runs one server"
+        ));
     }
     let mut argv = Vec::new();
     for word in &words {
@@ -596,14 +627,18 @@ pub fn exec_start(
         }
         match word.strip_prefix('$').filter(|n| valid_env_name(n)) {
             Some(name) => {
-                argv.extend(vars.get(name).into_iter().flat_map(|v| v.split_whitespace()).map(String::from));
+                argv.extend(
+                    vars.get(name).into_iter().flat_map(|v| v.split_whitespace()).map(String::from),
+                );
             }
             None => argv.push(replace_braced(&word, vars)),
         }
     }
     let argv0 = if argv0_prefix {
         if argv.len() < 2 {
-            return Err(format!("{at}: ExecStart=: the '@' prefix needs a program and then its argv[0]"));
+            return Err(format!(
+                "{at}: ExecStart=: the '@' prefix needs a program and then its argv[0]"
+            ));
         }
         Some(argv.remove(1))
     } else {
@@ -612,7 +647,9 @@ pub fn exec_start(
     match argv.first() {
         None => return Err(format!("{at}: ExecStart= has no command")),
         Some(program) if !program.starts_with('/') && program.contains('/') => {
-            return Err(format!("{at}: ExecStart=: '{program}' must be an absolute path or a plain name"));
+            return Err(format!(
+                "{at}: ExecStart=: '{program}' must be an absolute path or a plain name"
+            ));
         }
         Some(_) => {}
     }
@@ -629,8 +666,10 @@ fn replace_braced(word: &str, vars: &BTreeMap<String, String>) -> String {
         if let Some(tail) = after.strip_prefix('$') {
             out.push('$');
             rest = tail;
-        } else if let Some((name, tail)) =
-            after.strip_prefix('{').and_then(|a| a.split_once('}')).filter(|(n, _)| valid_env_name(n))
+        } else if let Some((name, tail)) = after
+            .strip_prefix('{')
+            .and_then(|a| a.split_once('}'))
+            .filter(|(n, _)| valid_env_name(n))
         {
             out.push_str(vars.get(name).map_or("", String::as_str));
             rest = tail;

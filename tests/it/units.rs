@@ -65,7 +65,10 @@ fn a_hand_written_pair_reaches_the_child() {
     sh.expect_log("app.socket:13: PassCredentials=yes: not applied by sockhold");
     sh.expect_log("app.service:10: ProtectSystem=strict: not applied by sockhold");
     let start = sh.expect_event("start", 1);
-    assert_eq!(start["argv"], serde_json::json!(["fixture-argv0", "--ready", "--status", "app-up"]));
+    assert_eq!(
+        start["argv"],
+        serde_json::json!(["fixture-argv0", "--ready", "--status", "app-up"])
+    );
     let env = &start["env"];
     assert_eq!(env["LISTEN_FDNAMES"], "web:web");
     assert_eq!(env["FIXTURE_A"], "a b");
@@ -73,7 +76,10 @@ fn a_hand_written_pair_reaches_the_child() {
     assert_eq!(env["RUNTIME_DIRECTORY"], run_dir.to_str().unwrap());
     assert_eq!(start["cwd"], dir.path().to_str().unwrap());
     let tcp = &start["fds"][3]["socket"];
-    assert_eq!((&tcp["nodelay"], &tcp["keepalive"]), (&serde_json::json!(true), &serde_json::json!(true)));
+    assert_eq!(
+        (&tcp["nodelay"], &tcp["keepalive"]),
+        (&serde_json::json!(true), &serde_json::json!(true))
+    );
     assert_eq!(tcp["rcvbuf"], 2 * 64 * 1024, "the kernel reports twice the size asked");
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode(&dir.path().join("sock/app.sock")), 0o600);
@@ -91,7 +97,10 @@ fn a_hand_written_pair_reaches_the_child() {
 #[test]
 fn the_command_line_overrides_the_unit() {
     let dir = tempfile::tempdir().unwrap();
-    write(&dir.path().join("app.socket"), "[Socket]\nListenStream=127.0.0.1:0\nListenStream=127.0.0.1:0\n");
+    write(
+        &dir.path().join("app.socket"),
+        "[Socket]\nListenStream=127.0.0.1:0\nListenStream=127.0.0.1:0\n",
+    );
     write(
         &dir.path().join("app.service"),
         "[Service]\nType=simple\nExecStart=/nonexistent/server\nEnvironment=FIXTURE_A=unit FIXTURE_B=unit\n",
@@ -99,13 +108,25 @@ fn the_command_line_overrides_the_unit() {
     let unit = dir.path().join("app.socket");
     let fixture = fixture();
     let mut sh = start(&[
-        "--unit", unit.to_str().unwrap(), "-l", "127.0.0.1:0,name=mine", "--env", "FIXTURE_B=mine",
-        "--ready", "notify", "--", &fixture, "--ready",
+        "--unit",
+        unit.to_str().unwrap(),
+        "-l",
+        "127.0.0.1:0,name=mine",
+        "--env",
+        "FIXTURE_B=mine",
+        "--ready",
+        "notify",
+        "--",
+        &fixture,
+        "--ready",
     ]);
     let start = sh.expect_event("start", 1);
     assert_eq!(start["argv"], serde_json::json!([fixture, "--ready"]));
     assert_eq!(start["env"]["LISTEN_FDNAMES"], "mine");
-    assert_eq!((&start["env"]["FIXTURE_A"], &start["env"]["FIXTURE_B"]), (&"unit".into(), &"mine".into()));
+    assert_eq!(
+        (&start["env"]["FIXTURE_A"], &start["env"]["FIXTURE_B"]),
+        (&"unit".into(), &"mine".into())
+    );
     sh.expect_ready();
 }
 
@@ -117,19 +138,42 @@ fn a_malformed_unit_is_a_usage_error_and_nothing_runs() {
     let marker = dir.path().join("ran");
     let service = format!("[Service]\nExecStart=/usr/bin/touch {}\n", marker.display());
     for (socket_body, service_extra, want) in [
-        ("ListenStream 127.0.0.1:0", "", "app.socket:2: 'ListenStream 127.0.0.1:0' is neither KEY=VALUE"),
-        ("ListenStream=127.0.0.1:0\n[Timer]\nOnBoot=1", "", "app.socket:3: unknown section [Timer]"),
+        (
+            "ListenStream 127.0.0.1:0",
+            "",
+            "app.socket:2: 'ListenStream 127.0.0.1:0' is neither KEY=VALUE",
+        ),
+        (
+            "ListenStream=127.0.0.1:0\n[Timer]\nOnBoot=1",
+            "",
+            "app.socket:3: unknown section [Timer]",
+        ),
         ("ListenStream=127.0.0.1:0\nAccept=perhaps", "", "app.socket:3: Accept= takes a boolean"),
-        ("ListenStream=127.0.0.1:0", "Type=forking\n", "app.service:3: Type=forking is not supported"),
-        ("ListenStream=127.0.0.1:0", "Environment=\"A=1\n", "app.service:3: Environment=: a double quote is not closed"),
-        ("ListenStream=127.0.0.1:0", "ExecStart=\nExecStart=/bin/x %q\n", "app.service:4: ExecStart=: unknown specifier '%q'"),
+        (
+            "ListenStream=127.0.0.1:0",
+            "Type=forking\n",
+            "app.service:3: Type=forking is not supported",
+        ),
+        (
+            "ListenStream=127.0.0.1:0",
+            "Environment=\"A=1\n",
+            "app.service:3: Environment=: a double quote is not closed",
+        ),
+        (
+            "ListenStream=127.0.0.1:0",
+            "ExecStart=\nExecStart=/bin/x %q\n",
+            "app.service:4: ExecStart=: unknown specifier '%q'",
+        ),
     ] {
         write(&dir.path().join("app.socket"), &format!("[Socket]\n{socket_body}\n"));
         write(&dir.path().join("app.service"), &format!("{service}{service_extra}"));
         let unit = dir.path().join("app.socket");
         let (code, stderr) = run_to_end(&["--unit", unit.to_str().unwrap()]);
         assert_eq!(code, 2, "{want}: {stderr}");
-        assert!(stderr.starts_with("sockhold: error: ") && stderr.contains(want), "{want}: {stderr}");
+        assert!(
+            stderr.starts_with("sockhold: error: ") && stderr.contains(want),
+            "{want}: {stderr}"
+        );
         assert!(!stderr.contains("starting generation"), "{stderr}");
         assert!(!marker.exists(), "{want}: the service ran");
     }
@@ -143,7 +187,10 @@ fn a_malformed_unit_is_a_usage_error_and_nothing_runs() {
 #[test]
 fn print_config_shows_the_equivalent_command_line() {
     let dir = tempfile::tempdir().unwrap();
-    write(&dir.path().join("web.socket"), "[Socket]\nListenStream=127.0.0.1:1\nListenDatagram=/run/x/web.dgram\nBacklog=10\n");
+    write(
+        &dir.path().join("web.socket"),
+        "[Socket]\nListenStream=127.0.0.1:1\nListenDatagram=/run/x/web.dgram\nBacklog=10\n",
+    );
     write(
         &dir.path().join("web.service"),
         "[Service]\nType=notify\nExecStart=/usr/bin/web --flag 'two words'\nFileDescriptorStoreMax=4\nTimeoutStartSec=30\nExecReload=/bin/kill -HUP $MAINPID\n",
@@ -160,7 +207,10 @@ fn print_config_shows_the_equivalent_command_line() {
         stdout.trim(),
         "sockhold -l 127.0.0.1:1,name=web.socket,backlog=10 -l unixgram:///run/x/web.dgram,name=web.socket,mode=0666 --name web --ready notify --ready-timeout 30s --restart never --fd-store 4 --stop-timeout 3s -- /usr/bin/web --flag 'two words'"
     );
-    assert!(stderr.contains("web.service:6: ExecReload=/bin/kill -HUP $MAINPID: not applied"), "{stderr}");
+    assert!(
+        stderr.contains("web.service:6: ExecReload=/bin/kill -HUP $MAINPID: not applied"),
+        "{stderr}"
+    );
     assert!(!Path::new("/run/x/web.dgram").exists(), "--print-config bound a socket");
 }
 
@@ -203,12 +253,17 @@ fn debian_ssh_socket_and_service_serve_across_reloads() {
     let dir = tempfile::tempdir().unwrap();
     let Some(opts) = sshd_files(dir.path()) else { return };
     copy_units("debian12", &["ssh.socket", "ssh.service"], dir.path());
-    write(&dir.path().join("ssh.socket.d/test.conf"), "[Socket]\nListenStream=\nListenStream=127.0.0.1:0\n");
+    write(
+        &dir.path().join("ssh.socket.d/test.conf"),
+        "[Socket]\nListenStream=\nListenStream=127.0.0.1:0\n",
+    );
     // The test's sshd options instead of /etc/default/ssh's; /run/sshd is shared with any
     // other sshd test running at once, so it stays.
     write(
         &dir.path().join("ssh.service.d/test.conf"),
-        &format!("[Service]\nEnvironmentFile=\nEnvironment=\"SSHD_OPTS={opts}\"\nRuntimeDirectoryPreserve=yes\n"),
+        &format!(
+            "[Service]\nEnvironmentFile=\nEnvironment=\"SSHD_OPTS={opts}\"\nRuntimeDirectoryPreserve=yes\n"
+        ),
     );
     let unit = dir.path().join("ssh.socket");
     let mut sh = start(&["--unit", unit.to_str().unwrap()]);
@@ -238,7 +293,10 @@ fn debian_ssh_per_connection_runs_sshd_inetd_style() {
     let dir = tempfile::tempdir().unwrap();
     let Some(opts) = sshd_files(dir.path()) else { return };
     copy_units("debian11", &["ssh.socket", "ssh@.service"], dir.path());
-    write(&dir.path().join("ssh.socket.d/test.conf"), "[Socket]\nListenStream=\nListenStream=127.0.0.1:0\n");
+    write(
+        &dir.path().join("ssh.socket.d/test.conf"),
+        "[Socket]\nListenStream=\nListenStream=127.0.0.1:0\n",
+    );
     write(
         &dir.path().join("ssh@.service.d/test.conf"),
         &format!("[Service]\nEnvironmentFile=\nEnvironment=\"SSHD_OPTS={opts}\"\n"),
@@ -296,7 +354,11 @@ fn fcgi_get(_port: u16) -> Result<i32, String> {
     stream.read_to_end(&mut reply).map_err(|e| format!("read: {e}"))?;
     let (mut out, mut ended, mut at) = (Vec::new(), false, 0);
     while at + 8 <= reply.len() {
-        let (kind, len, pad) = (reply[at + 1], u16::from_be_bytes([reply[at + 4], reply[at + 5]]) as usize, reply[at + 6] as usize);
+        let (kind, len, pad) = (
+            reply[at + 1],
+            u16::from_be_bytes([reply[at + 4], reply[at + 5]]) as usize,
+            reply[at + 6] as usize,
+        );
         let body = reply.get(at + 8..at + 8 + len).ok_or("a short record")?;
         match kind {
             6 => out.extend_from_slice(body),
@@ -349,13 +411,27 @@ fn debian_fcgiwrap_reloads_under_load() {
         load.wait_for(50);
     }
     let (ok, failures, _) = load.finish();
-    eprintln!("fcgiwrap: {ok} requests over 5 reloads, {} answered 502 by fcgiwrap", failures.len());
+    eprintln!(
+        "fcgiwrap: {ok} requests over 5 reloads, {} answered 502 by fcgiwrap",
+        failures.len()
+    );
     // Every request reached a server and got an answer: no connection was refused or reset.
     // fcgiwrap itself answers 502 to a request whose CGI read its stop signal interrupts (as
     // under systemd, which sends the same SIGTERM): at most one per client per reload.
-    let lost: Vec<&String> = failures.iter().filter(|f| !f.contains("Status: 502 Bad Gateway")).collect();
-    assert!(lost.is_empty(), "{} of {} requests lost: {:?}", lost.len(), ok + failures.len() as u64, &lost[..lost.len().min(5)]);
-    assert!(failures.len() <= 4 * 5, "{} requests cut off by 5 stops of 4 clients' server", failures.len());
+    let lost: Vec<&String> =
+        failures.iter().filter(|f| !f.contains("Status: 502 Bad Gateway")).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} requests lost: {:?}",
+        lost.len(),
+        ok + failures.len() as u64,
+        &lost[..lost.len().min(5)]
+    );
+    assert!(
+        failures.len() <= 4 * 5,
+        "{} requests cut off by 5 stops of 4 clients' server",
+        failures.len()
+    );
     sh.signal(SIGTERM);
     sh.wait_exit();
 }
@@ -374,10 +450,15 @@ fn contrib_runit_service_runs_debian_ssh_units() {
     let units = dir.path().join("units");
     std::fs::create_dir(&units).unwrap();
     copy_units("debian12", &["ssh.socket", "ssh.service"], &units);
-    write(&units.join("ssh.socket.d/test.conf"), "[Socket]\nListenStream=\nListenStream=127.0.0.1:0\n");
+    write(
+        &units.join("ssh.socket.d/test.conf"),
+        "[Socket]\nListenStream=\nListenStream=127.0.0.1:0\n",
+    );
     write(
         &units.join("ssh.service.d/test.conf"),
-        &format!("[Service]\nEnvironmentFile=\nEnvironment=\"SSHD_OPTS={opts}\"\nRuntimeDirectoryPreserve=yes\n"),
+        &format!(
+            "[Service]\nEnvironmentFile=\nEnvironment=\"SSHD_OPTS={opts}\"\nRuntimeDirectoryPreserve=yes\n"
+        ),
     );
     let service = dir.path().join("ssh-unit");
     std::fs::create_dir(&service).unwrap();
