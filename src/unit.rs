@@ -6,10 +6,10 @@
 //!
 //! The syntax is `unit/syntax.rs`; what each directive means is `unit/translate.rs`.
 
-mod syntax;
+pub(crate) mod syntax;
 #[cfg(test)]
 mod tests;
-mod translate;
+pub(crate) mod translate;
 
 use std::collections::HashSet;
 use std::ffi::OsString;
