@@ -80,7 +80,10 @@ pub fn expand(args: Vec<OsString>) -> Result<Expanded, Error> {
         .collect();
     // The user's words up to COMMAND, without --unit and --print-config (for the equivalent
     // command line; the argv to parse keeps them).
-    let command_at = matches.index_of("command").unwrap_or(args.len());
+    // COMMAND takes every word to the end (clap's indices count `--opt=value` as two words, so
+    // they cannot place it in argv).
+    let command_words = matches.get_raw("command").map_or(0, |words| words.len());
+    let command_at = args.len() - command_words;
     let mut own = Vec::new();
     let mut words = args.iter().enumerate().skip(1);
     while let Some((i, word)) = words.next() {

@@ -473,6 +473,9 @@ fn the_command_line_overrides_the_units() {
     );
     let (_, equivalent) = expand(&[&format!("--unit={unit}"), "--stop-timeout", "1s", "/bin/x"]);
     assert!(equivalent.ends_with("--restart never --stop-timeout 1s /bin/x"), "{equivalent}");
+    let (_, equivalent) =
+        expand(&[&format!("--unit={unit}"), "--print-config", "-q", "--", "/bin/x", "-q"]);
+    assert!(equivalent.ends_with("--restart never -q -- /bin/x -q"), "{equivalent}");
     // Without --unit, nothing changes.
     let (argv, _) = {
         let args: Vec<std::ffi::OsString> = ["sockhold", "-l", "1", "x"].map(Into::into).to_vec();

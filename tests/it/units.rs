@@ -502,3 +502,27 @@ fn contrib_runit_service_runs_debian_ssh_units() {
     sh.signal(SIGTERM);
     assert_eq!(sh.wait_exit().code(), Some(0));
 }
+
+/// `--unit NAME.service` alone: a service with no socket unit, its sockets from `-l`; the
+/// service's instance is read from its template, and `%i` is the instance.
+#[test]
+fn a_service_alone_takes_its_sockets_from_listen() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        &dir.path().join("app@.service"),
+        &format!(
+            "[Service]\nType=notify\nExecStart={} --ready --status %i\nRestart=always\n",
+            fixture()
+        ),
+    );
+    let unit = dir.path().join("app@blue.service");
+    let mut sh = start(&["--unit", unit.to_str().unwrap(), "-l", "127.0.0.1:0,name=http"]);
+    let start = sh.expect_event("start", 1);
+    assert_eq!(start["argv"][3], "blue");
+    assert_eq!(start["env"]["LISTEN_FDNAMES"], "http");
+    sh.expect_ready();
+    // Without -l there is nothing to listen on: the usual usage error.
+    let (code, stderr) = run_to_end(&["--unit", unit.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("at least one --listen is required"), "{stderr}");
+}
