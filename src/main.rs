@@ -87,7 +87,13 @@ fn dry_run(incoming: &upgrade::Incoming) -> ! {
         eprintln!("sockhold[{}]: error: dry run: {why}", std::process::id());
         upgrade::answer_dry_run(Err(why))
     };
-    let (cli, _) = parse_command_line().unwrap_or_else(|e| fail(e.reason()));
+    let (cli, _) = parse_command_line().unwrap_or_else(|e| match e {
+        Failure::CommandLine(e) => {
+            fail(format!("the command line: {}", e.render().to_string().trim()))
+        }
+        Failure::Usage(e) => fail(format!("the command line: {e}")),
+        other => fail(other.reason()),
+    });
     let config = cli.into_config().unwrap_or_else(|e| fail(format!("the command line: {e}")));
     match event_loop::EventLoop::dry_run(config, incoming) {
         Ok(()) => upgrade::answer_dry_run(Ok(())),

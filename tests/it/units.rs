@@ -526,3 +526,38 @@ fn a_service_alone_takes_its_sockets_from_listen() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("at least one --listen is required"), "{stderr}");
 }
+
+/// A self-upgrade re-reads the units (the new program gets the same command line) and takes
+/// over the runtime directory, which is still removed at the end.
+#[test]
+fn an_upgrade_keeps_the_unit_and_its_runtime_directory() {
+    if !is_root() {
+        return skipped("RuntimeDirectory= is created in /run, which needs root");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = format!("sockhold-test-upgrade-{}", std::process::id());
+    write(&dir.path().join("app.socket"), "[Socket]\nListenStream=127.0.0.1:0\n");
+    write(
+        &dir.path().join("app.service"),
+        &format!(
+            "[Service]\nType=notify\nExecStart={} --ready\nRuntimeDirectory={runtime}\n",
+            fixture()
+        ),
+    );
+    let control = dir.path().join("ctl.sock");
+    let unit = dir.path().join("app.socket");
+    let mut sh = start(&["--unit", unit.to_str().unwrap(), "--control", control.to_str().unwrap()]);
+    sh.expect_event("start", 1);
+    sh.expect_ready();
+    let run_dir = PathBuf::from("/run").join(&runtime);
+    assert!(run_dir.is_dir());
+    let out = ctl(&control, &["upgrade"]);
+    assert!(out.status.success(), "ctl upgrade: {}", String::from_utf8_lossy(&out.stderr));
+    let out = ctl(&control, &["reload"]);
+    assert!(out.status.success(), "ctl reload: {}", String::from_utf8_lossy(&out.stderr));
+    sh.expect_event("start", 2);
+    assert!(run_dir.is_dir());
+    sh.signal(SIGTERM);
+    assert_eq!(sh.wait_exit().code(), Some(0));
+    assert!(!run_dir.exists(), "{} outlived sockhold", run_dir.display());
+}
