@@ -221,6 +221,11 @@ fn accept_yes_and_inetd() {
     // Without Accept=yes, MaxConnections= means nothing and StandardInput=socket is refused.
     let t = pair(Some("[Socket]\nListenStream=1\nMaxConnections=3\n"), SIMPLE).unwrap();
     assert!(t.warnings[0].contains("app.socket:3: MaxConnections=3: applies only with Accept=yes"));
+    let t =
+        pair(Some("[Socket]\nListenStream=1\nAccept=yes\n"), &format!("{SIMPLE}WatchdogSec=5\n"))
+            .unwrap();
+    assert!(!line(&t).contains("--watchdog"), "{}", line(&t));
+    assert!(t.warnings[0].contains("app.service:3: WatchdogSec=5: not applied with Accept=yes"));
     let err = pair(Some("[Socket]\nListenStream=1\n"), &format!("{SIMPLE}StandardInput=socket\n"))
         .unwrap_err();
     assert!(err.contains("app.service:3: StandardInput=socket needs Accept=yes"), "{err}");

@@ -475,7 +475,10 @@ fn service_options(unit: &UnitEntries, accept: bool, t: &mut Translation) -> Res
     t.push("restart", &["--restart", restart]);
     if let Some(entry) = get("WatchdogSec") {
         let span = time_span(entry, false)?;
-        if span != "0s" {
+        if accept && span != "0s" {
+            // sockhold watches no per-connection child (--watchdog does not go with --accept).
+            t.warn(entry, "not applied with Accept=yes");
+        } else if span != "0s" {
             t.push("watchdog", &["--watchdog", &span]);
         }
     }
