@@ -78,12 +78,12 @@ pub fn expand(args: Vec<OsString>) -> Result<Expanded, Error> {
         .map(|id| id.as_str())
         .filter(|id| matches.value_source(id) == Some(ValueSource::CommandLine))
         .collect();
-    // The user's words up to COMMAND, without --unit and --print-config (for the equivalent
-    // command line; the argv to parse keeps them).
     // COMMAND takes every word to the end (clap's indices count `--opt=value` as two words, so
     // they cannot place it in argv).
     let command_words = matches.get_raw("command").map_or(0, |words| words.len());
     let command_at = args.len() - command_words;
+    // The user's words up to COMMAND, without --unit and --print-config (for the equivalent
+    // command line; the argv to parse keeps them).
     let mut own = Vec::new();
     let mut words = args.iter().enumerate().skip(1);
     while let Some((i, word)) = words.next() {
