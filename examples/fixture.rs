@@ -454,6 +454,7 @@ fn main() {
                 || k == "NGINX"
                 || k.starts_with("REMOTE_")
                 || k.starts_with("WORLD_")
+                || k == "RUNTIME_DIRECTORY"
         })
         .map(|(k, v)| (k, json!(v)))
         .collect();

@@ -225,6 +225,38 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub upgrade_binary: Option<PathBuf>,
 
+    /// Read the listeners and the service from a systemd unit: a `.socket` (with the service
+    /// it activates: Service=, else NAME.service, or NAME@.service with Accept=yes) or a
+    /// `.service` alone, each with its drop-ins (NAME.d/*.conf), from PATH's directory or
+    /// /etc/systemd/system, /run/systemd/system, /lib/systemd/system, /usr/lib/systemd/system.
+    /// Options given here override the unit's (a -l replaces all its listeners, a COMMAND its
+    /// ExecStart=). Directives sockhold does not apply are named in one warning at start.
+    #[arg(long, value_name = "PATH")]
+    pub unit: Option<PathBuf>,
+
+    /// With --unit: print the equivalent sockhold command line (and the warning) and exit.
+    #[arg(long, requires = "unit")]
+    pub print_config: bool,
+
+    /// Create /run/NAME (for root; else under $XDG_RUNTIME_DIR) before the first child, owned
+    /// by --user, and remove it when sockhold stops (systemd's RuntimeDirectory=); repeatable.
+    /// The children get RUNTIME_DIRECTORY (the paths, ':'-separated).
+    #[arg(long, value_name = "NAME", value_parser = parse_runtime_directory)]
+    pub runtime_directory: Vec<PathBuf>,
+
+    /// The mode of the --runtime-directory directories (octal).
+    #[arg(long, value_name = "OCTAL", default_value = "0755", value_parser = parse_octal_mode, requires = "runtime_directory")]
+    pub runtime_directory_mode: u32,
+
+    /// Keep the --runtime-directory directories when sockhold stops.
+    #[arg(long, requires = "runtime_directory")]
+    pub runtime_directory_preserve: bool,
+
+    /// The argv[0] COMMAND sees, instead of COMMAND itself (systemd's `@` prefix of
+    /// ExecStart=).
+    #[arg(long, value_name = "NAME")]
+    pub argv0: Option<OsString>,
+
     /// Log more (repeat for even more); RUST_LOG also works.
     #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,
@@ -242,7 +274,7 @@ pub struct Cli {
     /// `srv --flag` passes --flag to srv); a word that looks like an option before it is
     /// sockhold's, and an error if sockhold has no such option. Put `--` first to run a
     /// COMMAND whose name starts with '-'.
-    #[arg(value_name = "COMMAND", required = true, trailing_var_arg = true)]
+    #[arg(value_name = "COMMAND", required_unless_present = "unit", trailing_var_arg = true)]
     pub command: Vec<OsString>,
 }
 
@@ -375,6 +407,14 @@ pub struct Config {
     pub upgrade_binary: Option<PathBuf>,
     /// `--fd-store`: the most fds the fd store keeps (0: off).
     pub fd_store: usize,
+    /// `--runtime-directory`: the directories to create, absolute.
+    pub runtime_directories: Vec<PathBuf>,
+    /// `--runtime-directory-mode`.
+    pub runtime_directory_mode: u32,
+    /// `--runtime-directory-preserve`.
+    pub runtime_directory_preserve: bool,
+    /// `--argv0`: the argv[0] the child sees, if not COMMAND.
+    pub argv0: Option<OsString>,
 }
 
 /// `--accept` and its companions.
@@ -419,12 +459,17 @@ impl Cli {
                 listen.push(spec.parse().map_err(|e| format!("{e}"))?);
             }
         }
-        let world = ChildWorld {
-            user: self.user,
-            chdir: self.chdir,
-            env: self.env,
-            env_files: self.env_file,
-        };
+        let runtime_base = PathBuf::from(crate::unit::runtime_base());
+        let runtime_directories: Vec<PathBuf> =
+            self.runtime_directory.iter().map(|d| runtime_base.join(d)).collect();
+        let mut env = self.env;
+        if !runtime_directories.is_empty() && !env.iter().any(|(k, _)| k == "RUNTIME_DIRECTORY") {
+            let joined: Vec<String> =
+                runtime_directories.iter().map(|d| d.display().to_string()).collect();
+            env.insert(0, ("RUNTIME_DIRECTORY".into(), joined.join(":")));
+        }
+        let world =
+            ChildWorld { user: self.user, chdir: self.chdir, env, env_files: self.env_file };
         world.check()?;
         if self.ready_timeout.is_zero() {
             return Err("invalid --ready-timeout: it must be longer than 0".into());
@@ -517,6 +562,10 @@ impl Cli {
             },
             upgrade_binary: self.upgrade_binary,
             fd_store: self.fd_store,
+            runtime_directories,
+            runtime_directory_mode: self.runtime_directory_mode,
+            runtime_directory_preserve: self.runtime_directory_preserve,
+            argv0: self.argv0,
         })
     }
 }
@@ -544,6 +593,27 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err(format!("'{text}' is too long a duration: at most 100y"));
     }
     Ok(duration)
+}
+
+/// A `--runtime-directory`: a relative path below /run, without `..`.
+fn parse_runtime_directory(text: &str) -> Result<PathBuf, String> {
+    if text.is_empty()
+        || text.starts_with('/')
+        || text.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+    {
+        return Err(format!(
+            "'{text}' must be a relative path below /run, such as 'app' or 'app/sub'"
+        ));
+    }
+    Ok(PathBuf::from(text))
+}
+
+/// An octal mode such as `0755`.
+fn parse_octal_mode(text: &str) -> Result<u32, String> {
+    match u32::from_str_radix(text, 8) {
+        Ok(mode) if mode <= 0o7777 => Ok(mode),
+        _ => Err(format!("'{text}' is not an octal mode such as 0755")),
+    }
 }
 
 /// The wait between probes unless --probe-interval says otherwise.

@@ -32,7 +32,7 @@ use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
 use self::acceptor::Acceptor;
-use self::runtime_dir::make_runtime_dir;
+use self::runtime_dir::{make_runtime_dir, make_service_dirs};
 use crate::accept::AcceptSupervisor;
 use crate::cli::{CompatEnv, Config};
 use crate::control::{ClientId, ControlServer, Request, Token, error_answer};
@@ -230,6 +230,8 @@ struct Held {
     listeners: Vec<Listener>,
     runtime_dir: Option<PathBuf>,
     pid_file: Option<PidFile>,
+    /// The `--runtime-directory` directories to remove at the end.
+    service_dirs: Vec<PathBuf>,
 }
 
 impl Drop for Held {
@@ -244,6 +246,13 @@ impl Drop for Held {
         }
         if let Some(pid_file) = &self.pid_file {
             pid_file.remove();
+        }
+        for dir in &self.service_dirs {
+            if let Err(e) = std::fs::remove_dir_all(dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                warn!("failed to remove {}: {e}", dir.display());
+            }
         }
     }
 }
@@ -276,6 +285,7 @@ impl EventLoop {
         }
         let signals = Signals::install()?;
         held.runtime_dir = Some(make_runtime_dir(&config.name, config.world.user.is_some())?);
+        held.service_dirs = make_service_dirs(&config)?;
         if let Some(path) = &config.pid_file {
             held.pid_file = Some(PidFile::create(path, std::process::id())?);
         }
@@ -1175,7 +1185,11 @@ impl EventLoop {
 
     /// COMMAND and the environment every child inherits.
     fn command(&self) -> plan::Command<'_> {
-        plan::Command { argv: &self.config.command, base_env: &self.base_env }
+        plan::Command {
+            argv: &self.config.command,
+            base_env: &self.base_env,
+            argv0: self.config.argv0.as_ref(),
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Fuzzing of every parser that reads input from outside sockhold: `--listen` specs
 //! ([`crate::listen::ListenSpec`]), notify datagrams ([`crate::notify::NotifyMessage::parse`]),
 //! control requests ([`crate::protocol::Request::parse`]) and the `DUR`, `SIG` and `--ready`
-//! arguments ([`crate::cli`]), and the self-upgrade state ([`crate::upgrade::State`]), which a
+//! arguments ([`crate::cli`]), systemd unit files ([`crate::unit`]), and the self-upgrade state ([`crate::upgrade::State`]), which a
 //! program must read back exactly as it was written and refuse with one field more or less.
 //!
 //! The toolchain is stable and the crate has no library target, so these are proptest
@@ -58,3 +58,4 @@ mod control;
 mod listen;
 mod notify;
 mod state;
+mod unit;

@@ -834,7 +834,7 @@ fn describe_unix(name: &UnixName, kind: SocketKind) -> String {
 }
 
 /// Creates and binds a Unix socket. For a path: first refuses a live socket and removes a stale
-/// one, creates missing parent directories (0755), makes the file no more permissive than
+/// one, creates missing parent directories (0755, or `dirmode=`), makes the file no more permissive than
 /// `mode=` from its birth, and records the (dev, ino) of the file it creates.
 fn bind_unix(name: &UnixName, kind: SocketKind, options: &ListenOptions) -> anyhow::Result<Bound> {
     let shown = describe_unix(name, kind);
@@ -854,7 +854,8 @@ fn bind_unix(name: &UnixName, kind: SocketKind, options: &ListenOptions) -> anyh
     if let Some(dir) = path.parent()
         && !dir.exists()
     {
-        fs::DirBuilder::new().recursive(true).mode(0o755).create(dir).with_context(|| {
+        let mode = options.dirmode.unwrap_or(0o755);
+        fs::DirBuilder::new().recursive(true).mode(mode).create(dir).with_context(|| {
             format!("failed to create directory '{}' for {shown}", dir.display())
         })?;
         log::info!("created directory {} for {shown}", dir.display());

@@ -31,6 +31,7 @@ mod spawn;
 mod steer;
 mod supervisor;
 mod sys;
+mod unit;
 mod upgrade;
 
 use std::io::Write;
@@ -63,8 +64,11 @@ fn run(incoming: &mut Option<Incoming>) -> Result<ExitCode, Failure> {
     if let Some(incoming) = incoming.as_ref().filter(|_| Incoming::is_dry_run()) {
         dry_run(incoming);
     }
-    let mut cli = cli::Cli::try_parse().map_err(Failure::CommandLine)?;
+    let (mut cli, warnings) = parse_command_line()?;
     init_logging(&cli);
+    if !warnings.is_empty() {
+        log::warn!("{}", unit_warning(&warnings));
+    }
     if let Some(cli::Sub::Ctl(mut args)) = cli.ctl.take() {
         args.resolve().map_err(Failure::Usage)?;
         return ctl::run(&args).map(|()| ExitCode::SUCCESS).map_err(Failure::Error);
@@ -85,13 +89,47 @@ fn dry_run(incoming: &upgrade::Incoming) -> ! {
         eprintln!("sockhold[{}]: error: dry run: {why}", std::process::id());
         upgrade::answer_dry_run(Err(why))
     };
-    let cli = cli::Cli::try_parse()
-        .unwrap_or_else(|e| fail(format!("the command line: {}", e.render().to_string().trim())));
+    let (cli, _) = parse_command_line().unwrap_or_else(|e| match e {
+        Failure::CommandLine(e) => {
+            fail(format!("the command line: {}", e.render().to_string().trim()))
+        }
+        Failure::Usage(e) => fail(format!("the command line: {e}")),
+        other => fail(other.reason()),
+    });
     let config = cli.into_config().unwrap_or_else(|e| fail(format!("the command line: {e}")));
     match event_loop::EventLoop::dry_run(config, incoming) {
         Ok(()) => upgrade::answer_dry_run(Ok(())),
         Err(e) => fail(e),
     }
+}
+
+/// Parses the command line, with the units of `--unit` read into it (their warnings are
+/// returned). `--print-config` prints the equivalent command line and exits here.
+fn parse_command_line() -> Result<(cli::Cli, Vec<String>), Failure> {
+    let expanded = unit::expand(std::env::args_os().collect()).map_err(|e| match e {
+        unit::Error::CommandLine(e) => Failure::CommandLine(e),
+        unit::Error::Unit(e) => Failure::Usage(e),
+    })?;
+    if let Some(equivalent) = expanded.equivalent.as_ref().filter(|_| expanded.print) {
+        // Printed before the merged command line is parsed: what it shows is what would be
+        // parsed, even where that would be refused.
+        if !expanded.warnings.is_empty() {
+            eprintln!("sockhold: warning: {}", unit_warning(&expanded.warnings));
+        }
+        println!("{}", unit::shell_line(equivalent));
+        std::process::exit(0);
+    }
+    let cli = cli::Cli::try_parse_from(&expanded.argv).map_err(Failure::CommandLine)?;
+    Ok((cli, expanded.warnings))
+}
+
+/// The one warning about what the units say and sockhold does not do.
+fn unit_warning(warnings: &[String]) -> String {
+    format!(
+        "--unit: {} directive(s) of the units are not applied as systemd would:\n  {}",
+        warnings.len(),
+        warnings.join("\n  ")
+    )
 }
 
 /// Logs to stderr as `sockhold[PID]: message` (warnings and errors marked) or as JSON lines;

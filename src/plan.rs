@@ -70,6 +70,8 @@ pub struct Command<'a> {
     pub argv: &'a [OsString],
     /// sockhold's environment, stripped ([`base_env`]).
     pub base_env: &'a [(OsString, OsString)],
+    /// The argv[0] the child sees, if not `argv[0]` (`--argv0`).
+    pub argv0: Option<&'a OsString>,
 }
 
 impl Command<'_> {
@@ -78,9 +80,13 @@ impl Command<'_> {
     fn spec(&self, env: Vec<(OsString, OsString)>, listen_pid: bool, watchdog: bool) -> ChildSpec {
         let mut all = self.base_env.to_vec();
         all.extend(env);
+        let mut args = self.argv.to_vec();
+        if let Some(argv0) = self.argv0 {
+            args[0] = argv0.clone();
+        }
         ChildSpec {
             program: self.argv[0].clone(),
-            args: self.argv.to_vec(),
+            args,
             env: all,
             listen_pid,
             watchdog_pid: watchdog,
@@ -300,7 +306,7 @@ mod tests {
     fn a_generation_gets_its_listeners_then_its_health_listener() {
         let base = os(&[("PATH", "/bin")]);
         let argv = argv();
-        let command = Command { argv: &argv, base_env: &base };
+        let command = Command { argv: &argv, base_env: &base, argv0: None };
         let sockets = [HTTP, ADMIN];
         let (spec, fds) = generation(command, generation_of(&sockets, true, &[]));
         assert_eq!(fds, [Fd::Listener(0), Fd::Listener(1), Fd::Health]);
@@ -323,7 +329,7 @@ mod tests {
     #[test]
     fn stored_fds_follow_the_sockets_newest_first_as_systemd_numbers_them() {
         let argv = argv();
-        let command = Command { argv: &argv, base_env: &[] };
+        let command = Command { argv: &argv, argv0: None, base_env: &[] };
         let sockets = [HTTP, ADMIN];
         let stored = ["conn-2", "conn-1"];
         let mut g = generation_of(&sockets, true, &[CompatEnv::Einhorn]);
@@ -364,7 +370,7 @@ mod tests {
     #[test]
     fn no_listen_variables_without_listeners() {
         let argv = argv();
-        let command = Command { argv: &argv, base_env: &[] };
+        let command = Command { argv: &argv, base_env: &[], argv0: None };
         let mut g = generation_of(&[], false, &[]);
         g.watchdog = Some(Duration::from_millis(1500));
         let (spec, fds) = generation(command, g);
@@ -402,7 +408,7 @@ mod tests {
         assert!(compat_env(&[], &sockets, 4, 42).is_empty());
         // They follow sockhold's own variables in a generation's environment.
         let argv = argv();
-        let command = Command { argv: &argv, base_env: &[] };
+        let command = Command { argv: &argv, base_env: &[], argv0: None };
         let (spec, _) = generation(command, generation_of(&sockets, false, &[CompatEnv::Nginx]));
         assert_eq!(var(&spec.env, "NGINX").as_deref(), Some("3;4;5;"));
     }
@@ -418,7 +424,7 @@ mod tests {
     fn a_connection_child_on_fd_3_or_on_stdio() {
         let base = os(&[("PATH", "/bin")]);
         let argv = argv();
-        let command = Command { argv: &argv, base_env: &base };
+        let command = Command { argv: &argv, base_env: &base, argv0: None };
         let peer: SocketAddr = "192.0.2.1:5555".parse().unwrap();
         let (spec, fd) = connection(command, 3, Some(peer), false);
         assert_eq!(fd, ConnectionFd::Listen);

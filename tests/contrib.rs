@@ -669,6 +669,8 @@ fn scripts() -> Vec<PathBuf> {
         "runit/sockhold-example/check",
         "runit/sockhold-example/conf",
         "runit/sockhold-example/log/run",
+        "runit/ssh-unit/run",
+        "runit/ssh-unit/conf",
         "s6/sockhold-example/run",
         "s6/sockhold-example/data/check",
         "s6/sockhold-example/conf",

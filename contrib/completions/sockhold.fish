@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_sockhold_global_optspecs
-    string join \n l/listen= ready= ready-timeout= probe-delay= probe-interval= probe-timeout= watchdog= workers= reload-strategy= stop-signal= stop-timeout= max-draining= flow-idle= restart= notify-access= fd-store= name= accept inetd max-connections= lazy compat-env= control= metrics= pid-file= user= chdir= env= env-file= subreaper on-supervisor-death= upgrade-binary= v/verbose q/quiet log-format= h/help V/version
+    string join \n l/listen= ready= ready-timeout= probe-delay= probe-interval= probe-timeout= watchdog= workers= reload-strategy= stop-signal= stop-timeout= max-draining= flow-idle= restart= notify-access= fd-store= name= accept inetd max-connections= lazy compat-env= control= metrics= pid-file= user= chdir= env= env-file= subreaper on-supervisor-death= upgrade-binary= unit= print-config runtime-directory= runtime-directory-mode= runtime-directory-preserve argv0= v/verbose q/quiet log-format= h/help V/version
 end
 
 function __fish_sockhold_needs_command
@@ -61,12 +61,18 @@ complete -c sockhold -n "__fish_sockhold_needs_command" -l on-supervisor-death -
 stop\t'Get the --stop-signal from the kernel (PR_SET_PDEATHSIG)'
 kill\t'Get SIGKILL from the kernel (PR_SET_PDEATHSIG)'"
 complete -c sockhold -n "__fish_sockhold_needs_command" -l upgrade-binary -d 'The program SIGUSR2 and `ctl upgrade` re-execute in place (same pid, sockets and children kept) [default: the path sockhold was started from]' -r -F
+complete -c sockhold -n "__fish_sockhold_needs_command" -l unit -d 'Read the listeners and the service from a systemd unit: a `.socket` (with the service it activates: Service=, else NAME.service, or NAME@.service with Accept=yes) or a `.service` alone, each with its drop-ins (NAME.d/*.conf), from PATH\'s directory or /etc/systemd/system, /run/systemd/system, /lib/systemd/system, /usr/lib/systemd/system. Options given here override the unit\'s (a -l replaces all its listeners, a COMMAND its ExecStart=). Directives sockhold does not apply are named in one warning at start' -r -F
+complete -c sockhold -n "__fish_sockhold_needs_command" -l runtime-directory -d 'Create /run/NAME (for root; else under $XDG_RUNTIME_DIR) before the first child, owned by --user, and remove it when sockhold stops (systemd\'s RuntimeDirectory=); repeatable. The children get RUNTIME_DIRECTORY (the paths, \':\'-separated)' -r -F
+complete -c sockhold -n "__fish_sockhold_needs_command" -l runtime-directory-mode -d 'The mode of the --runtime-directory directories (octal)' -r
+complete -c sockhold -n "__fish_sockhold_needs_command" -l argv0 -d 'The argv[0] COMMAND sees, instead of COMMAND itself (systemd\'s `@` prefix of ExecStart=)' -r
 complete -c sockhold -n "__fish_sockhold_needs_command" -l log-format -d 'How log lines look: `text` (`sockhold[PID]: message`) or `json` (one object per line with ts, level, pid, name and msg, for log shippers)' -r -f -a "text\t'`sockhold[PID]: message`, warnings and errors marked'
 json\t'One JSON object per line: ts, level, pid, name, msg'"
 complete -c sockhold -n "__fish_sockhold_needs_command" -l accept -d 'One child per connection (systemd\'s Accept=yes, inetd\'s nowait): sockhold accepts on the stream sockets itself and runs COMMAND with the connection as fd 3 (LISTEN_FDS=1, LISTEN_FDNAMES=connection). A reload changes what new connections run; running ones finish'
 complete -c sockhold -n "__fish_sockhold_needs_command" -l inetd -d 'With --accept: the connection is the child\'s stdin and stdout instead of fd 3'
 complete -c sockhold -n "__fish_sockhold_needs_command" -l lazy -d 'Start the first child only when the first connection or datagram arrives on any socket, as a systemd socket unit does; that connection waits in the backlog and is served'
 complete -c sockhold -n "__fish_sockhold_needs_command" -l subreaper -d 'Adopt and reap every orphaned descendant (a daemon that double-forked, a worker whose parent died), as an init does. Automatic when sockhold runs as PID 1'
+complete -c sockhold -n "__fish_sockhold_needs_command" -l print-config -d 'With --unit: print the equivalent sockhold command line (and the warning) and exit'
+complete -c sockhold -n "__fish_sockhold_needs_command" -l runtime-directory-preserve -d 'Keep the --runtime-directory directories when sockhold stops'
 complete -c sockhold -n "__fish_sockhold_needs_command" -s v -l verbose -d 'Log more (repeat for even more); RUST_LOG also works'
 complete -c sockhold -n "__fish_sockhold_needs_command" -s q -l quiet -d 'Log less: warnings only, or errors only when repeated'
 complete -c sockhold -n "__fish_sockhold_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'

@@ -519,6 +519,12 @@ impl EventLoop {
             listeners: state.listeners.iter().map(Listener::take_handover).collect(),
             runtime_dir: Some(runtime_dir.clone()),
             pid_file: state.pid_file.as_ref().map(PidFile::take_handover),
+            // The directories the first program made; the command line is the same.
+            service_dirs: if config.runtime_directory_preserve {
+                Vec::new()
+            } else {
+                config.runtime_directories.clone()
+            },
         };
         let mut control = match (&state.control, control_fd) {
             (Some(control), Some(fd)) => {

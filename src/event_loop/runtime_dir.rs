@@ -1,11 +1,58 @@
 //! sockhold's private runtime directory, where the notify sockets live: where it is created,
 //! the owner file that names the sockhold it belongs to, and the removal of the ones a killed
-//! sockhold left behind. Removing it at the end is [`super::Held`]'s.
+//! sockhold left behind; and the service's own `--runtime-directory` directories (systemd's
+//! `RuntimeDirectory=`). Removing them at the end is [`super::Held`]'s.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use log::{info, warn};
+
+/// Creates the `--runtime-directory` directories as systemd creates a `RuntimeDirectory=`:
+/// missing parents 0755, the directory itself with `--runtime-directory-mode`, owned by
+/// `--user` (an existing one is kept, and given that mode and owner). Returns the ones to
+/// remove when sockhold ends: all of them, unless `--runtime-directory-preserve`.
+pub(super) fn make_service_dirs(config: &crate::cli::Config) -> Result<Vec<PathBuf>> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let owner = match &config.world.user {
+        Some(user) => Some(user.resolve().map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    for dir in &config.runtime_directories {
+        if let Some(parent) = dir.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(parent)
+                .with_context(|| format!("failed to create {}", parent.display()))?;
+        }
+        match std::fs::DirBuilder::new().mode(config.runtime_directory_mode).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("failed to create {}", dir.display()));
+            }
+        }
+        // The umask narrowed the mode at mkdir; systemd's mode is the mode.
+        let mode = std::fs::Permissions::from_mode(config.runtime_directory_mode);
+        std::fs::set_permissions(dir, mode)
+            .with_context(|| format!("failed to set the mode of {}", dir.display()))?;
+        if let Some(owner) = &owner {
+            std::os::unix::fs::lchown(dir, Some(owner.uid.as_raw()), Some(owner.gid.as_raw()))
+                .with_context(|| format!("failed to give {} to the --user", dir.display()))?;
+        }
+        info!(
+            "runtime directory {} ready (mode {:04o})",
+            dir.display(),
+            config.runtime_directory_mode
+        );
+    }
+    Ok(if config.runtime_directory_preserve {
+        Vec::new()
+    } else {
+        config.runtime_directories.clone()
+    })
+}
 
 /// Creates a private directory for the notify sockets: under `$RUNTIME_DIRECTORY` (set by
 /// systemd), `$XDG_RUNTIME_DIR`, `/run` for root, else `$TMPDIR` or `/tmp`. Its name is

@@ -202,6 +202,9 @@ pub struct ListenOptions {
     pub sndbuf: Option<usize>,
     /// `mode=OCTAL`: the Unix socket file's permissions.
     pub mode: Option<u32>,
+    /// `dirmode=OCTAL`: the permissions of the directories created for the socket file
+    /// (default 0755; systemd's `DirectoryMode=`).
+    pub dirmode: Option<u32>,
     /// `owner=USER`: the Unix socket file's owner, resolved when parsing.
     pub owner: Option<Uid>,
     /// `group=GROUP`: the Unix socket file's group, resolved when parsing.
@@ -321,7 +324,16 @@ const OPTIONS: &[OptionDef] = &[
     OptionDef {
         name: "mode",
         parse: |o, v| {
-            o.mode = Some(parse_mode(v)?);
+            o.mode = Some(parse_mode("mode", v)?);
+            Ok(())
+        },
+        applies: Address::has_file,
+        applies_to: "Unix sockets with a path; an abstract socket has no file",
+    },
+    OptionDef {
+        name: "dirmode",
+        parse: |o, v| {
+            o.dirmode = Some(parse_mode("dirmode", v)?);
             Ok(())
         },
         applies: Address::has_file,
@@ -431,12 +443,12 @@ fn parse_size(key: &str, value: Option<&str>) -> Result<usize, String> {
     }
 }
 
-fn parse_mode(value: Option<&str>) -> Result<u32, String> {
-    let text = value_of(value, "mode", "OCTAL")?;
+fn parse_mode(key: &str, value: Option<&str>) -> Result<u32, String> {
+    let text = value_of(value, key, "OCTAL")?;
     let digits_ok = !text.is_empty() && text.len() <= 5 && text.bytes().all(|b| b.is_ascii_digit());
     match u32::from_str_radix(text, 8) {
         Ok(mode) if digits_ok && mode <= 0o7777 => Ok(mode),
-        _ => Err(format!("mode must be an octal number from 0 to 7777, got '{text}'")),
+        _ => Err(format!("{key} must be an octal number from 0 to 7777, got '{text}'")),
     }
 }
 

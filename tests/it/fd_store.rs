@@ -418,3 +418,38 @@ fn traffic_on_a_stored_connection_does_not_wake_sockhold() {
     let after = wakeups();
     assert_eq!(after, before, "sockhold woke up {} times", after - before);
 }
+
+/// With `--unit`, a service's `FileDescriptorStoreMax=` turns the store on, as under systemd:
+/// the connection that generation 1 stored is answered by generation 2 after a reload.
+#[test]
+fn file_descriptor_store_max_in_a_unit_turns_the_store_on() {
+    let Some(server) = echo_server() else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("echo.socket"),
+        "[Socket]\nListenStream=127.0.0.1:0\nFileDescriptorName=echo\n",
+    )
+    .expect("write echo.socket");
+    std::fs::write(
+        dir.path().join("echo.service"),
+        format!(
+            "[Service]\nType=notify\nExecStart={}\nFileDescriptorStoreMax=3\n",
+            server.display()
+        ),
+    )
+    .expect("write echo.service");
+    let control = dir.path().join("ctl.sock");
+    let unit = dir.path().join("echo.socket");
+    let mut sockhold =
+        start(&["--unit", unit.to_str().unwrap(), "--control", control.to_str().unwrap()]);
+    let port = sockhold.listening_port("127.0.0.1:");
+    let mut run = Run { sockhold, control, port, _dir: dir };
+    let start = run.sockhold.expect_event("start", 1);
+    assert_eq!(start["fdstore"], "3", "FDSTORE= is FileDescriptorStoreMax=");
+    let (mut client, name) = Client::connect(run.port);
+    assert_eq!(stored(&run.control), (vec![name], 3));
+    reload(&run.control);
+    run.sockhold.expect_event("resumed", 2);
+    expect_stopped(&mut run, 1, &start);
+    assert_eq!(client.ping("after"), 2);
+}

@@ -20,5 +20,6 @@ mod real_servers;
 mod sockets;
 mod steer;
 mod support;
+mod units;
 mod upgrade;
 mod world;
