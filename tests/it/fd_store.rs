@@ -331,20 +331,46 @@ fn off_closes_what_is_sent() {
     let start = run.sockhold.expect_event("start", 1);
     assert_eq!(start["fdstore"], "", "no FDSTORE= while the store is off");
     let pid = run.sockhold.pid();
-    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).expect("/proc/PID/fd").count();
-    let before = fds();
+    let fds = || -> Vec<String> {
+        let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("/proc/PID/fd");
+        let links = dir.map(|e| std::fs::read_link(e.expect("an fd").path()));
+        links.filter_map(|l| l.ok()).map(|l| l.display().to_string()).collect()
+    };
+    // Counted once sockhold has told its own manager READY=1: the datagram socket it sends that
+    // on lives only for the send, and is gone (or going) by then, never to come back.
+    run.sockhold.expect_ready();
+    let before = fds().len();
     let (mut client, name) = Client::connect(run.port);
     // The hello comes after sockhold has read the FDSTORE=1 message (sd_notify_barrier).
     run.sockhold.expect_log(&format!(
         "generation 1: closing 1 fd(s) sent with FDSTORE=1 (FDNAME={name}): the fd store is off"
     ));
-    assert_eq!(fds(), before, "sockhold kept an fd");
+    let after = fds();
+    assert!(after.len() <= before, "sockhold kept an fd: {before} before, now {after:?}");
+    // And none of them is the connection: the server's end of it, found in /proc/net/tcp by
+    // its two ports, is a socket inode sockhold does not hold.
+    let inode = connection_inode(run.port, client.writer.local_addr().expect("local").port());
+    assert!(!after.contains(&format!("socket:[{inode}]")), "sockhold holds the connection");
     assert!(ctl_status(&run.control).get("fd_store").is_none(), "status shows no store");
     reload(&run.control);
     let next = run.sockhold.expect_event("start", 2);
     assert_eq!(names_of(&next), ["echo"]);
     expect_stopped(&mut run, 1, &start);
     client.expect_eof();
+}
+
+/// The socket inode of the server's end of the loopback connection from `client_port` to
+/// `server_port`, from /proc/net/tcp.
+fn connection_inode(server_port: u16, client_port: u16) -> String {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let local = format!("0100007F:{server_port:04X}");
+    let remote = format!("0100007F:{client_port:04X}");
+    table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 9 && f[1] == local && f[2] == remote)
+        .map(|f| f[9].to_owned())
+        .unwrap_or_else(|| panic!("no {local} -> {remote} in /proc/net/tcp:\n{table}"))
 }
 
 /// Messages count per `--notify-access`: fds that a process outside the generation's group
