@@ -950,7 +950,7 @@ fn container_checker_finds_mistakes() {
             "timeoutSeconds: 2\n            failureThreshold",
             "readinessProbe timeoutSeconds 2",
         ),
-        ("deployment.yaml", "#   kubectl exec ", "#   kubectl describe ", "kubectl exec"),
+        ("deployment.yaml", "kubectl exec ", "kubectl describe ", "kubectl exec"),
         (
             "deployment.yaml",
             "  selector:\n    app.kubernetes.io/name: sockhold-example",
