@@ -81,15 +81,23 @@ pub(super) fn make_runtime_dir(name: &str, other_user: bool) -> Result<PathBuf> 
     let dir = nix::unistd::mkdtemp(&template)
         .with_context(|| format!("failed to create a runtime directory in {}", base.display()))?;
     let me = std::process::id();
-    let owner = format!("{me} {}\n", process_start_time(me).unwrap_or_default());
+    let started = process_start_time(me).unwrap_or_default();
+    let owner = format!("{me} {started} {}\n", pid_namespace().unwrap_or_default());
     std::fs::write(dir.join(OWNER_FILE), owner)
         .with_context(|| format!("failed to write {}", dir.join(OWNER_FILE).display()))?;
     Ok(dir)
 }
 
-/// The file in a runtime directory that names the sockhold owning it: `PID STARTTIME`, the
-/// start time as field 22 of `/proc/PID/stat`, so that a reused pid is not taken for the owner.
+/// The file in a runtime directory that names the sockhold owning it: `PID STARTTIME PIDNS`,
+/// the start time as field 22 of `/proc/PID/stat`, so that a reused pid is not taken for the
+/// owner, and the inode of its pid namespace, since a pid means something only in its own.
 const OWNER_FILE: &str = "owner";
+
+/// The inode of this process's pid namespace (`/proc/self/ns/pid`), if /proc shows it.
+fn pid_namespace() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
+}
 
 /// When process `pid` started, in clock ticks since boot (`/proc/PID/stat`), if it exists.
 fn process_start_time(pid: u32) -> Option<u64> {
@@ -101,10 +109,11 @@ fn process_start_time(pid: u32) -> Option<u64> {
 
 /// Removes the runtime directories in `base` named `PREFIX*` that a sockhold killed without
 /// cleaning up (SIGKILL, the OOM killer) left behind. One is stale only if it is a real directory
-/// of sockhold's own uid, its owner file names a process that is gone (or a pid now used by a
-/// process started at another time), and no socket in it is still bound (connecting to it is
-/// refused). A directory without an owner file is left alone: an older sockhold's, or one that
-/// another sockhold is creating right now.
+/// of sockhold's own uid, its owner file names a process of this pid namespace that is gone (or a
+/// pid now used by a process started at another time), and no socket in it is still bound
+/// (connecting to it is refused). A directory without an owner file is left alone: an older
+/// sockhold's, or one that another sockhold is creating right now; so is one owned from another
+/// pid namespace (a container sharing the directory), whose pids cannot be looked up here.
 fn remove_stale_runtime_dirs(base: &Path, prefix: &str) {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(base) else { return };
@@ -122,6 +131,12 @@ fn remove_stale_runtime_dirs(base: &Path, prefix: &str) {
         let mut fields = owner.split_whitespace().map(|f| f.parse::<u64>().ok());
         let (Some(Some(pid)), Some(started)) = (fields.next(), fields.next()) else { continue };
         let Ok(pid) = u32::try_from(pid) else { continue };
+        // Written by a sockhold before the namespace was recorded: judged as before.
+        if let Some(namespace) = fields.next() {
+            if namespace.is_none() || namespace != pid_namespace() {
+                continue;
+            }
+        }
         let alive = match process_start_time(pid) {
             Some(now) => started.is_none_or(|then| then == 0 || then == now),
             None => std::path::Path::new(&format!("/proc/{pid}")).exists(),

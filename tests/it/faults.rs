@@ -468,3 +468,48 @@ fn a_runtime_directory_left_by_a_killed_sockhold_is_removed_at_the_next_start() 
     }
     assert!(runtime_dirs(base.path(), "web").is_empty(), "each removed its own at exit");
 }
+
+/// A left-behind directory is judged only by a sockhold of the pid namespace that wrote it: one
+/// whose owner file names another namespace (a container sharing the directory, whose pids mean
+/// nothing here) is kept, while one of this namespace whose owner is gone is removed.
+#[test]
+fn a_runtime_directory_owned_from_another_pid_namespace_is_kept() {
+    use std::os::unix::fs::MetadataExt;
+    let base = tempfile::tempdir().unwrap();
+    let gone = {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        child.wait().unwrap();
+        child.id()
+    };
+    let here = std::fs::metadata("/proc/self/ns/pid").unwrap().ino();
+    let plant = |name: &str, namespace: u64| {
+        let dir = base.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("owner"), format!("{gone} 5 {namespace}\n")).unwrap();
+        dir
+    };
+    let elsewhere = plant("sockhold-web.other1", here + 1);
+    let left_here = plant("sockhold-web.here01", here);
+
+    let mut s = start_with(
+        &["--name", "web", "-l", "127.0.0.1:0", "--ready", "notify", "--", &fixture(), "--ready"],
+        |cmd| {
+            cmd.env("RUNTIME_DIRECTORY", base.path());
+        },
+    );
+    s.expect_ready();
+    s.expect_log(&format!("removed {}, left behind by sockhold pid {gone}", left_here.display()));
+    assert!(!left_here.exists(), "this namespace's stale directory is removed");
+    assert!(elsewhere.join("owner").exists(), "another namespace's directory is kept");
+    let mine: Vec<_> =
+        runtime_dirs(base.path(), "web").into_iter().filter(|d| *d != elsewhere).collect();
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    let owner = std::fs::read_to_string(mine[0].join("owner")).unwrap();
+    let fields: Vec<&str> = owner.split_whitespace().collect();
+    assert_eq!(fields.len(), 3, "PID STARTTIME PIDNS: {owner:?}");
+    assert_eq!(fields[0], s.pid().to_string(), "{owner:?}");
+    assert_eq!(fields[2], here.to_string(), "{owner:?}");
+    s.signal(SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+    assert!(elsewhere.exists(), "still there after sockhold's exit");
+}
