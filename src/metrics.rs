@@ -311,34 +311,39 @@ pub fn render(s: &Sample<'_>) -> String {
         let sample = |out: &mut String, labels: &str, value: String| {
             let _ = writeln!(out, "{name}{labels} {value}");
         };
+        // sockhold_flows only with steer=flow, sockhold_fd_store_fds only with --fd-store:
+        // elsewhere they would only ever be empty.
+        let shown = match name {
+            "sockhold_flows" => s.flows.is_some(),
+            "sockhold_fd_store_fds" => s.fd_store.is_some(),
+            _ => true,
+        };
+        if !shown {
+            continue;
+        }
+        family(&mut out, name, kind, help);
         match name {
             "sockhold_build_info" => {
-                family(&mut out, name, kind, help);
                 sample(&mut out, &format!("{{version=\"{}\"}}", label(s.version)), "1".into());
             }
             "sockhold_start_time_seconds" => {
-                family(&mut out, name, kind, help);
                 sample(&mut out, "", float(s.start_time));
             }
             "sockhold_reloads_total" => {
-                family(&mut out, name, kind, help);
                 sample(&mut out, "{result=\"success\"}", c.reloads_succeeded.to_string());
                 sample(&mut out, "{result=\"failure\"}", c.reloads_failed.to_string());
             }
             "sockhold_last_reload_success" => {
-                family(&mut out, name, kind, help);
                 if let Some((ok, _)) = c.last_reload {
                     sample(&mut out, "", u8::from(ok).to_string());
                 }
             }
             "sockhold_last_reload_timestamp_seconds" => {
-                family(&mut out, name, kind, help);
                 if let Some((_, at)) = c.last_reload {
                     sample(&mut out, "", float(at as f64 / 1e3));
                 }
             }
             "sockhold_reload_duration_seconds" => {
-                family(&mut out, name, kind, help);
                 let h = &c.reload_duration;
                 let mut cumulative = 0;
                 let bounds = RELOAD_BUCKETS.iter().copied().chain([f64::INFINITY]);
@@ -350,28 +355,23 @@ pub fn render(s: &Sample<'_>) -> String {
                 let _ = writeln!(out, "{name}_count {}", h.count);
             }
             "sockhold_restarts_total" => {
-                family(&mut out, name, kind, help);
                 sample(&mut out, "", s.restarts.to_string());
             }
             "sockhold_upgrades_total" => {
-                family(&mut out, name, kind, help);
                 sample(&mut out, "{result=\"success\"}", s.upgrades_succeeded.to_string());
                 sample(&mut out, "{result=\"failure\"}", c.upgrades_failed.to_string());
             }
             "sockhold_generation" => {
-                family(&mut out, name, kind, help);
                 if let Some((id, _)) = s.serving {
                     sample(&mut out, "", id.to_string());
                 }
             }
             "sockhold_generation_ready_time_seconds" => {
-                family(&mut out, name, kind, help);
                 if let Some((_, at)) = s.serving {
                     sample(&mut out, "", float(at));
                 }
             }
             "sockhold_children" => {
-                family(&mut out, name, kind, help);
                 let ch = s.children;
                 for (state, n) in
                     [("starting", ch.starting), ("serving", ch.serving), ("stopping", ch.stopping)]
@@ -380,22 +380,12 @@ pub fn render(s: &Sample<'_>) -> String {
                 }
             }
             "sockhold_flows" => {
-                // Only with steer=flow: elsewhere the family would only ever be empty.
-                if let Some(flows) = s.flows {
-                    family(&mut out, name, kind, help);
-                    for (generation, n) in flows {
-                        sample(
-                            &mut out,
-                            &format!("{{generation=\"{generation}\"}}"),
-                            n.to_string(),
-                        );
-                    }
+                for (generation, n) in s.flows.into_iter().flatten() {
+                    sample(&mut out, &format!("{{generation=\"{generation}\"}}"), n.to_string());
                 }
             }
             "sockhold_fd_store_fds" => {
-                // Only with --fd-store, as sockhold_flows only with steer=flow.
                 if let Some(n) = s.fd_store {
-                    family(&mut out, name, kind, help);
                     sample(&mut out, "", n.to_string());
                 }
             }
