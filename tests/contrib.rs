@@ -136,11 +136,16 @@ fn run(cmd: &mut Command) -> Out {
 }
 
 fn alive(pid: i32) -> bool {
-    // A zombie has exited: its parent (often init, for a daemon) just hasn't reaped it yet.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
-        Err(_) => false,
-    }
+    // A zombie has exited: its parent (often init, for a daemon) just hasn't reaped it yet. Every
+    // thread is looked at, since a process's main thread shows 'Z' while its other threads (which
+    // hold its fds) still run.
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().any(|task| {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        stat.rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .is_some_and(|state| !matches!(state, 'Z' | 'X'))
+    })
 }
 
 /// Every live process's parent, from /proc.

@@ -56,9 +56,9 @@ fn process(pid: i64) -> Option<Proc> {
     Some(Proc { pid, state, ppid, pgrp })
 }
 
-/// Whether `pid` runs (exists and is not a zombie).
+/// Whether `pid` runs: any of its threads has not exited.
 fn alive(pid: i64) -> bool {
-    process(pid).is_some_and(|p| p.state != 'Z')
+    !process_dead(pid)
 }
 
 /// sockhold's children that have ended and were not reaped.
@@ -68,7 +68,7 @@ fn zombies_of(parent: i64) -> Vec<i64> {
 
 /// Live processes in any of these process groups.
 fn alive_in_groups(groups: &BTreeSet<i64>) -> Vec<Proc> {
-    processes().into_iter().filter(|p| groups.contains(&p.pgrp) && p.state != 'Z').collect()
+    processes().into_iter().filter(|p| groups.contains(&p.pgrp) && alive(p.pid)).collect()
 }
 
 /// What sockhold's open fds point at, sorted, socket and pipe inodes left out: a generation's

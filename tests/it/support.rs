@@ -377,14 +377,19 @@ pub fn process_exists(pid: i64) -> bool {
 }
 
 /// Whether `pid` has ended: gone, or a zombie that its (new) parent has not reaped yet.
+///
+/// Every thread is looked at: the main thread of a multi-threaded process that exits shows 'Z'
+/// in `/proc/PID/stat` while its other threads still run and hold its fds (and may still take a
+/// connection from a shared listener).
 pub fn process_dead(pid: i64) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return true };
+    !tasks.flatten().any(|task| {
         // The state follows the command name, which is in parentheses and may contain spaces.
-        Ok(stat) => {
-            stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        }
-        Err(_) => true,
-    }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| !matches!(state, 'Z' | 'X'))
+    })
 }
 
 /// The pid of a fixture line.
