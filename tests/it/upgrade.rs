@@ -233,7 +233,7 @@ fn deadlines_and_waiting_clients_carry_over_an_upgrade() {
         "1",
     ]);
     let pid = s.pid().as_raw();
-    s.expect_event("start", 1);
+    let first = pid_of(&s.expect_event("start", 1));
     s.expect_ready();
     assert!(ctl(&control, &["reload"]).status.success());
     s.expect_signal(1, "TERM");
@@ -243,7 +243,7 @@ fn deadlines_and_waiting_clients_carry_over_an_upgrade() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("ctl reload");
-    s.expect_event("start", 3);
+    let third = pid_of(&s.expect_event("start", 3));
     let before = ctl_status(&control);
     let states: Vec<String> = generations(&before).into_iter().map(|g| g.2).collect();
     assert_eq!(states, ["stopping", "serving", "starting"], "{before}");
@@ -262,6 +262,10 @@ fn deadlines_and_waiting_clients_carry_over_an_upgrade() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("generation 3"), "{}", stderr(&out));
     assert!(stderr(&out).contains("was not ready within 3s"), "{}", stderr(&out));
+    // The reload is answered when generation 3's deadline fires; it and generation 1 leave the
+    // status once they are reaped.
+    s.expect_log(&format!("generation 1 (pid {first}) was killed"));
+    s.expect_log(&format!("generation 3 (pid {third}) was killed"));
     let after = ctl_status(&control);
     assert_eq!(generations(&after).len(), 1, "{after}");
     assert_eq!(after["generations"][0]["id"], 2);
