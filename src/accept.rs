@@ -16,7 +16,7 @@ use nix::unistd::Pid;
 
 use crate::exit::ExitCode;
 use crate::notify::ManagerMessage;
-use crate::signals::{Signal, signal_name};
+use crate::signals::signal_name;
 use crate::supervisor::{Action, Event, GenerationInfo, Policy};
 
 #[derive(Clone, Debug)]
@@ -180,10 +180,11 @@ impl AcceptSupervisor {
             for (&pid, child) in &mut self.children {
                 if !child.killed && child.kill_at.is_some_and(|at| at <= now) {
                     warn!(
-                        "connection child (pid {pid}) did not stop in time; sending SIGKILL to its process group"
+                        "connection child (pid {pid}) did not stop in time; sending SIGKILL to {}",
+                        self.policy.kill_mode.killed()
                     );
                     child.killed = true;
-                    out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
+                    out.push(self.policy.kill_mode.kill(pid));
                 }
             }
         }
@@ -198,7 +199,7 @@ impl AcceptSupervisor {
             && child.kill_at.is_none()
         {
             child.kill_at = Some(now + self.policy.stop_timeout);
-            out.push(Action::Signal { pid, signal: self.policy.stop_signal });
+            out.push(self.policy.kill_mode.stop(pid, self.policy.stop_signal));
         }
     }
 }
@@ -209,6 +210,7 @@ mod tests {
 
     use super::*;
     use crate::exit::ChildStatus;
+    use crate::signals::Signal;
     use crate::supervisor::ReadyMode;
 
     fn policy() -> Policy {

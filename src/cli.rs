@@ -12,7 +12,7 @@ use crate::child_env::{ChildWorld, EnvFile, UserSpec, parse_env_assignment};
 use crate::listen::{ListenSpec, fd_name_is_valid, sanitize_fd_name};
 use crate::signals::{Signal, parse_signal};
 use crate::supervisor::{
-    MAX_DRAINING, NotifyAccess, Policy, ReadyMode, ReloadStrategy, RestartPolicy,
+    KillMode, MAX_DRAINING, NotifyAccess, Policy, ReadyMode, ReloadStrategy, RestartPolicy,
 };
 
 /// Hold a service's listening sockets and run its server as a child that inherits them, under
@@ -96,9 +96,17 @@ pub struct Cli {
     pub stop_signal: Signal,
 
     /// A child that has not exited this long after the stop signal gets SIGKILL, with its whole
-    /// process group.
+    /// process group (see --kill-mode).
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
     pub stop_timeout: Duration,
+
+    /// Whom a stop reaches (systemd's KillMode=): with mixed, the stop signal goes to the
+    /// child's main process and SIGKILL to its process group, at --stop-timeout and to what is
+    /// left of the group once the main process ends; with control-group, the stop signal goes
+    /// to the whole group too; with process, only ever to the main process, so what it forked
+    /// (an sshd's sessions) runs on after it.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = KillMode::Mixed)]
+    pub kill_mode: KillMode,
 
     /// At most N old generations drain at once (stopped but still finishing their
     /// connections): when a reload would leave more, the oldest is SIGKILLed early with its
@@ -531,6 +539,7 @@ impl Cli {
                 ready_timeout: self.ready_timeout,
                 stop_signal: self.stop_signal,
                 stop_timeout: self.stop_timeout,
+                kill_mode: self.kill_mode,
                 restart: self.restart,
                 notify_access: self.notify_access,
                 probe_delay: self.probe_delay.unwrap_or(Duration::ZERO),

@@ -850,7 +850,8 @@ impl EventLoop {
 
     /// Reaps every child that has ended. A generation's leftover processes (workers, daemons it
     /// forked) go with it: its process group is SIGKILLed while the leader is still a zombie, so
-    /// the group id cannot have been reused by an unrelated process.
+    /// the group id cannot have been reused by an unrelated process. With `--kill-mode process`
+    /// they are left to run.
     fn reap(&mut self, pending: &mut VecDeque<Event>) {
         let leaders: Vec<Pid> = self.brain.live_pids().into_iter().map(|(_, pid)| pid).collect();
         loop {
@@ -883,9 +884,11 @@ impl EventLoop {
                 // Once a child of the handed-over state is reaped, that state no longer
                 // describes the children: a crash from here on cannot go back to it.
                 self.end_probation("the new program reaps a child");
-                match killpg(pid, Signal::SIGKILL) {
-                    Ok(()) | Err(Errno::ESRCH) => {}
-                    Err(e) => warn!("failed to kill what is left of process group {pid}: {e}"),
+                if self.config.policy.kill_mode.group_ends_with_main() {
+                    match killpg(pid, Signal::SIGKILL) {
+                        Ok(()) | Err(Errno::ESRCH) => {}
+                        Err(e) => warn!("failed to kill what is left of process group {pid}: {e}"),
+                    }
                 }
             }
             match reap(pid) {

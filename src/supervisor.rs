@@ -704,7 +704,7 @@ impl Supervisor {
     /// Sends `signal` to unit `i` and arms its SIGKILL deadline, now.
     fn signal_stop(&mut self, i: usize, signal: Signal, now: Instant, out: &mut Vec<Action>) {
         let Some(pid) = self.units[i].pid else { return };
-        out.push(Action::Signal { pid, signal });
+        out.push(self.policy.kill_mode.stop(pid, signal));
         let stopping = UnitState::Stopping { kill_at: now + self.policy.stop_timeout, signal };
         self.set_state(i, stopping, now);
     }
@@ -740,10 +740,11 @@ impl Supervisor {
                 let Some(pid) = u.pid else { continue };
                 warn!(
                     "generation {oldest} (pid {pid}) is still draining with {max} newer generations \
-                     draining too (--max-draining {max}); sending SIGKILL to its process group"
+                     draining too (--max-draining {max}); sending SIGKILL to {}",
+                    self.policy.kill_mode.killed()
                 );
                 self.set_state(i, UnitState::Killed, now);
-                out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
+                out.push(self.policy.kill_mode.kill(pid));
             }
         }
     }
@@ -840,7 +841,7 @@ impl Supervisor {
             match (&u.state, u.pid) {
                 (UnitState::Starting { .. }, Some(pid)) => {
                     self.set_state(i, UnitState::Killed, now);
-                    out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
+                    out.push(self.policy.kill_mode.kill(pid));
                 }
                 (UnitState::Serving { .. }, Some(_))
                     if self.policy.reload_strategy == ReloadStrategy::AllAtOnce =>
@@ -1078,10 +1079,10 @@ impl Supervisor {
                     if let Some(why) = last_probe {
                         reason.push_str(&format!(" (last probe: {why})"));
                     }
-                    warn!("{reason}; killing its process group");
+                    warn!("{reason}; killing {}", self.policy.kill_mode.killed());
                     let failed = u.clone();
                     self.set_state(i, UnitState::Killed, now);
-                    out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
+                    out.push(self.policy.kill_mode.kill(pid));
                     self.start_failed(&failed, reason, None, ExitCode::FAILURE, now, out);
                 }
                 UnitState::Starting { probe_at: Some(at), .. } if *at <= now && running => {
@@ -1105,11 +1106,12 @@ impl Supervisor {
                 }
                 UnitState::Stopping { kill_at, .. } if *kill_at <= now => {
                     warn!(
-                        "generation {generation} (pid {pid}) did not stop within {}; sending SIGKILL to its process group",
-                        humantime::format_duration(self.policy.stop_timeout)
+                        "generation {generation} (pid {pid}) did not stop within {}; sending SIGKILL to {}",
+                        humantime::format_duration(self.policy.stop_timeout),
+                        self.policy.kill_mode.killed()
                     );
                     self.set_state(i, UnitState::Killed, now);
-                    out.push(Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL });
+                    out.push(self.policy.kill_mode.kill(pid));
                 }
                 _ => {}
             }

@@ -86,7 +86,7 @@ _sockhold() {
 
     case "${cmd}" in
         sockhold)
-            opts="-l -v -q -h -V --listen --ready --ready-timeout --probe-delay --probe-interval --probe-timeout --watchdog --workers --reload-strategy --stop-signal --stop-timeout --max-draining --flow-idle --restart --notify-access --fd-store --name --accept --inetd --max-connections --lazy --compat-env --control --metrics --pid-file --user --chdir --env --env-file --subreaper --on-supervisor-death --upgrade-binary --unit --print-config --runtime-directory --runtime-directory-mode --runtime-directory-preserve --argv0 --verbose --quiet --log-format --help --version ctl help"
+            opts="-l -v -q -h -V --listen --ready --ready-timeout --probe-delay --probe-interval --probe-timeout --watchdog --workers --reload-strategy --stop-signal --stop-timeout --kill-mode --max-draining --flow-idle --restart --notify-access --fd-store --name --accept --inetd --max-connections --lazy --compat-env --control --metrics --pid-file --user --chdir --env --env-file --subreaper --on-supervisor-death --upgrade-binary --unit --print-config --runtime-directory --runtime-directory-mode --runtime-directory-preserve --argv0 --verbose --quiet --log-format --help --version ctl help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -138,6 +138,10 @@ _sockhold() {
                     ;;
                 --stop-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kill-mode)
+                    COMPREPLY=($(compgen -W "control-group mixed process" -- "${cur}"))
                     return 0
                     ;;
                 --max-draining)

@@ -4,6 +4,9 @@
 
 use std::time::Duration;
 
+use nix::unistd::Pid;
+
+use super::Action;
 use crate::signals::Signal;
 
 /// First delay before restarting a child that exited by itself.
@@ -69,6 +72,53 @@ pub enum ReloadStrategy {
     AllAtOnce,
 }
 
+/// What a stop signals, and what goes with a child's main process (systemd's `KillMode=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KillMode {
+    /// The stop signal to the child's whole process group; SIGKILL to the group at the stop
+    /// timeout, and to what is left of it once the main process has ended.
+    ControlGroup,
+    /// The stop signal to the main process; SIGKILL to the process group at the stop timeout,
+    /// and to what is left of it once the main process has ended.
+    Mixed,
+    /// Only the main process is ever signalled: what it forked (an sshd's sessions, say) runs
+    /// on after it ends, re-parented (to sockhold with `--subreaper` or as PID 1).
+    Process,
+}
+
+impl KillMode {
+    /// The action that sends the stop signal `signal` to a child whose main process is `pid`.
+    pub fn stop(self, pid: Pid, signal: Signal) -> Action {
+        match self {
+            KillMode::ControlGroup => Action::SignalGroup { pgid: pid, signal },
+            KillMode::Mixed | KillMode::Process => Action::Signal { pid, signal },
+        }
+    }
+
+    /// The action that SIGKILLs a child whose main process is `pid`.
+    pub fn kill(self, pid: Pid) -> Action {
+        match self {
+            KillMode::ControlGroup | KillMode::Mixed => {
+                Action::SignalGroup { pgid: pid, signal: Signal::SIGKILL }
+            }
+            KillMode::Process => Action::Signal { pid, signal: Signal::SIGKILL },
+        }
+    }
+
+    /// What [`KillMode::kill`] hits, for the log.
+    pub fn killed(self) -> &'static str {
+        match self {
+            KillMode::ControlGroup | KillMode::Mixed => "its process group",
+            KillMode::Process => "its main process (--kill-mode process)",
+        }
+    }
+
+    /// Whether what is left of a child's process group is SIGKILLed when its main process ends.
+    pub fn group_ends_with_main(self) -> bool {
+        self != KillMode::Process
+    }
+}
+
 /// The part of the configuration the decisions depend on.
 #[derive(Clone, Debug)]
 pub struct Policy {
@@ -82,8 +132,10 @@ pub struct Policy {
     pub probe_interval: Duration,
     /// The signal that asks a child to stop.
     pub stop_signal: Signal,
-    /// How long a stopping child has before its process group is SIGKILLed.
+    /// How long a stopping child has before it is SIGKILLed.
     pub stop_timeout: Duration,
+    /// Whom the stop signal and SIGKILL reach: the main process or its process group.
+    pub kill_mode: KillMode,
     /// What to do when a serving child exits by itself.
     pub restart: RestartPolicy,
     /// Whose notify messages count.

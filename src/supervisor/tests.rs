@@ -15,6 +15,7 @@ pub(crate) fn policy(ready: ReadyMode) -> Policy {
         ready_timeout: Duration::from_secs(60),
         stop_signal: SIGTERM,
         stop_timeout: Duration::from_secs(30),
+        kill_mode: KillMode::Mixed,
         restart: RestartPolicy::OnFailure,
         notify_access: NotifyAccess::Group,
         probe_delay: Duration::ZERO,
@@ -250,6 +251,36 @@ fn an_old_generation_that_ignores_the_stop_signal_is_killed_at_the_deadline() {
         ],
     );
     run(policy(ReadyMode::Notify), &rows);
+}
+
+/// `--kill-mode`: whom the stop signal, the SIGKILL at the deadline and the SIGKILL of a new
+/// generation that is never ready reach, in each mode.
+#[test]
+fn the_kill_mode_says_whether_the_main_process_or_its_group_is_signalled() {
+    let group = |p: i32, signal: Signal| Action::SignalGroup { pgid: pid(p), signal };
+    let modes = [
+        (KillMode::ControlGroup, group(100, SIGTERM), group_kill(100), group_kill(300)),
+        (KillMode::Mixed, sig(100, SIGTERM), group_kill(100), group_kill(300)),
+        (KillMode::Process, sig(100, SIGTERM), sig(100, SIGKILL), sig(300, SIGKILL)),
+    ];
+    for (mode, stop, kill, kill_new) in modes {
+        let reason = "generation 3 (pid 300) was not ready within 1m".to_string();
+        let rows = with(
+            started(),
+            vec![
+                (20, Event::Reload, vec![reload_started(2), spawn(2)]),
+                (20, Event::Spawned { unit: 2, pid: pid(200) }, vec![]),
+                (30, ready_from(2, 200), vec![stop, done_ok(2)]),
+                (30_030, Event::Timer, vec![kill]),
+                (30_040, Event::Reload, vec![reload_started(3), spawn(3)]),
+                (30_040, Event::Spawned { unit: 3, pid: pid(300) }, vec![]),
+                (90_040, Event::Timer, vec![kill_new, done_err(3, &reason)]),
+            ],
+        );
+        let mut policy = policy(ReadyMode::Notify);
+        policy.kill_mode = mode;
+        run(policy, &rows);
+    }
 }
 
 #[test]

@@ -203,7 +203,7 @@ fn socket_defaults_and_resets() {
     let t = translate(Some(&s), &unit("app.service", SIMPLE).unwrap()).unwrap();
     assert_eq!(
         line(&t),
-        "-l 127.0.0.1:8022,name=app.socket -l /run/b.sock,name=app.socket,mode=0666 --name app --ready delay:100ms --restart never -- /bin/srv"
+        "-l 127.0.0.1:8022,name=app.socket -l /run/b.sock,name=app.socket,mode=0666 --name app --ready delay:100ms --kill-mode control-group --restart never -- /bin/srv"
     );
 }
 
@@ -215,7 +215,7 @@ fn accept_yes_and_inetd() {
     let t = pair(Some(socket), service).unwrap();
     assert_eq!(
         line(&t),
-        "-l 127.0.0.1:0,name=app.socket --accept --max-connections 8 --name app --ready delay:100ms --restart never --inetd -- /usr/sbin/sshd -i"
+        "-l 127.0.0.1:0,name=app.socket --accept --max-connections 8 --name app --ready delay:100ms --kill-mode control-group --restart never --inetd -- /usr/sbin/sshd -i"
     );
     assert!(t.warnings.is_empty(), "{:?}", t.warnings);
     // Without Accept=yes, MaxConnections= means nothing and StandardInput=socket is refused.
@@ -234,11 +234,11 @@ fn accept_yes_and_inetd() {
 /// Every mapped directive of [Service], and the option it becomes.
 #[test]
 fn service_directives_map_onto_options() {
-    let service = "[Service]\nType=notify\nExecStart=@/bin/srv srv-main --port ${PORT} $FLAGS\nUser=nobody\nGroup=nogroup\nWorkingDirectory=-/srv\nEnvironment=\"PORT=80\" FLAGS=-v\nEnvironment=NAME=%N\nEnvironmentFile=-/nonexistent/env\nKillSignal=SIGINT\nTimeoutStopSec=5min 20s\nTimeoutStartSec=infinity\nRestart=always\nWatchdogSec=30\nNotifyAccess=all\nFileDescriptorStoreMax=4\nRuntimeDirectory=app app/sub\nRuntimeDirectoryMode=0750\nRuntimeDirectoryPreserve=yes\n";
+    let service = "[Service]\nType=notify\nExecStart=@/bin/srv srv-main --port ${PORT} $FLAGS\nUser=nobody\nGroup=nogroup\nWorkingDirectory=-/srv\nEnvironment=\"PORT=80\" FLAGS=-v\nEnvironment=NAME=%N\nEnvironmentFile=-/nonexistent/env\nKillSignal=SIGINT\nTimeoutStopSec=5min 20s\nKillMode=process\nTimeoutStartSec=infinity\nRestart=always\nWatchdogSec=30\nNotifyAccess=all\nFileDescriptorStoreMax=4\nRuntimeDirectory=app app/sub\nRuntimeDirectoryMode=0750\nRuntimeDirectoryPreserve=yes\n";
     let t = pair(None, service).unwrap();
     assert_eq!(
         line(&t),
-        "--name app --ready notify --env PORT=80 --env FLAGS=-v --env NAME=app --env-file -/nonexistent/env --argv0 srv-main --user nobody:nogroup --chdir /srv --stop-signal SIGINT --ready-timeout 100years --stop-timeout 5m20s --restart always --watchdog 30s --notify-access all --fd-store 4 --runtime-directory app --runtime-directory app/sub --runtime-directory-mode 0750 --runtime-directory-preserve -- /bin/srv --port 80 -v"
+        "--name app --ready notify --env PORT=80 --env FLAGS=-v --env NAME=app --env-file -/nonexistent/env --argv0 srv-main --user nobody:nogroup --chdir /srv --stop-signal SIGINT --ready-timeout 100years --stop-timeout 5m20s --kill-mode process --restart always --watchdog 30s --notify-access all --fd-store 4 --runtime-directory app --runtime-directory app/sub --runtime-directory-mode 0750 --runtime-directory-preserve -- /bin/srv --port 80 -v"
     );
     assert!(t.warnings.is_empty(), "{:?}", t.warnings);
 }
@@ -256,6 +256,9 @@ fn service_values_and_their_approximations() {
         ("Group=adm", "--user root:adm"),
         ("TimeoutSec=7", "--ready-timeout 7s --stop-timeout 7s"),
         ("TimeoutStopSec=0", "--stop-timeout 100years"),
+        ("KillMode=mixed", "--kill-mode mixed"),
+        ("KillMode=control-group", "--kill-mode control-group"),
+        ("KillMode=process\nKillMode=", "--kill-mode control-group"),
         ("RuntimeDirectory=x\nRuntimeDirectoryPreserve=restart", "--runtime-directory x --"),
         ("EnvironmentFile=-/a\nEnvironmentFile=\nEnvironmentFile=-/b", "--env-file -/b --"),
     ] {
@@ -268,6 +271,7 @@ fn service_values_and_their_approximations() {
         ("Restart=on-success", "--restart always", "approximated by --restart always"),
         ("Type=dbus", "--ready delay:100ms", "no D-Bus here"),
         ("NotifyAccess=none", "--notify-access main", "NotifyAccess=none: not applied"),
+        ("KillMode=none", "--kill-mode process", "approximated by --kill-mode process"),
         ("WorkingDirectory=~", "--restart never --", "'~' is not applied"),
         ("StandardInput=tty", "--restart never --", "StandardInput=tty: not applied"),
         ("StandardError=file:/x", "--restart never --", "StandardError=file:/x: not applied"),
@@ -294,7 +298,7 @@ fn service_values_and_their_approximations() {
 #[test]
 fn unsupported_directives_are_named_in_the_warning() {
     let socket = "[Unit]\nDescription=d\nConditionPathExists=/x\nBefore=sockets.target\n[Socket]\nListenStream=1\nTransparent=yes\nPassCredentials=yes\n[Install]\nWantedBy=sockets.target\n";
-    let service = "[Unit]\nAssertPathExists=/y\nAfter=network.target\n[Service]\nExecStart=/bin/srv\nExecStartPre=/bin/check\nExecReload=/bin/kill -HUP $MAINPID\nProtectSystem=strict\nKillMode=process\nPrivateTmp=yes\n[Install]\nAlias=x.service\n";
+    let service = "[Unit]\nAssertPathExists=/y\nAfter=network.target\n[Service]\nExecStart=/bin/srv\nExecStartPre=/bin/check\nExecReload=/bin/kill -HUP $MAINPID\nProtectSystem=strict\nLimitNOFILE=65536\nPrivateTmp=yes\n[Install]\nAlias=x.service\n";
     let t = pair(Some(socket), service).unwrap();
     let want = [
         "app.socket:3: ConditionPathExists=/x: not checked",
@@ -304,7 +308,7 @@ fn unsupported_directives_are_named_in_the_warning() {
         "app.service:6: ExecStartPre=/bin/check: not applied",
         "app.service:7: ExecReload=/bin/kill -HUP $MAINPID: not applied",
         "app.service:8: ProtectSystem=strict: not applied",
-        "app.service:9: KillMode=process: not applied",
+        "app.service:9: LimitNOFILE=65536: not applied",
         "app.service:10: PrivateTmp=yes: not applied",
     ];
     assert_eq!(t.warnings.len(), want.len(), "{:#?}", t.warnings);
@@ -355,6 +359,7 @@ fn malformed_values_are_errors_naming_file_and_line() {
         ("TimeoutStopSec=soon", "app.service:3: TimeoutStopSec= takes a time span"),
         ("Restart=sometimes", "app.service:3: Restart= takes"),
         ("NotifyAccess=some", "app.service:3: NotifyAccess= takes"),
+        ("KillMode=group", "app.service:3: KillMode= takes control-group, mixed, process or none"),
         ("FileDescriptorStoreMax=many", "app.service:3: FileDescriptorStoreMax= takes a number"),
         ("Environment=NOEQUALS", "app.service:3: Environment= takes KEY=VALUE"),
         ("Environment=\"A=1", "app.service:3: Environment=: a double quote is not closed"),
@@ -454,7 +459,7 @@ fn the_command_line_overrides_the_units() {
     let (argv, equivalent) = expand(&["--unit", unit]);
     assert_eq!(
         equivalent,
-        "sockhold -l 127.0.0.1:1,name=web.socket -l 127.0.0.1:2,name=web.socket --name web --ready notify --env A=1 --env B=2 --stop-timeout 9s --restart never -- /bin/web"
+        "sockhold -l 127.0.0.1:1,name=web.socket -l 127.0.0.1:2,name=web.socket --name web --ready notify --env A=1 --env B=2 --stop-timeout 9s --kill-mode control-group --restart never -- /bin/web"
     );
     assert!(argv.contains(&format!("--unit {unit}")), "{argv}");
     let (_, equivalent) = expand(&[
@@ -474,7 +479,7 @@ fn the_command_line_overrides_the_units() {
     ]);
     assert_eq!(
         equivalent,
-        "sockhold --name web --env A=1 --env B=2 --stop-timeout 9s --restart never -l 127.0.0.1:5 --ready delay:1s --env B=3 -- /bin/other --unit x"
+        "sockhold --name web --env A=1 --env B=2 --stop-timeout 9s --kill-mode control-group --restart never -l 127.0.0.1:5 --ready delay:1s --env B=3 -- /bin/other --unit x"
     );
     let (_, equivalent) = expand(&[&format!("--unit={unit}"), "--stop-timeout", "1s", "/bin/x"]);
     assert!(equivalent.ends_with("--restart never --stop-timeout 1s /bin/x"), "{equivalent}");

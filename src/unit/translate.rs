@@ -87,6 +87,7 @@ const SERVICE_KEYS: &[&str] = &[
     "EnvironmentFile",
     "KillSignal",
     "TimeoutStopSec",
+    "KillMode",
     "TimeoutStartSec",
     "TimeoutSec",
     "Restart",
@@ -449,6 +450,26 @@ fn service_options(unit: &UnitEntries, accept: bool, t: &mut Translation) -> Res
     if let Some(entry) = get("TimeoutStopSec").or(timeout) {
         t.push("stop_timeout", &["--stop-timeout", &time_span(entry, true)?]);
     }
+    // systemd's default is KillMode=control-group.
+    let kill_mode = match get("KillMode").map(|e| (e, e.value.as_str())) {
+        None | Some((_, "control-group")) => "control-group",
+        Some((_, "mixed")) => "mixed",
+        Some((_, "process")) => "process",
+        Some((entry, "none")) => {
+            t.warn(
+                entry,
+                "approximated by --kill-mode process (the main process still gets the stop signal)",
+            );
+            "process"
+        }
+        Some((entry, other)) => {
+            return Err(format!(
+                "{}: KillMode= takes control-group, mixed, process or none, not '{other}'",
+                entry.at
+            ));
+        }
+    };
+    t.push("kill_mode", &["--kill-mode", kill_mode]);
     // systemd's default is Restart=no.
     let restart = match get("Restart").map(|e| (e, e.value.as_str())) {
         None | Some((_, "no")) => "never",

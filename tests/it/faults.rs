@@ -25,7 +25,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal::{SIGHUP, SIGTERM, SIGUSR1};
+use nix::sys::signal::Signal::{SIGHUP, SIGKILL, SIGTERM, SIGUSR1};
+use nix::unistd::Pid;
 use serde_json::Value;
 
 use crate::support::*;
@@ -146,6 +147,66 @@ fn a_double_forked_daemon_goes_with_its_generations_process_group() {
     wait_until("generation 2's daemon is killed at stop", || !alive(daemon2));
     let groups = BTreeSet::from([first, second]);
     assert!(alive_in_groups(&groups).is_empty(), "{:?}", alive_in_groups(&groups));
+}
+
+/// `--kill-mode process` (systemd's KillMode=process, as Debian's ssh.service has it): a
+/// generation's stop reaches its main process only, and what it forked (an sshd's sessions)
+/// runs on after it, through later reloads and sockhold's own stop.
+#[test]
+fn with_kill_mode_process_what_a_generation_forked_outlives_it() {
+    let mut s = start_fixture(&["--kill-mode", "process"], &["--ready", "--daemon"]);
+    let first = pid_of(&s.expect_event("start", 1));
+    let daemon1 = pid_of(&s.expect_event("daemon", 1));
+    expect_serving(&mut s, 1);
+
+    s.signal(SIGHUP);
+    let second = pid_of(&s.expect_event("start", 2));
+    let daemon2 = pid_of(&s.expect_event("daemon", 2));
+    expect_serving(&mut s, 2);
+    s.expect_log(&format!("generation 1 (pid {first}) stopped"));
+    // One more reload: any SIGKILL that reaping generation 1 sent has long landed.
+    s.signal(SIGHUP);
+    s.expect_event("start", 3);
+    expect_serving(&mut s, 3);
+    s.expect_log(&format!("generation 2 (pid {second}) stopped"));
+    assert!(!alive(first) && !alive(second), "the main processes stopped");
+    assert!(alive(daemon1), "generation 1's daemon runs on");
+    assert!(alive(daemon2), "generation 2's daemon runs on");
+
+    s.signal(SIGTERM);
+    assert_eq!(s.exit_code(), 0);
+    assert!(alive(daemon1) && alive(daemon2), "the daemons outlive sockhold's stop too");
+    for daemon in [daemon1, daemon2] {
+        let _ = nix::sys::signal::kill(Pid::from_raw(daemon as i32), SIGKILL);
+    }
+    wait_until("the test's cleanup of the daemons", || !alive(daemon1) && !alive(daemon2));
+}
+
+/// `--kill-mode control-group`: the stop signal reaches the whole process group at once, so a
+/// daemon the generation forked gets it while the main process (which ignores it) still runs.
+/// With the default (`mixed`) it would wait for the main process or the 30s stop timeout.
+#[test]
+fn with_kill_mode_control_group_the_stop_signal_reaches_the_whole_group() {
+    let mut s = start_fixture(
+        &["--kill-mode", "control-group", "--stop-timeout", "30s"],
+        &["--ready", "--daemon", "--ignore-term-gen", "1"],
+    );
+    let first = pid_of(&s.expect_event("start", 1));
+    let daemon1 = pid_of(&s.expect_event("daemon", 1));
+    expect_serving(&mut s, 1);
+
+    s.signal(SIGHUP);
+    s.expect_event("start", 2);
+    expect_serving(&mut s, 2);
+    s.expect_signal(1, "TERM");
+    wait_until("generation 1's daemon dies of the stop signal", || !alive(daemon1));
+    assert!(alive(first), "the main process ignores SIGTERM and runs on");
+    // Out of the stop timeout's way: the test ends generation 1 itself.
+    let _ = nix::sys::signal::kill(Pid::from_raw(first as i32), SIGKILL);
+    s.expect_log(&format!("generation 1 (pid {first}) stopped: killed by SIGKILL"));
+
+    s.signal(SIGTERM);
+    assert_eq!(s.exit_code(), 0);
 }
 
 #[test]

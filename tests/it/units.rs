@@ -6,7 +6,7 @@
 //! per-connection `ssh@.service` running `sshd -i`, fcgiwrap's pair reloaded under load, and the
 //! runit service in `contrib/runit/ssh-unit` running Debian's ssh units.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -205,7 +205,7 @@ fn print_config_shows_the_equivalent_command_line() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert_eq!(
         stdout.trim(),
-        "sockhold -l 127.0.0.1:1,name=web.socket,backlog=10 -l unixgram:///run/x/web.dgram,name=web.socket,mode=0666 --name web --ready notify --ready-timeout 30s --restart never --fd-store 4 --stop-timeout 3s -- /usr/bin/web --flag 'two words'"
+        "sockhold -l 127.0.0.1:1,name=web.socket,backlog=10 -l unixgram:///run/x/web.dgram,name=web.socket,mode=0666 --name web --ready notify --ready-timeout 30s --kill-mode control-group --restart never --fd-store 4 --stop-timeout 3s -- /usr/bin/web --flag 'two words'"
     );
     assert!(
         stderr.contains("web.service:6: ExecReload=/bin/kill -HUP $MAINPID: not applied"),
@@ -268,9 +268,19 @@ fn debian_ssh_socket_and_service_serve_across_reloads() {
     let unit = dir.path().join("ssh.socket");
     let mut sh = start(&["--unit", unit.to_str().unwrap()]);
     sh.expect_log("ssh.service:9: ExecStartPre=/usr/sbin/sshd -t: not applied by sockhold");
+    assert!(
+        !sh.log().iter().any(|l| l.contains("KillMode=")),
+        "KillMode=process is applied, not warned about"
+    );
     let port = sh.listening_port("127.0.0.1:");
     sh.expect_ready();
-    assert!(ssh_banner(port).starts_with("SSH-2.0-OpenSSH"));
+    // A session on generation 1's sshd outlives it: sshd gives each connection a session of its
+    // own (setsid), which no stop of a generation reaches.
+    let mut session = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    session.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut banner = String::new();
+    std::io::BufReader::new(&session).read_line(&mut banner).unwrap();
+    assert!(banner.starts_with("SSH-2.0-OpenSSH"), "{banner}");
     for generation in 2..=4 {
         sh.signal(SIGHUP);
         sh.expect_log(&format!("is ready; stopping generation {}", generation - 1));
@@ -278,6 +288,13 @@ fn debian_ssh_socket_and_service_serve_across_reloads() {
         let banner = ssh_banner(port);
         assert!(banner.starts_with("SSH-2.0-OpenSSH"), "after reload {}: {banner}", generation - 1);
     }
+    // The session's sshd is still there: given the client's version, it goes on with the key
+    // exchange (its KEXINIT packet), where a killed one would have reset the connection.
+    session.write_all(b"SSH-2.0-sockhold_test\r\n").unwrap();
+    let mut packet = [0u8; 6];
+    session.read_exact(&mut packet).expect("the session's sshd answers after 3 reloads");
+    assert_eq!(packet[5], 20, "SSH_MSG_KEXINIT, got {packet:?}");
+    drop(session);
     sh.signal(SIGTERM);
     assert_eq!(sh.wait_exit().code(), Some(0));
 }
