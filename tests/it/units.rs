@@ -231,13 +231,12 @@ fn sshd_files(dir: &Path) -> Option<String> {
 
 /// The SSH banner on a new connection to `port`.
 fn ssh_banner(port: u16) -> String {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to sshd");
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to sshd");
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    // read_until goes on after EINTR, which a read on a socket with a timeout can return even
+    // without a signal handler (after a stop and SIGCONT, signal(7)).
     let mut banner = Vec::new();
-    let mut byte = [0];
-    while stream.read(&mut byte).expect("read the banner") == 1 && byte[0] != b'\n' {
-        banner.push(byte[0]);
-    }
+    std::io::BufReader::new(stream).read_until(b'\n', &mut banner).expect("read the banner");
     String::from_utf8_lossy(&banner).trim().to_string()
 }
 
