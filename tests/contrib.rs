@@ -26,7 +26,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 // The integration tests' harness, for its one way to find a tool or say SKIPPED (a failure under
-// CI=true); the rest of it is the other binary's.
+// CI=true) and to tell whether a process has ended; the rest of it is the other binary's.
 #[path = "it/support.rs"]
 #[allow(dead_code)]
 mod support;
@@ -135,17 +135,10 @@ fn run(cmd: &mut Command) -> Out {
     Out { status, stdout: stdout.unwrap(), stderr: stderr.unwrap() }
 }
 
+/// Whether `pid` runs: a zombie (its parent, often init for a daemon, has not reaped it yet)
+/// has exited.
 fn alive(pid: i32) -> bool {
-    // A zombie has exited: its parent (often init, for a daemon) just hasn't reaped it yet. Every
-    // thread is looked at, since a process's main thread shows 'Z' while its other threads (which
-    // hold its fds) still run.
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
-    tasks.flatten().any(|task| {
-        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-        stat.rsplit_once(") ")
-            .and_then(|(_, rest)| rest.chars().next())
-            .is_some_and(|state| !matches!(state, 'Z' | 'X'))
-    })
+    !support::process_dead(pid.into())
 }
 
 /// Every live process's parent, from /proc.
